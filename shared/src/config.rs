@@ -1,0 +1,171 @@
+//! Layered configuration: a TOML file, then environment overrides, through the `config`
+//! crate; and [`ConfigError`], which always names the file and the key.
+//!
+//! The file is first parsed on its own with `toml` so that a mistake in it is reported
+//! with its line and column; the merged result (file + environment) is then
+//! deserialized into the same `deny_unknown_fields` structs.
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config file: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or has an unknown key or a bad value.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Parser message: line, column, key and what was expected.
+        message: String,
+    },
+    /// An environment override is unknown or has a bad value.
+    #[error("{path} with environment overrides ({vars}): {message}")]
+    Env {
+        /// The file the overrides applied to.
+        path: PathBuf,
+        /// The variables that were set.
+        vars: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`tasks.thumb.timeout`).
+        key: String,
+        /// What is wrong and what would be right.
+        reason: String,
+    },
+}
+
+/// Loads `path` (which must exist unless `optional`), overlaid with environment
+/// variables `PREFIX__KEY` (`__` between levels), into `T`.
+pub fn load<T: DeserializeOwned>(
+    path: &Path,
+    env_prefix: &str,
+    optional: bool,
+) -> Result<T, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    from_str(&text, path, env_prefix)
+}
+
+/// Like [`load`] with the file's text already in hand (`path` only names it in errors).
+pub fn from_str<T: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    env_prefix: &str,
+) -> Result<T, ConfigError> {
+    let file_err = |message: String| ConfigError::File {
+        path: path.to_path_buf(),
+        message: one_line(&message),
+    };
+    // Pass 1: the file alone, for precise line/column errors.
+    let from_file: T = toml::from_str(text).map_err(|e| file_err(e.to_string()))?;
+    let vars: Vec<String> = std::env::vars()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with(&format!("{env_prefix}__")))
+        .collect();
+    if vars.is_empty() {
+        return Ok(from_file);
+    }
+    // Pass 2: file + environment, merged by the `config` crate.
+    let merged = config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix(env_prefix)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("tags"),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize::<T>());
+    merged.map_err(|e| ConfigError::Env {
+        path: path.to_path_buf(),
+        vars: vars.join(", "),
+        message: one_line(&e.to_string()),
+    })
+}
+
+/// toml's messages span several lines with a source excerpt; operators get one line.
+fn one_line(message: &str) -> String {
+    let mut parts = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && *l != "^");
+    let first = parts.next().unwrap_or_default().to_string();
+    let rest: Vec<_> = parts
+        .filter(|l| !l.chars().all(|c| c == '^' || c == ' ' || c == '|'))
+        .collect();
+    let rest: Vec<_> = rest
+        .into_iter()
+        .filter(|l| !l.chars().next().is_some_and(|c| c.is_ascii_digit()) || !l.contains('|'))
+        .collect();
+    if rest.is_empty() {
+        first
+    } else {
+        format!("{first}: {}", rest.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Cfg {
+        #[allow(dead_code)]
+        listen: String,
+        #[serde(default)]
+        max: u32,
+    }
+
+    #[test]
+    fn unknown_key_names_key_file_and_line() {
+        let e = from_str::<Cfg>(
+            "listen = \"x\"\nlisen = 3\n",
+            Path::new("/etc/u.toml"),
+            "UPDRAFT_TEST_NONE",
+        )
+        .unwrap_err();
+        let m = e.to_string();
+        assert!(m.contains("/etc/u.toml"), "{m}");
+        assert!(m.contains("lisen"), "{m}");
+        assert!(m.contains("line 2"), "{m}");
+        assert!(!m.contains('\n'), "{m}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        std::env::set_var("UPDRAFT_TEST_A__MAX", "7");
+        let c: Cfg = from_str("listen = \"x\"\n", Path::new("f.toml"), "UPDRAFT_TEST_A").unwrap();
+        assert_eq!(c.max, 7);
+        std::env::set_var("UPDRAFT_TEST_B__BOGUS", "1");
+        let e =
+            from_str::<Cfg>("listen = \"x\"\n", Path::new("f.toml"), "UPDRAFT_TEST_B").unwrap_err();
+        assert!(e.to_string().contains("UPDRAFT_TEST_B__BOGUS"), "{e}");
+    }
+}

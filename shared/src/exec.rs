@@ -1,0 +1,669 @@
+//! The executor: runs an [`AdmittedTask`] with its input streamed in and its output
+//! streamed out, under the task's limits. Both the agent and the daemon use it.
+//!
+//! Command tasks get argv (never a shell), an empty environment plus the task's `env`,
+//! a fresh private working directory that is removed afterwards, and their own process
+//! group, which is killed whole on timeout and swept after exit so nothing lingers.
+
+use crate::catalog::{AdmittedTask, Builtin, TaskKind};
+use crate::protocol::ErrorCode;
+use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Bytes of stderr kept for error reports: enough for a stack trace's last lines.
+pub const STDERR_TAIL: usize = 4096;
+/// Read size for a child's stdout; matches the protocol's data chunk.
+pub const READ_CHUNK: usize = crate::protocol::frame::DATA_CHUNK;
+/// Where a command's program is looked up when it is not a path and the task's `env`
+/// sets no `PATH`: the system directories, never the service's own environment.
+pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A source of task input, read chunk by chunk.
+pub trait Input: Send {
+    /// The next chunk, or `None` at the end of input.
+    fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+}
+
+/// A sink for task output.
+pub trait Output: Send {
+    /// Delivers one chunk; back-pressure is applied by awaiting.
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Input from a byte slice already in memory.
+impl Input for Option<Bytes> {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        Ok(self.take().filter(|b| !b.is_empty()))
+    }
+}
+
+impl<T: Input> Input for &mut T {
+    fn next_chunk(&mut self) -> impl Future<Output = io::Result<Option<Bytes>>> + Send {
+        (**self).next_chunk()
+    }
+}
+
+impl<T: Output> Output for &mut T {
+    fn write(&mut self, chunk: Bytes) -> impl Future<Output = io::Result<()>> + Send {
+        (**self).write(chunk)
+    }
+}
+
+/// Output collected in memory (tests and small builtins only).
+impl Output for Vec<u8> {
+    async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.extend_from_slice(&chunk);
+        Ok(())
+    }
+}
+
+/// How a run ended, when it ran to an exit.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    /// Exit code (128 + signal number when killed by a signal, as shells report it).
+    pub exit_code: i32,
+    /// The last [`STDERR_TAIL`] bytes of stderr.
+    pub stderr_tail: Vec<u8>,
+    /// Input bytes consumed.
+    pub input_bytes: u64,
+    /// Output bytes produced.
+    pub output_bytes: u64,
+    /// Time spent waiting for a slot.
+    pub queue_time: Duration,
+    /// Time spent running.
+    pub run_time: Duration,
+}
+
+/// Why a run did not produce an [`Outcome`].
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// All slots and queue places are taken.
+    #[error("busy: {running} tasks running and {queued} queued, the limit")]
+    Busy {
+        /// Running now.
+        running: usize,
+        /// Queued now.
+        queued: usize,
+    },
+    /// Input exceeded `max_input`; the task was stopped.
+    #[error("input is over max_input of {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// Output exceeded `max_output`; the task was stopped.
+    #[error("output is over max_output of {limit} bytes")]
+    OutputTooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// The task ran past its timeout; its process group was killed.
+    #[error("timed out after {0:?}; the task and its children were killed")]
+    TimedOut(Duration),
+    /// The program could not be started.
+    #[error("cannot start `{program}`: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The private working directory could not be made.
+    #[error("cannot create a working directory under {dir}: {source}")]
+    Workdir {
+        /// The parent directory.
+        dir: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reading input failed (the submitter went away, the connection broke).
+    #[error("reading input: {0}")]
+    Input(io::Error),
+    /// Delivering output failed (the receiver went away).
+    #[error("delivering output: {0}")]
+    Output(io::Error),
+    /// Talking to the child failed.
+    #[error("child process: {0}")]
+    Child(io::Error),
+}
+
+impl ExecError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Busy { .. } => ErrorCode::Busy,
+            Self::TooLarge { .. } => ErrorCode::TooLarge,
+            Self::OutputTooLarge { .. } => ErrorCode::OutputTooLarge,
+            Self::TimedOut(_) => ErrorCode::TimedOut,
+            Self::Spawn { .. } => ErrorCode::SpawnFailed,
+            Self::Workdir { .. } | Self::Input(_) | Self::Output(_) | Self::Child(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+}
+
+/// Running, queued and capacity of an executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Load {
+    /// Tasks running now.
+    pub running: usize,
+    /// Tasks waiting for a slot.
+    pub queued: usize,
+    /// Slots.
+    pub capacity: usize,
+}
+
+/// Runs tasks with at most `capacity` at once and at most `queue_limit` waiting.
+#[derive(Debug)]
+pub struct Executor {
+    slots: Arc<Semaphore>,
+    capacity: usize,
+    queue_limit: usize,
+    queued: AtomicUsize,
+    running: Arc<AtomicUsize>,
+    work_root: PathBuf,
+}
+
+/// A held execution slot. Dropping it frees the slot.
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    running: Arc<AtomicUsize>,
+    /// How long the caller waited for it.
+    pub waited: Duration,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Executor {
+    /// An executor with `capacity` slots (at least 1), a queue of `queue_limit`, and
+    /// task working directories made under `work_root`.
+    pub fn new(capacity: usize, queue_limit: usize, work_root: PathBuf) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
+            queue_limit,
+            queued: AtomicUsize::new(0),
+            running: Arc::new(AtomicUsize::new(0)),
+            work_root,
+        }
+    }
+
+    /// Current load.
+    pub fn load(&self) -> Load {
+        Load {
+            running: self.running.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            capacity: self.capacity,
+        }
+    }
+
+    /// Takes a slot, waiting in the bounded queue; `Busy` when the queue is full.
+    pub async fn acquire(&self) -> Result<Slot, ExecError> {
+        let start = Instant::now();
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let q = self.queued.fetch_add(1, Ordering::Relaxed);
+                if q >= self.queue_limit {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                    return Err(ExecError::Busy {
+                        running: self.running.load(Ordering::Relaxed),
+                        queued: q,
+                    });
+                }
+                let p = self.slots.clone().acquire_owned().await;
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                p.expect("executor semaphore is never closed")
+            }
+        };
+        self.running.fetch_add(1, Ordering::Relaxed);
+        Ok(Slot {
+            _permit: permit,
+            running: self.running.clone(),
+            waited: start.elapsed(),
+        })
+    }
+
+    /// Waits for a slot, then runs the task.
+    pub async fn run<I: Input, O: Output>(
+        &self,
+        task: &AdmittedTask,
+        input: I,
+        output: O,
+    ) -> Result<Outcome, ExecError> {
+        let slot = self.acquire().await?;
+        let mut outcome = self.run_in_slot(&slot, task, input, output).await?;
+        outcome.queue_time = slot.waited;
+        Ok(outcome)
+    }
+
+    /// Runs the task in a slot the caller already holds.
+    pub async fn run_in_slot<I: Input, O: Output>(
+        &self,
+        slot: &Slot,
+        task: &AdmittedTask,
+        input: I,
+        output: O,
+    ) -> Result<Outcome, ExecError> {
+        let spec = task.spec();
+        let start = Instant::now();
+        let mut outcome = match &spec.kind {
+            TaskKind::Builtin(b) => {
+                let limits = Limits {
+                    max_input: spec.max_input,
+                    max_output: spec.max_output,
+                };
+                let fut = run_builtin(*b, task.args(), spec.timeout, limits, input, output);
+                tokio::time::timeout(spec.timeout, fut)
+                    .await
+                    .map_err(|_| ExecError::TimedOut(spec.timeout))??
+            }
+            TaskKind::Command(argv) => {
+                run_command(&self.work_root, task, argv, input, output).await?
+            }
+        };
+        outcome.queue_time = slot.waited;
+        outcome.run_time = start.elapsed();
+        Ok(outcome)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Limits {
+    max_input: u64,
+    max_output: u64,
+}
+
+async fn run_builtin<I: Input, O: Output>(
+    which: Builtin,
+    args: &[String],
+    timeout: Duration,
+    limits: Limits,
+    mut input: I,
+    mut output: O,
+) -> Result<Outcome, ExecError> {
+    let mut out = Outcome::default();
+    match which {
+        Builtin::Echo => {
+            while let Some(chunk) = input.next_chunk().await.map_err(ExecError::Input)? {
+                out.input_bytes += chunk.len() as u64;
+                if out.input_bytes > limits.max_input {
+                    return Err(ExecError::TooLarge {
+                        limit: limits.max_input,
+                    });
+                }
+                out.output_bytes += chunk.len() as u64;
+                if out.output_bytes > limits.max_output {
+                    return Err(ExecError::OutputTooLarge {
+                        limit: limits.max_output,
+                    });
+                }
+                output.write(chunk).await.map_err(ExecError::Output)?;
+            }
+        }
+        Builtin::Sha256 => {
+            let mut h = Sha256::new();
+            while let Some(chunk) = input.next_chunk().await.map_err(ExecError::Input)? {
+                out.input_bytes += chunk.len() as u64;
+                if out.input_bytes > limits.max_input {
+                    return Err(ExecError::TooLarge {
+                        limit: limits.max_input,
+                    });
+                }
+                h.update(&chunk);
+            }
+            let digest = format!("{}\n", hex::encode(h.finalize()));
+            out.output_bytes = digest.len() as u64;
+            output
+                .write(Bytes::from(digest))
+                .await
+                .map_err(ExecError::Output)?;
+        }
+        Builtin::Spin => {
+            let mut text = BytesMut::new();
+            while let Some(chunk) = input.next_chunk().await.map_err(ExecError::Input)? {
+                out.input_bytes += chunk.len() as u64;
+                // The input is a number of milliseconds; a few bytes at most.
+                if out.input_bytes > limits.max_input.min(64) {
+                    return Err(ExecError::TooLarge {
+                        limit: limits.max_input.min(64),
+                    });
+                }
+                text.extend_from_slice(&chunk);
+            }
+            let from_input = std::str::from_utf8(&text)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            let ms = args
+                .first()
+                .and_then(|a| a.parse::<u64>().ok())
+                .or(from_input)
+                .unwrap_or(100);
+            let want = Duration::from_millis(ms);
+            // Stop at the timeout too: a blocking thread cannot be cancelled.
+            let budget = want.min(timeout);
+            tokio::task::spawn_blocking(move || spin(budget))
+                .await
+                .map_err(|e| ExecError::Child(io::Error::other(e)))?;
+            let msg = format!("spun {ms} ms\n");
+            out.output_bytes = msg.len() as u64;
+            output
+                .write(Bytes::from(msg))
+                .await
+                .map_err(ExecError::Output)?;
+        }
+    }
+    Ok(out)
+}
+
+/// Burns one core until `d` has passed.
+fn spin(d: Duration) {
+    let end = Instant::now() + d;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while Instant::now() < end {
+        for _ in 0..1000 {
+            x = std::hint::black_box(x.rotate_left(5) ^ 0x2545_f491_4f6c_dd1d).wrapping_mul(31);
+        }
+    }
+    std::hint::black_box(x);
+}
+
+/// Resolves a program name the way the child would, but only in `path` (never the
+/// service's own `PATH`).
+fn resolve_program(program: &str, path: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.is_file())
+}
+
+/// Kills a whole process group; a group that is already gone is fine.
+fn kill_group(pgid: Option<u32>) {
+    if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+async fn run_command<I: Input, O: Output>(
+    work_root: &Path,
+    task: &AdmittedTask,
+    argv: &[String],
+    mut input: I,
+    mut output: O,
+) -> Result<Outcome, ExecError> {
+    let spec = task.spec();
+    let path = spec.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+    let program = resolve_program(&argv[0], path).ok_or_else(|| ExecError::Spawn {
+        program: argv[0].clone(),
+        source: io::Error::new(io::ErrorKind::NotFound, format!("not found in {path}")),
+    })?;
+    let workdir = tempfile::Builder::new()
+        .prefix("updraft-task-")
+        .tempdir_in(work_root)
+        .map_err(|source| ExecError::Workdir {
+            dir: work_root.to_path_buf(),
+            source,
+        })?;
+    let mut child = Command::new(&program)
+        .args(&argv[1..])
+        .args(task.args())
+        .env_clear()
+        .envs(&spec.env)
+        .current_dir(workdir.path())
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| ExecError::Spawn {
+            program: argv[0].clone(),
+            source,
+        })?;
+    let pgid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let (max_input, max_output) = (spec.max_input, spec.max_output);
+
+    let feed = async {
+        let mut n: u64 = 0;
+        let mut child_reads = true;
+        while let Some(chunk) = input.next_chunk().await.map_err(ExecError::Input)? {
+            n += chunk.len() as u64;
+            if n > max_input {
+                return Err(ExecError::TooLarge { limit: max_input });
+            }
+            // A child may stop reading early (`head -c1`); the rest of the input is
+            // still consumed so the submitter is not left blocked, and still counted.
+            if child_reads && stdin.write_all(&chunk).await.is_err() {
+                child_reads = false;
+            }
+        }
+        drop(stdin);
+        Ok(n)
+    };
+    let drain = async {
+        let mut n: u64 = 0;
+        loop {
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let got = stdout.read_buf(&mut buf).await.map_err(ExecError::Child)?;
+            if got == 0 {
+                return Ok(n);
+            }
+            n += got as u64;
+            if n > max_output {
+                return Err(ExecError::OutputTooLarge { limit: max_output });
+            }
+            output
+                .write(buf.freeze())
+                .await
+                .map_err(ExecError::Output)?;
+        }
+    };
+    let tail = async {
+        let mut tail: Vec<u8> = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(got) = stderr.read(&mut buf).await {
+            if got == 0 {
+                break;
+            }
+            tail.extend_from_slice(&buf[..got]);
+            if tail.len() > STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+        }
+        tail
+    };
+    let all = async {
+        let (fed, drained, tail) = tokio::join!(feed, drain, tail);
+        let (input_bytes, output_bytes) = (fed?, drained?);
+        let status = child.wait().await.map_err(ExecError::Child)?;
+        Ok::<_, ExecError>((status, input_bytes, output_bytes, tail))
+    };
+    let result = tokio::time::timeout(spec.timeout, all).await;
+    // Whatever happened, nothing of this task's process group may outlive it: a
+    // background child that closed its stdout would otherwise linger.
+    kill_group(pgid);
+    let (status, input_bytes, output_bytes, stderr_tail) = match result {
+        Ok(r) => r?,
+        Err(_) => return Err(ExecError::TimedOut(spec.timeout)),
+    };
+    drop(workdir);
+    use std::os::unix::process::ExitStatusExt;
+    let exit_code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1);
+    Ok(Outcome {
+        exit_code,
+        stderr_tail,
+        input_bytes,
+        output_bytes,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Caller, Catalog, TaskFile};
+    use std::collections::BTreeMap;
+
+    fn task(name: &str, file: TaskFile) -> AdmittedTask {
+        let mut m = BTreeMap::new();
+        m.insert(name.to_string(), file);
+        Catalog::from_files(m)
+            .unwrap()
+            .admit(name, vec![], None, Caller::Local)
+            .unwrap()
+    }
+
+    fn cmd(argv: &[&str]) -> TaskFile {
+        TaskFile {
+            command: Some(argv.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        }
+    }
+
+    fn exec() -> (Executor, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        (Executor::new(2, 4, d.path().to_path_buf()), d)
+    }
+
+    #[tokio::test]
+    async fn command_streams_and_reports_exit() {
+        let (ex, _d) = exec();
+        let t = task("cat", cmd(&["cat"]));
+        let mut out = Vec::new();
+        let o = ex
+            .run(&t, Some(Bytes::from_static(b"hello")), &mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, b"hello");
+        assert_eq!(o.exit_code, 0);
+        assert_eq!(o.input_bytes, 5);
+
+        let t = task("fail", cmd(&["sh", "-c", "echo oops >&2; exit 3"]));
+        let o = ex.run(&t, None, Vec::new()).await.unwrap();
+        assert_eq!(o.exit_code, 3);
+        assert_eq!(o.stderr_tail, b"oops\n");
+    }
+
+    #[tokio::test]
+    async fn clean_environment_and_private_workdir() {
+        let (ex, d) = exec();
+        let mut f = cmd(&["sh", "-c", "env; pwd"]);
+        f.env.insert("ONLY".into(), "me".into());
+        let t = task("env", f);
+        let mut out = Vec::new();
+        ex.run(&t, None, &mut out).await.unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("ONLY=me"), "{text}");
+        assert!(
+            !text.contains("HOME="),
+            "service environment leaked: {text}"
+        );
+        let pwd = text.lines().last().unwrap();
+        assert!(pwd.starts_with(d.path().to_str().unwrap()), "{pwd}");
+        assert!(
+            !Path::new(pwd).exists(),
+            "working directory was not removed"
+        );
+    }
+
+    #[tokio::test]
+    async fn limits_are_enforced() {
+        let (ex, _d) = exec();
+        let mut f = cmd(&["cat"]);
+        f.max_input = Some(crate::units::ByteSize(4));
+        let t = task("cat", f);
+        let e = ex
+            .run(&t, Some(Bytes::from_static(b"hello")), Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), ErrorCode::TooLarge);
+
+        let mut f = cmd(&["sh", "-c", "yes | head -c 100000"]);
+        f.max_output = Some(crate::units::ByteSize(1000));
+        let e = ex.run(&task("yes", f), None, Vec::new()).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::OutputTooLarge);
+    }
+
+    #[tokio::test]
+    async fn builtins() {
+        let (ex, _d) = exec();
+        let mut out = Vec::new();
+        let t = task(
+            "s",
+            TaskFile {
+                builtin: Some("sha256".into()),
+                ..Default::default()
+            },
+        );
+        ex.run(&t, Some(Bytes::from_static(b"abc")), &mut out)
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            b"ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+        );
+        let mut out = Vec::new();
+        let t = task(
+            "e",
+            TaskFile {
+                builtin: Some("echo".into()),
+                ..Default::default()
+            },
+        );
+        ex.run(&t, Some(Bytes::from_static(b"xyz")), &mut out)
+            .await
+            .unwrap();
+        assert_eq!(out, b"xyz");
+    }
+
+    #[tokio::test]
+    async fn queue_is_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let ex = Executor::new(1, 1, d.path().to_path_buf());
+        let _held = ex.acquire().await.unwrap();
+        let waiting = ex.acquire();
+        tokio::pin!(waiting);
+        // Poll once so the second caller takes the one queue place.
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        assert_eq!(ex.load().queued, 1);
+        assert!(matches!(ex.acquire().await, Err(ExecError::Busy { .. })));
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| match std::pin::Pin::new(&mut f).poll(cx) {
+            std::task::Poll::Ready(v) => std::task::Poll::Ready(Some(v)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await
+    }
+}

@@ -1,0 +1,19 @@
+//! `updraft-shared`: everything the agent and the daemon agree on.
+//!
+//! - [`protocol`]: the sans-IO wire format (frames, headers, trailers, load reports).
+//! - [`wire`]: the thin async adapter that reads those frames off a QUIC stream.
+//! - [`catalog`]: task specs from config, validated; the only place an
+//!   [`catalog::AdmittedTask`] can be built.
+//! - [`exec`]: the executor both sides use to run an admitted task.
+//! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
+//! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
+//! - [`units`]: human-readable durations and sizes in config files.
+#![forbid(unsafe_code)]
+
+pub mod catalog;
+pub mod config;
+pub mod exec;
+pub mod protocol;
+pub mod tls;
+pub mod units;
+pub mod wire;

@@ -1,0 +1,20 @@
+//! The Updraft wire protocol, sans IO: frames in [`frame`], the messages they carry in [`msg`].
+//!
+//! Nothing here touches a socket, a file or the clock; `docs/PROTOCOL.md` is the prose
+//! version of this module and the two must agree.
+
+pub mod frame;
+pub mod msg;
+
+pub use frame::{DecodeError, Frame, FrameKind};
+pub use msg::{ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer};
+
+/// ALPN protocol name both sides must offer.
+pub const ALPN: &[u8] = b"updraft/1";
+
+/// QUIC application close code: normal close.
+pub const CLOSE_OK: u32 = 0;
+/// QUIC application close code: the daemon is draining; go elsewhere.
+pub const CLOSE_DRAINING: u32 = 1;
+/// QUIC application close code: the peer broke the protocol.
+pub const CLOSE_PROTOCOL: u32 = 2;

@@ -1,0 +1,210 @@
+//! Mutual TLS for QUIC: rustls (ring) client and server configs, and
+//! [`AuthenticatedPeer`], the agent identity only a verified handshake can produce.
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong, and what to check.
+        reason: String,
+    },
+    /// rustls refused the material (key does not match certificate, bad CA, ...).
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The peer's certificate does not name an agent.
+    #[error("peer certificate: {0}")]
+    PeerIdentity(String),
+}
+
+/// The crypto provider Updraft uses everywhere: ring, one provider for a small binary.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Reads every certificate in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file_err = |reason: String| TlsError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let data =
+        std::fs::read(path).map_err(|e| file_err(format!("cannot read certificate file: {e}")))?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&data)
+        .collect::<Result<_, _>>()
+        .map_err(|e| file_err(format!("not a PEM certificate file: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err("no CERTIFICATE block in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// Reads a private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = std::fs::read(path).map_err(|e| TlsError::File {
+        path: path.to_path_buf(),
+        reason: format!("cannot read key file: {e}"),
+    })?;
+    PrivateKeyDer::from_pem_slice(&data).map_err(|e| TlsError::File {
+        path: path.to_path_buf(),
+        reason: format!("no usable private key in the file: {e}"),
+    })
+}
+
+/// SHA-256 of a certificate's DER, lowercase hex: the CA fingerprint agents pin.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// Certificates and key one side presents, plus the CA it trusts.
+#[derive(Clone)]
+pub struct Identity {
+    /// CA certificates that peers must chain to.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// Our certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Our private key.
+    pub key: Arc<PrivateKeyDer<'static>>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("ca", &self.ca.len())
+            .field("chain", &self.chain.len())
+            .field("key", &"<secret>")
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Loads CA, certificate chain and key from PEM files.
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        Ok(Self {
+            ca: load_certs(ca)?,
+            chain: load_certs(cert)?,
+            key: Arc::new(load_key(key)?),
+        })
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(Arc::new(roots))
+    }
+
+    /// rustls server config: TLS 1.3, ALPN `updraft/1`, client certificates required
+    /// and verified against our CA.
+    pub fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// quinn server crypto built from [`Self::rustls_server`].
+    pub fn quic_server(&self) -> Result<Arc<QuicServerConfig>, TlsError> {
+        let cfg = self.rustls_server()?;
+        Ok(Arc::new(
+            QuicServerConfig::try_from(cfg).map_err(|e| TlsError::PeerIdentity(e.to_string()))?,
+        ))
+    }
+
+    /// rustls client config: TLS 1.3, ALPN `updraft/1`, server verified against our CA,
+    /// our certificate presented.
+    pub fn rustls_client(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+        Ok(cfg)
+    }
+
+    /// quinn client crypto built from [`Self::rustls_client`].
+    pub fn quic_client(&self) -> Result<Arc<QuicClientConfig>, TlsError> {
+        let cfg = self.rustls_client()?;
+        Ok(Arc::new(
+            QuicClientConfig::try_from(cfg).map_err(|e| TlsError::PeerIdentity(e.to_string()))?,
+        ))
+    }
+}
+
+/// An agent whose certificate chained to our CA during the QUIC handshake.
+///
+/// Only [`AuthenticatedPeer::from_connection`] builds one, from the certificate the TLS
+/// layer verified; the agent id never comes from anything the peer *says*.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedPeer {
+    agent_id: String,
+}
+
+impl AuthenticatedPeer {
+    /// The agent id: the common name of the verified client certificate.
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    /// Reads the identity from a connection whose handshake completed. quinn only
+    /// completes a handshake after our client verifier accepted the chain.
+    pub fn from_connection(conn: &quinn::Connection) -> Result<Self, TlsError> {
+        let identity = conn
+            .peer_identity()
+            .ok_or_else(|| TlsError::PeerIdentity("no client certificate presented".into()))?;
+        let certs = identity
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .map_err(|_| TlsError::PeerIdentity("unexpected identity type".into()))?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| TlsError::PeerIdentity("empty certificate chain".into()))?;
+        Ok(Self {
+            agent_id: agent_id_of(leaf)?,
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: &str) -> Self {
+        Self {
+            agent_id: id.into(),
+        }
+    }
+}
+
+/// The agent id named by a certificate: its subject common name.
+pub fn agent_id_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| {
+            TlsError::PeerIdentity("certificate has no common name to use as agent id".into())
+        })?;
+    if cn.is_empty() || cn.len() > 128 {
+        return Err(TlsError::PeerIdentity(
+            "agent id in certificate is empty or too long".into(),
+        ));
+    }
+    Ok(cn.to_string())
+}
