@@ -108,25 +108,37 @@ pub fn from_str<T: DeserializeOwned>(
     })
 }
 
-/// toml's messages span several lines with a source excerpt; operators get one line.
+/// toml's messages span several lines with a source excerpt; operators get one line
+/// that keeps the position, the offending source line (which names the key) and the
+/// complaint.
 fn one_line(message: &str) -> String {
-    let mut parts = message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && *l != "^");
-    let first = parts.next().unwrap_or_default().to_string();
-    let rest: Vec<_> = parts
-        .filter(|l| !l.chars().all(|c| c == '^' || c == ' ' || c == '|'))
-        .collect();
-    let rest: Vec<_> = rest
-        .into_iter()
-        .filter(|l| !l.chars().next().is_some_and(|c| c.is_ascii_digit()) || !l.contains('|'))
-        .collect();
-    if rest.is_empty() {
-        first
-    } else {
-        format!("{first}: {}", rest.join("; "))
+    let mut head = String::new();
+    let mut source = None;
+    let mut rest = Vec::new();
+    for line in message.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if head.is_empty() {
+            head = line.to_string();
+        } else if let Some((num, text)) = line.split_once('|') {
+            let text = text.trim();
+            if num.trim().chars().all(|c| c.is_ascii_digit())
+                && !num.trim().is_empty()
+                && !text.is_empty()
+            {
+                source = Some(text.to_string());
+            }
+        } else if !line.chars().all(|c| c == '^' || c == ' ') {
+            rest.push(line.to_string());
+        }
     }
+    let mut out = head;
+    if let Some(src) = source {
+        out.push_str(&format!(" (`{src}`)"));
+    }
+    if !rest.is_empty() {
+        out.push_str(": ");
+        out.push_str(&rest.join("; "));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -170,7 +170,7 @@ pub struct Executor {
     slots: Arc<Semaphore>,
     capacity: usize,
     queue_limit: usize,
-    queued: AtomicUsize,
+    queued: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
     work_root: PathBuf,
 }
@@ -182,6 +182,69 @@ pub struct Slot {
     running: Arc<AtomicUsize>,
     /// How long the caller waited for it.
     pub waited: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct ExecHandle {
+    slots: Arc<Semaphore>,
+    running: Arc<AtomicUsize>,
+    queued: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+enum ReservationState {
+    Ready(OwnedSemaphorePermit),
+    Queued,
+}
+
+/// A slot taken, or a queue place held, by [`Executor::reserve`]. Dropping it gives
+/// the place back.
+#[derive(Debug)]
+pub struct Reservation {
+    state: Option<ReservationState>,
+    exec: ExecHandle,
+    start: Instant,
+}
+
+impl Reservation {
+    /// True when the task has to wait for a slot.
+    pub fn is_queued(&self) -> bool {
+        matches!(self.state, Some(ReservationState::Queued))
+    }
+
+    /// Waits for the slot (at once when one was free at reservation time).
+    pub async fn slot(mut self) -> Slot {
+        if let Some(ReservationState::Queued) = self.state {
+            // If this future is dropped while waiting, `state` is still `Queued` and
+            // `Drop` gives the queue place back.
+            let p = self
+                .exec
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("executor semaphore is never closed");
+            self.exec.queued.fetch_sub(1, Ordering::Relaxed);
+            self.state = Some(ReservationState::Ready(p));
+        }
+        let Some(ReservationState::Ready(permit)) = self.state.take() else {
+            unreachable!("a reservation is ready once its queue wait is over")
+        };
+        self.exec.running.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            _permit: permit,
+            running: self.exec.running.clone(),
+            waited: self.start.elapsed(),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(ReservationState::Queued) = self.state {
+            self.exec.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for Slot {
@@ -199,7 +262,7 @@ impl Executor {
             slots: Arc::new(Semaphore::new(capacity)),
             capacity,
             queue_limit,
-            queued: AtomicUsize::new(0),
+            queued: Arc::new(AtomicUsize::new(0)),
             running: Arc::new(AtomicUsize::new(0)),
             work_root,
         }
@@ -214,31 +277,43 @@ impl Executor {
         }
     }
 
+    /// Takes a slot now or a place in the bounded queue, without waiting; `Busy` when
+    /// both are full. Callers that must answer "accepted" or "busy" before waiting use
+    /// this, then [`Reservation::slot`].
+    pub fn reserve(&self) -> Result<Reservation, ExecError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            return Ok(Reservation {
+                state: Some(ReservationState::Ready(permit)),
+                exec: self.handle(),
+                start: Instant::now(),
+            });
+        }
+        let q = self.queued.fetch_add(1, Ordering::Relaxed);
+        if q >= self.queue_limit {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(ExecError::Busy {
+                running: self.running.load(Ordering::Relaxed),
+                queued: q,
+            });
+        }
+        Ok(Reservation {
+            state: Some(ReservationState::Queued),
+            exec: self.handle(),
+            start: Instant::now(),
+        })
+    }
+
     /// Takes a slot, waiting in the bounded queue; `Busy` when the queue is full.
     pub async fn acquire(&self) -> Result<Slot, ExecError> {
-        let start = Instant::now();
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let q = self.queued.fetch_add(1, Ordering::Relaxed);
-                if q >= self.queue_limit {
-                    self.queued.fetch_sub(1, Ordering::Relaxed);
-                    return Err(ExecError::Busy {
-                        running: self.running.load(Ordering::Relaxed),
-                        queued: q,
-                    });
-                }
-                let p = self.slots.clone().acquire_owned().await;
-                self.queued.fetch_sub(1, Ordering::Relaxed);
-                p.expect("executor semaphore is never closed")
-            }
-        };
-        self.running.fetch_add(1, Ordering::Relaxed);
-        Ok(Slot {
-            _permit: permit,
+        Ok(self.reserve()?.slot().await)
+    }
+
+    fn handle(&self) -> ExecHandle {
+        ExecHandle {
+            slots: self.slots.clone(),
             running: self.running.clone(),
-            waited: start.elapsed(),
-        })
+            queued: self.queued.clone(),
+        }
     }
 
     /// Waits for a slot, then runs the task.
@@ -499,8 +574,10 @@ async fn run_command<I: Input, O: Output>(
         tail
     };
     let all = async {
-        let (fed, drained, tail) = tokio::join!(feed, drain, tail);
-        let (input_bytes, output_bytes) = (fed?, drained?);
+        // The first error (input too large, output too large, receiver gone) ends the
+        // run at once; stderr is read alongside so a chatty child cannot block on it.
+        let (input_bytes, output_bytes, tail) =
+            tokio::try_join!(feed, drain, async { Ok(tail.await) })?;
         let status = child.wait().await.map_err(ExecError::Child)?;
         Ok::<_, ExecError>((status, input_bytes, output_bytes, tail))
     };

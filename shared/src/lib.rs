@@ -7,13 +7,18 @@
 //! - [`exec`]: the executor both sides use to run an admitted task.
 //! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
+//! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
+//! - [`logging`], [`signals`]: service plumbing.
 //! - [`units`]: human-readable durations and sizes in config files.
 #![forbid(unsafe_code)]
 
 pub mod catalog;
 pub mod config;
 pub mod exec;
+pub mod logging;
+pub mod notify;
 pub mod protocol;
+pub mod signals;
 pub mod tls;
 pub mod units;
 pub mod wire;

@@ -60,3 +60,86 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         (self.inner, self.buf.freeze())
     }
 }
+
+/// Task input read from a QUIC stream: the bytes already buffered past the request
+/// header, then the rest of the stream until the sender finishes it.
+#[derive(Debug)]
+pub struct StreamInput {
+    leftover: Option<Bytes>,
+    recv: quinn::RecvStream,
+}
+
+impl StreamInput {
+    /// Input made of `leftover` followed by `recv`.
+    pub fn new(leftover: Bytes, recv: quinn::RecvStream) -> Self {
+        Self {
+            leftover: Some(leftover).filter(|b| !b.is_empty()),
+            recv,
+        }
+    }
+
+    /// Asks the sender to stop sending (the input is refused or no longer needed).
+    pub fn stop(&mut self, code: u32) {
+        let _ = self.recv.stop(quinn::VarInt::from_u32(code));
+    }
+}
+
+impl crate::exec::Input for StreamInput {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        if let Some(b) = self.leftover.take() {
+            return Ok(Some(b));
+        }
+        match self
+            .recv
+            .read_chunk(crate::protocol::frame::DATA_CHUNK, true)
+            .await
+        {
+            Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Task output written to a QUIC stream as data frames.
+#[derive(Debug)]
+pub struct DataFrameOutput<'a> {
+    send: &'a mut quinn::SendStream,
+}
+
+impl<'a> DataFrameOutput<'a> {
+    /// Output to `send`.
+    pub fn new(send: &'a mut quinn::SendStream) -> Self {
+        Self { send }
+    }
+}
+
+impl crate::exec::Output for DataFrameOutput<'_> {
+    async fn write(&mut self, mut chunk: Bytes) -> std::io::Result<()> {
+        use crate::protocol::frame::DATA_CHUNK;
+        use crate::protocol::FrameKind;
+        while !chunk.is_empty() {
+            let part = chunk.split_to(chunk.len().min(DATA_CHUNK));
+            let prelude = Bytes::copy_from_slice(&crate::protocol::Frame::prelude(
+                FrameKind::Data,
+                part.len(),
+            ));
+            self.send
+                .write_all_chunks(&mut [prelude, part])
+                .await
+                .map_err(std::io::Error::from)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes one frame.
+pub async fn write_frame(
+    send: &mut quinn::SendStream,
+    frame: &Frame,
+) -> Result<(), quinn::WriteError> {
+    let mut buf =
+        BytesMut::with_capacity(crate::protocol::frame::PRELUDE_LEN + frame.payload.len());
+    frame.encode(&mut buf);
+    send.write_all_chunks(&mut [buf.freeze()]).await
+}

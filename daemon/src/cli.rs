@@ -1,0 +1,81 @@
+//! The `updraftd` command line.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Updraft cloud daemon: runs tasks that edge agents offload to it.
+#[derive(Debug, Parser)]
+#[command(name = "updraftd", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `updraftd` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve agents over QUIC until SIGTERM/SIGINT, then drain.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = crate::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Certificate authority commands.
+    Ca {
+        /// What to do with the CA.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificate commands.
+    Cert {
+        /// What to do with certificates.
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Validate a config file and exit (0 = valid).
+    CheckConfig {
+        /// Config file.
+        #[arg(long, default_value = crate::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// `updraftd ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create DIR/ca.pem ca.key server.pem server.key and print the CA fingerprint.
+    Init {
+        /// Directory for the files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Host names or IPs agents will use for this daemon (repeatable, or several values).
+        #[arg(long = "name", required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
+}
+
+/// `updraftd cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue an agent certificate: OUT/agent.pem and OUT/agent.key.
+    Issue {
+        /// The agent's id (becomes the certificate's common name).
+        #[arg(long)]
+        agent_id: String,
+        /// Directory for agent.pem and agent.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "/etc/updraft")]
+        ca_dir: PathBuf,
+        /// Certificate lifetime, e.g. "365d", "90d".
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        valid_for: Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}

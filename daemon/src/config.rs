@@ -1,0 +1,191 @@
+//! The daemon's configuration: the file layout with documented defaults, validated into
+//! [`DaemonConfig`]. Relative paths are taken relative to the config file's directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use updraft_shared::catalog::{Catalog, TaskFile};
+use updraft_shared::config::ConfigError;
+use updraft_shared::units::HumanDuration;
+
+/// Where `updraftd` looks for its config when none is given.
+pub const DEFAULT_CONFIG: &str = "/etc/updraft/daemon.toml";
+/// Environment prefix for overrides: `UPDRAFTD__LISTEN=...`.
+pub const ENV_PREFIX: &str = "UPDRAFTD";
+
+/// `daemon.toml` as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonFile {
+    /// UDP address to listen on. Default `0.0.0.0:4433`.
+    pub listen: Option<String>,
+    /// Where the daemon keeps its state (task working directories). Default `/var/lib/updraftd`.
+    pub state_dir: Option<PathBuf>,
+    /// Tasks run at once. Default: the number of CPUs.
+    pub max_concurrent_tasks: Option<usize>,
+    /// Tasks admitted and waiting for a slot before new ones get `busy`. Default 4 × slots.
+    pub max_queued_tasks: Option<usize>,
+    /// Address for the Prometheus `/metrics` endpoint (reserved; not served yet).
+    pub metrics_listen: Option<String>,
+    /// How long SIGTERM waits for running tasks before closing anyway. Default 60s.
+    pub drain_timeout: Option<HumanDuration>,
+    /// How often load reports go to each agent. Default 1s.
+    pub load_report_interval: Option<HumanDuration>,
+    /// Close a connection silent for this long. Default 30s.
+    pub idle_timeout: Option<HumanDuration>,
+    /// Concurrent task streams one agent may open. Default 256.
+    pub max_streams_per_connection: Option<u32>,
+    /// TLS material.
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// The catalog of tasks this daemon will run.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskFile>,
+}
+
+/// `[tls]` as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// CA certificate agents must chain to. Default `ca.pem` beside the config.
+    pub ca: Option<PathBuf>,
+    /// The daemon's certificate chain. Default `server.pem`.
+    pub cert: Option<PathBuf>,
+    /// The daemon's private key. Default `server.key`.
+    pub key: Option<PathBuf>,
+}
+
+/// A validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Execution slots.
+    pub max_concurrent_tasks: usize,
+    /// Queue places.
+    pub max_queued_tasks: usize,
+    /// Metrics address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Drain limit.
+    pub drain_timeout: Duration,
+    /// Load report period.
+    pub load_report_interval: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Stream limit per connection.
+    pub max_streams_per_connection: u32,
+    /// CA certificate path.
+    pub tls_ca: PathBuf,
+    /// Certificate path.
+    pub tls_cert: PathBuf,
+    /// Key path.
+    pub tls_key: PathBuf,
+    /// Task catalog.
+    pub catalog: Catalog,
+}
+
+impl DaemonConfig {
+    /// Loads and validates `path` with `UPDRAFTD__*` overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file: DaemonFile = updraft_shared::config::load(path, ENV_PREFIX, false)?;
+        Self::from_file(file, path)
+    }
+
+    /// Validates a parsed file; `path` anchors relative paths and names errors.
+    pub fn from_file(file: DaemonFile, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            reason,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let listen = file.listen.as_deref().unwrap_or("0.0.0.0:4433");
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen}` is not an address like 0.0.0.0:4433"),
+            )
+        })?;
+        let metrics_listen = match file.metrics_listen {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("`{m}` is not an address like 127.0.0.1:9464"),
+                )
+            })?),
+        };
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slots = file.max_concurrent_tasks.unwrap_or(cpus);
+        if slots == 0 {
+            return Err(invalid("max_concurrent_tasks", "must be at least 1".into()));
+        }
+        let streams = file.max_streams_per_connection.unwrap_or(256);
+        if streams == 0 {
+            return Err(invalid(
+                "max_streams_per_connection",
+                "must be at least 1".into(),
+            ));
+        }
+        let catalog = Catalog::from_files(file.tasks)
+            .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
+        Ok(Self {
+            listen,
+            state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
+            max_concurrent_tasks: slots,
+            max_queued_tasks: file.max_queued_tasks.unwrap_or(slots * 4),
+            metrics_listen,
+            drain_timeout: file.drain_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            load_report_interval: file
+                .load_report_interval
+                .map_or(Duration::from_secs(1), |d| d.0),
+            idle_timeout: file.idle_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            max_streams_per_connection: streams,
+            tls_ca: rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into())),
+            tls_cert: rel(file.tls.cert.unwrap_or_else(|| "server.pem".into())),
+            tls_key: rel(file.tls.key.unwrap_or_else(|| "server.key".into())),
+            catalog,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<DaemonConfig, ConfigError> {
+        let path = Path::new("/etc/updraft/daemon.toml");
+        let file = updraft_shared::config::from_str(text, path, "UPDRAFTD_TEST_NONE")?;
+        DaemonConfig::from_file(file, path)
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let c = parse("listen = \"127.0.0.1:5000\"\n[tasks.e]\nbuiltin = \"echo\"\n").unwrap();
+        assert_eq!(c.listen.port(), 5000);
+        assert_eq!(c.tls_ca, Path::new("/etc/updraft/ca.pem"));
+        assert!(c.catalog.get("e").is_some());
+        assert!(c.max_queued_tasks >= c.max_concurrent_tasks);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        for (text, key) in [
+            ("lisen = \"x\"", "lisen"),
+            ("listen = \"nowhere\"", "listen"),
+            ("[tasks.e]\nbuiltin = \"echo\"\ncomand = [\"x\"]", "comand"),
+            ("[tasks.e]\nbuiltin = \"nope\"", "tasks.e"),
+            ("drain_timeout = \"soon\"", "drain_timeout"),
+        ] {
+            let m = parse(text).unwrap_err().to_string();
+            assert!(
+                m.contains("/etc/updraft/daemon.toml") && m.contains(key),
+                "{text}: {m}"
+            );
+        }
+    }
+}
