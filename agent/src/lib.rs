@@ -1,1 +1,17 @@
-//! placeholder
+//! `updraft-agent`: the edge side of Updraft.
+//!
+//! A request enters at [`api`] (HTTP on a Unix socket), is placed by [`placement`],
+//! runs on the board through the shared executor or crosses QUIC through [`uplink`]
+//! to a daemon, and its result flows back the same way. [`service`] wires the parts
+//! and owns shutdown; [`client`] and [`cli`] are the command-line side of the socket.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod placement;
+pub mod service;
+pub mod spool;
+pub mod uplink;

@@ -1,0 +1,362 @@
+//! The `updraft-agent` command line: `serve`, and the client commands that talk to a
+//! running agent over its socket.
+
+use crate::client::{body_bytes, Client, RunRequest};
+use crate::http::{header_text_decode, BodyInput, ChannelBody};
+use crate::placement::Where;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tokio::io::AsyncWriteExt;
+use updraft_shared::exec::Input;
+
+/// Exit code when Updraft could not run the task at all (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit code when the task timed out, as `timeout(1)` reports it.
+pub const EXIT_TIMED_OUT: u8 = 124;
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Updraft edge agent: runs tasks on this board or offloads them to the cloud.
+#[derive(Debug, Parser)]
+#[command(name = "updraft-agent", version, about)]
+pub struct Cli {
+    /// The agent's API socket (client commands).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Config file (serve; client commands read its `socket`).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `updraft-agent` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent service until SIGTERM/SIGINT.
+    Serve,
+    /// Run a task and print its output; exits with the task's exit code.
+    Run {
+        /// Task name from the catalog.
+        task: String,
+        /// Input file, or `-` for stdin. Default: no input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Output file, or `-` for stdout (default).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Where to run: auto, local or cloud (local/cloud: no fallback).
+        #[arg(long = "where", value_parser = parse_where)]
+        where_: Option<Where>,
+        /// Return at once and print only the task id.
+        #[arg(long)]
+        detach: bool,
+        /// Print where the task ran and why, on stderr.
+        #[arg(long)]
+        explain: bool,
+        /// Extra arguments for the task (needs allow_args = true).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Print a detached task's output; exits with its exit code.
+    Result {
+        /// Task id printed by `run --detach`.
+        id: String,
+        /// Wait until the task has finished.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show the agent's state: daemons, local load, recent decisions.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_where(s: &str) -> Result<Where, String> {
+    s.parse()
+}
+
+impl Cli {
+    /// The socket a client command should use: `--socket`, else the config's
+    /// `socket`, else `UPDRAFT_AGENT__SOCKET`, else the default.
+    pub fn socket_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        if let Some(c) = &self.config {
+            return Ok(crate::config::AgentConfig::load(c)?.socket);
+        }
+        if let Some(s) = std::env::var_os("UPDRAFT_AGENT__SOCKET") {
+            return Ok(s.into());
+        }
+        Ok(crate::config::DEFAULT_SOCKET.into())
+    }
+}
+
+/// Stdin or a file as task input.
+struct ReaderInput<R>(R);
+
+impl<R: tokio::io::AsyncRead + Unpin + Send> Input for ReaderInput<R> {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+        let n = self.0.read_buf(&mut buf).await?;
+        Ok((n > 0).then(|| buf.freeze()))
+    }
+}
+
+/// Prints one line to stderr and gives the exit code for an Updraft-side error.
+fn fail(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("updraft-agent: {msg}");
+    EXIT_UNAVAILABLE
+}
+
+fn header<'a>(resp: &'a hyper::Response<hyper::body::Incoming>, name: &str) -> Option<&'a str> {
+    resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn error_of(resp: hyper::Response<hyper::body::Incoming>) -> (String, String) {
+    let code = header(&resp, crate::api::H_ERROR_CODE)
+        .unwrap_or("error")
+        .to_string();
+    let body = body_bytes(resp).await.unwrap_or_default();
+    let msg = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    (code, msg)
+}
+
+/// Copies a response body to `--output` (or stdout).
+async fn copy_body(
+    resp: hyper::Response<hyper::body::Incoming>,
+    output: Option<&PathBuf>,
+) -> anyhow::Result<()> {
+    let mut body = BodyInput(resp.into_body());
+    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match output {
+        Some(p) if p.as_os_str() != "-" => Box::new(
+            tokio::fs::File::create(p)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", p.display()))?,
+        ),
+        _ => Box::new(tokio::io::stdout()),
+    };
+    while let Some(chunk) = body.next_chunk().await? {
+        out.write_all(&chunk).await?;
+    }
+    out.flush().await?;
+    Ok(())
+}
+
+/// Runs a client command; returns the process exit code.
+pub async fn run_client(cli: Cli) -> u8 {
+    let socket = match cli.socket_path() {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let client = Client::new(socket);
+    match cli.command {
+        Command::Serve => unreachable!("serve is not a client command"),
+        Command::Run {
+            task,
+            input,
+            output,
+            where_,
+            detach,
+            explain,
+            args,
+        } => {
+            let body = match input.as_deref() {
+                None => ChannelBody::full(Vec::new()),
+                Some(p) if p.as_os_str() == "-" => {
+                    ChannelBody::from_input(ReaderInput(tokio::io::stdin()), None)
+                }
+                Some(p) => match tokio::fs::File::open(p).await {
+                    Ok(f) => {
+                        let len = f.metadata().await.ok().map(|m| m.len());
+                        ChannelBody::from_input(ReaderInput(f), len)
+                    }
+                    Err(e) => return fail(format!("cannot read input {}: {e}", p.display())),
+                },
+            };
+            let req = RunRequest {
+                task,
+                args,
+                where_,
+                detach,
+            };
+            let resp = match client.run(&req, body).await {
+                Ok(r) => r,
+                Err(e) => return fail(format!("{e:#}")),
+            };
+            if explain {
+                if let (Some(p), Some(r)) = (
+                    header(&resp, crate::api::H_PLACEMENT),
+                    header(&resp, crate::api::H_REASON),
+                ) {
+                    eprintln!("{p} ({r})");
+                }
+            }
+            if !resp.status().is_success() {
+                let (code, msg) = error_of(resp).await;
+                eprintln!("updraft-agent: {msg} [{code}]");
+                return if code == "timed_out" {
+                    EXIT_TIMED_OUT
+                } else {
+                    EXIT_UNAVAILABLE
+                };
+            }
+            if detach {
+                let id = header(&resp, crate::api::H_TASK_ID)
+                    .unwrap_or_default()
+                    .to_string();
+                println!("{id}");
+                return 0;
+            }
+            finish(resp, output.as_ref()).await
+        }
+        Command::Result { id, wait } => {
+            let state = match client
+                .get(&format!(
+                    "/v1/tasks/{}?wait={wait}",
+                    crate::http::percent_encode(&id)
+                ))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return fail(format!("{e:#}")),
+            };
+            if !state.status().is_success() {
+                let (code, msg) = error_of(state).await;
+                return fail(format!("{msg} [{code}]"));
+            }
+            let state: serde_json::Value =
+                match body_bytes(state).await.map(|b| serde_json::from_slice(&b)) {
+                    Ok(Ok(v)) => v,
+                    _ => return fail("the agent sent an unreadable task state"),
+                };
+            if state["state"] == "running" {
+                return fail(format!("task {id} is still running (use --wait)"));
+            }
+            match client
+                .get(&format!(
+                    "/v1/tasks/{}/output",
+                    crate::http::percent_encode(&id)
+                ))
+                .await
+            {
+                Ok(resp) => {
+                    if let Some(e) = state.get("error").filter(|e| !e.is_null()) {
+                        eprintln!(
+                            "updraft-agent: {} [{}]",
+                            e["message"].as_str().unwrap_or("failed"),
+                            e["code"].as_str().unwrap_or("error")
+                        );
+                        return if e["code"] == "timed_out" {
+                            EXIT_TIMED_OUT
+                        } else {
+                            EXIT_UNAVAILABLE
+                        };
+                    }
+                    finish(resp, None).await
+                }
+                Err(e) => fail(format!("{e:#}")),
+            }
+        }
+        Command::Status { json } => {
+            let resp = match client.get("/v1/status").await {
+                Ok(r) => r,
+                Err(e) => return fail(format!("{e:#}")),
+            };
+            let body = match body_bytes(resp).await {
+                Ok(b) => b,
+                Err(e) => return fail(format!("{e:#}")),
+            };
+            if json {
+                println!("{}", String::from_utf8_lossy(&body));
+                return 0;
+            }
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) => {
+                    print_status(&v);
+                    0
+                }
+                Err(e) => fail(format!("the agent sent unreadable status: {e}")),
+            }
+        }
+    }
+}
+
+async fn finish(resp: hyper::Response<hyper::body::Incoming>, output: Option<&PathBuf>) -> u8 {
+    let exit: Option<i32> = header(&resp, crate::api::H_EXIT_CODE).and_then(|v| v.parse().ok());
+    let tail = header(&resp, crate::api::H_STDERR_TAIL).map(header_text_decode);
+    if let Err(e) = copy_body(resp, output).await {
+        return fail(format!("{e:#}"));
+    }
+    let code = exit.unwrap_or(i32::from(EXIT_UNAVAILABLE));
+    if code != 0 {
+        if let Some(t) = tail {
+            eprint!("{t}");
+            if !t.ends_with('\n') {
+                eprintln!();
+            }
+        }
+    }
+    u8::try_from(code.clamp(0, 255)).unwrap_or(EXIT_UNAVAILABLE)
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!(
+        "agent {}  (updraft {}, up {}s)",
+        v["agent_id"].as_str().unwrap_or("?"),
+        v["version"].as_str().unwrap_or("?"),
+        v["uptime_s"]
+    );
+    let l = &v["local"];
+    println!(
+        "local: {} running, {} queued, {} slots",
+        l["running"], l["queued"], l["capacity"]
+    );
+    println!("daemons:");
+    for c in v["clouds"].as_array().into_iter().flatten() {
+        let state = if c["draining"] == true {
+            "draining".to_string()
+        } else if c["connected"] == true {
+            format!(
+                "connected, rtt {:.1} ms",
+                c["rtt_ms"].as_f64().unwrap_or(0.0)
+            )
+        } else {
+            format!(
+                "down: {}",
+                c["last_error"].as_str().unwrap_or("not connected yet")
+            )
+        };
+        let load = &c["load"];
+        let load = if load.is_null() {
+            String::new()
+        } else {
+            format!(
+                ", load {}+{}/{}",
+                load["running"], load["queued"], load["capacity"]
+            )
+        };
+        println!(
+            "  {:<28} {state}{load}",
+            c["address"].as_str().unwrap_or("?")
+        );
+    }
+    println!("recent decisions:");
+    for d in v["recent"].as_array().into_iter().flatten().take(10) {
+        println!(
+            "  {:<16} {:<6} {:<10} {}",
+            d["task"].as_str().unwrap_or("?"),
+            d["placement"].as_str().unwrap_or("?"),
+            d["outcome"].as_str().unwrap_or("?"),
+            d["reason"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! The agent's configuration: `agent.toml` as written, validated into [`AgentConfig`].
+//! Relative paths are taken relative to the config file's directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use updraft_shared::catalog::{Catalog, TaskFile};
+use updraft_shared::config::ConfigError;
+use updraft_shared::units::{ByteSize, HumanDuration};
+
+/// Where the agent looks for its config when none is given.
+pub const DEFAULT_CONFIG: &str = "/etc/updraft/agent.toml";
+/// Default local API socket.
+pub const DEFAULT_SOCKET: &str = "/run/updraft/agent.sock";
+/// Environment prefix for overrides: `UPDRAFT_AGENT__SOCKET=...`.
+pub const ENV_PREFIX: &str = "UPDRAFT_AGENT";
+
+/// `agent.toml` as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// This board's id. Default: the common name of the agent certificate.
+    pub agent_id: Option<String>,
+    /// Local API socket. Default `/run/updraft/agent.sock`.
+    pub socket: Option<PathBuf>,
+    /// Agent state (certificates, spooled output). Default `/var/lib/updraft`.
+    pub state_dir: Option<PathBuf>,
+    /// Tasks run on the board at once. Default: the number of CPUs.
+    pub max_local_concurrency: Option<usize>,
+    /// Local tasks waiting for a slot before new ones get `busy`. Default 64.
+    pub max_local_queue: Option<usize>,
+    /// Output kept in memory per task before it spills to a file in `state_dir`. Default 1MiB.
+    pub spool_memory: Option<ByteSize>,
+    /// Daemons to offload to, in order of preference when equally loaded.
+    #[serde(default)]
+    pub cloud: Vec<CloudFile>,
+    /// TLS material.
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// Link timing.
+    #[serde(default)]
+    pub link: LinkFile,
+    /// The catalog of tasks this agent accepts.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, TaskFile>,
+}
+
+/// One `[[cloud]]` entry.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudFile {
+    /// `host:port` of a daemon.
+    pub address: String,
+    /// Name to verify in the daemon's certificate. Default: the host part of `address`.
+    pub server_name: Option<String>,
+}
+
+/// `[tls]` as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// CA certificate the daemons chain to. Default `state_dir/ca.pem`.
+    pub ca: Option<PathBuf>,
+    /// The agent's certificate. Default `state_dir/agent.pem`.
+    pub cert: Option<PathBuf>,
+    /// The agent's key. Default `state_dir/agent.key`.
+    pub key: Option<PathBuf>,
+}
+
+/// `[link]` as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkFile {
+    /// QUIC keep-alive period. Default 2s.
+    pub keep_alive: Option<HumanDuration>,
+    /// A connection silent this long is dead. Default 10s.
+    pub idle_timeout: Option<HumanDuration>,
+    /// Limit for one connection attempt. Default 5s.
+    pub connect_timeout: Option<HumanDuration>,
+    /// How long a daemon may take to accept a task before it runs on the board instead. Default 3s.
+    pub accept_timeout: Option<HumanDuration>,
+    /// First reconnect delay. Default 200ms.
+    pub reconnect_min: Option<HumanDuration>,
+    /// Longest reconnect delay. Default 30s.
+    pub reconnect_max: Option<HumanDuration>,
+    /// Input bytes kept per task until the daemon accepts it, so the task can still
+    /// run on the board if the daemon does not. Default 1MiB.
+    pub replay_buffer: Option<ByteSize>,
+}
+
+/// A daemon to connect to.
+#[derive(Debug, Clone)]
+pub struct CloudTarget {
+    /// `host:port`.
+    pub address: String,
+    /// TLS server name.
+    pub server_name: String,
+}
+
+/// Link timing, validated.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Keep-alive period.
+    pub keep_alive: Duration,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Accept timeout.
+    pub accept_timeout: Duration,
+    /// Backoff floor.
+    pub reconnect_min: Duration,
+    /// Backoff ceiling.
+    pub reconnect_max: Duration,
+    /// Replay buffer, bytes.
+    pub replay_buffer: usize,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            accept_timeout: Duration::from_secs(3),
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+            replay_buffer: 1 << 20,
+        }
+    }
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Agent id, if configured.
+    pub agent_id: Option<String>,
+    /// Local API socket.
+    pub socket: PathBuf,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Local slots.
+    pub max_local_concurrency: usize,
+    /// Local queue places.
+    pub max_local_queue: usize,
+    /// In-memory output per task before spilling.
+    pub spool_memory: usize,
+    /// Daemons.
+    pub clouds: Vec<CloudTarget>,
+    /// CA path.
+    pub tls_ca: PathBuf,
+    /// Certificate path.
+    pub tls_cert: PathBuf,
+    /// Key path.
+    pub tls_key: PathBuf,
+    /// Link timing.
+    pub link: LinkConfig,
+    /// Task catalog.
+    pub catalog: Catalog,
+}
+
+impl AgentConfig {
+    /// Loads and validates `path` with `UPDRAFT_AGENT__*` overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let file: AgentFile = updraft_shared::config::load(path, ENV_PREFIX, false)?;
+        Self::from_file(file, path)
+    }
+
+    /// Validates a parsed file; `path` anchors relative paths and names errors.
+    pub fn from_file(file: AgentFile, path: &Path) -> Result<Self, ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.into(),
+            reason,
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let state_dir = rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraft".into()));
+        let mut clouds = Vec::new();
+        for (i, c) in file.cloud.into_iter().enumerate() {
+            let host = split_host(&c.address).ok_or_else(|| {
+                invalid(
+                    &format!("cloud[{i}].address"),
+                    format!("`{}` is not host:port", c.address),
+                )
+            })?;
+            clouds.push(CloudTarget {
+                server_name: c.server_name.unwrap_or_else(|| host.to_string()),
+                address: c.address,
+            });
+        }
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let slots = file.max_local_concurrency.unwrap_or(cpus);
+        if slots == 0 {
+            return Err(invalid(
+                "max_local_concurrency",
+                "must be at least 1".into(),
+            ));
+        }
+        let d = LinkConfig::default();
+        let l = file.link;
+        let link = LinkConfig {
+            keep_alive: l.keep_alive.map_or(d.keep_alive, |v| v.0),
+            idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |v| v.0),
+            connect_timeout: l.connect_timeout.map_or(d.connect_timeout, |v| v.0),
+            accept_timeout: l.accept_timeout.map_or(d.accept_timeout, |v| v.0),
+            reconnect_min: l.reconnect_min.map_or(d.reconnect_min, |v| v.0),
+            reconnect_max: l.reconnect_max.map_or(d.reconnect_max, |v| v.0),
+            replay_buffer: l.replay_buffer.map_or(d.replay_buffer, |v| v.0 as usize),
+        };
+        if link.keep_alive >= link.idle_timeout {
+            return Err(invalid(
+                "link.keep_alive",
+                "must be shorter than link.idle_timeout".into(),
+            ));
+        }
+        if link.reconnect_min > link.reconnect_max || link.reconnect_min.is_zero() {
+            return Err(invalid(
+                "link.reconnect_min",
+                "must be above zero and at most link.reconnect_max".into(),
+            ));
+        }
+        let catalog = Catalog::from_files(file.tasks)
+            .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
+        Ok(Self {
+            agent_id: file.agent_id,
+            socket: rel(file.socket.unwrap_or_else(|| DEFAULT_SOCKET.into())),
+            tls_ca: file
+                .tls
+                .ca
+                .map(rel)
+                .unwrap_or_else(|| state_dir.join("ca.pem")),
+            tls_cert: file
+                .tls
+                .cert
+                .map(rel)
+                .unwrap_or_else(|| state_dir.join("agent.pem")),
+            tls_key: file
+                .tls
+                .key
+                .map(rel)
+                .unwrap_or_else(|| state_dir.join("agent.key")),
+            state_dir,
+            max_local_concurrency: slots,
+            max_local_queue: file.max_local_queue.unwrap_or(64),
+            spool_memory: file.spool_memory.map_or(1 << 20, |v| v.0 as usize),
+            clouds,
+            link,
+            catalog,
+        })
+    }
+}
+
+/// The host part of `host:port` or `[v6]:port`.
+fn split_host(address: &str) -> Option<&str> {
+    let (host, port) = address.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
+        let path = Path::new("/etc/updraft/agent.toml");
+        let file = updraft_shared::config::from_str(text, path, "UPDRAFT_AGENT_TEST_NONE")?;
+        AgentConfig::from_file(file, path)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("[[cloud]]\naddress = \"cloud.example:4433\"\n[tasks.e]\nbuiltin = \"echo\"")
+            .unwrap();
+        assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(c.clouds[0].server_name, "cloud.example");
+        assert_eq!(c.tls_cert, Path::new("/var/lib/updraft/agent.pem"));
+        let c = parse("[[cloud]]\naddress = \"[::1]:4433\"").unwrap();
+        assert_eq!(c.clouds[0].server_name, "::1");
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        for (text, key) in [
+            ("sokcet = \"/x\"", "sokcet"),
+            ("[[cloud]]\naddress = \"nohost\"", "cloud[0].address"),
+            ("[link]\nkeep_alive = \"20s\"", "link.keep_alive"),
+            ("[link]\naccept_timeout = \"fast\"", "accept_timeout"),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\nofload = \"never\"",
+                "ofload",
+            ),
+        ] {
+            let m = parse(text).unwrap_err().to_string();
+            assert!(
+                m.contains("/etc/updraft/agent.toml") && m.contains(key),
+                "{text}: {m}"
+            );
+        }
+    }
+}

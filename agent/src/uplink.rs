@@ -1,0 +1,582 @@
+//! Connections to daemons: one maintainer per `[[cloud]]` entry keeps a QUIC
+//! connection up (keep-alive, reconnect with capped, jittered backoff), follows the
+//! daemon's load reports, and [`Uplink::pick`] chooses where to offload. [`offload`]
+//! runs one task over a connection.
+
+use crate::config::{CloudTarget, LinkConfig};
+use bytes::{Buf, Bytes};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use updraft_shared::exec::{Input, Output};
+use updraft_shared::protocol::{
+    ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
+};
+use updraft_shared::tls::Identity;
+use updraft_shared::wire::{write_frame, FrameReader};
+
+/// What is known about one daemon right now.
+#[derive(Debug, Clone, Default)]
+struct LinkState {
+    conn: Option<quinn::Connection>,
+    load: Option<LoadReport>,
+    last_error: Option<String>,
+}
+
+/// One daemon and the connection to it.
+#[derive(Debug)]
+pub struct Link {
+    target: CloudTarget,
+    state: Mutex<LinkState>,
+    changed: tokio::sync::Notify,
+}
+
+/// A daemon as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkStatus {
+    /// `host:port`.
+    pub address: String,
+    /// A live connection exists.
+    pub connected: bool,
+    /// The daemon said it is draining.
+    pub draining: bool,
+    /// Smoothed RTT, when connected.
+    pub rtt_ms: Option<f64>,
+    /// Last load report.
+    pub load: Option<LoadReport>,
+    /// Why the last connection attempt or connection failed.
+    pub last_error: Option<String>,
+}
+
+impl Link {
+    /// The daemon's address as configured.
+    pub fn address(&self) -> &str {
+        &self.target.address
+    }
+
+    fn usable(&self) -> Option<(quinn::Connection, LoadReport)> {
+        let s = self.state.lock().expect("link state lock");
+        let conn = s.conn.clone()?;
+        if conn.close_reason().is_some() {
+            return None;
+        }
+        let load = s.load.unwrap_or_default();
+        (!load.draining).then_some((conn, load))
+    }
+
+    fn set(&self, f: impl FnOnce(&mut LinkState)) {
+        f(&mut self.state.lock().expect("link state lock"));
+        self.changed.notify_waiters();
+    }
+
+    /// A snapshot for `status`.
+    pub fn status(&self) -> LinkStatus {
+        let s = self.state.lock().expect("link state lock").clone();
+        let live = s.conn.as_ref().filter(|c| c.close_reason().is_none());
+        LinkStatus {
+            address: self.target.address.clone(),
+            connected: live.is_some(),
+            draining: s.load.is_some_and(|l| l.draining),
+            rtt_ms: live.map(|c| c.rtt().as_secs_f64() * 1000.0),
+            load: s.load,
+            last_error: s.last_error,
+        }
+    }
+}
+
+/// A daemon chosen for one task.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    /// The link.
+    pub link: Arc<Link>,
+    /// Its live connection.
+    pub conn: quinn::Connection,
+    /// Its last load report.
+    pub load: LoadReport,
+}
+
+/// All daemons this agent may offload to.
+#[derive(Debug)]
+pub struct Uplink {
+    links: Vec<Arc<Link>>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    cfg: LinkConfig,
+}
+
+impl Uplink {
+    /// Builds the client endpoint and TLS config; nothing connects until [`Uplink::start`].
+    pub fn new(
+        identity: &Identity,
+        targets: Vec<CloudTarget>,
+        cfg: LinkConfig,
+    ) -> anyhow::Result<Self> {
+        let mut client = quinn::ClientConfig::new(identity.quic_client()?);
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(cfg.keep_alive))
+            .max_idle_timeout(Some(quinn::IdleTimeout::try_from(cfg.idle_timeout)?))
+            .max_concurrent_uni_streams(4u32.into())
+            .max_concurrent_bidi_streams(0u32.into());
+        client.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::client("[::]:0".parse().expect("literal address"))
+            .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address")))?;
+        let links = targets
+            .into_iter()
+            .map(|target| {
+                Arc::new(Link {
+                    target,
+                    state: Mutex::default(),
+                    changed: tokio::sync::Notify::new(),
+                })
+            })
+            .collect();
+        Ok(Self {
+            links,
+            endpoint,
+            client,
+            cfg,
+        })
+    }
+
+    /// Starts one maintainer per daemon; they stop when `shutdown` is cancelled.
+    pub fn start(&self, shutdown: CancellationToken) {
+        for link in &self.links {
+            tokio::spawn(maintain(
+                link.clone(),
+                self.endpoint.clone(),
+                self.client.clone(),
+                self.cfg.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+
+    /// The link configuration.
+    pub fn config(&self) -> &LinkConfig {
+        &self.cfg
+    }
+
+    /// The QUIC endpoint (tests rebind it to simulate an address change).
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
+
+    /// The least loaded connected daemon that is not draining; RTT breaks ties.
+    pub fn pick(&self) -> Option<Chosen> {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                l.usable().map(|(conn, load)| Chosen {
+                    link: l.clone(),
+                    conn,
+                    load,
+                })
+            })
+            .min_by(|a, b| {
+                let score = |c: &Chosen| {
+                    (c.load.running + c.load.queued) as f64 / c.load.capacity.max(1) as f64
+                };
+                score(a)
+                    .total_cmp(&score(b))
+                    .then(a.conn.rtt().cmp(&b.conn.rtt()))
+            })
+    }
+
+    /// Every daemon's state.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        self.links.iter().map(|l| l.status()).collect()
+    }
+
+    /// Waits until some daemon is usable, up to `timeout`. True if one is.
+    pub async fn wait_usable(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waits: Vec<_> = self.links.iter().map(|l| l.changed.notified()).collect();
+            if self.pick().is_some() {
+                return true;
+            }
+            let any = futures_any(waits);
+            if tokio::time::timeout_at(deadline, any).await.is_err() {
+                return self.pick().is_some();
+            }
+        }
+    }
+}
+
+async fn futures_any(waits: Vec<tokio::sync::futures::Notified<'_>>) {
+    let mut waits: Vec<_> = waits.into_iter().map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        for w in waits.iter_mut() {
+            if w.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+use std::future::Future;
+
+/// Keeps one daemon connected until shutdown.
+async fn maintain(
+    link: Arc<Link>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    cfg: LinkConfig,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = cfg.reconnect_min;
+    let mut failures = 0u32;
+    loop {
+        let attempt = tokio::select! {
+            r = connect(&endpoint, &client, &link.target, cfg.connect_timeout) => r,
+            () = shutdown.cancelled() => return,
+        };
+        match attempt {
+            Ok(conn) => {
+                info!(
+                    daemon = link.address(),
+                    rtt_ms = conn.rtt().as_millis() as u64,
+                    "connected to daemon"
+                );
+                failures = 0;
+                backoff = cfg.reconnect_min;
+                link.set(|s| {
+                    s.conn = Some(conn.clone());
+                    s.load = None;
+                    s.last_error = None;
+                });
+                let loads = tokio::spawn(follow_load(link.clone(), conn.clone()));
+                let reason = tokio::select! {
+                    e = conn.closed() => e,
+                    () = shutdown.cancelled() => {
+                        conn.close(0u32.into(), b"agent shutting down");
+                        loads.abort();
+                        return;
+                    }
+                };
+                loads.abort();
+                let why = match &reason {
+                    quinn::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == CLOSE_DRAINING.into() =>
+                    {
+                        "daemon drained and closed the connection".to_string()
+                    }
+                    other => other.to_string(),
+                };
+                warn!(daemon = link.address(), reason = %why, "connection to daemon lost; reconnecting");
+                link.set(|s| {
+                    s.conn = None;
+                    s.last_error = Some(why);
+                });
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 {
+                    warn!(daemon = link.address(), error = %e, "cannot connect to daemon; retrying with backoff");
+                } else {
+                    debug!(daemon = link.address(), error = %e, failures, "still cannot connect");
+                }
+                link.set(|s| s.last_error = Some(e));
+            }
+        }
+        // Jitter keeps a fleet of boards from reconnecting in lockstep after an outage.
+        let jitter = rand::random::<f64>() * 0.4 + 0.8;
+        let wait = backoff.mul_f64(jitter);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(cfg.reconnect_max);
+    }
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    target: &CloudTarget,
+    timeout: Duration,
+) -> Result<quinn::Connection, String> {
+    let addr: SocketAddr = tokio::net::lookup_host(&target.address)
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", target.address))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", target.address))?;
+    let connecting = endpoint
+        .connect_with(client.clone(), addr, &target.server_name)
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("handshake with {}: {e}", target.address)),
+        Err(_) => Err(format!(
+            "no answer from {} within {timeout:?}",
+            target.address
+        )),
+    }
+}
+
+async fn follow_load(link: Arc<Link>, conn: quinn::Connection) {
+    let Ok(recv) = conn.accept_uni().await else {
+        return;
+    };
+    let mut reader = FrameReader::new(recv);
+    while let Ok(Some(frame)) = reader.next().await {
+        match LoadReport::from_frame(&frame) {
+            Ok(load) => {
+                if load.draining {
+                    info!(
+                        daemon = link.address(),
+                        "daemon is draining; new tasks go elsewhere"
+                    );
+                }
+                link.set(|s| s.load = Some(load));
+            }
+            Err(e) => {
+                warn!(daemon = link.address(), error = %e, "daemon misbehaved on its load stream");
+                return;
+            }
+        }
+    }
+}
+
+/// Input that was read before a daemon accepted the task, followed by the rest.
+/// If the daemon never accepts, the task can still run on the board from this.
+#[derive(Debug)]
+pub struct Replay<I> {
+    buffered: VecDeque<Bytes>,
+    rest: I,
+}
+
+impl<I: Input> Input for Replay<I> {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        match self.buffered.pop_front() {
+            Some(b) => Ok(Some(b)),
+            None => self.rest.next_chunk().await,
+        }
+    }
+}
+
+impl<I> Replay<I> {
+    /// Input that replays nothing and reads `rest`.
+    pub fn fresh(rest: I) -> Self {
+        Self {
+            buffered: VecDeque::new(),
+            rest,
+        }
+    }
+}
+
+/// Why an offload did not produce a trailer.
+#[derive(Debug)]
+pub enum OffloadError<I> {
+    /// The daemon did not start the task; `input` is whole again, so it can run elsewhere.
+    NotStarted {
+        /// The daemon's refusal code, if it refused (else the connection failed or timed out).
+        code: Option<ErrorCode>,
+        /// Operator-readable cause.
+        reason: String,
+        /// The input, including what was already sent.
+        input: Replay<I>,
+    },
+    /// The task started but did not finish (connection lost, submitter gone, daemon misbehaved).
+    Failed {
+        /// Operator-readable cause.
+        reason: String,
+    },
+}
+
+/// Offloads one task over `conn`: sends the header and the input, copies the output
+/// into `output`, and returns the daemon's trailer.
+///
+/// Input is sent at once (no round trip waiting for acceptance) while a copy of up to
+/// `cfg.replay_buffer` bytes is kept until the daemon accepts; past that, sending
+/// pauses until it does. So if the daemon refuses, does not answer within
+/// `cfg.accept_timeout`, or the connection dies first, the task can still run on the
+/// board with its whole input.
+pub async fn offload<I: Input, O: Output>(
+    conn: &quinn::Connection,
+    header: &RequestHeader,
+    mut input: Replay<I>,
+    output: &mut O,
+    cfg: &LinkConfig,
+) -> Result<Trailer, OffloadError<I>> {
+    let not_started = |code, reason: String, input: Replay<I>| {
+        Err(OffloadError::NotStarted {
+            code,
+            reason,
+            input,
+        })
+    };
+    let (mut send, recv) = match tokio::time::timeout(cfg.accept_timeout, conn.open_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return not_started(None, format!("cannot open a stream: {e}"), input),
+        Err(_) => {
+            return not_started(
+                None,
+                format!("no stream credit within {:?}", cfg.accept_timeout),
+                input,
+            )
+        }
+    };
+    if let Err(e) = write_frame(&mut send, &header.to_frame()).await {
+        return not_started(None, format!("cannot send the request: {e}"), input);
+    }
+    let mut reader = FrameReader::new(recv);
+    let mut replay: VecDeque<Bytes> = std::mem::take(&mut input.buffered);
+    let mut replay_len: usize = replay.iter().map(Bytes::len).sum();
+    // Chunks already replayed must be sent again on this stream first.
+    let mut to_send: VecDeque<Bytes> = replay.clone();
+    let mut pending: Option<Bytes> = to_send.pop_front();
+    let mut input_done = false;
+    let mut send_ok = true;
+    let deadline = tokio::time::Instant::now() + cfg.accept_timeout;
+
+    // Phase 1: until the daemon answers.
+    let reply = loop {
+        tokio::select! {
+            biased;
+            r = reader.next() => break Ok(r),
+            () = tokio::time::sleep_until(deadline) => break Err(format!("daemon did not accept the task within {:?}", cfg.accept_timeout)),
+            r = send.write(pending.as_deref().unwrap_or(&[])), if pending.is_some() && send_ok => match r {
+                Ok(n) => {
+                    let p = pending.as_mut().expect("pending is set");
+                    p.advance(n);
+                    if p.is_empty() {
+                        pending = to_send.pop_front();
+                    }
+                }
+                // Stopped: the daemon refused the input; its reply says why.
+                Err(_) => send_ok = false,
+            },
+            r = input.rest.next_chunk(), if pending.is_none() && !input_done && replay_len < cfg.replay_buffer => match r {
+                Ok(Some(c)) => {
+                    replay_len += c.len();
+                    replay.push_back(c.clone());
+                    pending = Some(c);
+                }
+                Ok(None) => {
+                    input_done = true;
+                    let _ = send.finish();
+                }
+                Err(e) => {
+                    let _ = send.reset(0u32.into());
+                    return Err(OffloadError::Failed { reason: format!("reading the task's input: {e}") });
+                }
+            },
+        }
+    };
+    let give_back = |replay: VecDeque<Bytes>, input: Replay<I>| Replay {
+        buffered: replay,
+        rest: input.rest,
+    };
+    let frame = match reply {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => {
+            return not_started(
+                None,
+                "daemon closed the stream without answering".into(),
+                give_back(replay, input),
+            )
+        }
+        Ok(Err(e)) => {
+            return not_started(
+                None,
+                format!("connection failed: {e}"),
+                give_back(replay, input),
+            )
+        }
+        Err(reason) => {
+            let _ = send.reset(0u32.into());
+            return not_started(None, reason, give_back(replay, input));
+        }
+    };
+    match ReplyHeader::from_frame(&frame) {
+        Ok(ReplyHeader::Accepted) => {}
+        Ok(ReplyHeader::Rejected { code, message }) => {
+            return not_started(Some(code), message, give_back(replay, input));
+        }
+        Err(e) => {
+            let _ = send.reset(0u32.into());
+            return not_started(
+                None,
+                format!("daemon misbehaved: {e}"),
+                give_back(replay, input),
+            );
+        }
+    }
+    drop(replay);
+
+    // Phase 2: accepted. Send the rest of the input while reading the output.
+    let pump = async {
+        if !send_ok {
+            return Ok(());
+        }
+        let mut pending = pending;
+        loop {
+            if let Some(p) = pending.take() {
+                if send.write_chunk(p).await.is_err() {
+                    // The daemon stopped reading (input over its limit); the trailer says why.
+                    return Ok(());
+                }
+                pending = to_send.pop_front();
+                continue;
+            }
+            if input_done {
+                let _ = send.finish();
+                return Ok(());
+            }
+            match input.rest.next_chunk().await {
+                Ok(Some(c)) => pending = Some(c),
+                Ok(None) => input_done = true,
+                Err(e) => {
+                    let _ = send.reset(0u32.into());
+                    return Err(format!("reading the task's input: {e}"));
+                }
+            }
+        }
+    };
+    let read = async {
+        loop {
+            let frame = match reader.next().await {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err("daemon ended the stream without a trailer".to_string()),
+                Err(e) => return Err(format!("connection lost mid-task: {e}")),
+            };
+            match frame.kind {
+                FrameKind::Data => output
+                    .write(frame.payload)
+                    .await
+                    .map_err(|e| format!("delivering output: {e}"))?,
+                FrameKind::Trailer => {
+                    return Trailer::from_frame(&frame)
+                        .map_err(|e| format!("daemon misbehaved: {e}"))
+                }
+                other => return Err(format!("daemon misbehaved: unexpected {other:?} frame")),
+            }
+        }
+    };
+    tokio::pin!(pump, read);
+    let mut pump_done = false;
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            r = &mut read => {
+                return r.map_err(|reason| {
+                    debug!(after = ?started.elapsed(), "offload failed mid-task: {reason}");
+                    OffloadError::Failed { reason }
+                });
+            }
+            r = &mut pump, if !pump_done => {
+                pump_done = true;
+                if let Err(reason) = r {
+                    return Err(OffloadError::Failed { reason });
+                }
+            }
+        }
+    }
+}
