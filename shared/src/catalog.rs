@@ -281,7 +281,7 @@ impl Catalog {
     ) -> Result<AdmittedTask, Refusal> {
         let spec = self.tasks.get(name).ok_or_else(|| Refusal {
             code: ErrorCode::UnknownTask,
-            message: format!("unknown task `{name}`: it is not in this side's [tasks] catalog"),
+            message: format!("unknown task `{name}`: there is no [tasks.{name}] in the config"),
         })?;
         if let (Caller::Agent(peer), Some(allowed)) = (caller, &spec.allowed_agents) {
             if !allowed.contains(peer.agent_id()) {

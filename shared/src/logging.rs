@@ -14,6 +14,9 @@ pub fn init(env_var: &str) {
     let _ = if under_journal {
         builder.without_time().with_ansi(false).try_init()
     } else {
-        builder.try_init()
+        use std::io::IsTerminal;
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
     };
 }

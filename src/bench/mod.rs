@@ -1,0 +1,4 @@
+//! `updraft bench`: the benchmark suite. Every figure is printed beside a baseline
+//! measured in the same run, because only ratios travel between machines.
+
+pub mod offload;

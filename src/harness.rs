@@ -1,0 +1,182 @@
+//! Start a real daemon and a real agent in this process, on loopback, with throwaway
+//! certificates: what the demo, the benchmarks and the tests build on.
+
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use updraft_agent::config::{AgentConfig, AgentFile};
+use updraft_agent::service::Agent;
+use updraft_daemon::config::{DaemonConfig, DaemonFile};
+use updraft_shared::tls::Identity;
+
+/// Throwaway PKI files in a directory: `ca.pem ca.key server.pem server.key` and
+/// `agent/agent.pem agent/agent.key` for agent id `board-1`.
+#[derive(Debug, Clone)]
+pub struct Pki {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// Creates the files in `dir` (server names `localhost` and `127.0.0.1`).
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        updraft_daemon::pki::ca_init(dir, &["localhost".into(), "127.0.0.1".into()])?;
+        updraft_daemon::pki::cert_issue(
+            dir,
+            "board-1",
+            &dir.join("agent"),
+            updraft_daemon::pki::AGENT_VALIDITY,
+        )?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// `[tls]` lines for the daemon.
+    pub fn daemon_tls(&self) -> String {
+        let d = self.dir.display();
+        format!("[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/server.pem\"\nkey = \"{d}/server.key\"\n")
+    }
+
+    /// `[tls]` lines for the agent.
+    pub fn agent_tls(&self) -> String {
+        let d = self.dir.display();
+        format!("[tls]\nca = \"{d}/ca.pem\"\ncert = \"{d}/agent/agent.pem\"\nkey = \"{d}/agent/agent.key\"\n")
+    }
+
+    /// The agent's identity.
+    pub fn agent_identity(&self) -> anyhow::Result<Identity> {
+        Ok(Identity::load(
+            &self.dir.join("ca.pem"),
+            &self.dir.join("agent/agent.pem"),
+            &self.dir.join("agent/agent.key"),
+        )?)
+    }
+
+    /// The daemon's identity.
+    pub fn daemon_identity(&self) -> anyhow::Result<Identity> {
+        Ok(Identity::load(
+            &self.dir.join("ca.pem"),
+            &self.dir.join("server.pem"),
+            &self.dir.join("server.key"),
+        )?)
+    }
+}
+
+/// A daemon serving in this process.
+#[derive(Debug)]
+pub struct DaemonHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl DaemonHandle {
+    /// Starts draining (like SIGTERM) and waits until the daemon has stopped.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await?
+    }
+}
+
+/// Starts a daemon on `127.0.0.1:0`. `extra` is TOML appended to the generated config
+/// (top-level keys first, then `[tasks.*]` tables).
+pub async fn start_daemon(
+    pki: &Pki,
+    state_dir: &Path,
+    extra: &str,
+) -> anyhow::Result<DaemonHandle> {
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n{extra}\n{}",
+        state_dir.display(),
+        pki.daemon_tls()
+    );
+    let path = state_dir.join("daemon.toml");
+    let file: DaemonFile = toml::from_str(&text).context("harness daemon config")?;
+    let config = DaemonConfig::from_file(file, &path)?;
+    let endpoint = updraft_daemon::server::bind(&config)?;
+    let addr = endpoint.local_addr()?;
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(updraft_daemon::server::run(config, endpoint, async move {
+        let _ = rx.await;
+    }));
+    Ok(DaemonHandle {
+        addr,
+        stop: Some(tx),
+        task,
+    })
+}
+
+/// An agent serving in this process.
+#[derive(Debug)]
+pub struct AgentHandle {
+    /// The agent.
+    pub agent: Arc<Agent>,
+    /// Its API socket.
+    pub socket: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl AgentHandle {
+    /// Stops the agent and waits for it.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await?
+    }
+
+    /// A client for its socket.
+    pub fn client(&self) -> updraft_agent::client::Client {
+        updraft_agent::client::Client::new(&self.socket)
+    }
+}
+
+/// Starts an agent with its socket and state in `state_dir`, connected to `daemons`.
+/// `extra` is TOML appended to the generated config (top-level keys, `[link]`, `[tasks.*]`).
+pub async fn start_agent(
+    pki: &Pki,
+    state_dir: &Path,
+    daemons: &[SocketAddr],
+    extra: &str,
+) -> anyhow::Result<AgentHandle> {
+    let socket = state_dir.join("agent.sock");
+    let mut text = format!(
+        "socket = \"{}\"\nstate_dir = \"{}\"\n",
+        socket.display(),
+        state_dir.display()
+    );
+    text.push_str(extra);
+    text.push('\n');
+    for d in daemons {
+        text.push_str(&format!(
+            "[[cloud]]\naddress = \"{d}\"\nserver_name = \"localhost\"\n"
+        ));
+    }
+    text.push_str(&pki.agent_tls());
+    let file: AgentFile = toml::from_str(&text).context("harness agent config")?;
+    let config = AgentConfig::from_file(file, &state_dir.join("agent.toml"))?;
+    let listener = updraft_agent::service::bind_socket(&config.socket)?;
+    let agent = Agent::new(config, &pki.agent_identity()?)?;
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(updraft_agent::service::run(
+        agent.clone(),
+        listener,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    Ok(AgentHandle {
+        agent,
+        socket,
+        stop: Some(tx),
+        task,
+    })
+}
