@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use updraft_shared::catalog::{Caller, Catalog};
 use updraft_shared::exec::{ExecError, Executor, Outcome};
+use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{
     ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer, CLOSE_DRAINING,
     CLOSE_PROTOCOL,
@@ -212,6 +213,7 @@ async fn report_load(conn: quinn::Connection, shared: Arc<Shared>) {
 }
 
 async fn reject(send: &mut quinn::SendStream, code: ErrorCode, message: String) {
+    let message = bounded_message(message);
     let _ = write_frame(send, &ReplyHeader::Rejected { code, message }.to_frame()).await;
     let _ = send.finish();
 }
@@ -320,7 +322,7 @@ async fn handle_task(
             info!(agent, task = header.task, id, error = %e, "task failed");
             Trailer {
                 error: Some(e.code()),
-                message: format!("task `{}`: {e}", header.task),
+                message: bounded_message(format!("task `{}`: {e}", header.task)),
                 ..Default::default()
             }
         }
@@ -339,7 +341,7 @@ fn trailer_of(o: &Outcome) -> Trailer {
         exit_code: Some(o.exit_code),
         error: None,
         message: String::new(),
-        stderr_tail: String::from_utf8_lossy(&o.stderr_tail).into_owned(),
+        stderr_tail: bounded_message(String::from_utf8_lossy(&o.stderr_tail).into_owned()),
         input_bytes: o.input_bytes,
         output_bytes: o.output_bytes,
         timings: Timings {

@@ -43,6 +43,9 @@ impl RequestHeader {
         {
             return Err("task id may contain only letters, digits, '-' and '_'".into());
         }
+        if !crate::catalog::valid_task_name(&self.task) {
+            return Err("task name must be 1..=64 characters of a-z, 0-9, '-', '_', '.'".into());
+        }
         if self.args.len() > MAX_ARGS {
             return Err(format!(
                 "{} arguments, over the limit of {MAX_ARGS}",
@@ -51,6 +54,23 @@ impl RequestHeader {
         }
         Ok(())
     }
+}
+
+/// Longest operator message put in a reply or trailer. Messages may quote what a peer
+/// sent; capping them keeps every header frame far below [`MAX_HEADER_LEN`].
+pub const MAX_MESSAGE_LEN: usize = 4096;
+
+/// Cuts `text` to at most [`MAX_MESSAGE_LEN`] bytes on a character boundary.
+pub fn bounded_message(mut text: String) -> String {
+    if text.len() > MAX_MESSAGE_LEN {
+        let mut end = MAX_MESSAGE_LEN - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 /// Error codes that travel on the wire. Stable strings: scripts match on them.
@@ -286,6 +306,9 @@ mod tests {
         r.id = "x".repeat(65);
         assert!(r.validate().is_err());
         r.id = "ok".into();
+        r.task = "a".repeat(70_000);
+        assert!(r.validate().is_err());
+        r.task = "t".into();
         r.args = vec![String::new(); MAX_ARGS + 1];
         assert!(r.validate().is_err());
     }
