@@ -1,0 +1,322 @@
+//! Shared fixtures for the end-to-end tests: the real `updraftd` and `updraft-agent`
+//! binaries started as child processes with throwaway certificates, a plain HTTP/1.1
+//! client for the agent's socket, and bounded waiting helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary, next to the test executable's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: run the tests with `cargo test --workspace` so it is built", path.display());
+    path
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process whose stderr is collected in the background.
+pub struct Proc {
+    pub child: Child,
+    pub log: Arc<Mutex<String>>,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        Self { child, log, name }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Resident set size in bytes, from /proc.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("process status");
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS line");
+        kb * 1024
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("signal");
+    }
+
+    /// Waits for exit (bounded) and returns the exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let name = self.name;
+        let child = &mut self.child;
+        wait_for(&format!("{name} to exit"), timeout, || child.try_wait().expect("try_wait"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Daemon catalog used by most tests.
+pub const DAEMON_TASKS: &str = r#"
+[tasks.echo]
+builtin = "echo"
+[tasks.sha]
+command = ["sha256sum"]
+max_input = "128MiB"
+[tasks.fail]
+command = ["sh", "-c", "echo boom on stderr >&2; exit 7"]
+[tasks.hang]
+command = ["sh", "-c", "sleep 1234.5 & sleep 1234.6; true"]
+timeout = "1s"
+[tasks.slow]
+command = ["sleep", "2"]
+[tasks.small]
+builtin = "echo"
+max_input = "1KiB"
+[tasks.restricted]
+builtin = "echo"
+allowed_agents = ["someone-else"]
+"#;
+
+/// Agent catalog: the daemon's, a task only the agent knows, and `small` with a larger
+/// limit so the daemon's own limit is what refuses.
+pub const AGENT_TASKS: &str = r#"
+[tasks.echo]
+builtin = "echo"
+[tasks.sha]
+command = ["sha256sum"]
+max_input = "128MiB"
+[tasks.fail]
+command = ["sh", "-c", "echo boom on stderr >&2; exit 7"]
+[tasks.hang]
+command = ["sh", "-c", "sleep 1234.5 & sleep 1234.6; true"]
+timeout = "1s"
+[tasks.slow]
+command = ["sleep", "2"]
+[tasks.small]
+builtin = "echo"
+max_input = "64MiB"
+[tasks.restricted]
+builtin = "echo"
+[tasks.ghost]
+builtin = "echo"
+"#;
+
+/// A daemon and an agent, both real processes, with certificates made by the real
+/// `updraftd ca init` and `updraftd cert issue`.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub daemon: Proc,
+    pub daemon_addr: String,
+    pub agent: Proc,
+    pub socket: PathBuf,
+}
+
+pub fn updraftd(args: &[&str]) -> Output {
+    Command::new(bin("updraftd")).args(args).output().expect("running updraftd")
+}
+
+pub fn make_pki(dir: &Path) {
+    let pki = dir.join("pki");
+    let out = updraftd(&["ca", "init", "--dir", pki.to_str().unwrap(), "--name", "localhost", "127.0.0.1"]);
+    assert!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
+    let fp = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(fp.trim().len(), 64, "ca init prints the CA fingerprint: {fp}");
+    let out = updraftd(&[
+        "cert", "issue", "--agent-id", "board-1", "--out", dir.join("agent").to_str().unwrap(), "--ca-dir", pki.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "cert issue: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn start_daemon(dir: &Path, extra: &str) -> (Proc, String) {
+    let cfg = dir.join("daemon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"dstate\"\nload_report_interval = \"100ms\"\ndrain_timeout = \"20s\"\n{extra}\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\n{DAEMON_TASKS}"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("updraftd"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+    let daemon = Proc::spawn("updraftd", cmd);
+    let addr = wait_for("the daemon to listen", Duration::from_secs(20), || {
+        let log = daemon.log();
+        let line = log.lines().find(|l| l.contains("updraftd serving"))?;
+        let at = line.find("listen=")? + "listen=".len();
+        Some(line[at..].split_whitespace().next()?.to_string())
+    });
+    (daemon, addr)
+}
+
+pub fn start_agent(dir: &Path, daemon_addr: &str, extra: &str) -> (Proc, PathBuf) {
+    let cfg = dir.join("agent.toml");
+    let socket = dir.join("agent.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket = \"agent.sock\"\nstate_dir = \"astate\"\n{extra}\n[[cloud]]\naddress = \"{daemon_addr}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent.key\"\n{AGENT_TASKS}"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("updraft-agent"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+    (Proc::spawn("updraft-agent", cmd), socket)
+}
+
+impl Cluster {
+    /// Starts both and waits until the agent is connected to the daemon.
+    pub fn start() -> Self {
+        Self::start_with("", "[link]\naccept_timeout = \"1s\"\n")
+    }
+
+    pub fn start_with(daemon_extra: &str, agent_extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path());
+        let (daemon, daemon_addr) = start_daemon(dir.path(), daemon_extra);
+        let (agent, socket) = start_agent(dir.path(), &daemon_addr, agent_extra);
+        let c = Cluster { dir, daemon, daemon_addr, agent, socket };
+        c.wait_connected();
+        c
+    }
+
+    pub fn wait_connected(&self) {
+        wait_for("the agent to connect to the daemon", Duration::from_secs(20), || {
+            let s = self.status().ok()?;
+            (s["clouds"][0]["connected"] == true).then_some(())
+        });
+    }
+
+    pub fn status(&self) -> std::io::Result<serde_json::Value> {
+        let r = http(&self.socket, "GET", "/v1/status", b"")?;
+        Ok(serde_json::from_slice(&r.body).expect("status is JSON"))
+    }
+
+    /// Runs `updraft-agent run` against this agent.
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(bin("updraft-agent"));
+        cmd.arg("--socket").arg(&self.socket).arg("run").args(args);
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("running updraft-agent run");
+        if let Some(input) = stdin {
+            let mut s = child.stdin.take().unwrap();
+            let input = input.to_vec();
+            std::thread::spawn(move || {
+                let _ = s.write_all(&input);
+            });
+        }
+        child.wait_with_output().expect("updraft-agent run output")
+    }
+}
+
+/// A reply from the agent's socket.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A plain HTTP/1.1 request over the Unix socket, written and parsed by hand.
+pub fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpReply> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let body = raw[split + 4..].to_vec();
+    let reply = HttpReply { status, headers, body };
+    if let Some(len) = reply.header("content-length") {
+        assert_eq!(len.parse::<usize>().unwrap(), reply.body.len(), "body length matches Content-Length");
+    }
+    Ok(reply)
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// `sha256sum` run directly on `input`, the reference output.
+pub fn sha256sum_direct(input: &Path) -> Vec<u8> {
+    let out = Command::new("sha256sum").stdin(std::fs::File::open(input).unwrap()).output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// Processes whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
