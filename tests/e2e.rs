@@ -22,7 +22,16 @@ fn sha256_matches_the_command_run_directly_both_ways_and_memory_stays_flat() {
     // whole process are counted in the baseline.
     std::fs::write(dir.join("warm"), noise(1 << 20, 1)).unwrap();
     for side in ["cloud", "local"] {
-        let o = c.run(&["sha", "--where", side, "--input", dir.join("warm").to_str().unwrap()], None);
+        let o = c.run(
+            &[
+                "sha",
+                "--where",
+                side,
+                "--input",
+                dir.join("warm").to_str().unwrap(),
+            ],
+            None,
+        );
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let (agent_rss, daemon_rss) = (c.agent.rss(), c.daemon.rss());
@@ -33,23 +42,48 @@ fn sha256_matches_the_command_run_directly_both_ways_and_memory_stays_flat() {
         for side in ["cloud", "local"] {
             let out_file = dir.join(format!("{name}.{side}.out"));
             let o = c.run(
-                &["sha", "--where", side, "--explain", "--input", input.to_str().unwrap(), "--output", out_file.to_str().unwrap()],
+                &[
+                    "sha",
+                    "--where",
+                    side,
+                    "--explain",
+                    "--input",
+                    input.to_str().unwrap(),
+                    "--output",
+                    out_file.to_str().unwrap(),
+                ],
                 None,
             );
             assert!(o.status.success(), "{name} {side}: {}", stderr(&o));
-            assert!(stderr(&o).starts_with(side), "--explain names the side: {}", stderr(&o));
+            assert!(
+                stderr(&o).starts_with(side),
+                "--explain names the side: {}",
+                stderr(&o)
+            );
             assert_eq!(std::fs::read(&out_file).unwrap(), want, "{name} via {side}");
         }
         // Through stdin and stdout as well (unknown length, streamed).
         if name != "big" {
-            let o = c.run(&["sha", "--where", "cloud", "--input", "-"], Some(&std::fs::read(&input).unwrap()));
+            let o = c.run(
+                &["sha", "--where", "cloud", "--input", "-"],
+                Some(&std::fs::read(&input).unwrap()),
+            );
             assert_eq!(o.stdout, want, "{name} via stdin");
         }
     }
     let grew = |before: u64, after: u64| after.saturating_sub(before);
-    let (agent_growth, daemon_growth) = (grew(agent_rss, c.agent.rss()), grew(daemon_rss, c.daemon.rss()));
-    assert!(agent_growth <= 16 << 20, "agent RSS grew by {agent_growth} bytes moving 64 MiB");
-    assert!(daemon_growth <= 16 << 20, "daemon RSS grew by {daemon_growth} bytes moving 64 MiB");
+    let (agent_growth, daemon_growth) = (
+        grew(agent_rss, c.agent.rss()),
+        grew(daemon_rss, c.daemon.rss()),
+    );
+    assert!(
+        agent_growth <= 16 << 20,
+        "agent RSS grew by {agent_growth} bytes moving 64 MiB"
+    );
+    assert!(
+        daemon_growth <= 16 << 20,
+        "daemon RSS grew by {daemon_growth} bytes moving 64 MiB"
+    );
 }
 
 #[test]
@@ -60,19 +94,32 @@ fn local_api_with_a_plain_http_client() {
     std::fs::write(&path, &input).unwrap();
     let want = sha256sum_direct(&path);
     for side in ["cloud", "local"] {
-        let r = http(&c.socket, "POST", &format!("/v1/tasks/sha?where={side}"), &input).unwrap();
+        let r = http(
+            &c.socket,
+            "POST",
+            &format!("/v1/tasks/sha?where={side}"),
+            &input,
+        )
+        .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.body, want);
         assert_eq!(r.header("updraft-placement"), Some(side));
         assert_eq!(r.header("updraft-exit-code"), Some("0"));
-        assert!(r.header("updraft-reason").unwrap().contains(&format!("where={side}")));
+        assert!(r
+            .header("updraft-reason")
+            .unwrap()
+            .contains(&format!("where={side}")));
         assert_eq!(r.header("updraft-task-id").unwrap().len(), 32);
     }
     // Auto placement goes to the connected daemon and says why.
     let r = http(&c.socket, "POST", "/v1/tasks/echo", b"hi").unwrap();
     assert_eq!((r.status, r.body.as_slice()), (200, &b"hi"[..]));
     assert_eq!(r.header("updraft-placement"), Some("cloud"));
-    assert!(r.header("updraft-reason").unwrap().contains("auto"), "{:?}", r.header("updraft-reason"));
+    assert!(
+        r.header("updraft-reason").unwrap().contains("auto"),
+        "{:?}",
+        r.header("updraft-reason")
+    );
     // Errors are JSON with a code.
     let r = http(&c.socket, "POST", "/v1/tasks/nope", b"").unwrap();
     assert_eq!(r.status, 404);
@@ -87,7 +134,10 @@ fn local_api_with_a_plain_http_client() {
     assert!(s["recent"].as_array().unwrap().len() >= 3);
     let m = http(&c.socket, "GET", "/metrics", b"").unwrap();
     let text = String::from_utf8(m.body).unwrap();
-    assert!(text.contains("updraft_agent_tasks_total{placement=\"cloud\",outcome=\"ok\"}"), "{text}");
+    assert!(
+        text.contains("updraft_agent_tasks_total{placement=\"cloud\",outcome=\"ok\"}"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -96,10 +146,23 @@ fn exit_code_and_stderr_tail_travel_back() {
     for side in ["cloud", "local"] {
         let o = c.run(&["fail", "--where", side], None);
         assert_eq!(o.status.code(), Some(7), "{side}: {}", stderr(&o));
-        assert!(stderr(&o).contains("boom on stderr"), "{side}: {}", stderr(&o));
-        let r = http(&c.socket, "POST", &format!("/v1/tasks/fail?where={side}"), b"").unwrap();
+        assert!(
+            stderr(&o).contains("boom on stderr"),
+            "{side}: {}",
+            stderr(&o)
+        );
+        let r = http(
+            &c.socket,
+            "POST",
+            &format!("/v1/tasks/fail?where={side}"),
+            b"",
+        )
+        .unwrap();
         assert_eq!(r.header("updraft-exit-code"), Some("7"));
-        assert!(r.header("updraft-stderr-tail").unwrap().contains("boom on stderr"));
+        assert!(r
+            .header("updraft-stderr-tail")
+            .unwrap()
+            .contains("boom on stderr"));
     }
 }
 
@@ -111,9 +174,11 @@ fn timeout_kills_the_task_and_its_children() {
         assert_eq!(o.status.code(), Some(124), "{side}: {}", stderr(&o));
         assert!(stderr(&o).contains("timed out"), "{side}: {}", stderr(&o));
         // killpg is immediate; reaping by init may take a moment.
-        wait_for("no `sleep 1234.5` left behind", Duration::from_secs(10), || {
-            processes_with("sleep 1234.5").is_empty().then_some(())
-        });
+        wait_for(
+            "no `sleep 1234.5` left behind",
+            Duration::from_secs(10),
+            || processes_with("sleep 1234.5").is_empty().then_some(()),
+        );
         assert!(processes_with("sleep 1234.6").is_empty());
     }
 }
@@ -124,28 +189,59 @@ fn catalog_refusals_are_clear_and_do_not_hurt_the_connection() {
     // Not in allowed_agents.
     let o = c.run(&["restricted", "--where", "cloud"], None);
     assert_eq!(o.status.code(), Some(69));
-    assert!(stderr(&o).contains("not allowed") && stderr(&o).contains("board-1"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not allowed") && stderr(&o).contains("board-1"),
+        "{}",
+        stderr(&o)
+    );
     assert!(stderr(&o).contains("not_allowed"), "{}", stderr(&o));
     // Unknown to the daemon.
     let o = c.run(&["ghost", "--where", "cloud"], None);
     assert_eq!(o.status.code(), Some(69));
-    assert!(stderr(&o).contains("unknown task") && stderr(&o).contains("unknown_task"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown task") && stderr(&o).contains("unknown_task"),
+        "{}",
+        stderr(&o)
+    );
     // With auto placement the agent runs it on the board instead, and says so.
     let o = c.run(&["ghost", "--explain"], Some(b"boo"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(o.stdout, b"");
-    assert!(stderr(&o).starts_with("local (cloud failed before the task started"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("local (cloud failed before the task started"),
+        "{}",
+        stderr(&o)
+    );
     // Input over the daemon's max_input, declared up front (file) and streamed (stdin).
     let big = c.dir.path().join("big");
     std::fs::write(&big, noise(10 << 20, 5)).unwrap();
-    let o = c.run(&["small", "--where", "cloud", "--input", big.to_str().unwrap()], None);
+    let o = c.run(
+        &[
+            "small",
+            "--where",
+            "cloud",
+            "--input",
+            big.to_str().unwrap(),
+        ],
+        None,
+    );
     assert_eq!(o.status.code(), Some(69), "{}", stderr(&o));
-    assert!(stderr(&o).contains("max_input") && stderr(&o).contains("too_large"), "{}", stderr(&o));
-    let o = c.run(&["small", "--where", "cloud", "--input", "-"], Some(&noise(4 << 20, 6)));
+    assert!(
+        stderr(&o).contains("max_input") && stderr(&o).contains("too_large"),
+        "{}",
+        stderr(&o)
+    );
+    let o = c.run(
+        &["small", "--where", "cloud", "--input", "-"],
+        Some(&noise(4 << 20, 6)),
+    );
     assert_ne!(o.status.code(), Some(0));
     assert!(stderr(&o).contains("too_large"), "{}", stderr(&o));
     // The same connection still works.
-    let o = c.run(&["echo", "--where", "cloud", "--input", "-"], Some(b"still here"));
+    let o = c.run(
+        &["echo", "--where", "cloud", "--input", "-"],
+        Some(b"still here"),
+    );
     assert_eq!(o.stdout, b"still here", "{}", stderr(&o));
     assert_eq!(c.status().unwrap()["clouds"][0]["connected"], true);
 }
@@ -154,26 +250,46 @@ fn catalog_refusals_are_clear_and_do_not_hurt_the_connection() {
 fn sigterm_drains_the_daemon_running_task_delivered_new_task_on_the_board() {
     let mut c = Cluster::start();
     let socket = c.socket.clone();
-    let slow = std::thread::spawn(move || http(&socket, "POST", "/v1/tasks/slow?where=cloud", b"").unwrap());
-    wait_for("the slow task to run on the daemon", Duration::from_secs(10), || {
-        let s = c.status().ok()?;
-        (s["clouds"][0]["load"]["running"].as_u64()? >= 1).then_some(())
+    let slow = std::thread::spawn(move || {
+        http(&socket, "POST", "/v1/tasks/slow?where=cloud", b"").unwrap()
     });
+    wait_for(
+        "the slow task to run on the daemon",
+        Duration::from_secs(10),
+        || {
+            let s = c.status().ok()?;
+            (s["clouds"][0]["load"]["running"].as_u64()? >= 1).then_some(())
+        },
+    );
     c.daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    wait_for("the agent to see the drain", Duration::from_secs(10), || {
-        let s = c.status().ok()?;
-        (s["clouds"][0]["draining"] == true || s["clouds"][0]["connected"] == false).then_some(())
-    });
+    wait_for(
+        "the agent to see the drain",
+        Duration::from_secs(10),
+        || {
+            let s = c.status().ok()?;
+            (s["clouds"][0]["draining"] == true || s["clouds"][0]["connected"] == false)
+                .then_some(())
+        },
+    );
     let after = http(&c.socket, "POST", "/v1/tasks/echo", b"after").unwrap();
     assert_eq!(after.status, 200);
     assert_eq!(after.body, b"after");
-    assert_eq!(after.header("updraft-placement"), Some("local"), "{:?}", after.header("updraft-reason"));
+    assert_eq!(
+        after.header("updraft-placement"),
+        Some("local"),
+        "{:?}",
+        after.header("updraft-reason")
+    );
     let slow = slow.join().unwrap();
     assert_eq!(slow.status, 200, "{}", String::from_utf8_lossy(&slow.body));
     assert_eq!(slow.header("updraft-placement"), Some("cloud"));
     assert_eq!(slow.header("updraft-exit-code"), Some("0"));
     let status = c.daemon.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "daemon exit: {status:?}\n{}", c.daemon.log());
+    assert!(
+        status.success(),
+        "daemon exit: {status:?}\n{}",
+        c.daemon.log()
+    );
 }
 
 #[test]
@@ -185,8 +301,14 @@ fn sigkill_of_the_daemon_before_a_task_runs_it_on_the_board_and_says_so() {
     assert_eq!((r.status, r.body.as_slice()), (200, &b"x"[..]));
     assert_eq!(r.header("updraft-placement"), Some("local"));
     let reason = r.header("updraft-reason").unwrap();
-    assert!(reason.contains("cloud failed before the task started") || reason.contains("no daemon"), "{reason}");
-    assert!(reason.contains(&c.daemon_addr) || reason.contains("no daemon"), "{reason}");
+    assert!(
+        reason.contains("cloud failed before the task started") || reason.contains("no daemon"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&c.daemon_addr) || reason.contains("no daemon"),
+        "{reason}"
+    );
     // Forced cloud fails clearly instead.
     let o = c.run(&["echo", "--where", "cloud"], None);
     assert_eq!(o.status.code(), Some(69));
@@ -197,13 +319,24 @@ fn sigkill_of_the_daemon_before_a_task_runs_it_on_the_board_and_says_so() {
 fn check_config_names_the_misspelled_key_and_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("daemon.toml");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:4433\"\n[tasks.echo]\nbuiltin = \"echo\"\ntimeuot = \"5s\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:4433\"\n[tasks.echo]\nbuiltin = \"echo\"\ntimeuot = \"5s\"\n",
+    )
+    .unwrap();
     let o = updraftd(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("timeuot") && e.contains(cfg.to_str().unwrap()), "{e}");
+    assert!(
+        e.contains("timeuot") && e.contains(cfg.to_str().unwrap()),
+        "{e}"
+    );
     assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
-    std::fs::write(&cfg, "listen = \"127.0.0.1:4433\"\n[tasks.echo]\nbuiltin = \"echo\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:4433\"\n[tasks.echo]\nbuiltin = \"echo\"\n",
+    )
+    .unwrap();
     let o = updraftd(&["check-config", "--config", cfg.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
 }

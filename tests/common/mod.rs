@@ -13,9 +13,16 @@ use std::time::{Duration, Instant};
 /// Path of a workspace binary, next to the test executable's directory.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run the tests with `cargo test --workspace` so it is built", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so it is built",
+        path.display()
+    );
     path
 }
 
@@ -26,7 +33,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -40,8 +50,12 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &'static str, mut cmd: Command) -> Self {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         let sink = log.clone();
@@ -65,7 +79,8 @@ impl Proc {
 
     /// Resident set size in bytes, from /proc.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("process status");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("process status");
         let kb: u64 = status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -83,7 +98,9 @@ impl Proc {
     pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let name = self.name;
         let child = &mut self.child;
-        wait_for(&format!("{name} to exit"), timeout, || child.try_wait().expect("try_wait"))
+        wait_for(&format!("{name} to exit"), timeout, || {
+            child.try_wait().expect("try_wait")
+        })
     }
 }
 
@@ -151,19 +168,49 @@ pub struct Cluster {
 }
 
 pub fn updraftd(args: &[&str]) -> Output {
-    Command::new(bin("updraftd")).args(args).output().expect("running updraftd")
+    Command::new(bin("updraftd"))
+        .args(args)
+        .output()
+        .expect("running updraftd")
 }
 
 pub fn make_pki(dir: &Path) {
     let pki = dir.join("pki");
-    let out = updraftd(&["ca", "init", "--dir", pki.to_str().unwrap(), "--name", "localhost", "127.0.0.1"]);
-    assert!(out.status.success(), "ca init: {}", String::from_utf8_lossy(&out.stderr));
-    let fp = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(fp.trim().len(), 64, "ca init prints the CA fingerprint: {fp}");
     let out = updraftd(&[
-        "cert", "issue", "--agent-id", "board-1", "--out", dir.join("agent").to_str().unwrap(), "--ca-dir", pki.to_str().unwrap(),
+        "ca",
+        "init",
+        "--dir",
+        pki.to_str().unwrap(),
+        "--name",
+        "localhost",
+        "127.0.0.1",
     ]);
-    assert!(out.status.success(), "cert issue: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fp = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        fp.trim().len(),
+        64,
+        "ca init prints the CA fingerprint: {fp}"
+    );
+    let out = updraftd(&[
+        "cert",
+        "issue",
+        "--agent-id",
+        "board-1",
+        "--out",
+        dir.join("agent").to_str().unwrap(),
+        "--ca-dir",
+        pki.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "cert issue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn start_daemon(dir: &Path, extra: &str) -> (Proc, String) {
@@ -213,16 +260,26 @@ impl Cluster {
         make_pki(dir.path());
         let (daemon, daemon_addr) = start_daemon(dir.path(), daemon_extra);
         let (agent, socket) = start_agent(dir.path(), &daemon_addr, agent_extra);
-        let c = Cluster { dir, daemon, daemon_addr, agent, socket };
+        let c = Cluster {
+            dir,
+            daemon,
+            daemon_addr,
+            agent,
+            socket,
+        };
         c.wait_connected();
         c
     }
 
     pub fn wait_connected(&self) {
-        wait_for("the agent to connect to the daemon", Duration::from_secs(20), || {
-            let s = self.status().ok()?;
-            (s["clouds"][0]["connected"] == true).then_some(())
-        });
+        wait_for(
+            "the agent to connect to the daemon",
+            Duration::from_secs(20),
+            || {
+                let s = self.status().ok()?;
+                (s["clouds"][0]["connected"] == true).then_some(())
+            },
+        );
     }
 
     pub fn status(&self) -> std::io::Result<serde_json::Value> {
@@ -234,7 +291,11 @@ impl Cluster {
     pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(bin("updraft-agent"));
         cmd.arg("--socket").arg(&self.socket).arg("run").args(args);
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("running updraft-agent run");
         if let Some(input) = stdin {
@@ -257,7 +318,10 @@ pub struct HttpReply {
 
 impl HttpReply {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -269,18 +333,36 @@ pub fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> std::io::Re
     s.write_all(body)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of HTTP head");
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of HTTP head");
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
-    let status: u16 = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let body = raw[split + 4..].to_vec();
-    let reply = HttpReply { status, headers, body };
+    let reply = HttpReply {
+        status,
+        headers,
+        body,
+    };
     if let Some(len) = reply.header("content-length") {
-        assert_eq!(len.parse::<usize>().unwrap(), reply.body.len(), "body length matches Content-Length");
+        assert_eq!(
+            len.parse::<usize>().unwrap(),
+            reply.body.len(),
+            "body length matches Content-Length"
+        );
     }
     Ok(reply)
 }
@@ -301,7 +383,10 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
 
 /// `sha256sum` run directly on `input`, the reference output.
 pub fn sha256sum_direct(input: &Path) -> Vec<u8> {
-    let out = Command::new("sha256sum").stdin(std::fs::File::open(input).unwrap()).output().unwrap();
+    let out = Command::new("sha256sum")
+        .stdin(std::fs::File::open(input).unwrap())
+        .output()
+        .unwrap();
     assert!(out.status.success());
     out.stdout
 }
@@ -310,7 +395,9 @@ pub fn sha256sum_direct(input: &Path) -> Vec<u8> {
 pub fn processes_with(needle: &str) -> Vec<i32> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
             if cmd.contains(needle) {
