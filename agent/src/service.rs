@@ -255,32 +255,33 @@ impl Agent {
                 )
             }),
         };
-        let Placement {
-            mut side,
-            mut reason,
-            mut kind,
-            forced,
-        } = placement::decide(task.spec(), sub.where_, &ctx);
+        let mut placed = placement::decide(task.spec(), sub.where_, &ctx);
+        let forced = placed.forced;
         let mut output = self.new_spool();
         let mut input = Some(Replay::fresh(input));
         let mut result = None;
-        if side == Side::Cloud {
+        if placed.side == Side::Cloud {
             match chosen {
                 None if forced => {
                     let why = self.why_no_cloud();
                     return Err(TaskError::new(
                         "cloud_unavailable",
                         format!(
-                            "task `{}` must run in the cloud ({reason}) but {why}",
-                            sub.task
+                            "task `{}` must run in the cloud ({}) but {why}",
+                            sub.task, placed.reason
                         ),
                     ));
                 }
                 None => {
                     // decide() only picks cloud for auto when one was usable; it may have
                     // gone in between.
-                    (side, kind) = (Side::Local, ReasonKind::Fallback);
-                    reason = format!("{reason}; then {}; ran on the board", self.why_no_cloud());
+                    placed.side = Side::Local;
+                    placed.kind = ReasonKind::Fallback;
+                    placed.reason = format!(
+                        "{}; then {}; ran on the board",
+                        placed.reason,
+                        self.why_no_cloud()
+                    );
                 }
                 Some(c) => {
                     let header = RequestHeader {
@@ -323,8 +324,9 @@ impl Agent {
                                 ));
                             }
                             warn!(task = sub.task, id, daemon, "cloud failed before the task started ({why}); running it on the board");
-                            (side, kind) = (Side::Local, ReasonKind::Fallback);
-                            reason = format!("cloud failed before the task started (daemon {daemon}: {why}); ran on the board");
+                            placed.side = Side::Local;
+                            placed.kind = ReasonKind::Fallback;
+                            placed.reason = format!("cloud failed before the task started (daemon {daemon}: {why}); ran on the board");
                             input = Some(back);
                         }
                         Err(OffloadError::Failed { reason: why }) => {
@@ -366,19 +368,11 @@ impl Agent {
             .flush()
             .await
             .map_err(|e| TaskError::new("internal", format!("spooling output: {e}")))?;
-        self.record(
-            &id,
-            &sub.task,
-            side,
-            kind,
-            &reason,
-            &result,
-            started.elapsed(),
-        );
+        self.record(&id, &sub.task, &placed, &result, started.elapsed());
         Ok(Finished {
             id,
-            side,
-            reason,
+            side: placed.side,
+            reason: placed.reason,
             result,
             output,
         })
@@ -411,12 +405,11 @@ impl Agent {
         &self,
         id: &str,
         task: &str,
-        side: Side,
-        kind: ReasonKind,
-        reason: &str,
+        placed: &Placement,
         result: &Result<Exit, TaskError>,
         elapsed: Duration,
     ) {
+        let (side, kind, reason) = (placed.side, placed.kind, placed.reason.as_str());
         let outcome = match result {
             Ok(e) if e.code == 0 => "ok".to_string(),
             Ok(e) => format!("exit {}", e.code),
