@@ -29,6 +29,12 @@ pub const H_STDERR_TAIL: &str = "updraft-stderr-tail";
 /// Header on error replies: the error code.
 pub const H_ERROR_CODE: &str = "updraft-error-code";
 
+/// Most unread request body discarded before an early reply; beyond it the
+/// connection is simply closed. Reading costs no memory, only local socket time.
+const DRAIN_LIMIT: u64 = 256 << 20;
+/// Longest time spent discarding an unread request body.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long shutdown waits for requests in flight before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -179,15 +185,36 @@ async fn submit(
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let input = BodyInput(req.into_body());
+    let mut input = BodyInput(req.into_body());
     if detach {
-        let id = agent.submit_detached(sub, input).await?;
+        let id = agent.submit_detached(sub, &mut input).await;
+        drain(&mut input).await;
+        let id = id?;
         let mut r = json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id }));
         r.headers_mut().insert(H_TASK_ID, header_value(&id));
         return Ok(r);
     }
-    let finished = agent.submit(sub, input).await?;
-    Ok(finished_reply(finished).await)
+    let finished = agent.submit(sub, &mut input).await;
+    drain(&mut input).await;
+    Ok(finished_reply(finished?).await)
+}
+
+/// Reads and discards what is left of a request body (up to [`DRAIN_LIMIT`] bytes or
+/// [`DRAIN_TIMEOUT`]). A task refused part-way through its input (over `max_input`, or
+/// refused by a daemon) leaves the client still sending; replying without reading the
+/// rest makes many HTTP clients fail with a broken pipe instead of showing the reply.
+async fn drain(input: &mut BodyInput) {
+    use updraft_shared::exec::Input;
+    let discard = async {
+        let mut n: u64 = 0;
+        while let Ok(Some(chunk)) = input.next_chunk().await {
+            n += chunk.len() as u64;
+            if n > DRAIN_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, discard).await;
 }
 
 async fn finished_reply(f: Finished) -> Reply {
