@@ -1,5 +1,9 @@
 //! The messages carried in header frames, as JSON objects.
 //!
+//! Receivers ignore fields they do not know and read unknown error codes as
+//! [`ErrorCode::Other`], so either side can add optional fields without breaking the
+//! other.
+//!
 //! JSON keeps the protocol easy to implement from any language; headers are small and
 //! sent once per task, so their encoding cost is noise next to the QUIC round trip.
 
@@ -15,7 +19,6 @@ pub const MAX_ARGS: usize = 64;
 /// First frame of a task stream, agent → daemon. The task's input follows as raw
 /// stream bytes until the agent finishes its send side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RequestHeader {
     /// Agent-chosen id, kept across retries of the same task.
     pub id: String,
@@ -97,6 +100,9 @@ pub enum ErrorCode {
     SpawnFailed,
     /// Something failed inside the daemon; its log says what.
     Internal,
+    /// A code this version does not know (sent by a newer peer).
+    #[serde(other)]
+    Other,
 }
 
 impl ErrorCode {
@@ -113,6 +119,7 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::SpawnFailed => "spawn_failed",
             Self::Internal => "internal",
+            Self::Other => "other",
         }
     }
 }
@@ -125,7 +132,7 @@ impl std::fmt::Display for ErrorCode {
 
 /// First frame of the daemon's reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "status", rename_all = "snake_case")]
 pub enum ReplyHeader {
     /// The task was admitted; data frames and a trailer follow.
     Accepted,
@@ -149,7 +156,6 @@ pub struct Timings {
 
 /// Last frame of a reply: how the run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Trailer {
     /// The task's exit code, when it ran to an exit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,6 +282,21 @@ mod tests {
             serde_json::to_string(&ReplyHeader::Accepted).unwrap(),
             r#"{"status":"accepted"}"#
         );
+    }
+
+    #[test]
+    fn newer_peers_stay_readable() {
+        let f = Frame::new(
+            FrameKind::Trailer,
+            &br#"{"exit_code":0,"error":"quota_exceeded","future":1}"#[..],
+        );
+        let t = Trailer::from_frame(&f).unwrap();
+        assert_eq!(t.error, Some(ErrorCode::Other));
+        let f = Frame::new(
+            FrameKind::Reply,
+            &br#"{"status":"accepted","hint":"x"}"#[..],
+        );
+        assert_eq!(ReplyHeader::from_frame(&f).unwrap(), ReplyHeader::Accepted);
     }
 
     #[test]
