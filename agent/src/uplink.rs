@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 use updraft_shared::exec::{Input, Output};
 use updraft_shared::protocol::{
     ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
+    RESET_ABANDONED,
 };
 use updraft_shared::tls::Identity;
 use updraft_shared::wire::{write_frame, FrameReader};
@@ -464,7 +465,7 @@ pub async fn offload<I: Input, O: Output>(
                     let _ = send.finish();
                 }
                 Err(e) => {
-                    let _ = send.reset(0u32.into());
+                    let _ = send.reset(RESET_ABANDONED.into());
                     return Err(OffloadError::Failed { reason: format!("reading the task's input: {e}") });
                 }
             },
@@ -491,7 +492,7 @@ pub async fn offload<I: Input, O: Output>(
             )
         }
         Err(reason) => {
-            let _ = send.reset(0u32.into());
+            let _ = send.reset(RESET_ABANDONED.into());
             return not_started(None, reason, give_back(replay, input));
         }
     };
@@ -501,7 +502,7 @@ pub async fn offload<I: Input, O: Output>(
             return not_started(Some(code), message, give_back(replay, input));
         }
         Err(e) => {
-            let _ = send.reset(0u32.into());
+            let _ = send.reset(RESET_ABANDONED.into());
             return not_started(
                 None,
                 format!("daemon misbehaved: {e}"),
@@ -534,7 +535,7 @@ pub async fn offload<I: Input, O: Output>(
                 Ok(Some(c)) => pending = Some(c),
                 Ok(None) => input_done = true,
                 Err(e) => {
-                    let _ = send.reset(0u32.into());
+                    let _ = send.reset(RESET_ABANDONED.into());
                     return Err(format!("reading the task's input: {e}"));
                 }
             }

@@ -14,7 +14,7 @@ use updraft_shared::exec::{ExecError, Executor, Outcome};
 use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{
     ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer, CLOSE_DRAINING,
-    CLOSE_PROTOCOL,
+    CLOSE_PROTOCOL, STOP_INPUT,
 };
 use updraft_shared::tls::{AuthenticatedPeer, Identity};
 use updraft_shared::wire::{write_frame, DataFrameOutput, FrameReader, StreamInput, WireError};
@@ -24,8 +24,6 @@ use updraft_shared::wire::{write_frame, DataFrameOutput, FrameReader, StreamInpu
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC keep-alive from the daemon side; agents usually ping more often.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
-/// Stream error code sent with STOP_SENDING when the daemon refuses further input.
-const STOP_INPUT: u32 = 1;
 
 /// Builds the quinn server config: mutual TLS from the config's files, transport limits.
 pub fn server_config(config: &DaemonConfig) -> anyhow::Result<quinn::ServerConfig> {

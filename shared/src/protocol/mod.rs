@@ -18,3 +18,9 @@ pub const CLOSE_OK: u32 = 0;
 pub const CLOSE_DRAINING: u32 = 1;
 /// QUIC application close code: the peer broke the protocol.
 pub const CLOSE_PROTOCOL: u32 = 2;
+
+/// QUIC stream code with STOP_SENDING: the daemon refuses (the rest of) the input.
+pub const STOP_INPUT: u32 = 1;
+/// QUIC stream code with RESET_STREAM: the agent abandons the task (its input failed,
+/// or it gave up waiting for the daemon to accept).
+pub const RESET_ABANDONED: u32 = 0;
