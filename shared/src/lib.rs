@@ -8,6 +8,7 @@
 //! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
+//! - [`policy`]: the policy file, its evaluator and the cost model (pure).
 //! - [`logging`], [`signals`]: service plumbing.
 //! - [`units`]: human-readable durations and sizes in config files.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod config;
 pub mod exec;
 pub mod logging;
 pub mod notify;
+pub mod policy;
 pub mod protocol;
 pub mod signals;
 pub mod tls;
