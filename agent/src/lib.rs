@@ -13,5 +13,6 @@ pub mod config;
 pub mod http;
 pub mod placement;
 pub mod service;
+pub mod signals;
 pub mod spool;
 pub mod uplink;
