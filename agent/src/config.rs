@@ -40,6 +40,12 @@ pub struct AgentFile {
     /// Link timing.
     #[serde(default)]
     pub link: LinkFile,
+    /// Placement policy file. Default `/etc/updraft/policy.toml`; when it does not
+    /// exist, every task is placed automatically.
+    pub policy: Option<PathBuf>,
+    /// Signal sampling.
+    #[serde(default)]
+    pub signals: SignalsFile,
     /// The catalog of tasks this agent accepts.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskFile>,
@@ -87,6 +93,19 @@ pub struct LinkFile {
     /// run on the board if the daemon does not. Default 1MiB.
     pub replay_buffer: Option<ByteSize>,
 }
+
+/// `[signals]` as written.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalsFile {
+    /// Where the kernel's power_supply class is. Default `/sys/class/power_supply`.
+    pub power_supply_root: Option<PathBuf>,
+    /// How often signals are sampled. Default 1s.
+    pub sample_interval: Option<HumanDuration>,
+}
+
+/// Default policy file.
+pub const DEFAULT_POLICY: &str = "/etc/updraft/policy.toml";
 
 /// A daemon to connect to.
 #[derive(Debug, Clone)]
@@ -155,6 +174,12 @@ pub struct AgentConfig {
     pub tls_key: PathBuf,
     /// Link timing.
     pub link: LinkConfig,
+    /// Policy file (may not exist).
+    pub policy: PathBuf,
+    /// power_supply root.
+    pub power_supply_root: PathBuf,
+    /// Signal sampling period.
+    pub sample_interval: Duration,
     /// Task catalog.
     pub catalog: Catalog,
 }
@@ -222,7 +247,27 @@ impl AgentConfig {
         }
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
+        let sample_interval = file
+            .signals
+            .sample_interval
+            .map_or(Duration::from_secs(1), |d| d.0);
+        if sample_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "signals.sample_interval",
+                "must be at least 10ms".into(),
+            ));
+        }
         Ok(Self {
+            policy: file
+                .policy
+                .map(rel)
+                .unwrap_or_else(|| DEFAULT_POLICY.into()),
+            power_supply_root: file
+                .signals
+                .power_supply_root
+                .map(rel)
+                .unwrap_or_else(|| "/sys/class/power_supply".into()),
+            sample_interval,
             agent_id: file.agent_id,
             socket: rel(file.socket.unwrap_or_else(|| DEFAULT_SOCKET.into())),
             tls_ca: file
