@@ -208,7 +208,8 @@ fn catalog_refusals_are_clear_and_do_not_hurt_the_connection() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(o.stdout, b"");
     assert!(
-        stderr(&o).starts_with("local (cloud failed before the task started"),
+        stderr(&o).starts_with("local (daemon ")
+            && stderr(&o).contains("refused the task (unknown_task"),
         "{}",
         stderr(&o)
     );

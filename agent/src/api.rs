@@ -94,14 +94,17 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Reply {
         (&Method::GET, ["v1", "tasks", id]) => task_state(&agent, id, &query).await,
         (&Method::GET, ["v1", "tasks", id, "output"]) => task_output(&agent, id).await,
         (&Method::GET, ["v1", "status"]) => Ok(json(StatusCode::OK, &agent.status_json())),
+        (&Method::GET, ["v1", "explain", task]) => explain(&agent, task, &query),
         (&Method::GET, ["metrics"]) => Ok(Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
             .body(ChannelBody::full(agent.metrics_text()))
             .expect("static response parts")),
-        (_, ["v1", "tasks", ..] | ["v1", "status"] | ["metrics"]) => Err(TaskError {
-            code: "method_not_allowed".into(),
-            message: format!("{} is not allowed on {path}", req.method()),
-        }),
+        (_, ["v1", "tasks", ..] | ["v1", "status"] | ["v1", "explain", ..] | ["metrics"]) => {
+            Err(TaskError {
+                code: "method_not_allowed".into(),
+                message: format!("{} is not allowed on {path}", req.method()),
+            })
+        }
         _ => Err(TaskError {
             code: "not_found".into(),
             message: format!("no such endpoint: {path}"),
@@ -274,6 +277,31 @@ impl<S: Send> updraft_shared::exec::Input for KeepAlive<S> {
     async fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
         self.reader.next_chunk().await
     }
+}
+
+fn explain(agent: &Agent, task: &str, query: &str) -> Result<Reply, TaskError> {
+    let mut where_ = Where::Auto;
+    let mut input_bytes = None;
+    for (k, v) in parse_query(query).map_err(|e| bad_request(format!("bad query string: {e}")))? {
+        match k.as_str() {
+            "where" => where_ = v.parse::<Where>().map_err(bad_request)?,
+            "input_bytes" => {
+                input_bytes =
+                    Some(v.parse::<u64>().map_err(|_| {
+                        bad_request(format!("input_bytes must be a number, not `{v}`"))
+                    })?)
+            }
+            other => {
+                return Err(bad_request(format!(
+                    "unknown query parameter `{other}` (expected where, input_bytes)"
+                )))
+            }
+        }
+    }
+    Ok(json(
+        StatusCode::OK,
+        &agent.explain(task, where_, input_bytes)?,
+    ))
 }
 
 async fn task_state(agent: &Agent, id: &str, query: &str) -> Result<Reply, TaskError> {

@@ -73,6 +73,77 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Policy commands.
+    Policy {
+        /// What to do with the policy.
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+/// `updraft-agent policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file before deploying it: prints its rules, or the error with
+    /// file:line:column. Needs no running agent.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Ask the running agent where a task would run now, and why.
+    Explain {
+        /// Task name.
+        task: String,
+        /// Assume an input of this many bytes.
+        #[arg(long)]
+        input_bytes: Option<u64>,
+        /// Print JSON (with every signal) instead of one line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `policy check FILE`: exit 0 when valid, 64 with one line naming file:line:column.
+pub fn policy_check(file: &std::path::Path) -> u8 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "updraft-agent: {}: cannot read policy file: {e}",
+                file.display()
+            );
+            return EXIT_BAD_CONFIG;
+        }
+    };
+    match updraft_shared::policy::rules::parse(&text, file) {
+        Ok(p) => {
+            println!(
+                "{}: ok, {} rules, default {}",
+                file.display(),
+                p.rules().len(),
+                p.default_place().as_str()
+            );
+            for (i, r) in p.rules().iter().enumerate() {
+                println!(
+                    "  {}. \"{}\" -> {} ({} tests{})",
+                    i + 1,
+                    r.name,
+                    r.place.as_str(),
+                    r.when.len(),
+                    if r.task_match.is_some() {
+                        ", with match"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("updraft-agent: {e}");
+            EXIT_BAD_CONFIG
+        }
+    }
 }
 
 fn parse_where(s: &str) -> Result<Where, String> {
@@ -159,7 +230,51 @@ pub async fn run_client(cli: Cli) -> u8 {
     };
     let client = Client::new(socket);
     match cli.command {
-        Command::Serve => unreachable!("serve is not a client command"),
+        Command::Serve
+        | Command::Policy {
+            command: PolicyCommand::Check { .. },
+        } => {
+            unreachable!("not a client command")
+        }
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    task,
+                    input_bytes,
+                    json,
+                },
+        } => {
+            let mut path = format!("/v1/explain/{}", crate::http::percent_encode(&task));
+            if let Some(n) = input_bytes {
+                path.push_str(&format!("?input_bytes={n}"));
+            }
+            let resp = match client.get(&path).await {
+                Ok(r) => r,
+                Err(e) => return fail(format!("{e:#}")),
+            };
+            if !resp.status().is_success() {
+                let (code, msg) = error_of(resp).await;
+                return fail(format!("{msg} [{code}]"));
+            }
+            let body = match body_bytes(resp).await {
+                Ok(b) => b,
+                Err(e) => return fail(format!("{e:#}")),
+            };
+            let v: serde_json::Value = match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return fail(format!("the agent sent an unreadable explanation: {e}")),
+            };
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "{} ({})",
+                    v["placement"].as_str().unwrap_or("?"),
+                    v["reason"].as_str().unwrap_or("")
+                );
+            }
+            0
+        }
         Command::Run {
             task,
             input,

@@ -18,6 +18,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    if let Command::Policy {
+        command: updraft_agent::cli::PolicyCommand::Check { file },
+    } = &cli.command
+    {
+        return ExitCode::from(updraft_agent::cli::policy_check(file));
+    }
     if !matches!(cli.command, Command::Serve) {
         return ExitCode::from(rt.block_on(updraft_agent::cli::run_client(cli)));
     }

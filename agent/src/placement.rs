@@ -3,6 +3,9 @@
 //! the agent makes passes through [`decide`].
 
 use updraft_shared::catalog::{Offload, TaskSpec};
+use updraft_shared::policy::cost::{Prediction, Side as CostSide};
+use updraft_shared::policy::eval::Verdict;
+use updraft_shared::policy::Place;
 
 /// Where a run was asked to go (`--where`, `where=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,9 +59,15 @@ pub enum ReasonKind {
     Requested,
     /// The task's `offload`.
     TaskOffload,
-    /// Automatic placement.
+    /// A policy rule.
+    Rule,
+    /// The policy's `default` (local or cloud).
+    Default,
+    /// The cost model.
     Auto,
-    /// The cloud failed before the task started; ran on the board instead.
+    /// The cost model, re-sampling the side whose estimate is stale.
+    Explore,
+    /// The chosen cloud was not usable or failed before the task started; ran on the board.
     Fallback,
 }
 
@@ -68,14 +77,17 @@ impl ReasonKind {
         match self {
             Self::Requested => "requested",
             Self::TaskOffload => "task_offload",
+            Self::Rule => "rule",
+            Self::Default => "default",
             Self::Auto => "auto",
+            Self::Explore => "explore",
             Self::Fallback => "fallback",
         }
     }
 }
 
 /// A decision and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Placement {
     /// Where the task goes.
     pub side: Side,
@@ -85,23 +97,37 @@ pub struct Placement {
     pub kind: ReasonKind,
     /// True when the side is mandatory: no fallback, a clear error if impossible.
     pub forced: bool,
+    /// The cost model's prediction, when it decided.
+    pub prediction: Option<Prediction>,
 }
 
-/// What the agent knows right now that placement may use.
-#[derive(Debug, Clone, Default)]
-pub struct Context {
-    /// The daemon that would take the task, if any is connected and not draining:
-    /// its address, running + queued, and capacity.
-    pub cloud: Option<(String, u32, u32)>,
+/// The daemon that would take the task, if any is usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudView {
+    /// Its address.
+    pub address: String,
+    /// Running + queued there.
+    pub busy: u32,
+    /// Its slots.
+    pub capacity: u32,
 }
 
-/// Decides where a task runs.
-pub fn decide(spec: &TaskSpec, requested: Where, ctx: &Context) -> Placement {
+/// Decides where a task runs, in the contract's order: the request's `where`, then
+/// the task's `offload`, then the policy's rules and default, then the cost model.
+/// `policy` and `auto` are only called when their step is reached.
+pub fn decide(
+    spec: &TaskSpec,
+    requested: Where,
+    cloud: Option<&CloudView>,
+    policy: impl FnOnce() -> Verdict,
+    auto: impl FnOnce() -> Prediction,
+) -> Placement {
     let p = |side, reason: String, kind, forced| Placement {
         side,
         reason,
         kind,
         forced,
+        prediction: None,
     };
     match requested {
         Where::Local => {
@@ -141,26 +167,58 @@ pub fn decide(spec: &TaskSpec, requested: Where, ctx: &Context) -> Placement {
         }
         Offload::Auto => {}
     }
-    match &ctx.cloud {
-        Some((addr, busy, capacity)) => p(
-            Side::Cloud,
-            format!("auto: daemon {addr} connected, load {busy}/{capacity}"),
-            ReasonKind::Auto,
-            false,
-        ),
-        None => p(
-            Side::Local,
-            "auto: no daemon connected".into(),
-            ReasonKind::Auto,
-            false,
-        ),
+    let verdict = policy();
+    let kind = if verdict.rule.is_some() {
+        ReasonKind::Rule
+    } else {
+        ReasonKind::Default
+    };
+    match verdict.place {
+        Place::Local => p(Side::Local, verdict.reason, kind, false),
+        Place::Cloud => match cloud {
+            Some(_) => p(Side::Cloud, verdict.reason, kind, false),
+            None => p(
+                Side::Local,
+                format!(
+                    "{}; but no daemon is usable, so on the board",
+                    verdict.reason
+                ),
+                ReasonKind::Fallback,
+                false,
+            ),
+        },
+        Place::Auto => {
+            let prediction = auto();
+            let side = match (prediction.choice, cloud) {
+                (CostSide::Cloud, Some(_)) => Side::Cloud,
+                _ => Side::Local,
+            };
+            let reason = match verdict.rule {
+                Some(_) => format!("{}; {}", verdict.reason, prediction.reason),
+                None => prediction.reason.clone(),
+            };
+            let kind = if prediction.explore {
+                ReasonKind::Explore
+            } else {
+                ReasonKind::Auto
+            };
+            Placement {
+                side,
+                reason,
+                kind,
+                forced: false,
+                prediction: Some(prediction),
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use updraft_shared::catalog::{Catalog, TaskFile};
+    use updraft_shared::policy::cost::Cost;
 
     fn spec(offload: Offload) -> TaskSpec {
         let f = TaskFile {
@@ -172,27 +230,120 @@ mod tests {
         (**c.get("t").unwrap()).clone()
     }
 
+    fn verdict(place: Place, rule: Option<&str>) -> impl FnOnce() -> Verdict {
+        let v = Verdict {
+            place,
+            rule: rule.map(Into::into),
+            reason: format!("because {}", place.as_str()),
+        };
+        move || v
+    }
+
+    fn prediction(choice: CostSide) -> impl FnOnce() -> Prediction {
+        let cost = Cost {
+            finish: Duration::from_millis(1),
+            run: Duration::ZERO,
+            queue: Duration::ZERO,
+            network: Duration::ZERO,
+            energy_j: 0.0,
+            score: 0.001,
+            samples: 1,
+        };
+        move || Prediction {
+            choice,
+            local: cost,
+            cloud: Some(cost),
+            explore: false,
+            reason: format!("auto: {}", choice.as_str()),
+        }
+    }
+
+    fn never<T>() -> impl FnOnce() -> T {
+        || panic!("this step must not be reached")
+    }
+
     #[test]
     fn order_of_precedence() {
-        let up = Context {
-            cloud: Some(("d:1".into(), 0, 2)),
+        let up = CloudView {
+            address: "d:1".into(),
+            busy: 0,
+            capacity: 2,
         };
-        let down = Context::default();
-        // --where wins over the task's offload.
-        let d = decide(&spec(Offload::Never), Where::Cloud, &up);
-        assert_eq!((d.side, d.forced), (Side::Cloud, true));
-        // offload wins over auto.
-        let d = decide(&spec(Offload::Never), Where::Auto, &up);
-        assert_eq!((d.side, d.kind), (Side::Local, ReasonKind::TaskOffload));
-        let d = decide(&spec(Offload::Always), Where::Auto, &down);
-        assert_eq!((d.side, d.forced), (Side::Cloud, true));
-        // auto follows connectivity.
-        let d = decide(&spec(Offload::Auto), Where::Auto, &up);
-        assert_eq!((d.side, d.forced), (Side::Cloud, false));
-        assert!(d.reason.contains("d:1"), "{}", d.reason);
+        // --where wins over everything, and is forced.
+        let d = decide(&spec(Offload::Never), Where::Cloud, None, never(), never());
         assert_eq!(
-            decide(&spec(Offload::Auto), Where::Auto, &down).side,
-            Side::Local
+            (d.side, d.forced, d.kind),
+            (Side::Cloud, true, ReasonKind::Requested)
         );
+        // offload wins over the policy.
+        let d = decide(
+            &spec(Offload::Never),
+            Where::Auto,
+            Some(&up),
+            never(),
+            never(),
+        );
+        assert_eq!((d.side, d.kind), (Side::Local, ReasonKind::TaskOffload));
+        let d = decide(&spec(Offload::Always), Where::Auto, None, never(), never());
+        assert_eq!((d.side, d.forced), (Side::Cloud, true));
+        // A rule decides without the cost model.
+        let d = decide(
+            &spec(Offload::Auto),
+            Where::Auto,
+            Some(&up),
+            verdict(Place::Cloud, Some("r")),
+            never(),
+        );
+        assert_eq!(
+            (d.side, d.kind, d.forced),
+            (Side::Cloud, ReasonKind::Rule, false)
+        );
+        // A rule for the cloud with no usable daemon runs on the board and says so.
+        let d = decide(
+            &spec(Offload::Auto),
+            Where::Auto,
+            None,
+            verdict(Place::Cloud, Some("r")),
+            never(),
+        );
+        assert_eq!((d.side, d.kind), (Side::Local, ReasonKind::Fallback));
+        assert!(d.reason.contains("no daemon"), "{}", d.reason);
+        // The default local does not consult the cost model either.
+        let d = decide(
+            &spec(Offload::Auto),
+            Where::Auto,
+            Some(&up),
+            verdict(Place::Local, None),
+            never(),
+        );
+        assert_eq!((d.side, d.kind), (Side::Local, ReasonKind::Default));
+        // auto hands over to the cost model.
+        let d = decide(
+            &spec(Offload::Auto),
+            Where::Auto,
+            Some(&up),
+            verdict(Place::Auto, None),
+            prediction(CostSide::Cloud),
+        );
+        assert_eq!((d.side, d.kind), (Side::Cloud, ReasonKind::Auto));
+        assert_eq!(d.reason, "auto: cloud");
+        // ...but never sends to a cloud that is not there.
+        let d = decide(
+            &spec(Offload::Auto),
+            Where::Auto,
+            None,
+            verdict(Place::Auto, None),
+            prediction(CostSide::Cloud),
+        );
+        assert_eq!(d.side, Side::Local);
+        // A rule that says auto keeps its name in the reason.
+        let d = decide(
+            &spec(Offload::Auto),
+            Where::Auto,
+            Some(&up),
+            verdict(Place::Auto, Some("r")),
+            prediction(CostSide::Local),
+        );
+        assert_eq!(d.reason, "because auto; auto: local");
     }
 }

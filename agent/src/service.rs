@@ -6,7 +6,8 @@
 //! cloud fails before the task starts), record the decision.
 
 use crate::config::AgentConfig;
-use crate::placement::{self, Context, Placement, ReasonKind, Side, Where};
+use crate::knowledge::Knowledge;
+use crate::placement::{Placement, ReasonKind, Side, Where};
 use crate::spool::Spool;
 use crate::uplink::{offload, OffloadError, Replay, Uplink};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -167,6 +168,7 @@ pub struct Agent {
     catalog: Catalog,
     executor: Executor,
     uplink: Uplink,
+    knowledge: Knowledge,
     started: Instant,
     recent: Mutex<VecDeque<Decision>>,
     counters: Mutex<Counters>,
@@ -193,7 +195,9 @@ impl Agent {
             )
         })?;
         let uplink = Uplink::new(identity, config.clouds.clone(), config.link.clone())?;
+        let knowledge = Knowledge::load(&config)?;
         Ok(Arc::new(Self {
+            knowledge,
             agent_id,
             catalog: config.catalog.clone(),
             executor: Executor::new(config.max_local_concurrency, config.max_local_queue, work),
@@ -209,6 +213,51 @@ impl Agent {
     /// The agent id (from the certificate).
     pub fn agent_id(&self) -> &str {
         &self.agent_id
+    }
+
+    /// Signals, policy and estimates.
+    pub fn knowledge(&self) -> &Knowledge {
+        &self.knowledge
+    }
+
+    /// Where a task would run now, and why, without running it (`policy explain`).
+    pub fn explain(
+        &self,
+        task: &str,
+        where_: Where,
+        input_bytes: Option<u64>,
+    ) -> Result<serde_json::Value, TaskError> {
+        let spec = self.catalog.get(task).ok_or_else(|| {
+            TaskError::new(
+                "unknown_task",
+                format!("unknown task `{task}`: there is no [tasks.{task}] in the config"),
+            )
+        })?;
+        let chosen = self.uplink.pick();
+        let d = self.knowledge.place(
+            spec,
+            where_,
+            chosen.as_ref(),
+            self.executor.load(),
+            input_bytes,
+        );
+        let prediction = d.placement.prediction.as_ref().map(|p| {
+            serde_json::json!({
+                "choice": p.choice.as_str(),
+                "explore": p.explore,
+                "local_ms": p.local.finish.as_secs_f64() * 1000.0,
+                "cloud_ms": p.cloud.map(|c| c.finish.as_secs_f64() * 1000.0),
+            })
+        });
+        Ok(serde_json::json!({
+            "task": task,
+            "placement": d.placement.side,
+            "kind": d.placement.kind,
+            "reason": d.placement.reason,
+            "forced": d.placement.forced,
+            "prediction": prediction,
+            "signals": signals_json(&d.signals),
+        }))
     }
 
     /// The uplink to the daemons.
@@ -246,16 +295,14 @@ impl Agent {
             .admit(&sub.task, sub.args.clone(), sub.input_len, Caller::Local)
             .map_err(|r| TaskError::new(r.code.as_str(), r.message))?;
         let chosen = self.uplink.pick();
-        let ctx = Context {
-            cloud: chosen.as_ref().map(|c| {
-                (
-                    c.link.address().to_string(),
-                    c.load.running + c.load.queued,
-                    c.load.capacity,
-                )
-            }),
-        };
-        let mut placed = placement::decide(task.spec(), sub.where_, &ctx);
+        let decided = self.knowledge.place(
+            task.spec(),
+            sub.where_,
+            chosen.as_ref(),
+            self.executor.load(),
+            sub.input_len,
+        );
+        let mut placed = decided.placement;
         let forced = placed.forced;
         let mut output = self.new_spool();
         let mut input = Some(Replay::fresh(input));
@@ -291,8 +338,22 @@ impl Agent {
                         input_len: sub.input_len,
                     };
                     let sent = input.take().expect("input is unspent before the offload");
+                    let _inflight = c.link.begin();
+                    if !placed.reason.contains(c.link.address()) {
+                        placed.reason = format!("{}; daemon {}", placed.reason, c.link.address());
+                    }
+                    let offload_started = Instant::now();
                     match offload(&c.conn, &header, sent, &mut output, &self.config.link).await {
                         Ok(trailer) => {
+                            if trailer.exit_code.is_some() {
+                                self.knowledge.record_cloud(
+                                    &sub.task,
+                                    offload_started.elapsed(),
+                                    Some(c.conn.rtt()),
+                                    decided.bandwidth_mbps,
+                                    &trailer,
+                                );
+                            }
                             result = Some(match (trailer.exit_code, trailer.error) {
                                 (Some(code), None) => Ok(Exit {
                                     code,
@@ -323,10 +384,18 @@ impl Agent {
                                     ),
                                 ));
                             }
-                            warn!(task = sub.task, id, daemon, "cloud failed before the task started ({why}); running it on the board");
+                            warn!(
+                                task = sub.task,
+                                id,
+                                daemon,
+                                "cloud did not take the task ({why}); running it on the board"
+                            );
                             placed.side = Side::Local;
                             placed.kind = ReasonKind::Fallback;
-                            placed.reason = format!("cloud failed before the task started (daemon {daemon}: {why}); ran on the board");
+                            placed.reason = match code {
+                                Some(code) => format!("daemon {daemon} refused the task ({code}: {why}); ran on the board"),
+                                None => format!("cloud failed before the task started (daemon {daemon}: {why}); ran on the board"),
+                            };
                             input = Some(back);
                         }
                         Err(OffloadError::Failed { reason: why }) => {
@@ -354,10 +423,19 @@ impl Agent {
                 )
                 .await
             {
-                Ok(o) => Ok(Exit {
-                    code: o.exit_code,
-                    stderr_tail: String::from_utf8_lossy(&o.stderr_tail).into_owned(),
-                }),
+                Ok(o) => {
+                    self.knowledge.record_local(
+                        &sub.task,
+                        o.run_time,
+                        decided.cpu_share,
+                        o.input_bytes,
+                        o.output_bytes,
+                    );
+                    Ok(Exit {
+                        code: o.exit_code,
+                        stderr_tail: String::from_utf8_lossy(&o.stderr_tail).into_owned(),
+                    })
+                }
                 Err(e) => Err(TaskError::new(
                     e.code().as_str(),
                     format!("task `{}`: {e}", sub.task),
@@ -386,7 +464,7 @@ impl Agent {
         let parts: Vec<String> = status
             .iter()
             .map(|s| {
-                let state = if s.draining {
+                let state = if s.connected && s.draining {
                     "draining".to_string()
                 } else if s.connected {
                     "connected".to_string()
@@ -616,6 +694,9 @@ impl Agent {
             "local": { "running": load.running, "queued": load.queued, "capacity": load.capacity },
             "clouds": self.uplink.status(),
             "tasks": self.catalog.names().collect::<Vec<_>>(),
+            "policy": self.knowledge.policy().status(),
+            "signals": signals_json(&self.knowledge.signals(self.uplink.pick().as_ref(), load, None)),
+            "estimates": self.knowledge.estimates_summary(),
             "recent": self.recent.lock().expect("recent lock").iter().rev().collect::<Vec<_>>(),
         })
     }
@@ -679,6 +760,21 @@ fn remote_code(c: ErrorCode) -> &'static str {
     c.as_str()
 }
 
+/// Signals as JSON for `status` and `explain` (absent ones as null).
+pub fn signals_json(s: &updraft_shared::policy::Signals) -> serde_json::Value {
+    use updraft_shared::policy::{Signal, Value};
+    let mut m = serde_json::Map::new();
+    for sig in Signal::ALL {
+        let v = match s.get(sig) {
+            Some(Value::Number(n)) => serde_json::json!((n * 100.0).round() / 100.0),
+            Some(Value::Bool(b)) => serde_json::json!(b),
+            None => serde_json::Value::Null,
+        };
+        m.insert(sig.name().to_string(), v);
+    }
+    serde_json::Value::Object(m)
+}
+
 /// A fresh task id: 32 hex digits.
 pub fn new_task_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -693,6 +789,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     agent.uplink.start(stop.clone());
+    tokio::spawn(sample_loop(agent.clone(), stop.clone()));
+    tokio::spawn(reload_on_sighup(agent.clone(), stop.clone()));
     info!(
         agent = agent.agent_id(),
         socket = %agent.config.socket.display(),
@@ -704,6 +802,7 @@ pub async fn run(
     let served = crate::api::serve(agent.clone(), listener, shutdown).await;
     updraft_shared::notify::stopping();
     stop.cancel();
+    agent.knowledge.persist();
     agent
         .uplink
         .endpoint()
@@ -736,4 +835,32 @@ pub fn bind_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixLis
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions on {}", path.display()))?;
     Ok(listener)
+}
+
+/// Samples signals on one timer until shutdown.
+async fn sample_loop(agent: Arc<Agent>, stop: CancellationToken) {
+    let interval = agent.config.sample_interval;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => agent.knowledge.tick(&agent.uplink, agent.executor.load(), interval),
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Reloads the policy on SIGHUP.
+async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot install a SIGHUP handler; the policy still reloads when its file changes");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => agent.knowledge.reload_policy("SIGHUP"),
+            () = stop.cancelled() => return,
+        }
+    }
 }

@@ -33,6 +33,21 @@ pub struct Link {
     target: CloudTarget,
     state: Mutex<LinkState>,
     changed: tokio::sync::Notify,
+    /// Tasks this agent has in flight on the daemon: load reports lag by up to an
+    /// interval, and a burst must not all go to the daemon that looked idle last second.
+    inflight: std::sync::atomic::AtomicU32,
+}
+
+/// Counts a task in flight on a daemon until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Link>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A daemon as `status` shows it.
@@ -56,6 +71,19 @@ impl Link {
     /// The daemon's address as configured.
     pub fn address(&self) -> &str {
         &self.target.address
+    }
+
+    /// Marks a task in flight on this daemon until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.inflight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Running + queued as far as this agent can tell: the last report, or the tasks
+    /// it has in flight there if that is more.
+    pub fn busy(&self, load: &LoadReport) -> u32 {
+        (load.running + load.queued).max(self.inflight.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn usable(&self) -> Option<(quinn::Connection, LoadReport)> {
@@ -132,6 +160,7 @@ impl Uplink {
                     target,
                     state: Mutex::default(),
                     changed: tokio::sync::Notify::new(),
+                    inflight: std::sync::atomic::AtomicU32::new(0),
                 })
             })
             .collect();
@@ -178,13 +207,26 @@ impl Uplink {
                 })
             })
             .min_by(|a, b| {
-                let score = |c: &Chosen| {
-                    (c.load.running + c.load.queued) as f64 / c.load.capacity.max(1) as f64
-                };
+                let score =
+                    |c: &Chosen| c.link.busy(&c.load) as f64 / c.load.capacity.max(1) as f64;
                 score(a)
                     .total_cmp(&score(b))
                     .then(a.conn.rtt().cmp(&b.conn.rtt()))
             })
+    }
+
+    /// Every live connection, by daemon address.
+    pub fn connections(&self) -> Vec<(String, quinn::Connection)> {
+        self.links
+            .iter()
+            .filter_map(|l| {
+                let s = l.state.lock().expect("link state lock");
+                s.conn
+                    .clone()
+                    .filter(|c| c.close_reason().is_none())
+                    .map(|c| (l.address().to_string(), c))
+            })
+            .collect()
     }
 
     /// Every daemon's state.
@@ -254,12 +296,13 @@ async fn maintain(
                 });
                 let loads = tokio::spawn(follow_load(link.clone(), conn.clone()));
                 let reason = tokio::select! {
-                    e = conn.closed() => e,
+                    biased;
                     () = shutdown.cancelled() => {
                         conn.close(0u32.into(), b"agent shutting down");
                         loads.abort();
                         return;
                     }
+                    e = conn.closed() => e,
                 };
                 loads.abort();
                 let why = match &reason {
@@ -273,6 +316,8 @@ async fn maintain(
                 warn!(daemon = link.address(), reason = %why, "connection to daemon lost; reconnecting");
                 link.set(|s| {
                     s.conn = None;
+                    // A report from a connection that is gone says nothing about the daemon now.
+                    s.load = None;
                     s.last_error = Some(why);
                 });
             }
@@ -326,15 +371,17 @@ async fn follow_load(link: Arc<Link>, conn: quinn::Connection) {
         return;
     };
     let mut reader = FrameReader::new(recv);
+    let mut was_draining = false;
     while let Ok(Some(frame)) = reader.next().await {
         match LoadReport::from_frame(&frame) {
             Ok(load) => {
-                if load.draining {
+                if load.draining && !was_draining {
                     info!(
                         daemon = link.address(),
                         "daemon is draining; new tasks go elsewhere"
                     );
                 }
+                was_draining = load.draining;
                 link.set(|s| s.load = Some(load));
             }
             Err(e) => {

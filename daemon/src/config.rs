@@ -133,6 +133,19 @@ impl DaemonConfig {
         }
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
+        let load_report_interval = file
+            .load_report_interval
+            .map_or(Duration::from_secs(1), |d| d.0);
+        if load_report_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "load_report_interval",
+                "must be at least 10ms".into(),
+            ));
+        }
+        let idle_timeout = file.idle_timeout.map_or(Duration::from_secs(30), |d| d.0);
+        if idle_timeout < Duration::from_millis(100) {
+            return Err(invalid("idle_timeout", "must be at least 100ms".into()));
+        }
         Ok(Self {
             listen,
             state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
@@ -140,10 +153,8 @@ impl DaemonConfig {
             max_queued_tasks: file.max_queued_tasks.unwrap_or(slots * 4),
             metrics_listen,
             drain_timeout: file.drain_timeout.map_or(Duration::from_secs(60), |d| d.0),
-            load_report_interval: file
-                .load_report_interval
-                .map_or(Duration::from_secs(1), |d| d.0),
-            idle_timeout: file.idle_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            load_report_interval,
+            idle_timeout,
             max_streams_per_connection: streams,
             tls_ca: rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into())),
             tls_cert: rel(file.tls.cert.unwrap_or_else(|| "server.pem".into())),
@@ -180,6 +191,7 @@ mod tests {
             ("[tasks.e]\nbuiltin = \"echo\"\ncomand = [\"x\"]", "comand"),
             ("[tasks.e]\nbuiltin = \"nope\"", "tasks.e"),
             ("drain_timeout = \"soon\"", "drain_timeout"),
+            ("load_report_interval = \"0s\"", "load_report_interval"),
         ] {
             let m = parse(text).unwrap_err().to_string();
             assert!(

@@ -240,7 +240,7 @@ pub fn start_agent(dir: &Path, daemon_addr: &str, extra: &str) -> (Proc, PathBuf
     std::fs::write(
         &cfg,
         format!(
-            "socket = \"agent.sock\"\nstate_dir = \"astate\"\n{extra}\n[[cloud]]\naddress = \"{daemon_addr}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent.key\"\n{AGENT_TASKS}"
+            "socket = \"agent.sock\"\nstate_dir = \"astate\"\npolicy = \"policy.toml\"\n{extra}\n[[cloud]]\naddress = \"{daemon_addr}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent.key\"\n{AGENT_TASKS}"
         ),
     )
     .unwrap();

@@ -116,7 +116,10 @@ impl Signal {
 
     /// True for `charging`, `on_battery`, `cloud_connected`.
     pub fn is_bool(self) -> bool {
-        matches!(self, Signal::Charging | Signal::OnBattery | Signal::CloudConnected)
+        matches!(
+            self,
+            Signal::Charging | Signal::OnBattery | Signal::CloudConnected
+        )
     }
 }
 

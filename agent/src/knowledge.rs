@@ -1,0 +1,324 @@
+//! What placement knows: the live signals (sampled on one timer), the policy in force
+//! and the cost model's estimates, persisted in `state_dir` across restarts.
+//!
+//! [`Knowledge::place`] assembles a [`Signals`] snapshot and [`Conditions`] for one
+//! task and hands them to the pure [`placement::decide`]; after the run,
+//! [`Knowledge::record_local`] / [`Knowledge::record_cloud`] teach the cost model.
+
+use crate::config::AgentConfig;
+use crate::placement::{self, CloudView, Placement, Where};
+use crate::policy::PolicyHolder;
+use crate::signals::{BoardSampler, BoardSignals, LinkMeter};
+use crate::uplink::{Chosen, Uplink};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+use updraft_shared::catalog::TaskSpec;
+use updraft_shared::exec::Load;
+use updraft_shared::policy::cost::{self, CloudRun, Conditions, CostModel, CostParams, LocalRun};
+use updraft_shared::policy::rules::AutoParams;
+use updraft_shared::policy::{Signals, TaskInfo};
+use updraft_shared::protocol::Trailer;
+
+/// File in `state_dir` holding the cost model's estimates.
+pub const ESTIMATES_FILE: &str = "estimates.json";
+/// How often changed estimates are written out: often enough that a crash loses
+/// little learning, rarely enough to spare a board's flash.
+pub const PERSIST_EVERY: Duration = Duration::from_secs(30);
+
+fn cost_params(a: &AutoParams) -> CostParams {
+    CostParams {
+        explore_rate: a.explore_rate,
+        stale_after: a.stale_after,
+        smoothing: a.smoothing,
+        cpu_watts: a.cpu_watts,
+        radio_joules_per_mb: a.radio_joules_per_mb,
+        energy_weight: a.energy_weight,
+    }
+}
+
+/// A placement decision with what it was based on.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    /// The decision.
+    pub placement: Placement,
+    /// The signals it saw.
+    pub signals: Signals,
+    /// CPU share a local run would get (for teaching the cost model afterwards).
+    pub cpu_share: f64,
+    /// The bandwidth figure used for the chosen daemon.
+    pub bandwidth_mbps: Option<f64>,
+}
+
+/// Signals, policy and estimates.
+#[derive(Debug)]
+pub struct Knowledge {
+    policy: PolicyHolder,
+    cost: Mutex<CostModel>,
+    board: Mutex<BoardSignals>,
+    sampler: Mutex<BoardSampler>,
+    links: Mutex<HashMap<String, (LinkMeter, Option<f64>)>>,
+    estimates: PathBuf,
+    dirty: AtomicBool,
+    last_persist: Mutex<Instant>,
+}
+
+impl Knowledge {
+    /// Loads the policy (a broken file is an error) and the saved estimates (a broken
+    /// or foreign estimates file is logged and set aside: learning starts afresh).
+    pub fn load(config: &AgentConfig) -> anyhow::Result<Self> {
+        let policy = PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
+        let params = cost_params(&policy.auto_params());
+        let estimates = config.state_dir.join(ESTIMATES_FILE);
+        let cost = match std::fs::read(&estimates) {
+            Ok(bytes) => match serde_json::from_slice(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|v| CostModel::restore(&v, params.clone()).map_err(|e| e.to_string()))
+            {
+                Ok(m) => {
+                    info!(path = %estimates.display(), tasks = m.len(), "estimates restored");
+                    m
+                }
+                Err(e) => {
+                    let aside = estimates.with_extension("json.unreadable");
+                    warn!(path = %estimates.display(), error = %e, moved_to = %aside.display(), "estimates file unreadable; starting afresh");
+                    let _ = std::fs::rename(&estimates, &aside);
+                    CostModel::new(params)
+                }
+            },
+            Err(_) => CostModel::new(params),
+        };
+        let mut sampler = BoardSampler::new(config.power_supply_root.clone());
+        let board = sampler.sample();
+        Ok(Self {
+            policy,
+            cost: Mutex::new(cost),
+            board: Mutex::new(board),
+            sampler: Mutex::new(sampler),
+            links: Mutex::default(),
+            estimates,
+            dirty: AtomicBool::new(false),
+            last_persist: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &PolicyHolder {
+        &self.policy
+    }
+
+    /// Reloads the policy (SIGHUP) and applies its `[auto]` coefficients.
+    pub fn reload_policy(&self, why: &str) {
+        if self.policy.reload(why).is_none() {
+            self.cost
+                .lock()
+                .expect("cost lock")
+                .set_params(cost_params(&self.policy.auto_params()));
+        }
+    }
+
+    /// The latest board sample.
+    pub fn board(&self) -> BoardSignals {
+        *self.board.lock().expect("board lock")
+    }
+
+    fn bandwidth_of(&self, address: &str) -> Option<f64> {
+        self.links
+            .lock()
+            .expect("links lock")
+            .get(address)
+            .and_then(|(_, bw)| *bw)
+    }
+
+    /// The signals as placement sees them for a task with `input_bytes`.
+    pub fn signals(
+        &self,
+        chosen: Option<&Chosen>,
+        local: Load,
+        input_bytes: Option<u64>,
+    ) -> Signals {
+        let b = self.board();
+        Signals {
+            cpu_percent: b.cpu_percent,
+            load_avg: b.load_avg,
+            memory_available_mb: b.memory_available_mb,
+            temperature_c: b.temperature_c,
+            battery_percent: b.power.battery_percent,
+            charging: b.power.charging,
+            on_battery: b.power.on_battery,
+            rtt_ms: chosen.map(|c| c.conn.rtt().as_secs_f64() * 1000.0),
+            bandwidth_mbps: chosen.and_then(|c| self.bandwidth_of(c.link.address())),
+            cloud_connected: Some(chosen.is_some()),
+            cloud_queue: chosen.map(|c| f64::from(c.link.busy(&c.load))),
+            local_queue: Some((local.running + local.queued) as f64),
+            input_bytes: input_bytes.map(|b| b as f64),
+        }
+    }
+
+    /// Decides where `spec` runs now.
+    pub fn place(
+        &self,
+        spec: &TaskSpec,
+        requested: Where,
+        chosen: Option<&Chosen>,
+        local: Load,
+        input_bytes: Option<u64>,
+    ) -> Decided {
+        let now = Instant::now();
+        let signals = self.signals(chosen, local, input_bytes);
+        let board = self.board();
+        let cpu_share = cost::available_cpu_share(
+            board.cpu_percent.unwrap_or(0.0),
+            board.cores,
+            board.load_avg,
+        );
+        let bandwidth_mbps = signals.bandwidth_mbps;
+        let cloud = chosen.map(|c| CloudView {
+            address: c.link.address().to_string(),
+            busy: c.link.busy(&c.load),
+            capacity: c.load.capacity,
+        });
+        let placement = placement::decide(
+            spec,
+            requested,
+            cloud.as_ref(),
+            || {
+                self.policy.decide(
+                    TaskInfo {
+                        name: &spec.name,
+                        tags: &spec.tags,
+                    },
+                    &signals,
+                    now,
+                )
+            },
+            || {
+                let model = self.cost.lock().expect("cost lock");
+                let local_run = model
+                    .expected_local_run(&spec.name, input_bytes, cpu_share)
+                    .unwrap_or_default();
+                let cloud_service = model.typical_cloud_run().unwrap_or_default();
+                let c = Conditions {
+                    cpu_share,
+                    local_queue_wait: cost::queue_wait(
+                        local.running as u32,
+                        local.queued as u32,
+                        local.capacity as u32,
+                        local_run,
+                    ),
+                    rtt: chosen.map(|c| c.conn.rtt()),
+                    bandwidth_mbps,
+                    cloud_queue_wait: chosen.map_or(Duration::ZERO, |c| {
+                        cost::queue_wait(
+                            c.load.running,
+                            c.load.queued,
+                            c.load.capacity,
+                            cloud_service,
+                        )
+                    }),
+                    cloud_available: chosen.is_some(),
+                    on_battery: board.power.on_battery == Some(true),
+                };
+                model.predict(&spec.name, input_bytes, &c, now, rand::random::<f64>())
+            },
+        );
+        Decided {
+            placement,
+            signals,
+            cpu_share,
+            bandwidth_mbps,
+        }
+    }
+
+    /// Teaches the cost model a local run that ended with an exit code.
+    pub fn record_local(
+        &self,
+        task: &str,
+        run: Duration,
+        cpu_share: f64,
+        input_bytes: u64,
+        output_bytes: u64,
+    ) {
+        let sample = LocalRun {
+            run,
+            cpu_share,
+            input_bytes,
+            output_bytes,
+        };
+        self.cost
+            .lock()
+            .expect("cost lock")
+            .record_local(task, &sample, Instant::now());
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Teaches the cost model a cloud run that ended with an exit code.
+    pub fn record_cloud(
+        &self,
+        task: &str,
+        total: Duration,
+        rtt: Option<Duration>,
+        bandwidth_mbps: Option<f64>,
+        trailer: &Trailer,
+    ) {
+        let sample = CloudRun::from_trailer(total, rtt, bandwidth_mbps, trailer);
+        self.cost
+            .lock()
+            .expect("cost lock")
+            .record_cloud(task, &sample, Instant::now());
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// One sampling round: board signals, link throughput, policy observation, policy
+    /// file check, and (now and then) persisting the estimates.
+    pub fn tick(&self, uplink: &Uplink, local: Load, interval: Duration) {
+        let board = self.sampler.lock().expect("sampler lock").sample();
+        *self.board.lock().expect("board lock") = board;
+        {
+            let mut links = self.links.lock().expect("links lock");
+            for (address, conn) in uplink.connections() {
+                let entry = links
+                    .entry(address)
+                    .or_insert_with(|| (LinkMeter::default(), None));
+                entry.1 = entry.0.update(&conn, interval);
+            }
+        }
+        let chosen = uplink.pick();
+        let signals = self.signals(chosen.as_ref(), local, None);
+        self.policy.observe(&signals, Instant::now());
+        if self.policy.changed() {
+            self.reload_policy("file changed");
+        }
+        let due = self.last_persist.lock().expect("persist lock").elapsed() >= PERSIST_EVERY;
+        if due {
+            self.persist();
+        }
+    }
+
+    /// Writes the estimates if they changed (atomically: a crash never leaves half a file).
+    pub fn persist(&self) {
+        *self.last_persist.lock().expect("persist lock") = Instant::now();
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let snapshot = self.cost.lock().expect("cost lock").snapshot();
+        let tmp = self.estimates.with_extension("json.tmp");
+        let written = serde_json::to_vec(&snapshot)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &self.estimates));
+        if let Err(e) = written {
+            warn!(path = %self.estimates.display(), error = %e, "cannot save estimates; will retry");
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// For `status`: the cost model's task count and learnt link bandwidth.
+    pub fn estimates_summary(&self) -> serde_json::Value {
+        let m = self.cost.lock().expect("cost lock");
+        serde_json::json!({ "tasks": m.len(), "observed_bandwidth_mbps": m.observed_bandwidth_mbps() })
+    }
+}

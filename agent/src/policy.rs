@@ -1,0 +1,176 @@
+//! The agent's policy in force: loaded from the policy file, reloaded on SIGHUP and
+//! when the file changes, and kept as it was when a new version is broken (the error
+//! is logged and shown in `status`).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+use updraft_shared::policy::eval::{Evaluator, Verdict};
+use updraft_shared::policy::rules::{self, Policy};
+use updraft_shared::policy::{Signals, TaskInfo};
+
+/// What `status` shows about the policy.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PolicyStatus {
+    /// The policy file.
+    pub path: PathBuf,
+    /// `file` when loaded from the file, `default` when there is none (everything auto).
+    pub source: &'static str,
+    /// Rules in force.
+    pub rules: usize,
+    /// Default placement in force.
+    pub default: &'static str,
+    /// When the policy in force was loaded, Unix milliseconds.
+    pub loaded_at_unix_ms: u64,
+    /// Why the last reload was refused (the previous policy stayed in force).
+    pub error: Option<String>,
+}
+
+/// A file's identity for change detection: editors often replace a file by renaming
+/// a new one over it, so the inode matters as much as the modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+/// The policy in force and its evaluator state.
+#[derive(Debug)]
+pub struct PolicyHolder {
+    path: PathBuf,
+    evaluator: Mutex<Evaluator>,
+    status: Mutex<PolicyStatus>,
+    seen: Mutex<Option<Stamp>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl PolicyHolder {
+    /// Loads `path`. A missing file means the default policy (everything auto); a
+    /// broken one is an error, so a service never starts with a policy it cannot read.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let seen = stamp(path);
+        let (policy, source) = match std::fs::read_to_string(path) {
+            Ok(text) => (
+                rules::parse(&text, path).map_err(|e| e.to_string())?,
+                "file",
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (Policy::default_policy(), "default")
+            }
+            Err(e) => return Err(format!("{}: cannot read policy file: {e}", path.display())),
+        };
+        let status = status_of(path, &policy, source, None);
+        Ok(Self {
+            path: path.to_path_buf(),
+            evaluator: Mutex::new(Evaluator::new(Arc::new(policy))),
+            status: Mutex::new(status),
+            seen: Mutex::new(seen),
+        })
+    }
+
+    /// Re-reads the file. On success the new policy replaces the old; on failure the
+    /// old one stays and the error is kept for `status`. Returns the error, if any.
+    pub fn reload(&self, why: &str) -> Option<String> {
+        *self.seen.lock().expect("policy lock") = stamp(&self.path);
+        let loaded = match std::fs::read_to_string(&self.path) {
+            Ok(text) => rules::parse(&text, &self.path)
+                .map(|p| (p, "file"))
+                .map_err(|e| e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((Policy::default_policy(), "default"))
+            }
+            Err(e) => Err(format!(
+                "{}: cannot read policy file: {e}",
+                self.path.display()
+            )),
+        };
+        match loaded {
+            Ok((policy, source)) => {
+                info!(path = %self.path.display(), rules = policy.rules().len(), why, "policy loaded");
+                *self.status.lock().expect("policy lock") =
+                    status_of(&self.path, &policy, source, None);
+                self.evaluator
+                    .lock()
+                    .expect("policy lock")
+                    .replace_policy(Arc::new(policy));
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, why, "policy reload refused; the previous policy stays in force");
+                self.status.lock().expect("policy lock").error = Some(e.clone());
+                Some(e)
+            }
+        }
+    }
+
+    /// True when the file changed since it was last read (cheap: one `stat`). Polled
+    /// from the sampling timer, which wakes anyway: no watcher thread, and it sees an
+    /// editor's rename-over-the-file as well as an in-place write.
+    pub fn changed(&self) -> bool {
+        *self.seen.lock().expect("policy lock") != stamp(&self.path)
+    }
+
+    /// Feeds a periodic sample to the stateful tests (`for`, hysteresis).
+    pub fn observe(&self, signals: &Signals, now: Instant) {
+        self.evaluator
+            .lock()
+            .expect("policy lock")
+            .observe(signals, now);
+    }
+
+    /// What the policy says for one task now.
+    pub fn decide(&self, task: TaskInfo<'_>, signals: &Signals, now: Instant) -> Verdict {
+        self.evaluator
+            .lock()
+            .expect("policy lock")
+            .decide(task, signals, now)
+    }
+
+    /// The `[auto]` coefficients in force.
+    pub fn auto_params(&self) -> updraft_shared::policy::rules::AutoParams {
+        self.evaluator
+            .lock()
+            .expect("policy lock")
+            .policy()
+            .auto()
+            .clone()
+    }
+
+    /// For `status`.
+    pub fn status(&self) -> PolicyStatus {
+        self.status.lock().expect("policy lock").clone()
+    }
+}
+
+fn status_of(
+    path: &Path,
+    policy: &Policy,
+    source: &'static str,
+    error: Option<String>,
+) -> PolicyStatus {
+    PolicyStatus {
+        path: path.to_path_buf(),
+        source,
+        rules: policy.rules().len(),
+        default: policy.default_place().as_str(),
+        loaded_at_unix_ms: now_ms(),
+        error,
+    }
+}
