@@ -39,9 +39,9 @@ enum Bench {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and the benchmarks print tables on stdout; the services' own logs would
-    // interleave with them on a terminal, so only warnings show unless UPDRAFT_LOG says.
+    // interleave with them on a terminal, so only errors show unless UPDRAFT_LOG says.
     if std::env::var_os("UPDRAFT_LOG").is_none() {
-        std::env::set_var("UPDRAFT_LOG", "warn");
+        std::env::set_var("UPDRAFT_LOG", "error");
     }
     updraft_shared::logging::init("UPDRAFT_LOG");
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1025,22 +1025,3 @@ place = "cloud"
         }
     }
 }
-#[cfg(test)]
-mod tmp_doc {
-    #[test]
-    fn tmp_doc() {
-        let doc = include_str!("../../../docs/POLICY.md");
-        let start = doc.find("```toml\n").unwrap() + 8;
-        let end = start + doc[start..].find("```").unwrap();
-        let p = crate::policy::rules::parse(
-            &doc[start..end],
-            std::path::Path::new("/etc/updraft/policy.toml"),
-        )
-        .unwrap();
-        eprintln!("{:#?}", p.rules().len());
-        for t in ["[[rule]]\nname = \"r\"\nplace = \"cloud\"\nwhen = { cpu_percent = { above = 85, for = \"10 parsecs\" } }\n",
-                  "[[rule]]\nname = \"r\"\nplace = \"cloud\"\n\n[[rule]]\nname = \"x\"\nplace = \"cloud\"\n\n[[rule]]\nname = \"r\"\n"] {
-            eprintln!("{}", crate::policy::rules::parse(t, std::path::Path::new("/etc/updraft/policy.toml")).unwrap_err());
-        }
-    }
-}
