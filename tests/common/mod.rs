@@ -256,7 +256,12 @@ impl Cluster {
     }
 
     pub fn start_with(daemon_extra: &str, agent_extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), daemon_extra, agent_extra)
+    }
+
+    /// Like [`Cluster::start_with`] in a directory the test prepared (policy file,
+    /// fake power_supply tree).
+    pub fn start_in(dir: tempfile::TempDir, daemon_extra: &str, agent_extra: &str) -> Self {
         make_pki(dir.path());
         let (daemon, daemon_addr) = start_daemon(dir.path(), daemon_extra);
         let (agent, socket) = start_agent(dir.path(), &daemon_addr, agent_extra);
@@ -406,4 +411,13 @@ pub fn processes_with(needle: &str) -> Vec<i32> {
         }
     }
     found
+}
+
+impl Cluster {
+    /// Where the agent would place `task` now (`GET /v1/explain/{task}`).
+    pub fn explain(&self, task: &str) -> serde_json::Value {
+        let r = http(&self.socket, "GET", &format!("/v1/explain/{task}"), b"").expect("explain");
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        serde_json::from_slice(&r.body).expect("explain is JSON")
+    }
 }
