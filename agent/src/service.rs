@@ -738,6 +738,45 @@ impl Agent {
         );
         let _ = writeln!(out, "# TYPE updraft_agent_local_queued gauge");
         let _ = writeln!(out, "updraft_agent_local_queued {}", load.queued);
+        let board = self.knowledge.board();
+        let gauges = [
+            (
+                "updraft_agent_cpu_percent",
+                "Busy CPU across all cores, smoothed, percent.",
+                board.cpu_percent,
+            ),
+            (
+                "updraft_agent_load_avg",
+                "One-minute load average.",
+                board.load_avg,
+            ),
+            (
+                "updraft_agent_memory_available_mb",
+                "Available memory, MiB.",
+                board.memory_available_mb,
+            ),
+            (
+                "updraft_agent_temperature_celsius",
+                "Hottest thermal zone.",
+                board.temperature_c,
+            ),
+            (
+                "updraft_agent_battery_percent",
+                "Combined battery charge.",
+                board.power.battery_percent,
+            ),
+            (
+                "updraft_agent_on_battery",
+                "1 when running on battery.",
+                board.power.on_battery.map(|b| f64::from(u8::from(b))),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            // Absent signals (no battery, no thermal zone) are left out, not reported as 0.
+            if let Some(v) = value {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            }
+        }
         let _ = writeln!(
             out,
             "# HELP updraft_agent_cloud_connected Whether each daemon is connected."
