@@ -130,7 +130,7 @@ async fn measure(
         }
         // Alternate which side goes first so neither always follows the other.
         let order = |i: usize| {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 [&raw, &updraft]
             } else {
                 [&updraft, &raw]
