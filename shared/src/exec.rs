@@ -351,7 +351,10 @@ impl Executor {
                     .map_err(|_| ExecError::TimedOut(spec.timeout))??
             }
             TaskKind::Command(argv) => {
-                run_command(&self.work_root, task, argv, input, output).await?
+                // Boxed: a command run holds a child, pipes and read buffers (~14 KiB of
+                // future state) that every builtin run would otherwise carry and copy
+                // each time its task is spawned.
+                Box::pin(run_command(&self.work_root, task, argv, input, output)).await?
             }
         };
         outcome.queue_time = slot.waited;
