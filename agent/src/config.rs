@@ -77,7 +77,7 @@ pub struct TlsFile {
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkFile {
-    /// QUIC keep-alive period. Default 2s.
+    /// QUIC keep-alive period. Default 500ms (keep it below the daemon's load_report_interval).
     pub keep_alive: Option<HumanDuration>,
     /// A connection silent this long is dead. Default 10s.
     pub idle_timeout: Option<HumanDuration>,
@@ -138,7 +138,11 @@ pub struct LinkConfig {
 impl Default for LinkConfig {
     fn default() -> Self {
         Self {
-            keep_alive: Duration::from_secs(2),
+            // Shorter than the daemon's default 1 s load reports: quinn restarts the
+            // keep-alive timer on every packet received, so a longer period would never
+            // fire, the agent would send nothing to be acknowledged, and its RTT (a
+            // placement signal) would go stale on an idle link.
+            keep_alive: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             accept_timeout: Duration::from_secs(3),
