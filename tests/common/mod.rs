@@ -11,16 +11,45 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Path of a workspace binary, next to the test executable's directory.
+///
+/// `cargo test` builds only the binaries of the package whose tests run, so the first
+/// call builds `updraftd` and `updraft-agent` (a no-op when they are fresh) with the
+/// same cargo, profile and target directory as this test: the tests always run the
+/// binaries of the code under test, never stale ones.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target profile directory");
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--bins",
+            "-p",
+            "updraft-daemon",
+            "-p",
+            "updraft-agent",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let out = cmd
+            .output()
+            .expect("running cargo build for the service binaries");
+        assert!(
+            out.status.success(),
+            "building the service binaries failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` so it is built",
+        "{} is missing after building it",
         path.display()
     );
     path
