@@ -99,37 +99,42 @@ impl BoardSampler {
     }
 }
 
-/// Throughput seen on one QUIC connection between samples.
+/// An estimate of one QUIC connection's capacity, from its statistics.
+///
+/// Bytes moved in a sampling interval only bound the capacity from below (a 1 MiB
+/// transfer that took 5 ms of a 1 s interval says "at least 8 Mbit/s", not "8 Mbit/s"),
+/// and so does the congestion window over the RTT. The meter therefore reports the
+/// larger of the two lower bounds: the highest interval rate seen, decaying slowly so a
+/// link that got slower is noticed, and cwnd / RTT now.
 #[derive(Debug, Default)]
 pub struct LinkMeter {
     last_bytes: Option<u64>,
-    mbps: Option<f64>,
+    peak_mbps: Option<f64>,
 }
 
 /// Below this many bytes moved in one sample interval, the interval says nothing
 /// about the link's capacity (the link was idle, not slow).
 const LINK_METER_MIN_BYTES: u64 = 64 * 1024;
+/// Per-sample decay of the peak rate: it halves in about 70 samples (70 s at the
+/// default 1 s interval) unless traffic shows the link still that fast.
+const LINK_METER_DECAY: f64 = 0.99;
 
 impl LinkMeter {
-    /// Updates from the connection's counters; returns the estimate in Mbit/s. The
-    /// estimate only moves when the interval carried enough traffic to measure; until
-    /// then it is the congestion window over the RTT (what the sender would allow).
+    /// Updates from the connection's counters; returns the estimate in Mbit/s.
     pub fn update(&mut self, conn: &quinn::Connection, interval: Duration) -> Option<f64> {
         let stats = conn.stats();
         let bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
         let moved = self.last_bytes.map(|b| bytes.saturating_sub(b));
         self.last_bytes = Some(bytes);
+        let mut peak = self.peak_mbps.map(|p| p * LINK_METER_DECAY);
         if let Some(moved) = moved.filter(|m| *m >= LINK_METER_MIN_BYTES) {
             let mbps = moved as f64 * 8.0 / interval.as_secs_f64().max(1e-3) / 1e6;
-            self.mbps = Some(match self.mbps {
-                Some(prev) => prev + 0.5 * (mbps - prev),
-                None => mbps,
-            });
+            peak = Some(peak.map_or(mbps, |p| p.max(mbps)));
         }
-        self.mbps.or_else(|| {
-            let rtt = stats.path.rtt.as_secs_f64().max(1e-4);
-            Some(stats.path.cwnd as f64 * 8.0 / rtt / 1e6)
-        })
+        self.peak_mbps = peak;
+        let rtt = stats.path.rtt.as_secs_f64().max(1e-4);
+        let window = stats.path.cwnd as f64 * 8.0 / rtt / 1e6;
+        Some(peak.map_or(window, |p| p.max(window)))
     }
 }
 
