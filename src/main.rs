@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// Updraft demo and benchmarks.
@@ -24,13 +25,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cloud side of `bench placement`: a daemon behind a link emulator, driven
+    /// through stdin. Started by the benchmark itself.
+    #[command(name = "bench-placement-cloud", hide = true)]
+    BenchPlacementCloud {
+        /// Daemon config written by the benchmark.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The CPU-heavy task of `bench placement`: burns the unit count read on stdin.
+    #[command(name = "bench-placement-burn", hide = true)]
+    BenchPlacementBurn,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Bench {
     /// Offload latency and throughput against a raw quinn stream baseline.
     Offload,
-    /// Placement quality (not built yet).
+    /// Auto placement against always-local, always-cloud and a hindsight oracle, under
+    /// changing board CPU and link conditions; plus the cost of one decision.
     Placement,
     /// Delivery under faults (not built yet).
     Faults,
@@ -38,6 +51,16 @@ enum Bench {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A task the benchmark runs many times: no runtime, no logging, just the work.
+    if let Command::BenchPlacementBurn = cli.command {
+        return match updraft::bench::placement::burn_stdin() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("updraft: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // The demo and the benchmarks print tables on stdout; the services' own logs would
     // interleave with them on a terminal, so only errors show unless UPDRAFT_LOG says.
     if std::env::var_os("UPDRAFT_LOG").is_none() {
@@ -55,8 +78,16 @@ fn main() -> ExitCode {
                 which: Bench::Offload,
                 json,
             } => updraft::bench::offload::run(json).await,
+            Command::Bench {
+                which: Bench::Placement,
+                json,
+            } => updraft::bench::placement::run(json).await,
+            Command::BenchPlacementCloud { config } => {
+                updraft::bench::placement::serve_cloud(&config).await
+            }
+            Command::BenchPlacementBurn => unreachable!("handled before the runtime starts"),
             Command::Bench { which, .. } => {
-                anyhow::bail!("`updraft bench {which:?}` is not built yet; only `offload` exists")
+                anyhow::bail!("`updraft bench {which:?}` is not built yet")
             }
         }
     });

@@ -125,12 +125,20 @@ impl Knowledge {
         *self.board.lock().expect("board lock")
     }
 
-    fn bandwidth_of(&self, address: &str) -> Option<f64> {
-        self.links
+    /// The chosen daemon's bandwidth figure: its meter's, or, until a sampling tick has
+    /// seen this connection (up to one interval after it came up), what the meter
+    /// itself reports for a connection that has not carried enough to measure: the
+    /// congestion window over the RTT. Without it the first decisions after the agent
+    /// starts fell to the cost model's 10 Mbit/s default, and sent large inputs over
+    /// slow links.
+    fn bandwidth_of(&self, chosen: &Chosen) -> Option<f64> {
+        let metered = self
+            .links
             .lock()
             .expect("links lock")
-            .get(address)
-            .and_then(|(_, bw)| *bw)
+            .get(chosen.link.address())
+            .and_then(|(_, bw)| *bw);
+        metered.or_else(|| LinkMeter::default().update(&chosen.conn, Duration::from_secs(1)))
     }
 
     /// The signals as placement sees them for a task with `input_bytes`.
@@ -150,7 +158,7 @@ impl Knowledge {
             charging: b.power.charging,
             on_battery: b.power.on_battery,
             rtt_ms: chosen.map(|c| c.conn.rtt().as_secs_f64() * 1000.0),
-            bandwidth_mbps: chosen.and_then(|c| self.bandwidth_of(c.link.address())),
+            bandwidth_mbps: chosen.and_then(|c| self.bandwidth_of(c)),
             cloud_connected: Some(chosen.is_some()),
             cloud_queue: chosen.map(|c| f64::from(c.link.busy(&c.load))),
             local_queue: Some((local.running + local.queued) as f64),

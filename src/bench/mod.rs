@@ -2,3 +2,4 @@
 //! measured in the same run, because only ratios travel between machines.
 
 pub mod offload;
+pub mod placement;
