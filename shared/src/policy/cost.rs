@@ -91,9 +91,10 @@ pub const SURPRISE_FACTOR: f64 = 2.0;
 /// The first run of a task goes to the cloud (to learn the remote side without loading
 /// the board) unless the live signals alone — RTT + transfer at the known bandwidth +
 /// daemon queue — already exceed this; then it runs on the board first. Edge tasks worth
-/// offloading run for tens of milliseconds to seconds: a second of pure overhead is
-/// unlikely to pay off, and guessing wrong costs one run.
-pub const FIRST_RUN_CLOUD_LIMIT: Duration = Duration::from_secs(1);
+/// offloading run for tens of milliseconds to seconds, so 100 ms of pure overhead before
+/// the task even starts makes a first cloud run a poor bet (measured: over a 150 ms RTT
+/// link a 40 ms task's first cloud run cost 200 ms); guessing wrong costs one run.
+pub const FIRST_RUN_CLOUD_LIMIT: Duration = Duration::from_millis(100);
 
 /// Cloud runs moving fewer bytes than this are not bandwidth samples: their transfer time
 /// is dominated by round trips and congestion-window growth, not by the link's rate.
@@ -1633,6 +1634,18 @@ mod tests {
             p.reason,
             "auto: local (first run: moving its data to the cloud alone takes 4010 ms)"
         );
+
+        // Or the round trip alone is longer than a typical edge task: 150 ms RTT.
+        let p = model().predict("new", Some(1000), &online(150, 100.0), t0, 0.99);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
+        assert!(
+            p.reason.starts_with("auto: local (first run: "),
+            "{}",
+            p.reason
+        );
+        // A 50 ms RTT still measures the cloud first.
+        let p = model().predict("new", Some(1000), &online(50, 100.0), t0, 0.99);
+        assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
 
         // Without a cloud, the first run is local.
         let p = model().predict("new", None, &Conditions::default(), t0, 0.0);
