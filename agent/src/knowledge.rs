@@ -183,6 +183,11 @@ impl Knowledge {
             board.cores,
             board.load_avg,
         );
+        // A cgroup quota (a container, a systemd CPUQuota=) caps what a local task gets,
+        // however idle the host looks.
+        let cpu_share = board.cpu_limit_cores.map_or(cpu_share, |limit| {
+            cpu_share.min(limit).max(cost::MIN_CPU_SHARE)
+        });
         let bandwidth_mbps = signals.bandwidth_mbps;
         let cloud = chosen.map(|c| CloudView {
             address: c.link.address().to_string(),

@@ -6,7 +6,7 @@
 
 pub mod power;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Weight of a new CPU sample in the smoothed CPU percentage: about a 3-sample memory,
@@ -28,6 +28,56 @@ pub struct BoardSignals {
     pub power: power::PowerState,
     /// Cores the board has.
     pub cores: usize,
+    /// Cores this process may use under its cgroup's CPU quota; `None` when unlimited.
+    /// Host-wide CPU figures cannot show a quota, so placement caps the CPU share a
+    /// local task would get by it.
+    pub cpu_limit_cores: Option<f64>,
+}
+
+/// The CPU quota of this process's cgroup, in cores (cgroup v2 `cpu.max`, or v1
+/// `cpu.cfs_quota_us` / `cpu.cfs_period_us`); `None` when there is none or it cannot be
+/// read.
+pub fn cgroup_cpu_limit() -> Option<f64> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_cpu_limit_in(&membership, Path::new("/sys/fs/cgroup"))
+}
+
+/// [`cgroup_cpu_limit`] for a `/proc/PID/cgroup` text and a cgroup mount root.
+pub fn cgroup_cpu_limit_in(membership: &str, root: &Path) -> Option<f64> {
+    for line in membership.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            // v2: "0::/path"
+            let text = std::fs::read_to_string(root.join(path).join("cpu.max")).ok();
+            if let Some(limit) = text.and_then(|t| {
+                let mut f = t.split_whitespace();
+                let quota = f.next()?.parse::<f64>().ok()?;
+                let period = f.next()?.parse::<f64>().ok()?;
+                (period > 0.0).then(|| quota / period)
+            }) {
+                return Some(limit);
+            }
+        } else if controllers.split(',').any(|c| c == "cpu") {
+            for mount in ["cpu", "cpu,cpuacct", "cpuacct,cpu"] {
+                let dir = root.join(mount).join(path);
+                let read = |f: &str| {
+                    std::fs::read_to_string(dir.join(f))
+                        .ok()?
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                };
+                if let (Some(quota), Some(period)) =
+                    (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
+                {
+                    return (quota > 0.0 && period > 0.0).then(|| quota / period);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Samples the board's CPU, memory, temperature and power state.
@@ -86,6 +136,7 @@ impl BoardSampler {
             out.cores = sys.cpus().len().max(1);
         }
         out.load_avg = sysinfo::System::load_average().ok().map(|l| l.one);
+        out.cpu_limit_cores = cgroup_cpu_limit();
         if let Some(components) = self.components.as_mut() {
             components.refresh(false);
             out.temperature_c = components
@@ -141,6 +192,26 @@ impl LinkMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup_quotas_v1_and_v2() {
+        let d = tempfile::tempdir().unwrap();
+        let v1 = d.path().join("cpu,cpuacct/board");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("cpu.cfs_quota_us"), "25000\n").unwrap();
+        std::fs::write(v1.join("cpu.cfs_period_us"), "100000\n").unwrap();
+        let m = "12:memory:/board\n4:cpu,cpuacct:/board\n";
+        assert_eq!(cgroup_cpu_limit_in(m, d.path()), Some(0.25));
+        std::fs::write(v1.join("cpu.cfs_quota_us"), "-1\n").unwrap();
+        assert_eq!(cgroup_cpu_limit_in(m, d.path()), None, "-1 means unlimited");
+        let v2 = d.path().join("system.slice/updraft-agent.service");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("cpu.max"), "150000 100000\n").unwrap();
+        let m2 = "0::/system.slice/updraft-agent.service\n";
+        assert_eq!(cgroup_cpu_limit_in(m2, d.path()), Some(1.5));
+        std::fs::write(v2.join("cpu.max"), "max 100000\n").unwrap();
+        assert_eq!(cgroup_cpu_limit_in(m2, d.path()), None);
+    }
 
     #[test]
     fn board_sample_has_the_basics() {
