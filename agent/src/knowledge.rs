@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use updraft_shared::catalog::TaskSpec;
 use updraft_shared::exec::Load;
-use updraft_shared::policy::cost::{self, CloudRun, Conditions, CostModel, CostParams, LocalRun};
-use updraft_shared::policy::rules::AutoParams;
+use updraft_shared::policy::cost::{self, CloudRun, Conditions, CostModel, LocalRun};
 use updraft_shared::policy::{Signals, TaskInfo};
 use updraft_shared::protocol::Trailer;
 
@@ -28,17 +27,6 @@ pub const ESTIMATES_FILE: &str = "estimates.json";
 /// How often changed estimates are written out: often enough that a crash loses
 /// little learning, rarely enough to spare a board's flash.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(30);
-
-fn cost_params(a: &AutoParams) -> CostParams {
-    CostParams {
-        explore_rate: a.explore_rate,
-        stale_after: a.stale_after,
-        smoothing: a.smoothing,
-        cpu_watts: a.cpu_watts,
-        radio_joules_per_mb: a.radio_joules_per_mb,
-        energy_weight: a.energy_weight,
-    }
-}
 
 /// A placement decision with what it was based on.
 #[derive(Debug, Clone)]
@@ -71,7 +59,7 @@ impl Knowledge {
     /// or foreign estimates file is logged and set aside: learning starts afresh).
     pub fn load(config: &AgentConfig) -> anyhow::Result<Self> {
         let policy = PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
-        let params = cost_params(&policy.auto_params());
+        let params = policy.auto_params();
         let estimates = config.state_dir.join(ESTIMATES_FILE);
         let cost = match std::fs::read(&estimates) {
             Ok(bytes) => match serde_json::from_slice(&bytes)
@@ -116,7 +104,7 @@ impl Knowledge {
             self.cost
                 .lock()
                 .expect("cost lock")
-                .set_params(cost_params(&self.policy.auto_params()));
+                .set_params(self.policy.auto_params());
         }
     }
 

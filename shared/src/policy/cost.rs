@@ -134,42 +134,9 @@ const MAX_PREDICTED_SECS: f64 = 1e9;
 /// Version of the [`CostModel::snapshot`] format.
 pub const SNAPSHOT_VERSION: u64 = 1;
 
-/// Tunables of the cost model; the policy file's `[auto]` table maps onto these.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CostParams {
-    /// Probability, per decision, of re-sampling the side not chosen when its estimate is
-    /// stale (before scaling by the cost ratio). Default 0.05: exploration then costs at
-    /// most 5 % of the chosen side's time.
-    pub explore_rate: f64,
-    /// An estimate older than this is stale. Default 60 s: long enough that a steady
-    /// stream of tasks rarely explores, short enough to notice a changed daemon or board.
-    pub stale_after: Duration,
-    /// Weight of a new sample in the moving averages, in `(0, 1]`. Default 0.3: an
-    /// estimate follows a lasting change within about five runs.
-    pub smoothing: f64,
-    /// Watts the board draws while a task burns one core. Default 2.0 W (a Raspberry Pi
-    /// class board, one core busy above idle).
-    pub cpu_watts: f64,
-    /// Joules the radio spends per megabyte (10⁶ bytes) sent or received. Default 0.5 J
-    /// (Wi-Fi to LTE range).
-    pub radio_joules_per_mb: f64,
-    /// Seconds of finish time one joule is worth when on battery. Default 1.0; 0 turns
-    /// the energy term off.
-    pub energy_weight: f64,
-}
-
-impl Default for CostParams {
-    fn default() -> Self {
-        CostParams {
-            explore_rate: 0.05,
-            stale_after: Duration::from_secs(60),
-            smoothing: 0.3,
-            cpu_watts: 2.0,
-            radio_joules_per_mb: 0.5,
-            energy_weight: 1.0,
-        }
-    }
-}
+/// Tunables of the cost model: the policy file's `[auto]` table, one type for both so
+/// the two cannot drift apart (field docs and defaults live in [`super::rules::AutoParams`]).
+pub use super::rules::AutoParams as CostParams;
 
 impl CostParams {
     /// Checks every field's range; the error names the `[auto]` key.
