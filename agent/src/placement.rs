@@ -3,7 +3,7 @@
 //! the agent makes passes through [`decide`].
 
 use updraft_shared::catalog::{Offload, TaskSpec};
-use updraft_shared::policy::cost::{Prediction, Side as CostSide};
+use updraft_shared::policy::cost::Prediction;
 use updraft_shared::policy::eval::Verdict;
 use updraft_shared::policy::Place;
 
@@ -31,25 +31,9 @@ impl std::str::FromStr for Where {
     }
 }
 
-/// The two sides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Side {
-    /// On the board.
-    Local,
-    /// On a daemon.
-    Cloud,
-}
-
-impl Side {
-    /// `local` or `cloud`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Local => "local",
-            Self::Cloud => "cloud",
-        }
-    }
-}
+/// The two sides: the cost model's own type, so a prediction and a placement speak
+/// the same language.
+pub use updraft_shared::policy::cost::Side;
 
 /// What decided, for metrics: one label value per kind of reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -190,7 +174,7 @@ pub fn decide(
         Place::Auto => {
             let prediction = auto();
             let side = match (prediction.choice, cloud) {
-                (CostSide::Cloud, Some(_)) => Side::Cloud,
+                (Side::Cloud, Some(_)) => Side::Cloud,
                 _ => Side::Local,
             };
             let reason = match verdict.rule {
@@ -239,7 +223,7 @@ mod tests {
         move || v
     }
 
-    fn prediction(choice: CostSide) -> impl FnOnce() -> Prediction {
+    fn prediction(choice: Side) -> impl FnOnce() -> Prediction {
         let cost = Cost {
             finish: Duration::from_millis(1),
             run: Duration::ZERO,
@@ -323,7 +307,7 @@ mod tests {
             Where::Auto,
             Some(&up),
             verdict(Place::Auto, None),
-            prediction(CostSide::Cloud),
+            prediction(Side::Cloud),
         );
         assert_eq!((d.side, d.kind), (Side::Cloud, ReasonKind::Auto));
         assert_eq!(d.reason, "auto: cloud");
@@ -333,7 +317,7 @@ mod tests {
             Where::Auto,
             None,
             verdict(Place::Auto, None),
-            prediction(CostSide::Cloud),
+            prediction(Side::Cloud),
         );
         assert_eq!(d.side, Side::Local);
         // A rule that says auto keeps its name in the reason.
@@ -342,7 +326,7 @@ mod tests {
             Where::Auto,
             Some(&up),
             verdict(Place::Auto, Some("r")),
-            prediction(CostSide::Local),
+            prediction(Side::Local),
         );
         assert_eq!(d.reason, "because auto; auto: local");
     }

@@ -211,8 +211,9 @@ impl CostParams {
     }
 }
 
-/// Where the cost model runs a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The two sides a task can run on (the agent's placement uses this type too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Side {
     /// On the board.
     Local,
