@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod journal;
 pub mod knowledge;
 pub mod placement;
 pub mod policy;
