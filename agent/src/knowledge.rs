@@ -8,7 +8,7 @@
 use crate::config::AgentConfig;
 use crate::placement::{self, CloudView, Placement, Where};
 use crate::policy::PolicyHolder;
-use crate::signals::{BoardSampler, BoardSignals, LinkMeter};
+use crate::signals::{BoardSampler, BoardSignals, CpuQuota, LinkMeter};
 use crate::uplink::{Chosen, Uplink};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -48,6 +48,9 @@ pub struct Knowledge {
     cost: Mutex<CostModel>,
     board: Mutex<BoardSignals>,
     sampler: Mutex<BoardSampler>,
+    /// This process's cgroup CPU quota files, read at every decision (host-wide CPU
+    /// figures cannot show a quota).
+    quota: Option<CpuQuota>,
     links: Mutex<HashMap<String, (LinkMeter, Option<f64>)>>,
     estimates: PathBuf,
     dirty: AtomicBool,
@@ -86,6 +89,7 @@ impl Knowledge {
             cost: Mutex::new(cost),
             board: Mutex::new(board),
             sampler: Mutex::new(sampler),
+            quota: CpuQuota::locate(),
             links: Mutex::default(),
             estimates,
             dirty: AtomicBool::new(false),
@@ -173,7 +177,8 @@ impl Knowledge {
         );
         // A cgroup quota (a container, a systemd CPUQuota=) caps what a local task gets,
         // however idle the host looks.
-        let cpu_share = board.cpu_limit_cores.map_or(cpu_share, |limit| {
+        let limit = self.quota.as_ref().and_then(CpuQuota::read);
+        let cpu_share = limit.map_or(cpu_share, |limit| {
             cpu_share.min(limit).max(cost::MIN_CPU_SHARE)
         });
         let bandwidth_mbps = signals.bandwidth_mbps;

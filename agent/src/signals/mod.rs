@@ -28,56 +28,102 @@ pub struct BoardSignals {
     pub power: power::PowerState,
     /// Cores the board has.
     pub cores: usize,
-    /// Cores this process may use under its cgroup's CPU quota; `None` when unlimited.
-    /// Host-wide CPU figures cannot show a quota, so placement caps the CPU share a
-    /// local task would get by it.
-    pub cpu_limit_cores: Option<f64>,
 }
 
 /// The CPU quota of this process's cgroup, in cores (cgroup v2 `cpu.max`, or v1
 /// `cpu.cfs_quota_us` / `cpu.cfs_period_us`); `None` when there is none or it cannot be
 /// read.
 pub fn cgroup_cpu_limit() -> Option<f64> {
-    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    cgroup_cpu_limit_in(&membership, Path::new("/sys/fs/cgroup"))
+    CpuQuota::locate()?.read()
 }
 
 /// [`cgroup_cpu_limit`] for a `/proc/PID/cgroup` text and a cgroup mount root.
 pub fn cgroup_cpu_limit_in(membership: &str, root: &Path) -> Option<f64> {
-    for line in membership.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-        let path = path.trim_start_matches('/');
-        if controllers.is_empty() {
-            // v2: "0::/path"
-            let text = std::fs::read_to_string(root.join(path).join("cpu.max")).ok();
-            if let Some(limit) = text.and_then(|t| {
-                let mut f = t.split_whitespace();
-                let quota = f.next()?.parse::<f64>().ok()?;
-                let period = f.next()?.parse::<f64>().ok()?;
-                (period > 0.0).then(|| quota / period)
-            }) {
-                return Some(limit);
-            }
-        } else if controllers.split(',').any(|c| c == "cpu") {
-            for mount in ["cpu", "cpu,cpuacct", "cpuacct,cpu"] {
-                let dir = root.join(mount).join(path);
-                let read = |f: &str| {
-                    std::fs::read_to_string(dir.join(f))
-                        .ok()?
-                        .trim()
-                        .parse::<f64>()
-                        .ok()
-                };
-                if let (Some(quota), Some(period)) =
-                    (read("cpu.cfs_quota_us"), read("cpu.cfs_period_us"))
-                {
-                    return (quota > 0.0 && period > 0.0).then(|| quota / period);
+    CpuQuota::locate_in(membership, root)?.read()
+}
+
+/// This process's cgroup CPU quota, with its files held open so that reading it again
+/// costs one `pread` per file (about a microsecond) instead of path walks and opens
+/// (about ten). Placement reads it for every decision: a quota can change at any
+/// moment (an operator, a thermal governor, an orchestrator), and a one-second-old
+/// figure sends the first tasks after a change to the wrong side.
+#[derive(Debug)]
+pub struct CpuQuota {
+    /// cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD"), or v1 `cpu.cfs_quota_us`
+    /// (-1 = none).
+    quota: std::fs::File,
+    /// cgroup v1 `cpu.cfs_period_us`; `None` on v2, where `quota` holds both.
+    period: Option<std::fs::File>,
+}
+
+/// Longest quota file text read: "max 100000\n" and v1's numbers are far shorter.
+const QUOTA_TEXT_MAX: usize = 64;
+
+impl CpuQuota {
+    /// The quota files of this process's cgroup, if the CPU controller is mounted.
+    pub fn locate() -> Option<Self> {
+        let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        Self::locate_in(&membership, Path::new("/sys/fs/cgroup"))
+    }
+
+    /// [`CpuQuota::locate`] for a `/proc/PID/cgroup` text and a cgroup mount root.
+    pub fn locate_in(membership: &str, root: &Path) -> Option<Self> {
+        let open = |p: PathBuf| std::fs::File::open(p).ok();
+        for line in membership.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let path = path.trim_start_matches('/');
+            if controllers.is_empty() {
+                // v2: "0::/path"
+                if let Some(quota) = open(root.join(path).join("cpu.max")) {
+                    return Some(Self {
+                        quota,
+                        period: None,
+                    });
+                }
+            } else if controllers.split(',').any(|c| c == "cpu") {
+                for mount in ["cpu", "cpu,cpuacct", "cpuacct,cpu"] {
+                    let dir = root.join(mount).join(path);
+                    if let (Some(quota), Some(period)) = (
+                        open(dir.join("cpu.cfs_quota_us")),
+                        open(dir.join("cpu.cfs_period_us")),
+                    ) {
+                        return Some(Self {
+                            quota,
+                            period: Some(period),
+                        });
+                    }
                 }
             }
         }
+        None
     }
-    None
+
+    /// The quota now, in cores; `None` when unlimited or unreadable.
+    pub fn read(&self) -> Option<f64> {
+        use std::os::unix::fs::FileExt;
+        let text = |f: &std::fs::File, buf: &mut [u8; QUOTA_TEXT_MAX]| -> Option<usize> {
+            // Positional reads from 0 make the kernel render the file afresh.
+            f.read_at(buf, 0).ok()
+        };
+        let mut buf = [0u8; QUOTA_TEXT_MAX];
+        let n = text(&self.quota, &mut buf)?;
+        let mut fields = std::str::from_utf8(&buf[..n]).ok()?.split_whitespace();
+        let quota = fields.next()?.parse::<f64>().ok()?;
+        let period = match &self.period {
+            None => fields.next()?.parse::<f64>().ok()?,
+            Some(f) => {
+                let mut pbuf = [0u8; QUOTA_TEXT_MAX];
+                let n = text(f, &mut pbuf)?;
+                std::str::from_utf8(&pbuf[..n])
+                    .ok()?
+                    .trim()
+                    .parse::<f64>()
+                    .ok()?
+            }
+        };
+        (quota > 0.0 && period > 0.0).then(|| quota / period)
+    }
 }
 
 /// Samples the board's CPU, memory, temperature and power state.
@@ -136,7 +182,6 @@ impl BoardSampler {
             out.cores = sys.cpus().len().max(1);
         }
         out.load_avg = sysinfo::System::load_average().ok().map(|l| l.one);
-        out.cpu_limit_cores = cgroup_cpu_limit();
         if let Some(components) = self.components.as_mut() {
             components.refresh(false);
             out.temperature_c = components
@@ -211,6 +256,22 @@ mod tests {
         assert_eq!(cgroup_cpu_limit_in(m2, d.path()), Some(1.5));
         std::fs::write(v2.join("cpu.max"), "max 100000\n").unwrap();
         assert_eq!(cgroup_cpu_limit_in(m2, d.path()), None);
+    }
+
+    #[test]
+    fn a_located_quota_follows_later_changes() {
+        let d = tempfile::tempdir().unwrap();
+        let v1 = d.path().join("cpu/board");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("cpu.cfs_quota_us"), "100000\n").unwrap();
+        std::fs::write(v1.join("cpu.cfs_period_us"), "100000\n").unwrap();
+        let q = CpuQuota::locate_in("4:cpu:/board\n", d.path()).unwrap();
+        assert_eq!(q.read(), Some(1.0));
+        std::fs::write(v1.join("cpu.cfs_quota_us"), "25000\n").unwrap();
+        assert_eq!(q.read(), Some(0.25), "the held file shows the new quota");
+        std::fs::write(v1.join("cpu.cfs_quota_us"), "-1\n").unwrap();
+        assert_eq!(q.read(), None);
+        assert!(CpuQuota::locate_in("4:memory:/board\n", d.path()).is_none());
     }
 
     #[test]
