@@ -24,6 +24,12 @@ enum Command {
         /// Print one JSON line of named figures instead of a table.
         #[arg(long)]
         json: bool,
+        /// placement: run only this scenario (repeatable); default all.
+        #[arg(long = "scenario", value_name = "NAME")]
+        scenarios: Vec<String>,
+        /// placement: print every auto task's placement and reason on stderr.
+        #[arg(long)]
+        trace: bool,
     },
     /// The cloud side of `bench placement`: a daemon behind a link emulator, driven
     /// through stdin. Started by the benchmark itself.
@@ -77,11 +83,21 @@ fn main() -> ExitCode {
             Command::Bench {
                 which: Bench::Offload,
                 json,
+                ..
             } => updraft::bench::offload::run(json).await,
             Command::Bench {
                 which: Bench::Placement,
                 json,
-            } => updraft::bench::placement::run(json).await,
+                scenarios,
+                trace,
+            } => {
+                updraft::bench::placement::run(updraft::bench::placement::Options {
+                    json,
+                    scenarios,
+                    trace,
+                })
+                .await
+            }
             Command::BenchPlacementCloud { config } => {
                 updraft::bench::placement::serve_cloud(&config).await
             }

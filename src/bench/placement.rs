@@ -384,8 +384,32 @@ struct Breakdown {
     example: Option<String>,
 }
 
+/// What to run and how to report it.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// One JSON line instead of a table.
+    pub json: bool,
+    /// Only these scenarios (by name); empty means all.
+    pub scenarios: Vec<String>,
+    /// Every auto task's placement and reason on stderr, as it finishes.
+    pub trace: bool,
+}
+
 /// Runs the placement benchmark and prints a table, or one JSON line with `json`.
-pub async fn run(json: bool) -> anyhow::Result<()> {
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let all: Vec<Scenario> = scenarios()
+        .into_iter()
+        .filter(|s| options.scenarios.is_empty() || options.scenarios.iter().any(|n| n == s.name))
+        .collect();
+    if all.is_empty() {
+        let names: Vec<&str> = scenarios().iter().map(|s| s.name).collect();
+        anyhow::bail!(
+            "no scenario named {}; the scenarios are {}",
+            options.scenarios.join(", "),
+            names.join(", ")
+        );
+    }
+    let json = options.json;
     let dir = tempfile::tempdir().context("temporary directory for the benchmark")?;
     let pki = Pki::create(dir.path()).context("throwaway certificates")?;
     let exe = std::env::current_exe().context("path of this program")?;
@@ -405,7 +429,6 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
     let result = async {
         let mut results = Vec::new();
         let mut place_cost = None;
-        let all = scenarios();
         for (n, scenario) in all.iter().enumerate() {
             let mut result = ScenarioResult {
                 scenario: *scenario,
@@ -432,6 +455,7 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
                         scenario,
                         strategy,
                         time_place: last,
+                        trace: options.trace,
                     },
                     &mut board,
                     &cloud,
@@ -506,6 +530,8 @@ struct Pass<'a> {
     strategy: Strategy,
     /// Time `Knowledge::place` on this agent after its tasks.
     time_place: bool,
+    /// Print each auto task's placement and reason on stderr.
+    trace: bool,
 }
 
 /// Runs one scenario's tasks with one strategy on a fresh agent.
@@ -552,6 +578,16 @@ async fn run_pass(
             let run = submit(&client, kind, input, pass.strategy)
                 .await
                 .with_context(|| format!("task #{i} ({})", kind.name()))?;
+            if pass.trace && pass.strategy == Strategy::Auto {
+                eprintln!(
+                    "{} #{i} {} {:.1} ms {}: {}",
+                    pass.scenario.name,
+                    kind.name(),
+                    run.ms,
+                    if run.cloud { "cloud" } else { "local" },
+                    run.reason
+                );
+            }
             runs.push(run);
         }
         let cost = if pass.time_place {
