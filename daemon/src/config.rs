@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use updraft_shared::catalog::{Catalog, TaskFile};
 use updraft_shared::config::ConfigError;
-use updraft_shared::units::HumanDuration;
+use updraft_shared::units::{ByteSize, HumanDuration};
+
+use crate::recent::{
+    DedupLimits, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_RESULT, DEFAULT_REMEMBER,
+};
 
 /// Where `updraftd` looks for its config when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/updraft/daemon.toml";
@@ -39,6 +43,9 @@ pub struct DaemonFile {
     /// TLS material.
     #[serde(default)]
     pub tls: TlsFile,
+    /// The memory of recent task ids that answers retries.
+    #[serde(default)]
+    pub dedup: DedupFile,
     /// The catalog of tasks this daemon will run.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskFile>,
@@ -54,6 +61,23 @@ pub struct TlsFile {
     pub cert: Option<PathBuf>,
     /// The daemon's private key. Default `server.key`.
     pub key: Option<PathBuf>,
+}
+
+/// `[dedup]` as written: how much the daemon remembers of recent tasks so that a
+/// retry with the same id gets the first result instead of a second run.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupFile {
+    /// How long a finished task's result is kept. Default 10m.
+    pub remember: Option<HumanDuration>,
+    /// Most task ids remembered, running and finished; 0 turns the memory off.
+    /// Default 10000.
+    pub max_entries: Option<usize>,
+    /// Most output kept for one task; a retry of a task with more output runs it
+    /// again. Default 1MiB.
+    pub max_result: Option<ByteSize>,
+    /// Most output kept for all tasks; the oldest results go first. Default 64MiB.
+    pub max_memory: Option<ByteSize>,
 }
 
 /// A validated daemon configuration.
@@ -83,6 +107,8 @@ pub struct DaemonConfig {
     pub tls_cert: PathBuf,
     /// Key path.
     pub tls_key: PathBuf,
+    /// Bounds of the memory of recent task ids.
+    pub dedup: DedupLimits,
     /// Task catalog.
     pub catalog: Catalog,
 }
@@ -146,6 +172,21 @@ impl DaemonConfig {
         if idle_timeout < Duration::from_millis(100) {
             return Err(invalid("idle_timeout", "must be at least 100ms".into()));
         }
+        let dedup = DedupLimits {
+            remember: file.dedup.remember.map_or(DEFAULT_REMEMBER, |d| d.0),
+            max_entries: file.dedup.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES),
+            max_result: file.dedup.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
+            max_memory: file.dedup.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
+        };
+        if dedup.max_result > dedup.max_memory {
+            return Err(invalid(
+                "dedup.max_result",
+                format!(
+                    "{} bytes is more than dedup.max_memory ({} bytes); one result must fit in the whole memory",
+                    dedup.max_result, dedup.max_memory
+                ),
+            ));
+        }
         Ok(Self {
             listen,
             state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
@@ -159,6 +200,7 @@ impl DaemonConfig {
             tls_ca: rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into())),
             tls_cert: rel(file.tls.cert.unwrap_or_else(|| "server.pem".into())),
             tls_key: rel(file.tls.key.unwrap_or_else(|| "server.key".into())),
+            dedup,
             catalog,
         })
     }
@@ -181,6 +223,39 @@ mod tests {
         assert_eq!(c.tls_ca, Path::new("/etc/updraft/ca.pem"));
         assert!(c.catalog.get("e").is_some());
         assert!(c.max_queued_tasks >= c.max_concurrent_tasks);
+        assert_eq!(c.dedup, DedupLimits::default());
+    }
+
+    #[test]
+    fn dedup_table() {
+        let c = parse(
+            "[dedup]\nremember = \"30s\"\nmax_entries = 5\nmax_result = \"4KiB\"\nmax_memory = 65536\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.dedup,
+            DedupLimits {
+                remember: Duration::from_secs(30),
+                max_entries: 5,
+                max_result: 4096,
+                max_memory: 65536,
+            }
+        );
+    }
+
+    #[test]
+    fn dedup_environment_override() {
+        std::env::set_var("UPDRAFTD_TEST_DEDUP__DEDUP__MAX_RESULT", "2KiB");
+        let path = Path::new("/etc/updraft/daemon.toml");
+        let file = updraft_shared::config::from_str(
+            "[dedup]\nremember = \"1m\"\n",
+            path,
+            "UPDRAFTD_TEST_DEDUP",
+        )
+        .unwrap();
+        let c = DaemonConfig::from_file(file, path).unwrap();
+        assert_eq!(c.dedup.max_result, 2048);
+        assert_eq!(c.dedup.remember, Duration::from_secs(60));
     }
 
     #[test]
@@ -192,6 +267,12 @@ mod tests {
             ("[tasks.e]\nbuiltin = \"nope\"", "tasks.e"),
             ("drain_timeout = \"soon\"", "drain_timeout"),
             ("load_report_interval = \"0s\"", "load_report_interval"),
+            ("[dedup]\nremembr = \"1m\"", "remembr"),
+            ("[dedup]\nmax_result = \"lots\"", "max_result"),
+            (
+                "[dedup]\nmax_result = \"2MiB\"\nmax_memory = \"1MiB\"",
+                "dedup.max_result",
+            ),
         ] {
             let m = parse(text).unwrap_err().to_string();
             assert!(

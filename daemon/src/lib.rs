@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: `daemon.toml`, validated into [`config::DaemonConfig`].
 //! - [`server`]: the QUIC accept loop, per-connection and per-task handlers, drain.
+//! - [`recent`]: the memory of recent task ids that answers retries with the first result.
 //! - [`pki`]: `ca init` and `cert issue`.
 //! - [`cli`]: the `updraftd` command line.
 #![forbid(unsafe_code)]
@@ -9,4 +10,5 @@
 pub mod cli;
 pub mod config;
 pub mod pki;
+pub mod recent;
 pub mod server;

@@ -1,16 +1,24 @@
 //! The daemon's QUIC server: accept loop, per-connection handler (identity, load
 //! reports), per-task handler (admit, run, stream back), and drain on shutdown.
+//!
+//! A task id the agent retries is answered from [`crate::recent`] when it can: a kept
+//! result is sent again, a run in progress is joined, and a first run whose agent went
+//! away after sending all its input keeps running so the retry can collect it.
 
 use crate::config::DaemonConfig;
+use crate::recent::{Claim, Lookup, Recent, Record, Settled, TaskKey};
+use bytes::Bytes;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use updraft_shared::catalog::{Caller, Catalog};
-use updraft_shared::exec::{ExecError, Executor, Outcome};
+use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output};
 use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{
     ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer, CLOSE_DRAINING,
@@ -70,6 +78,8 @@ struct Shared {
     draining: watch::Receiver<bool>,
     /// Task streams in flight; drain waits for them.
     tasks: TaskTracker,
+    /// Recent task ids and their results, for retries.
+    recent: Arc<Recent>,
 }
 
 /// Serves on `endpoint` until `shutdown` resolves, then drains: no new tasks, agents
@@ -95,6 +105,7 @@ pub async fn run(
         ),
         draining,
         tasks: TaskTracker::new(),
+        recent: Recent::new(config.dedup),
         config,
     });
     let connections = TaskTracker::new();
@@ -262,10 +273,93 @@ async fn handle_task(
     let (recv, leftover) = reader.into_parts();
     let mut input = StreamInput::new(leftover, recv);
     let id = header.id.as_str();
+    let key = TaskKey::new(peer, id);
+    // True once this stream has been answered `accepted` (a retry waiting for a run in
+    // progress): from then on a refusal can only travel in a trailer.
+    let mut accepted = false;
+    // Each pass answers from memory, claims the id to run it, or waits for the run that
+    // holds it. A run that leaves no result sends its waiters round again, so passes are
+    // bounded by the retries of one id that arrive together.
+    let claim = loop {
+        let now = Instant::now();
+        match shared
+            .recent
+            .lookup(key.clone(), &header.task, &header.args, now)
+        {
+            Lookup::Finished(record) => {
+                info!(
+                    agent,
+                    task = header.task,
+                    id,
+                    "task id {id} retried; returning its first result"
+                );
+                shared.recent.counters().hit();
+                deliver_record(&mut send, &mut input, accepted, &record).await;
+                return;
+            }
+            Lookup::Running(waiter) => {
+                info!(agent, task = header.task, id, "task id {id} retried while its first run is in progress; waiting for that run's result");
+                if !accepted {
+                    if write_frame(&mut send, &ReplyHeader::Accepted.to_frame())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    accepted = true;
+                }
+                // This stream's input is left unread: if the first run leaves no
+                // result, the next pass runs the task on it.
+                match waiter.settled().await {
+                    Settled::Kept(record) => {
+                        info!(
+                            agent,
+                            task = header.task,
+                            id,
+                            "task id {id} retried; returning its first result"
+                        );
+                        shared.recent.counters().hit();
+                        deliver_record(&mut send, &mut input, accepted, &record).await;
+                        return;
+                    }
+                    Settled::NotKept | Settled::Forgotten => continue,
+                }
+            }
+            Lookup::Conflict { task } => {
+                warn!(
+                    agent,
+                    task = header.task,
+                    id,
+                    first_task = task,
+                    "peer misbehaved: task id reused for a different request; task refused"
+                );
+                refuse(
+                    &mut send,
+                    &mut input,
+                    accepted,
+                    ErrorCode::BadRequest,
+                    format!("task id {id} was already used for task `{task}` with other arguments; give every new task a new id"),
+                )
+                .await;
+                return;
+            }
+            Lookup::Run { claim, rerun } => {
+                if let Some(bytes) = rerun {
+                    info!(agent, task = header.task, id, "task id {id} retried; its first output ({bytes} bytes) was over [dedup] max_result and was not kept, so the task runs again");
+                }
+                break Some(claim);
+            }
+            Lookup::Untracked => {
+                debug!(agent, task = header.task, id, "task id not remembered: the memory of recent ids is off or full of running tasks ([dedup] max_entries)");
+                break None;
+            }
+        }
+    };
     if *shared.draining.borrow() {
-        input.stop(STOP_INPUT);
-        reject(
+        refuse(
             &mut send,
+            &mut input,
+            accepted,
             ErrorCode::Draining,
             "daemon is draining; run the task elsewhere".into(),
         )
@@ -281,32 +375,54 @@ async fn handle_task(
         Ok(t) => t,
         Err(refusal) => {
             info!(agent, task = header.task, id, code = %refusal.code, "task refused: {}", refusal.message);
-            input.stop(STOP_INPUT);
-            reject(&mut send, refusal.code, refusal.message).await;
+            refuse(
+                &mut send,
+                &mut input,
+                accepted,
+                refusal.code,
+                refusal.message,
+            )
+            .await;
             return;
         }
     };
     let reservation = match shared.executor.reserve() {
         Ok(r) => r,
         Err(e) => {
-            input.stop(STOP_INPUT);
-            reject(&mut send, e.code(), e.to_string()).await;
+            refuse(&mut send, &mut input, accepted, e.code(), e.to_string()).await;
             return;
         }
     };
-    if write_frame(&mut send, &ReplyHeader::Accepted.to_frame())
-        .await
-        .is_err()
+    if !accepted
+        && write_frame(&mut send, &ReplyHeader::Accepted.to_frame())
+            .await
+            .is_err()
     {
         return;
     }
     let slot = reservation.slot().await;
+    shared.recent.counters().run();
     debug!(agent, task = header.task, id, "task started");
+    let input_whole = AtomicBool::new(false);
+    let mut output = TeeOutput::new(
+        &mut send,
+        claim.as_ref().map(Claim::max_result),
+        &input_whole,
+    );
     let result = shared
         .executor
-        .run_in_slot(&slot, &task, &mut input, DataFrameOutput::new(&mut send))
+        .run_in_slot(
+            &slot,
+            &task,
+            WatchedInput {
+                inner: &mut input,
+                whole: &input_whole,
+            },
+            &mut output,
+        )
         .await;
     drop(slot);
+    let teed = output.finish();
     let trailer = match result {
         Ok(outcome) => trailer_of(&outcome),
         Err(e) => {
@@ -314,6 +430,7 @@ async fn handle_task(
                 input.stop(STOP_INPUT);
             }
             if matches!(e, ExecError::Output(_)) {
+                // The claim is dropped unsettled: a retry runs the task afresh.
                 info!(agent, task = header.task, id, error = %e, "agent went away mid-task");
                 return;
             }
@@ -325,12 +442,226 @@ async fn handle_task(
             }
         }
     };
+    // Settled before the trailer goes out, so a retry or a waiter has the result as
+    // soon as this stream could.
+    let mut kept = false;
+    if let Some(claim) = claim {
+        // A run is only as good as its input: a cut-off input (the agent vanished
+        // mid-upload) or a failure inside the daemon is forgotten. Input refused for
+        // its size is a result like any other.
+        let trusted = (input_whole.load(Ordering::Acquire)
+            || trailer.error == Some(ErrorCode::TooLarge))
+            && trailer.error != Some(ErrorCode::Internal);
+        match (trusted, teed.record) {
+            (true, Some(mut output)) => {
+                output.shrink_to_fit();
+                let record = Record {
+                    output: Bytes::from(output),
+                    trailer: trailer.clone(),
+                };
+                claim.keep(record, Instant::now());
+                kept = true;
+            }
+            (true, None) => claim.too_large(teed.produced, Instant::now()),
+            (false, _) => drop(claim),
+        }
+    }
+    if teed.lost {
+        if kept {
+            info!(agent, task = header.task, id, exit_code = ?trailer.exit_code, "agent went away mid-task; the task finished and its result is kept for a retry");
+        } else {
+            info!(
+                agent,
+                task = header.task,
+                id,
+                "agent went away mid-task; the task ended without a result a retry could use"
+            );
+        }
+        return;
+    }
     debug!(agent, task = header.task, id, exit_code = ?trailer.exit_code, "task finished");
-    if write_frame(&mut send, &trailer.to_frame()).await.is_ok() {
+    deliver_trailer(&mut send, &trailer).await;
+}
+
+/// Refuses a task after its header was read: a rejection, or a failure trailer when
+/// the stream was already accepted (a retry that waited for a run that left no result).
+async fn refuse(
+    send: &mut quinn::SendStream,
+    input: &mut StreamInput,
+    accepted: bool,
+    code: ErrorCode,
+    message: String,
+) {
+    input.stop(STOP_INPUT);
+    if accepted {
+        let trailer = Trailer {
+            error: Some(code),
+            message: bounded_message(message),
+            ..Default::default()
+        };
+        deliver_trailer(send, &trailer).await;
+    } else {
+        reject(send, code, message).await;
+    }
+}
+
+/// Answers a retry from memory: its input is not needed, the output and trailer are
+/// the first run's.
+async fn deliver_record(
+    send: &mut quinn::SendStream,
+    input: &mut StreamInput,
+    accepted: bool,
+    record: &Record,
+) {
+    input.stop(STOP_INPUT);
+    if !accepted
+        && write_frame(send, &ReplyHeader::Accepted.to_frame())
+            .await
+            .is_err()
+    {
+        return;
+    }
+    if DataFrameOutput::new(send)
+        .write(record.output.clone())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    deliver_trailer(send, &record.trailer).await;
+}
+
+/// Sends the trailer and finishes the stream.
+async fn deliver_trailer(send: &mut quinn::SendStream, trailer: &Trailer) {
+    if write_frame(send, &trailer.to_frame()).await.is_ok() {
         let _ = send.finish();
         // Keep the stream until the agent has everything: dropping it early could
         // cut the trailer off when the connection closes during drain.
         let _ = send.stopped().await;
+    }
+}
+
+/// Task input that notes when it was received whole (the agent finished sending).
+struct WatchedInput<'a> {
+    inner: &'a mut StreamInput,
+    whole: &'a AtomicBool,
+}
+
+impl Input for WatchedInput<'_> {
+    async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
+        let chunk = self.inner.next_chunk().await?;
+        if chunk.is_none() {
+            self.whole.store(true, Ordering::Release);
+        }
+        Ok(chunk)
+    }
+}
+
+/// What the first run keeps of its output for retries.
+enum Keep {
+    /// Not remembered: the stream is the only consumer, as before retries existed.
+    Off,
+    /// Everything so far, within `max_result`.
+    On(Vec<u8>),
+    /// The output went over `max_result`; nothing is kept.
+    Over,
+}
+
+/// Task output streamed to the agent with its back-pressure and, for a remembered
+/// run, copied into the record (up to `max_result`). If the agent's connection is
+/// lost after its whole input arrived, the run goes on into the record alone, so a
+/// retry can collect it; it stops (as a failed delivery) once that record cannot
+/// be kept.
+struct TeeOutput<'a> {
+    stream: DataFrameOutput<'a>,
+    /// The connection is gone; output goes to the record only.
+    lost: bool,
+    keep: Keep,
+    max_result: u64,
+    /// Output bytes the task wrote.
+    produced: u64,
+    input_whole: &'a AtomicBool,
+}
+
+/// What a [`TeeOutput`] ends with.
+struct Teed {
+    /// The whole output, when it was kept.
+    record: Option<Vec<u8>>,
+    produced: u64,
+    lost: bool,
+}
+
+impl<'a> TeeOutput<'a> {
+    /// Output to `send`, recording up to `max_result` bytes when given one.
+    fn new(
+        send: &'a mut quinn::SendStream,
+        max_result: Option<u64>,
+        input_whole: &'a AtomicBool,
+    ) -> Self {
+        Self {
+            stream: DataFrameOutput::new(send),
+            lost: false,
+            keep: if max_result.is_some() {
+                Keep::On(Vec::new())
+            } else {
+                Keep::Off
+            },
+            max_result: max_result.unwrap_or(0),
+            produced: 0,
+            input_whole,
+        }
+    }
+
+    fn finish(self) -> Teed {
+        Teed {
+            record: match self.keep {
+                Keep::On(v) => Some(v),
+                Keep::Off | Keep::Over => None,
+            },
+            produced: self.produced,
+            lost: self.lost,
+        }
+    }
+}
+
+/// True when a stream write failed because the connection is gone (not because the
+/// agent stopped reading on purpose, which abandons the task as before).
+fn connection_lost(e: &io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<quinn::WriteError>()),
+        Some(quinn::WriteError::ConnectionLost(_))
+    )
+}
+
+impl Output for TeeOutput<'_> {
+    async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        self.produced += chunk.len() as u64;
+        if let Keep::On(buf) = &mut self.keep {
+            if (buf.len() + chunk.len()) as u64 > self.max_result {
+                self.keep = Keep::Over;
+            } else {
+                buf.extend_from_slice(&chunk);
+            }
+        }
+        if !self.lost {
+            let Err(e) = self.stream.write(chunk).await else {
+                return Ok(());
+            };
+            let recording = matches!(self.keep, Keep::On(_));
+            if !(recording && connection_lost(&e) && self.input_whole.load(Ordering::Acquire)) {
+                return Err(e);
+            }
+            self.lost = true;
+            return Ok(());
+        }
+        match self.keep {
+            Keep::On(_) => Ok(()),
+            Keep::Off | Keep::Over => Err(io::Error::other(format!(
+                "the agent went away and the output is over [dedup] max_result of {} bytes, so no retry could collect it; the task was stopped",
+                self.max_result
+            ))),
+        }
     }
 }
 

@@ -1,0 +1,315 @@
+//! Retries with the same task id against the real `updraftd` process, from a
+//! hand-built QUIC client with real agent certificates: the daemon answers a retry
+//! with the first result (kept, or joined while running, or finished after the first
+//! connection died) instead of running the task twice, keeps agents apart, and runs
+//! again when the first output was too big to keep.
+
+mod common;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use updraft_shared::protocol::{ErrorCode, FrameKind, ReplyHeader, RequestHeader, Trailer};
+use updraft_shared::wire::FrameReader;
+
+/// Longest any single wait in these tests may take before it counts as a hang.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A daemon with two counting tasks whose commands note each run in `runs`:
+/// `counted` echoes its input; `gated` reads all its input, notes the run, and writes
+/// the input back only once the test creates `gate`.
+struct Daemon {
+    dir: tempfile::TempDir,
+    daemon: Proc,
+    addr: String,
+    runs: PathBuf,
+    gate: PathBuf,
+}
+
+impl Daemon {
+    fn start(dedup: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path());
+        let runs = dir.path().join("runs");
+        let gate = dir.path().join("gate");
+        let input = dir.path().join("input");
+        let (r, g, i) = (runs.display(), gate.display(), input.display());
+        let extra = format!(
+            r#"[dedup]
+{dedup}
+[tasks.counted]
+command = ["sh", "-c", "echo run >> {r}; cat"]
+[tasks.gated]
+command = ["sh", "-c", "cat > {i}; echo run >> {r}; while [ ! -e {g} ]; do sleep 0.01; done; cat {i}"]
+timeout = "60s"
+"#
+        );
+        let (daemon, addr) = start_daemon(dir.path(), &extra);
+        Self {
+            dir,
+            daemon,
+            addr,
+            runs,
+            gate,
+        }
+    }
+
+    fn runs(&self) -> usize {
+        std::fs::read_to_string(&self.runs)
+            .map(|t| t.lines().filter(|l| *l == "run").count())
+            .unwrap_or(0)
+    }
+
+    fn wait_runs(&self, n: usize) {
+        wait_for(&format!("{n} run(s) of the task"), WAIT, || {
+            (self.runs() >= n).then_some(())
+        });
+    }
+
+    fn wait_log(&self, what: &str) {
+        wait_for(&format!("the daemon to log `{what}`"), WAIT, || {
+            self.daemon.log().contains(what).then_some(())
+        });
+    }
+
+    fn open_gate(&self) {
+        std::fs::write(&self.gate, b"").unwrap();
+    }
+
+    /// A client identity for agent `cn`, from the daemon's CA.
+    fn agent(&self, cn: &str) -> quinn::ClientConfig {
+        client_config(self.dir.path(), cn)
+    }
+
+    async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+        cfg: &quinn::ClientConfig,
+    ) -> quinn::Connection {
+        tokio::time::timeout(
+            WAIT,
+            endpoint
+                .connect_with(cfg.clone(), self.addr.parse().unwrap(), "localhost")
+                .unwrap(),
+        )
+        .await
+        .expect("connecting within the wait limit")
+        .expect("connecting to the daemon")
+    }
+}
+
+fn client_config(dir: &Path, cn: &str) -> quinn::ClientConfig {
+    let ca_cert = std::fs::read_to_string(dir.join("pki/ca.pem")).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(dir.join("pki/ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in updraft_shared::tls::load_certs(&dir.join("pki/ca.pem")).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(updraft_shared::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![updraft_shared::protocol::ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ))
+}
+
+fn endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+/// Opens a task stream and sends the request and the whole input. The daemon may stop
+/// the input (a retry answered from memory), so failed writes are expected.
+async fn send_task(
+    conn: &quinn::Connection,
+    id: &str,
+    task: &str,
+    input: &[u8],
+) -> FrameReader<quinn::RecvStream> {
+    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
+    let mut buf = BytesMut::new();
+    RequestHeader {
+        id: id.into(),
+        task: task.into(),
+        args: vec![],
+        input_len: Some(input.len() as u64),
+    }
+    .to_frame()
+    .encode(&mut buf);
+    buf.put_slice(input);
+    let _ = send.write_all(&buf).await;
+    let _ = send.finish();
+    FrameReader::new(recv)
+}
+
+async fn next_frame(
+    reader: &mut FrameReader<quinn::RecvStream>,
+) -> updraft_shared::protocol::Frame {
+    tokio::time::timeout(WAIT, reader.next())
+        .await
+        .expect("a frame within the wait limit")
+        .expect("reading a frame")
+        .expect("a frame, not the end of the stream")
+}
+
+async fn read_reply(reader: &mut FrameReader<quinn::RecvStream>) -> ReplyHeader {
+    let frame = next_frame(reader).await;
+    assert_eq!(frame.kind, FrameKind::Reply);
+    ReplyHeader::from_frame(&frame).unwrap()
+}
+
+/// Data frames until the trailer.
+async fn read_result(reader: &mut FrameReader<quinn::RecvStream>) -> (Vec<u8>, Trailer) {
+    let mut output = Vec::new();
+    loop {
+        let frame = next_frame(reader).await;
+        match frame.kind {
+            FrameKind::Data => output.extend_from_slice(&frame.payload),
+            FrameKind::Trailer => return (output, Trailer::from_frame(&frame).unwrap()),
+            other => panic!("unexpected {other:?} frame"),
+        }
+    }
+}
+
+/// Runs a task to its end: accepted, its output and trailer.
+async fn run_task(
+    conn: &quinn::Connection,
+    id: &str,
+    task: &str,
+    input: &[u8],
+) -> (Vec<u8>, Trailer) {
+    let mut reader = send_task(conn, id, task, input).await;
+    assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
+    read_result(&mut reader).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_id_twice_runs_once_and_both_get_the_result() {
+    let d = Daemon::start("");
+    let ep = endpoint();
+    let conn = d.connect(&ep, &d.agent("board-1")).await;
+    let first = run_task(&conn, "a1", "counted", b"hello").await;
+    let second = run_task(&conn, "a1", "counted", b"hello").await;
+    assert_eq!(first.0, b"hello");
+    assert_eq!(first.1.exit_code, Some(0));
+    assert_eq!(second, first, "the retry gets the first output and trailer");
+    assert_eq!(d.runs(), 1, "the task ran once");
+    d.wait_log("task id a1 retried; returning its first result");
+
+    // The same id for another task is refused, not answered with the first result.
+    let mut reader = send_task(&conn, "a1", "echo", b"hello").await;
+    match read_reply(&mut reader).await {
+        ReplyHeader::Rejected { code, message } => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(message.contains("a1"), "{message}");
+        }
+        other => panic!("reused id accepted: {other:?}"),
+    }
+    // A new id runs.
+    assert_eq!(run_task(&conn, "a2", "counted", b"x").await.0, b"x");
+    assert_eq!(d.runs(), 2);
+    ep.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_while_running_joins_the_first_run() {
+    let d = Daemon::start("");
+    let ep = endpoint();
+    let conn = d.connect(&ep, &d.agent("board-1")).await;
+    let mut first = send_task(&conn, "b1", "gated", b"joined").await;
+    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    d.wait_runs(1);
+    // The gate is shut, so the first run is still in progress when this is accepted.
+    let mut second = send_task(&conn, "b1", "gated", b"joined").await;
+    assert_eq!(read_reply(&mut second).await, ReplyHeader::Accepted);
+    d.wait_log("task id b1 retried while its first run is in progress");
+    d.open_gate();
+    let (a, b) = (
+        read_result(&mut first).await,
+        read_result(&mut second).await,
+    );
+    assert_eq!(a.0, b"joined");
+    assert_eq!(a.1.exit_code, Some(0));
+    assert_eq!(b, a);
+    assert_eq!(d.runs(), 1, "the task ran once");
+    ep.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_on_a_new_connection_collects_the_result_of_a_run_whose_agent_went_away() {
+    let d = Daemon::start("");
+    let agent = d.agent("board-1");
+    let input = noise(200_000, 3);
+    let ep = endpoint();
+    let conn = d.connect(&ep, &agent).await;
+    let mut first = send_task(&conn, "c1", "gated", &input).await;
+    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    // The task notes its run only after reading its whole input.
+    d.wait_runs(1);
+    conn.close(0u32.into(), b"link lost");
+    d.wait_log("agent disconnected");
+
+    // Like a restarted agent: a new endpoint, a new connection, the same certificate.
+    let ep2 = endpoint();
+    let conn2 = d.connect(&ep2, &agent).await;
+    let mut retry = send_task(&conn2, "c1", "gated", &input).await;
+    assert_eq!(read_reply(&mut retry).await, ReplyHeader::Accepted);
+    d.open_gate();
+    let (output, trailer) = read_result(&mut retry).await;
+    assert!(output == input, "the retry gets the whole output");
+    assert_eq!(trailer.exit_code, Some(0));
+    assert_eq!(trailer.output_bytes, input.len() as u64);
+    d.wait_log("the task finished and its result is kept for a retry");
+    assert_eq!(d.runs(), 1, "the task ran once");
+    ep.close(0u32.into(), b"");
+    ep2.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agent_with_the_same_id_runs_its_own_task() {
+    let d = Daemon::start("");
+    let ep = endpoint();
+    let a = d.connect(&ep, &d.agent("board-a")).await;
+    let b = d.connect(&ep, &d.agent("board-b")).await;
+    assert_eq!(run_task(&a, "d1", "counted", b"from a").await.0, b"from a");
+    assert_eq!(run_task(&b, "d1", "counted", b"from b").await.0, b"from b");
+    assert_eq!(d.runs(), 2, "each agent's task ran");
+    // Each agent's retry gets its own result.
+    assert_eq!(run_task(&a, "d1", "counted", b"from a").await.0, b"from a");
+    assert_eq!(run_task(&b, "d1", "counted", b"from b").await.0, b"from b");
+    assert_eq!(d.runs(), 2);
+    ep.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_over_max_result_is_not_kept_so_a_retry_runs_again() {
+    let d = Daemon::start("max_result = 1000");
+    let ep = endpoint();
+    let conn = d.connect(&ep, &d.agent("board-1")).await;
+    let input = noise(5000, 9);
+    let first = run_task(&conn, "e1", "counted", &input).await;
+    assert!(first.0 == input);
+    let second = run_task(&conn, "e1", "counted", &input).await;
+    assert!(second.0 == input);
+    assert_eq!(second.1.exit_code, Some(0));
+    assert_eq!(d.runs(), 2, "the retry ran the task again");
+    d.wait_log("was over [dedup] max_result and was not kept, so the task runs again");
+    ep.close(0u32.into(), b"");
+}
