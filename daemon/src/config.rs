@@ -10,7 +10,8 @@ use updraft_shared::config::ConfigError;
 use updraft_shared::units::{ByteSize, HumanDuration};
 
 use crate::recent::{
-    DedupLimits, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_RESULT, DEFAULT_REMEMBER,
+    DedupLimits, DEFAULT_HOLD_INPUT, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_RESULT,
+    DEFAULT_REMEMBER,
 };
 
 /// Where `updraftd` looks for its config when none is given.
@@ -78,6 +79,9 @@ pub struct DedupFile {
     pub max_result: Option<ByteSize>,
     /// Most output kept for all tasks; the oldest results go first. Default 64MiB.
     pub max_memory: Option<ByteSize>,
+    /// Largest input received whole before its task starts, so a cut upload runs
+    /// nothing; a bigger input streams into the task. Default 1MiB.
+    pub hold_input: Option<ByteSize>,
 }
 
 /// A validated daemon configuration.
@@ -177,6 +181,7 @@ impl DaemonConfig {
             max_entries: file.dedup.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES),
             max_result: file.dedup.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
             max_memory: file.dedup.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
+            hold_input: file.dedup.hold_input.map_or(DEFAULT_HOLD_INPUT, |b| b.0),
         };
         if dedup.max_result > dedup.max_memory {
             return Err(invalid(
@@ -229,7 +234,7 @@ mod tests {
     #[test]
     fn dedup_table() {
         let c = parse(
-            "[dedup]\nremember = \"30s\"\nmax_entries = 5\nmax_result = \"4KiB\"\nmax_memory = 65536\n",
+            "[dedup]\nremember = \"30s\"\nmax_entries = 5\nmax_result = \"4KiB\"\nmax_memory = 65536\nhold_input = \"2KiB\"\n",
         )
         .unwrap();
         assert_eq!(
@@ -239,6 +244,7 @@ mod tests {
                 max_entries: 5,
                 max_result: 4096,
                 max_memory: 65536,
+                hold_input: 2048,
             }
         );
     }

@@ -32,6 +32,11 @@ pub const DEFAULT_MAX_RESULT: u64 = 1 << 20;
 /// Default for `[dedup] max_memory`: 64 MiB bounds what the memory adds to the
 /// daemon's resident size: 64 full-size results, or thousands of small ones.
 pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
+/// Default for `[dedup] hold_input`: an input up to 1 MiB is received whole before
+/// its task starts, so a link cut during the upload leaves nothing run and the retry
+/// runs the task once. Waiting costs little at that size; a bigger input streams into
+/// the task as it arrives, as the fastest path for bulk data.
+pub const DEFAULT_HOLD_INPUT: u64 = 1 << 20;
 
 /// The bounds of the memory (`[dedup]` in `daemon.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,8 @@ pub struct DedupLimits {
     pub max_result: u64,
     /// Most bytes kept in all (output and the trailer's text); oldest go first.
     pub max_memory: u64,
+    /// Largest input received whole before a remembered task starts.
+    pub hold_input: u64,
 }
 
 impl Default for DedupLimits {
@@ -53,6 +60,7 @@ impl Default for DedupLimits {
             max_entries: DEFAULT_MAX_ENTRIES,
             max_result: DEFAULT_MAX_RESULT,
             max_memory: DEFAULT_MAX_MEMORY,
+            hold_input: DEFAULT_HOLD_INPUT,
         }
     }
 }
@@ -446,6 +454,11 @@ impl Claim {
         self.recent.limits.max_result
     }
 
+    /// Largest input this run receives whole before it starts.
+    pub fn hold_input(&self) -> u64 {
+        self.recent.limits.hold_input
+    }
+
     /// Keeps the run's result for retries and hands it to those waiting.
     pub fn keep(mut self, record: Record, now: Instant) {
         self.settled = true;
@@ -487,6 +500,7 @@ mod tests {
             max_entries: 100,
             max_result: 1000,
             max_memory: 10_000,
+            hold_input: 1000,
         }
     }
 

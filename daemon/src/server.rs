@@ -8,6 +8,7 @@
 use crate::config::DaemonConfig;
 use crate::recent::{Claim, Lookup, Recent, Record, Settled, TaskKey};
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -372,7 +373,7 @@ async fn handle_task(
         header.input_len,
         Caller::Agent(peer),
     ) {
-        Ok(t) => t,
+        Ok(t) => t.with_task_id(id),
         Err(refusal) => {
             info!(agent, task = header.task, id, code = %refusal.code, "task refused: {}", refusal.message);
             refuse(
@@ -400,9 +401,25 @@ async fn handle_task(
     {
         return;
     }
+    // A remembered run with a small input starts only once that input is here whole:
+    // an upload cut by the link then leaves nothing run, and the retry runs it once.
+    let hold = claim.as_ref().map_or(0, Claim::hold_input);
+    let held = match HeldInput::receive(&mut input, hold).await {
+        Ok(held) => held,
+        Err(e) => {
+            info!(agent, task = header.task, id, error = %e, "agent went away while sending the task's input; nothing ran");
+            return;
+        }
+    };
     let slot = reservation.slot().await;
     shared.recent.counters().run();
-    debug!(agent, task = header.task, id, "task started");
+    debug!(
+        agent,
+        task = header.task,
+        id,
+        held_bytes = held.len,
+        "task started"
+    );
     let input_whole = AtomicBool::new(false);
     let mut output = TeeOutput::new(
         &mut send,
@@ -415,6 +432,7 @@ async fn handle_task(
             &slot,
             &task,
             WatchedInput {
+                held,
                 inner: &mut input,
                 whole: &input_whole,
             },
@@ -541,15 +559,57 @@ async fn deliver_trailer(send: &mut quinn::SendStream, trailer: &Trailer) {
     }
 }
 
-/// Task input that notes when it was received whole (the agent finished sending).
+/// The start of a task's input, received before the task runs.
+struct HeldInput {
+    chunks: VecDeque<Bytes>,
+    len: u64,
+    /// The stream ended within the held part: nothing more to read.
+    whole: bool,
+}
+
+impl HeldInput {
+    /// Reads from `input` until it ends or more than `limit` bytes are held; with a
+    /// `limit` of 0, reads nothing. Fails when the stream does (the agent went away).
+    async fn receive(input: &mut StreamInput, limit: u64) -> io::Result<Self> {
+        let mut held = Self {
+            chunks: VecDeque::new(),
+            len: 0,
+            whole: false,
+        };
+        while limit > 0 && held.len <= limit {
+            match input.next_chunk().await? {
+                Some(chunk) => {
+                    held.len += chunk.len() as u64;
+                    held.chunks.push_back(chunk);
+                }
+                None => {
+                    held.whole = true;
+                    break;
+                }
+            }
+        }
+        Ok(held)
+    }
+}
+
+/// Task input that notes when it was received whole (the agent finished sending):
+/// the held part first, then the rest of the stream.
 struct WatchedInput<'a> {
+    held: HeldInput,
     inner: &'a mut StreamInput,
     whole: &'a AtomicBool,
 }
 
 impl Input for WatchedInput<'_> {
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
-        let chunk = self.inner.next_chunk().await?;
+        if let Some(chunk) = self.held.chunks.pop_front() {
+            return Ok(Some(chunk));
+        }
+        let chunk = if self.held.whole {
+            None
+        } else {
+            self.inner.next_chunk().await?
+        };
         if chunk.is_none() {
             self.whole.store(true, Ordering::Release);
         }

@@ -221,6 +221,7 @@ pub struct Refusal {
 pub struct AdmittedTask {
     spec: Arc<TaskSpec>,
     args: Vec<String>,
+    task_id: Option<String>,
 }
 
 impl AdmittedTask {
@@ -231,6 +232,17 @@ impl AdmittedTask {
     /// The submitter's extra arguments (empty unless the task allows them).
     pub fn args(&self) -> &[String] {
         &self.args
+    }
+    /// The task id, given to a command as `UPDRAFT_TASK_ID` so that a program can make
+    /// its side effects idempotent across the retries of one task.
+    pub fn task_id(&self) -> Option<&str> {
+        self.task_id.as_deref()
+    }
+    /// Sets the task id (the caller has validated it: agent-generated, or checked by
+    /// [`RequestHeader::validate`](crate::protocol::RequestHeader::validate)).
+    pub fn with_task_id(mut self, id: &str) -> Self {
+        self.task_id = Some(id.to_string());
+        self
     }
 }
 
@@ -316,6 +328,7 @@ impl Catalog {
         Ok(AdmittedTask {
             spec: spec.clone(),
             args,
+            task_id: None,
         })
     }
 }

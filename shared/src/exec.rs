@@ -510,6 +510,7 @@ async fn run_command<I: Input, O: Output>(
         .args(task.args())
         .env_clear()
         .envs(&spec.env)
+        .envs(task.task_id().map(|id| ("UPDRAFT_TASK_ID", id)))
         .current_dir(workdir.path())
         .process_group(0)
         .stdin(Stdio::piped())
