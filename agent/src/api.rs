@@ -7,7 +7,7 @@
 
 use crate::http::{header_text, parse_query, BodyInput, ChannelBody};
 use crate::placement::Where;
-use crate::service::{Agent, Finished, Submission, TaskError};
+use crate::service::{detached_not_found, task_json, Agent, Finished, Submission, TaskError};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::future::Future;
@@ -309,61 +309,35 @@ async fn task_state(agent: &Agent, id: &str, query: &str) -> Result<Reply, TaskE
         .map_err(|e| bad_request(format!("bad query string: {e}")))?
         .iter()
         .any(|(k, v)| k == "wait" && matches!(v.as_str(), "true" | "1" | ""));
-    let (state, _) = agent
+    let row = agent
         .task_state(id, wait)
-        .await
-        .ok_or_else(|| not_found(id))?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::to_value(&state).expect("state serializes"),
-    ))
-}
-
-fn not_found(id: &str) -> TaskError {
-    TaskError {
-        code: "not_found".into(),
-        message: format!("no detached task `{id}` (ids are kept until the agent restarts)"),
-    }
+        .await?
+        .ok_or_else(|| detached_not_found(id))?;
+    Ok(json(StatusCode::OK, &task_json(&row)))
 }
 
 async fn task_output(agent: &Agent, id: &str) -> Result<Reply, TaskError> {
-    let (state, output) = agent
-        .task_state(id, false)
-        .await
-        .ok_or_else(|| not_found(id))?;
-    let Some(spool) = output else {
-        return Err(TaskError {
-            code: "not_ready".into(),
-            message: format!("task `{id}` is still {}", state.state),
-        });
-    };
-    let reader = spool.reader().await.map_err(|e| TaskError {
-        code: "internal".into(),
-        message: format!("reading output: {e}"),
-    })?;
+    let (row, reader) = agent.task_output(id).await?;
     let mut r = Response::builder()
         .header("content-type", "application/octet-stream")
-        .body(ChannelBody::from_input(
-            KeepAlive {
-                reader,
-                _spool: spool.clone(),
-            },
-            Some(spool.len()),
-        ))
+        .body(ChannelBody::from_input(reader, row.output_len))
         .expect("static response parts");
     let h = r.headers_mut();
     h.insert(H_TASK_ID, header_value(id));
-    if let Some(p) = state.placement {
+    if let Some(p) = row.placement {
         h.insert(H_PLACEMENT, header_value(p.as_str()));
     }
-    if let Some(reason) = &state.reason {
+    if let Some(reason) = &row.reason {
         h.insert(H_REASON, header_value(reason));
     }
-    if let Some(code) = state.exit_code {
+    if let Some(code) = row.exit_code {
         h.insert(H_EXIT_CODE, header_value(&code.to_string()));
     }
-    if let Some(e) = &state.error {
-        h.insert(H_ERROR_CODE, header_value(&e.code));
+    if let Some(tail) = row.stderr_tail.as_deref().filter(|t| !t.is_empty()) {
+        h.insert(H_STDERR_TAIL, header_value(&header_text(tail)));
+    }
+    if let Some((code, _)) = &row.error {
+        h.insert(H_ERROR_CODE, header_value(code));
     }
     Ok(r)
 }

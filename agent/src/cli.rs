@@ -353,8 +353,11 @@ pub async fn run_client(cli: Cli) -> u8 {
                     Ok(Ok(v)) => v,
                     _ => return fail("the agent sent an unreadable task state"),
                 };
-            if state["state"] == "running" {
-                return fail(format!("task {id} is still running (use --wait)"));
+            if state["state"] == "running" || state["state"] == "queued" {
+                return fail(format!(
+                    "task {id} is still {} (use --wait)",
+                    state["state"].as_str().unwrap_or("running")
+                ));
             }
             match client
                 .get(&format!(

@@ -46,6 +46,9 @@ pub struct AgentFile {
     /// Signal sampling.
     #[serde(default)]
     pub signals: SignalsFile,
+    /// The store of detached tasks.
+    #[serde(default)]
+    pub journal: JournalFile,
     /// The catalog of tasks this agent accepts.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskFile>,
@@ -92,6 +95,28 @@ pub struct LinkFile {
     /// Input bytes kept per task until the daemon accepts it, so the task can still
     /// run on the board if the daemon does not. Default 1MiB.
     pub replay_buffer: Option<ByteSize>,
+    /// How long a task that must run in the cloud waits for a daemon after losing its
+    /// connection mid-task, before it fails with `cloud_failed` (detached tasks wait on).
+    /// Default 10s.
+    pub failover_wait: Option<HumanDuration>,
+}
+
+/// `[journal]` as written: the SQLite store of detached tasks in `state_dir`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JournalFile {
+    /// Input and output bytes the journal may hold; past it, new detached tasks are
+    /// refused with `journal_full`. Default 256MiB.
+    pub max_bytes: Option<ByteSize>,
+    /// How long a finished task's result is kept when nobody fetches it. Default 24h.
+    pub result_ttl: Option<HumanDuration>,
+    /// How long a result is kept after its output was first fetched. Default 1h.
+    pub fetched_ttl: Option<HumanDuration>,
+    /// Detached tasks in progress at once (running, or offloaded). Default 16.
+    pub max_running: Option<usize>,
+    /// Starts of one task before it is failed: a task whose run keeps taking the agent
+    /// down must not crash-loop it. Default 5.
+    pub max_attempts: Option<u32>,
 }
 
 /// `[signals]` as written.
@@ -133,6 +158,29 @@ pub struct LinkConfig {
     pub reconnect_max: Duration,
     /// Replay buffer, bytes.
     pub replay_buffer: usize,
+    /// Wait for a daemon after a mid-task loss, for tasks that must run in the cloud.
+    pub failover_wait: Duration,
+}
+
+/// `[journal]`, validated.
+#[derive(Debug, Clone)]
+pub struct JournalConfig {
+    /// Limits of the store.
+    pub limits: crate::journal::JournalLimits,
+    /// Detached tasks in progress at once.
+    pub max_running: usize,
+    /// Starts of one task before it is failed.
+    pub max_attempts: u32,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            limits: crate::journal::JournalLimits::default(),
+            max_running: 16,
+            max_attempts: 5,
+        }
+    }
 }
 
 impl Default for LinkConfig {
@@ -149,6 +197,7 @@ impl Default for LinkConfig {
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             replay_buffer: 1 << 20,
+            failover_wait: Duration::from_secs(10),
         }
     }
 }
@@ -184,6 +233,8 @@ pub struct AgentConfig {
     pub power_supply_root: PathBuf,
     /// Signal sampling period.
     pub sample_interval: Duration,
+    /// Detached-task store.
+    pub journal: JournalConfig,
     /// Task catalog.
     pub catalog: Catalog,
 }
@@ -236,7 +287,25 @@ impl AgentConfig {
             reconnect_min: l.reconnect_min.map_or(d.reconnect_min, |v| v.0),
             reconnect_max: l.reconnect_max.map_or(d.reconnect_max, |v| v.0),
             replay_buffer: l.replay_buffer.map_or(d.replay_buffer, |v| v.0 as usize),
+            failover_wait: l.failover_wait.map_or(d.failover_wait, |v| v.0),
         };
+        let dj = JournalConfig::default();
+        let j = file.journal;
+        let journal = JournalConfig {
+            limits: crate::journal::JournalLimits {
+                max_bytes: j.max_bytes.map_or(dj.limits.max_bytes, |v| v.0),
+                result_ttl: j.result_ttl.map_or(dj.limits.result_ttl, |v| v.0),
+                fetched_ttl: j.fetched_ttl.map_or(dj.limits.fetched_ttl, |v| v.0),
+            },
+            max_running: j.max_running.unwrap_or(dj.max_running),
+            max_attempts: j.max_attempts.unwrap_or(dj.max_attempts),
+        };
+        if journal.max_running == 0 {
+            return Err(invalid("journal.max_running", "must be at least 1".into()));
+        }
+        if journal.max_attempts == 0 {
+            return Err(invalid("journal.max_attempts", "must be at least 1".into()));
+        }
         if link.keep_alive >= link.idle_timeout {
             return Err(invalid(
                 "link.keep_alive",
@@ -295,6 +364,7 @@ impl AgentConfig {
             spool_memory: file.spool_memory.map_or(1 << 20, |v| v.0 as usize),
             clouds,
             link,
+            journal,
             catalog,
         })
     }

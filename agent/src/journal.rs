@@ -1211,7 +1211,8 @@ impl Journal {
     }
 }
 
-/// A task's input read from the journal chunk by chunk, for the executor or the uplink.
+/// A task's input (for the executor or the uplink) or output (for the API) read from
+/// the journal chunk by chunk.
 #[derive(Debug, Clone)]
 pub struct JournalInput {
     /// The journal holding the task.
@@ -1220,6 +1221,8 @@ pub struct JournalInput {
     pub id: String,
     /// Where the next chunk starts.
     pub offset: u64,
+    /// The output instead of the input.
+    pub output: bool,
 }
 
 impl JournalInput {
@@ -1229,6 +1232,15 @@ impl JournalInput {
             journal,
             id: id.into(),
             offset: 0,
+            output: false,
+        }
+    }
+
+    /// The stored output of finished task `id` from its start.
+    pub fn output(journal: Arc<Journal>, id: impl Into<String>) -> Self {
+        Self {
+            output: true,
+            ..Self::new(journal, id)
         }
     }
 }
@@ -1237,12 +1249,17 @@ impl Input for JournalInput {
     async fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         let journal = self.journal.clone();
         let id = self.id.clone();
-        let offset = self.offset;
-        let chunk =
-            tokio::task::spawn_blocking(move || journal.read_input(&id, offset, INPUT_CHUNK))
-                .await
-                .map_err(io::Error::other)?
-                .map_err(io::Error::other)?;
+        let (offset, output) = (self.offset, self.output);
+        let chunk = tokio::task::spawn_blocking(move || {
+            if output {
+                journal.read_output(&id, offset, INPUT_CHUNK)
+            } else {
+                journal.read_input(&id, offset, INPUT_CHUNK)
+            }
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(io::Error::other)?;
         if chunk.is_empty() {
             return Ok(None);
         }

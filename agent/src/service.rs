@@ -6,25 +6,38 @@
 //! cloud fails before the task starts), record the decision.
 
 use crate::config::AgentConfig;
+use crate::journal::{self, Finish, Journal, JournalInput, NewTask, TaskRow};
 use crate::knowledge::Knowledge;
 use crate::placement::{Placement, ReasonKind, Side, Where};
 use crate::spool::Spool;
 use crate::uplink::{offload, OffloadError, Replay, Uplink};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-use updraft_shared::catalog::{Caller, Catalog};
+use tracing::{debug, info, warn};
+use updraft_shared::catalog::{AdmittedTask, Caller, Catalog};
 use updraft_shared::exec::{Executor, Input};
 use updraft_shared::protocol::{ErrorCode, RequestHeader};
 use updraft_shared::tls::Identity;
 
+/// Retries of one task after its connection died mid-run, before it fails: enough to
+/// ride out a daemon dying and the next one failing over too, few enough that a task
+/// that brings daemons down is not passed around forever.
+pub const MAX_MID_TASK_RETRIES: usize = 3;
 /// Decisions kept for `status`.
 pub const RECENT_DECISIONS: usize = 50;
-/// Finished detached tasks kept in memory; the oldest are forgotten first.
-pub const DETACHED_KEEP: usize = 1024;
+/// Runs of one detached task lost mid-run before it is failed with `cloud_failed`: a
+/// task that keeps losing its daemon must not be passed around forever.
+pub const MAX_DETACHED_RETRIES: u32 = 10;
+/// The journal of detached tasks, in `state_dir`.
+pub const JOURNAL_FILE: &str = "journal.db";
+/// How often a detached task that may only run in the cloud re-checks for a daemon
+/// while none is usable (it is also woken as soon as one connects).
+pub const DETACHED_CLOUD_POLL: Duration = Duration::from_secs(5);
+/// How often finished detached tasks past their time-to-live are dropped.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 /// A request to run a task.
 #[derive(Debug, Clone, Default)]
@@ -65,6 +78,7 @@ impl TaskError {
             "bad_request" => 400,
             "too_large" => 413,
             "busy" | "cloud_unavailable" | "draining" => 503,
+            "journal_full" => 507,
             "timed_out" => 504,
             "not_ready" => 409,
             "cloud_failed" | "output_too_large" => 502,
@@ -118,39 +132,6 @@ pub struct Decision {
     pub at_unix_ms: u64,
 }
 
-/// State of a detached task.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct TaskState {
-    /// Task id.
-    pub id: String,
-    /// Task name.
-    pub task: String,
-    /// `running`, `done` or `failed`.
-    pub state: &'static str,
-    /// Side, once placed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub placement: Option<Side>,
-    /// Reason, once placed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// Exit code, when done.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// Error, when failed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<TaskError>,
-    /// Output bytes, when finished.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_bytes: Option<u64>,
-}
-
-#[derive(Debug)]
-struct Detached {
-    state: TaskState,
-    output: Option<Arc<Spool>>,
-    done: Arc<tokio::sync::Notify>,
-}
-
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 struct Counters {
@@ -172,7 +153,13 @@ pub struct Agent {
     started: Instant,
     recent: Mutex<VecDeque<Decision>>,
     counters: Mutex<Counters>,
-    detached: Mutex<(HashMap<String, Detached>, VecDeque<String>)>,
+    /// Detached tasks: accepted, running and finished.
+    journal: Arc<Journal>,
+    /// Ids of detached tasks to run, to the dispatcher ([`run`]).
+    detached_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    detached_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// Woken whenever a detached task finishes.
+    detached_done: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -196,6 +183,11 @@ impl Agent {
         })?;
         let uplink = Uplink::new(identity, config.clouds.clone(), config.link.clone())?;
         let knowledge = Knowledge::load(&config)?;
+        let journal = Arc::new(Journal::open(
+            config.state_dir.join(JOURNAL_FILE),
+            config.journal.limits,
+        )?);
+        let (detached_tx, detached_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Arc::new(Self {
             knowledge,
             agent_id,
@@ -206,7 +198,10 @@ impl Agent {
             started: Instant::now(),
             recent: Mutex::new(VecDeque::new()),
             counters: Mutex::default(),
-            detached: Mutex::default(),
+            journal,
+            detached_tx,
+            detached_rx: Mutex::new(Some(detached_rx)),
+            detached_done: tokio::sync::Notify::new(),
         }))
     }
 
@@ -293,125 +288,179 @@ impl Agent {
         let task = self
             .catalog
             .admit(&sub.task, sub.args.clone(), sub.input_len, Caller::Local)
-            .map_err(|r| TaskError::new(r.code.as_str(), r.message))?;
-        let chosen = self.uplink.pick();
-        let decided = self.knowledge.place(
-            task.spec(),
-            sub.where_,
-            chosen.as_ref(),
-            self.executor.load(),
-            sub.input_len,
-        );
-        let mut placed = decided.placement;
-        let forced = placed.forced;
-        let mut output = self.new_spool();
+            .map_err(|r| TaskError::new(r.code.as_str(), r.message))?
+            .with_task_id(&id);
         let mut input = Some(Replay::fresh(input));
-        let mut result = None;
-        if placed.side == Side::Cloud {
-            match chosen {
-                None if forced => {
-                    let why = self.why_no_cloud();
-                    return Err(TaskError::new(
-                        "cloud_unavailable",
-                        format!(
-                            "task `{}` must run in the cloud ({}) but {why}",
-                            sub.task, placed.reason
-                        ),
-                    ));
-                }
-                None => {
-                    // decide() only picks cloud for auto when one was usable; it may have
-                    // gone in between.
-                    placed.side = Side::Local;
-                    placed.kind = ReasonKind::Fallback;
-                    placed.reason = format!(
-                        "{}; then {}; ran on the board",
-                        placed.reason,
-                        self.why_no_cloud()
-                    );
-                }
-                Some(c) => {
-                    let header = RequestHeader {
-                        id: id.clone(),
-                        task: sub.task.clone(),
-                        args: sub.args.clone(),
-                        input_len: sub.input_len,
-                    };
-                    let sent = input.take().expect("input is unspent before the offload");
-                    let _inflight = c.link.begin();
-                    if !placed.reason.contains(c.link.address()) {
-                        placed.reason = format!("{}; daemon {}", placed.reason, c.link.address());
-                    }
-                    let offload_started = Instant::now();
-                    match offload(&c.conn, &header, sent, &mut output, &self.config.link).await {
-                        Ok(trailer) => {
-                            if trailer.exit_code.is_some() {
-                                self.knowledge.record_cloud(
-                                    &sub.task,
-                                    offload_started.elapsed(),
-                                    Some(c.conn.rtt()),
-                                    decided.bandwidth_mbps,
-                                    &trailer,
-                                );
-                            }
-                            result = Some(match (trailer.exit_code, trailer.error) {
-                                (Some(code), None) => Ok(Exit {
-                                    code,
-                                    stderr_tail: trailer.stderr_tail,
-                                }),
-                                (_, Some(e)) => Err(TaskError::new(e.as_str(), trailer.message)),
-                                (None, None) => Err(TaskError::new(
-                                    "cloud_failed",
-                                    "daemon sent a trailer with neither exit code nor error",
-                                )),
-                            });
-                        }
-                        Err(OffloadError::NotStarted {
+        // Why earlier attempts of this task were lost mid-run, for the reason text.
+        let mut lost: Vec<String> = Vec::new();
+        let (placed, decided, result, output) = loop {
+            let mut chosen = self.uplink.pick();
+            if chosen.is_none() && !lost.is_empty() && self.must_run_in_cloud(&task, sub.where_) {
+                // Lost mid-task and only the cloud will do: give a daemon (the same one
+                // reconnecting, or another) a moment before failing.
+                self.uplink
+                    .wait_usable(self.config.link.failover_wait)
+                    .await;
+                chosen = self.uplink.pick();
+            }
+            let decided = self.knowledge.place(
+                task.spec(),
+                sub.where_,
+                chosen.as_ref(),
+                self.executor.load(),
+                sub.input_len,
+            );
+            let mut placed = decided.placement.clone();
+            if !lost.is_empty() {
+                placed.reason = format!("{}; retried: {}", lost.join("; "), placed.reason);
+            }
+            let forced = placed.forced;
+            let mut output = self.new_spool();
+            let mut result = None;
+            if placed.side == Side::Cloud {
+                match chosen {
+                    None if forced => {
+                        let why = self.why_no_cloud();
+                        let code = if lost.is_empty() {
+                            "cloud_unavailable"
+                        } else {
+                            "cloud_failed"
+                        };
+                        return Err(TaskError::new(
                             code,
-                            reason: why,
-                            input: back,
-                        }) => {
-                            let daemon = c.link.address();
-                            if forced {
-                                let code = code.map_or("cloud_unavailable".to_string(), |c| {
-                                    remote_code(c).to_string()
-                                });
-                                return Err(TaskError::new(
-                                    code,
-                                    format!(
-                                        "daemon {daemon} did not run task `{}`: {why}",
-                                        sub.task
-                                    ),
-                                ));
-                            }
-                            warn!(
-                                task = sub.task,
-                                id,
-                                daemon,
-                                "cloud did not take the task ({why}); running it on the board"
-                            );
-                            placed.side = Side::Local;
-                            placed.kind = ReasonKind::Fallback;
-                            placed.reason = match code {
-                                Some(code) => format!("daemon {daemon} refused the task ({code}: {why}); ran on the board"),
-                                None => format!("cloud failed before the task started (daemon {daemon}: {why}); ran on the board"),
-                            };
-                            input = Some(back);
+                            format!(
+                                "task `{}` must run in the cloud ({}) but {why}",
+                                sub.task, placed.reason
+                            ),
+                        ));
+                    }
+                    None => {
+                        // decide() only picks cloud for auto when one was usable; it may have
+                        // gone in between.
+                        placed.side = Side::Local;
+                        placed.kind = ReasonKind::Fallback;
+                        placed.reason = format!(
+                            "{}; then {}; ran on the board",
+                            placed.reason,
+                            self.why_no_cloud()
+                        );
+                    }
+                    Some(c) => {
+                        let header = RequestHeader {
+                            id: id.clone(),
+                            task: sub.task.clone(),
+                            args: sub.args.clone(),
+                            input_len: sub.input_len,
+                        };
+                        let sent = input.take().expect("input is unspent before the offload");
+                        let _inflight = c.link.begin();
+                        if !placed.reason.contains(c.link.address()) {
+                            placed.reason =
+                                format!("{}; daemon {}", placed.reason, c.link.address());
                         }
-                        Err(OffloadError::Failed { reason: why }) => {
-                            result = Some(Err(TaskError::new(
-                                "cloud_failed",
-                                format!(
-                                    "task `{}` failed in the cloud (daemon {}): {why}",
-                                    sub.task,
+                        let offload_started = Instant::now();
+                        match offload(&c.conn, &header, sent, &mut output, &self.config.link).await
+                        {
+                            Ok(trailer) => {
+                                if trailer.exit_code.is_some() {
+                                    self.knowledge.record_cloud(
+                                        &sub.task,
+                                        offload_started.elapsed(),
+                                        Some(c.conn.rtt()),
+                                        decided.bandwidth_mbps,
+                                        &trailer,
+                                    );
+                                }
+                                result = Some(match (trailer.exit_code, trailer.error) {
+                                    (Some(code), None) => Ok(Exit {
+                                        code,
+                                        stderr_tail: trailer.stderr_tail,
+                                    }),
+                                    (_, Some(e)) => {
+                                        Err(TaskError::new(e.as_str(), trailer.message))
+                                    }
+                                    (None, None) => Err(TaskError::new(
+                                        "cloud_failed",
+                                        "daemon sent a trailer with neither exit code nor error",
+                                    )),
+                                });
+                            }
+                            Err(OffloadError::NotStarted {
+                                code,
+                                reason: why,
+                                input: back,
+                            }) => {
+                                let daemon = c.link.address();
+                                if forced {
+                                    let code = code.map_or("cloud_unavailable".to_string(), |c| {
+                                        remote_code(c).to_string()
+                                    });
+                                    return Err(TaskError::new(
+                                        code,
+                                        format!(
+                                            "daemon {daemon} did not run task `{}`: {why}",
+                                            sub.task
+                                        ),
+                                    ));
+                                }
+                                warn!(
+                                    task = sub.task,
+                                    id,
+                                    daemon,
+                                    "cloud did not take the task ({why}); running it on the board"
+                                );
+                                placed.side = Side::Local;
+                                placed.kind = ReasonKind::Fallback;
+                                let prefix = if lost.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!("{}; ", lost.join("; "))
+                                };
+                                placed.reason = match code {
+                                    Some(code) => format!("{prefix}daemon {daemon} refused the task ({code}: {why}); ran on the board"),
+                                    None => format!("{prefix}cloud failed before the task started (daemon {daemon}: {why}); ran on the board"),
+                                };
+                                input = Some(back);
+                            }
+                            Err(OffloadError::Failed {
+                                reason: why,
+                                input: Some(back),
+                            }) if lost.len() < MAX_MID_TASK_RETRIES => {
+                                warn!(
+                                    task = sub.task,
+                                    id,
+                                    daemon = c.link.address(),
+                                    "task lost mid-run ({why}); retrying it with the same id"
+                                );
+                                lost.push(format!(
+                                    "daemon {} lost the task mid-run ({why})",
                                     c.link.address()
-                                ),
-                            )));
+                                ));
+                                input = Some(back);
+                                continue;
+                            }
+                            Err(OffloadError::Failed { reason: why, input }) => {
+                                let why = if input.is_none() && !lost.is_empty() {
+                                    format!("{why}; earlier: {}", lost.join("; "))
+                                } else {
+                                    why
+                                };
+                                result = Some(Err(TaskError::new(
+                                    "cloud_failed",
+                                    format!(
+                                        "task `{}` failed in the cloud (daemon {}): {why}",
+                                        sub.task,
+                                        c.link.address()
+                                    ),
+                                )));
+                            }
                         }
                     }
                 }
             }
-        }
+            break (placed, decided, result, output);
+        };
+        let mut output = output;
         let result = match result {
             Some(r) => r,
             None => match self
@@ -454,6 +503,13 @@ impl Agent {
             result,
             output,
         })
+    }
+
+    /// True when `task` may only run in the cloud: `where=cloud` or `offload = "always"`.
+    fn must_run_in_cloud(&self, task: &AdmittedTask, where_: Where) -> bool {
+        where_ == Where::Cloud
+            || (where_ == Where::Auto
+                && task.spec().offload == updraft_shared::catalog::Offload::Always)
     }
 
     fn why_no_cloud(&self) -> String {
@@ -532,11 +588,10 @@ impl Agent {
         });
     }
 
-    /// Accepts a detached task: its input is spooled first, then it runs in the
-    /// background. Returns the task id.
-    ///
-    /// Detached tasks are kept in memory by this version: they do not survive an agent
-    /// restart.
+    /// Accepts a detached task: admits it, spools its input, and stores both in the
+    /// journal with a durable commit; only then is the id returned (and the 202 sent),
+    /// so an accepted task survives a crash. It runs in the background
+    /// ([`Agent::run_detached`]).
     pub async fn submit_detached<I: Input>(
         self: &Arc<Self>,
         sub: Submission,
@@ -574,114 +629,249 @@ impl Agent {
             .await
             .map_err(|e| TaskError::new("internal", format!("spooling input: {e}")))?;
         let id = new_task_id();
-        let done = Arc::new(tokio::sync::Notify::new());
-        {
-            let mut d = self.detached.lock().expect("detached lock");
-            d.0.insert(
-                id.clone(),
-                Detached {
-                    state: TaskState {
-                        id: id.clone(),
-                        task: sub.task.clone(),
-                        state: "running",
-                        placement: None,
-                        reason: None,
-                        exit_code: None,
-                        error: None,
-                        output_bytes: None,
-                    },
-                    output: None,
-                    done: done.clone(),
-                },
-            );
-            d.1.push_back(id.clone());
-            while d.1.len() > DETACHED_KEEP {
-                if let Some(old) = d.1.pop_front() {
-                    d.0.remove(&old);
-                }
-            }
-        }
-        let agent = self.clone();
-        let task_id = id.clone();
-        let sub = Submission {
-            input_len: Some(spool.len()),
-            ..sub
+        let new = NewTask {
+            id: id.clone(),
+            task: sub.task.clone(),
+            args: sub.args.clone(),
+            requested: sub.where_,
         };
-        tokio::spawn(async move {
-            let reader = match spool.reader().await {
-                Ok(r) => r,
-                Err(e) => {
-                    agent.finish_detached(
-                        &task_id,
-                        Err(TaskError::new(
-                            "internal",
-                            format!("reading spooled input: {e}"),
-                        )),
-                    );
-                    return;
-                }
-            };
-            let r = agent.submit_with_id(task_id.clone(), sub, reader).await;
-            agent.finish_detached(&task_id, r);
-        });
+        let len = spool.len();
+        let journal = self.journal.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = spool
+                .into_blocking_reader()
+                .map_err(|e| TaskError::new("internal", format!("reading spooled input: {e}")))?;
+            journal
+                .insert(&new, len, &mut reader, unix_ms())
+                .map_err(journal_error)
+        })
+        .await
+        .map_err(|e| TaskError::new("internal", format!("storing the task: {e}")))??;
+        info!(
+            id,
+            task = sub.task,
+            input_bytes = len,
+            "detached task accepted"
+        );
+        let _ = self.detached_tx.send(id.clone());
         Ok(id)
     }
 
-    fn finish_detached(&self, id: &str, r: Result<Finished, TaskError>) {
-        let mut d = self.detached.lock().expect("detached lock");
-        let Some(entry) = d.0.get_mut(id) else { return };
-        match r {
-            Ok(f) => {
-                entry.state.placement = Some(f.side);
-                entry.state.reason = Some(f.reason);
-                entry.state.output_bytes = Some(f.output.len());
-                match f.result {
-                    Ok(exit) => {
-                        entry.state.state = "done";
-                        entry.state.exit_code = Some(exit.code);
-                    }
-                    Err(e) => {
-                        entry.state.state = "failed";
-                        entry.state.error = Some(e);
+    /// Runs a journaled task to its end and stores the result: waits for the cloud
+    /// first when the task may only run there, retries it (same id) when it is lost
+    /// mid-run with an input too large to replay from memory.
+    async fn run_detached(self: &Arc<Self>, id: String, resumed: bool, stop: &CancellationToken) {
+        let Some(row) = self
+            .journal_call(|j, id| j.get(id), &id)
+            .await
+            .ok()
+            .flatten()
+        else {
+            return;
+        };
+        if row.state.is_finished() {
+            return;
+        }
+        let fail = |code: &str, message: String| Finish {
+            state: journal::Outcome::Failed,
+            placement: Side::Local,
+            reason: "not run".into(),
+            exit_code: None,
+            error: Some((code.to_string(), message)),
+            stderr_tail: String::new(),
+        };
+        if resumed
+            && row.state == journal::State::Running
+            && row.attempts >= self.config.journal.max_attempts
+        {
+            let message = format!(
+                "task `{}` was started {} times and never finished (the agent stopped or crashed each time); not starting it again (raise [journal] max_attempts to allow more)",
+                row.task, row.attempts
+            );
+            warn!(id, task = row.task, "{message}");
+            self.store_result(&id, fail("crash_loop", message), None)
+                .await;
+            return;
+        }
+        let Some(spec) = self.catalog.get(&row.task) else {
+            let message = format!(
+                "unknown task `{}`: there is no [tasks.{}] in the config any more",
+                row.task, row.task
+            );
+            self.store_result(&id, fail("unknown_task", message), None)
+                .await;
+            return;
+        };
+        let must_cloud = row.requested == Where::Cloud
+            || (row.requested == Where::Auto
+                && spec.offload == updraft_shared::catalog::Offload::Always);
+        let sub = Submission {
+            task: row.task.clone(),
+            args: row.args.clone(),
+            where_: row.requested,
+            input_len: Some(row.input_len),
+        };
+        let mut lost_runs = 0;
+        loop {
+            if must_cloud && self.uplink.pick().is_none() {
+                debug!(id, task = row.task, "detached task waits for a daemon");
+                tokio::select! {
+                    _ = self.uplink.wait_usable(DETACHED_CLOUD_POLL) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+            if let Err(e) = self.journal_call(|j, id| j.start(id, unix_ms()), &id).await {
+                warn!(id, error = %e, "cannot mark the detached task running; it stays queued");
+                return;
+            }
+            let input = JournalInput::new(self.journal.clone(), id.clone());
+            let r = tokio::select! {
+                r = self.submit_with_id(id.clone(), sub.clone(), input) => r,
+                // The journal still says running: the next start resumes it.
+                () = stop.cancelled() => return,
+            };
+            match r {
+                Err(e)
+                    if must_cloud
+                        && matches!(
+                            e.code.as_str(),
+                            "cloud_unavailable" | "cloud_failed" | "busy" | "draining"
+                        ) =>
+                {
+                    info!(id, task = row.task, error = %e.message, "detached task waits for the cloud and will be retried");
+                    let _ = self.journal_call(|j, id| j.requeue(id), &id).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(self.config.link.reconnect_min) => continue,
+                        () = stop.cancelled() => return,
                     }
                 }
-                entry.output = Some(Arc::new(f.output));
-            }
-            Err(e) => {
-                entry.state.state = "failed";
-                entry.state.error = Some(e);
+                Ok(f)
+                    if lost_runs < MAX_DETACHED_RETRIES
+                        && matches!(&f.result, Err(e) if e.code == "cloud_failed") =>
+                {
+                    lost_runs += 1;
+                    // Lost mid-run and not replayable from memory: the journal has the
+                    // whole input, so run it again from there (the daemon answers a
+                    // retry it still remembers from its memory).
+                    info!(id, task = row.task, reason = %f.reason, "detached task lost mid-run; retrying from the journal");
+                    continue;
+                }
+                Err(e) => {
+                    self.store_result(&id, fail(&e.code, e.message), None).await;
+                    return;
+                }
+                Ok(f) => {
+                    let fin = Finish {
+                        state: if f.result.is_ok() {
+                            journal::Outcome::Done
+                        } else {
+                            journal::Outcome::Failed
+                        },
+                        placement: f.side,
+                        reason: f.reason,
+                        exit_code: f.result.as_ref().ok().map(|e| e.code),
+                        error: f
+                            .result
+                            .as_ref()
+                            .err()
+                            .map(|e| (e.code.clone(), e.message.clone())),
+                        stderr_tail: match &f.result {
+                            Ok(e) => e.stderr_tail.clone(),
+                            Err(_) => String::new(),
+                        },
+                    };
+                    self.store_result(&id, fin, Some(f.output)).await;
+                    return;
+                }
             }
         }
-        entry.done.notify_waiters();
+    }
+
+    /// Stores how a detached task ended, with its output, and wakes its waiters.
+    async fn store_result(&self, id: &str, fin: Finish, output: Option<Spool>) {
+        let journal = self.journal.clone();
+        let id2 = id.to_string();
+        let stored = tokio::task::spawn_blocking(move || {
+            let now = unix_ms();
+            match output {
+                Some(spool) => {
+                    let len = spool.len();
+                    let mut reader = spool
+                        .into_blocking_reader()
+                        .map_err(|e| format!("reading the spooled output: {e}"))?;
+                    journal
+                        .finish(&id2, &fin, len, &mut reader, now)
+                        .map_err(|e| e.to_string())
+                }
+                None => journal
+                    .finish(&id2, &fin, 0, &mut std::io::empty(), now)
+                    .map_err(|e| e.to_string()),
+            }
+        })
+        .await;
+        match stored {
+            Ok(Ok(journal::Stored::Output)) => {}
+            Ok(Ok(journal::Stored::JournalFull)) => {
+                warn!(id, "the journal is full: the task's output was not kept (it is marked journal_full); fetch old results or raise [journal] max_bytes");
+            }
+            Ok(Err(e)) => {
+                warn!(id, error = %e, "cannot store the detached task's result; it will run again after a restart")
+            }
+            Err(e) => warn!(id, error = %e, "storing the detached task's result failed"),
+        }
+        self.detached_done.notify_waiters();
+    }
+
+    async fn journal_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Journal, &str) -> Result<T, journal::JournalError> + Send + 'static,
+        id: &str,
+    ) -> Result<T, TaskError> {
+        let journal = self.journal.clone();
+        let id = id.to_string();
+        tokio::task::spawn_blocking(move || f(&journal, &id))
+            .await
+            .map_err(|e| TaskError::new("internal", format!("journal call failed: {e}")))?
+            .map_err(journal_error)
     }
 
     /// A detached task's state; with `wait`, blocks until it has finished.
-    pub async fn task_state(
-        &self,
-        id: &str,
-        wait: bool,
-    ) -> Option<(TaskState, Option<Arc<Spool>>)> {
-        loop {
-            let notified = {
-                let d = self.detached.lock().expect("detached lock");
-                let entry = d.0.get(id)?;
-                if !wait || entry.state.state != "running" {
-                    return Some((entry.state.clone(), entry.output.clone()));
-                }
-                entry.done.clone()
-            };
-            let n = notified.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            // Re-check: the task may have finished between the lock and `enable`.
-            {
-                let d = self.detached.lock().expect("detached lock");
-                if d.0.get(id).is_none_or(|e| e.state.state != "running") {
-                    continue;
-                }
-            }
-            n.await;
+    pub async fn task_state(&self, id: &str, wait: bool) -> Result<Option<TaskRow>, TaskError> {
+        if !valid_task_id(id) {
+            return Ok(None);
         }
+        loop {
+            let notified = self.detached_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let row = self.journal_call(|j, id| j.get(id), id).await?;
+            match row {
+                Some(r) if wait && !r.state.is_finished() => notified.await,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// A finished detached task's output, streamed from the journal; marks it fetched.
+    pub async fn task_output(&self, id: &str) -> Result<(TaskRow, JournalInput), TaskError> {
+        let row = self
+            .task_state(id, false)
+            .await?
+            .ok_or_else(|| detached_not_found(id))?;
+        if !row.state.is_finished() {
+            return Err(TaskError::new(
+                "not_ready",
+                format!("task `{id}` is still {}", row.state),
+            ));
+        }
+        self.journal_call(|j, id| j.mark_fetched(id, unix_ms()), id)
+            .await?;
+        Ok((row, JournalInput::output(self.journal.clone(), id)))
+    }
+
+    /// The journal of detached tasks.
+    pub fn journal(&self) -> &Arc<Journal> {
+        &self.journal
     }
 
     /// The agent's status as JSON.
@@ -697,6 +887,7 @@ impl Agent {
             "policy": self.knowledge.policy().status(),
             "signals": signals_json(&self.knowledge.signals(self.uplink.pick().as_ref(), load, None)),
             "estimates": self.knowledge.estimates_summary(),
+            "journal": journal_json(&self.journal.usage()),
             "recent": self.recent.lock().expect("recent lock").iter().rev().collect::<Vec<_>>(),
         })
     }
@@ -777,6 +968,34 @@ impl Agent {
                 let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
             }
         }
+        let usage = self.journal.usage();
+        for (name, help, value) in [
+            (
+                "updraft_agent_journal_tasks",
+                "Detached tasks held in the journal, finished or not.",
+                usage.tasks,
+            ),
+            (
+                "updraft_agent_journal_unfinished",
+                "Detached tasks queued or running.",
+                usage.unfinished,
+            ),
+            (
+                "updraft_agent_journal_bytes",
+                "Bytes the journal holds, against [journal] max_bytes.",
+                usage.bytes,
+            ),
+            (
+                "updraft_agent_journal_max_bytes",
+                "[journal] max_bytes.",
+                usage.max_bytes,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP updraft_agent_cloud_connected Whether each daemon is connected."
@@ -792,6 +1011,34 @@ impl Agent {
         }
         out
     }
+}
+
+/// The journal's figures for `status`.
+fn journal_json(u: &journal::Usage) -> serde_json::Value {
+    serde_json::json!({
+        "tasks": u.tasks,
+        "unfinished": u.unfinished,
+        "bytes": u.bytes,
+        "max_bytes": u.max_bytes,
+    })
+}
+
+/// A detached task as `GET /v1/tasks/{id}` shows it.
+pub fn task_json(r: &TaskRow) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "task": r.task,
+        "state": r.state.as_str(),
+        "placement": r.placement.map(|p| p.as_str()),
+        "reason": r.reason,
+        "exit_code": r.exit_code,
+        "error": r.error.as_ref().map(|(code, message)| serde_json::json!({"code": code, "message": message})),
+        "output_bytes": r.output_len,
+        "input_bytes": r.input_len,
+        "attempts": r.attempts,
+        "submitted_unix_ms": r.submitted_ms,
+        "finished_unix_ms": r.finished_ms,
+    })
 }
 
 /// Maps a daemon's refusal to the code the submitter sees.
@@ -814,6 +1061,36 @@ pub fn signals_json(s: &updraft_shared::policy::Signals) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
+/// Now, in Unix milliseconds (the journal's clock).
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A journal failure as the submitter sees it.
+fn journal_error(e: journal::JournalError) -> TaskError {
+    let code = match e {
+        journal::JournalError::Full { .. } => "journal_full",
+        journal::JournalError::TooLarge { .. } => "too_large",
+        _ => "internal",
+    };
+    TaskError::new(code, e.to_string())
+}
+
+/// True for an id this agent could have made (32 lowercase hex digits).
+fn valid_task_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The error for an id the journal does not hold.
+pub fn detached_not_found(id: &str) -> TaskError {
+    TaskError::new(
+        "not_found",
+        format!("no detached task `{id}` (finished tasks are kept for [journal] result_ttl, and for fetched_ttl after their output was fetched)"),
+    )
+}
+
 /// A fresh task id: 32 hex digits.
 pub fn new_task_id() -> String {
     format!("{:032x}", rand::random::<u128>())
@@ -830,6 +1107,13 @@ pub async fn run(
     agent.uplink.start(stop.clone());
     tokio::spawn(sample_loop(agent.clone(), stop.clone()));
     tokio::spawn(reload_on_sighup(agent.clone(), stop.clone()));
+    tokio::spawn(rebind_on_sigusr1(agent.clone(), stop.clone()));
+    let detached = tokio_util::task::TaskTracker::new();
+    tokio::spawn(dispatch_detached(
+        agent.clone(),
+        detached.clone(),
+        stop.clone(),
+    ));
     info!(
         agent = agent.agent_id(),
         socket = %agent.config.socket.display(),
@@ -841,6 +1125,10 @@ pub async fn run(
     let served = crate::api::serve(agent.clone(), listener, shutdown).await;
     updraft_shared::notify::stopping();
     stop.cancel();
+    // Detached runs stop where they are; the journal still has them, so the next start
+    // resumes them.
+    detached.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), detached.wait()).await;
     agent.knowledge.persist();
     agent
         .uplink
@@ -884,6 +1172,91 @@ async fn sample_loop(agent: Arc<Agent>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = tick.tick() => agent.knowledge.tick(&agent.uplink, agent.executor.load(), interval),
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Runs detached tasks: the journal's unfinished ones first (after a restart), then each
+/// newly accepted one, at most `[journal] max_running` at once; drops expired results.
+async fn dispatch_detached(
+    agent: Arc<Agent>,
+    tracker: tokio_util::task::TaskTracker,
+    stop: CancellationToken,
+) {
+    let Some(mut rx) = agent.detached_rx.lock().expect("detached lock").take() else {
+        return;
+    };
+    let journal = agent.journal.clone();
+    let resumed = match tokio::task::spawn_blocking(move || journal.unfinished()).await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot list the journal's unfinished tasks; they run after the next restart");
+            Vec::new()
+        }
+        Err(e) => {
+            warn!(error = %e, "listing the journal's unfinished tasks failed");
+            Vec::new()
+        }
+    };
+    if !resumed.is_empty() {
+        info!(
+            tasks = resumed.len(),
+            "resuming detached tasks from the journal"
+        );
+    }
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        agent.config.journal.max_running,
+    ));
+    let mut resumed = resumed.into_iter().map(|r| r.id);
+    let mut expire = tokio::time::interval(EXPIRE_EVERY);
+    expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (id, was_resumed) = match resumed.next() {
+            Some(id) => (id, true),
+            None => tokio::select! {
+                id = rx.recv() => match id {
+                    Some(id) => (id, false),
+                    None => return,
+                },
+                _ = expire.tick() => {
+                    let journal = agent.journal.clone();
+                    match tokio::task::spawn_blocking(move || journal.expire(unix_ms())).await {
+                        Ok(Ok(n)) if n > 0 => debug!(tasks = n, "expired finished detached tasks"),
+                        Ok(Err(e)) => warn!(error = %e, "cannot drop expired results from the journal"),
+                        _ => {}
+                    }
+                    continue;
+                }
+                () = stop.cancelled() => return,
+            },
+        };
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = stop.cancelled() => return,
+        };
+        let (agent, stop) = (agent.clone(), stop.clone());
+        tracker.spawn(async move {
+            agent.run_detached(id, was_resumed, &stop).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Rebinds the QUIC socket on SIGUSR1, so connections migrate after a network change
+/// (a new address, a changed interface) instead of timing out.
+async fn rebind_on_sigusr1(agent: Arc<Agent>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        warn!("cannot install a SIGUSR1 handler; connections reconnect after a network change instead of migrating");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => match agent.uplink.rebind() {
+                Ok(addr) => info!(local = %addr, "SIGUSR1: rebound the QUIC socket; connections migrate to it"),
+                Err(e) => warn!(error = %e, "SIGUSR1: cannot rebind the QUIC socket; connections stay on the old one"),
+            },
             () = stop.cancelled() => return,
         }
     }

@@ -92,6 +92,52 @@ impl Output for Spool {
     }
 }
 
+impl Spool {
+    /// A blocking reader over everything written (call [`Spool::flush`] first), for
+    /// copying a spool into the journal from a blocking thread. It keeps the spool, and
+    /// so its file, alive.
+    pub fn into_blocking_reader(self) -> io::Result<BlockingSpoolReader> {
+        let file = match &self.file {
+            Some((path, _)) => Some(std::fs::File::open(path)?),
+            None => None,
+        };
+        Ok(BlockingSpoolReader {
+            mem: self.mem.clone().into_iter(),
+            current: Bytes::new(),
+            file,
+            _spool: self,
+        })
+    }
+}
+
+/// See [`Spool::into_blocking_reader`].
+#[derive(Debug)]
+pub struct BlockingSpoolReader {
+    mem: std::vec::IntoIter<Bytes>,
+    current: Bytes,
+    file: Option<std::fs::File>,
+    _spool: Spool,
+}
+
+impl std::io::Read for BlockingSpoolReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.mem.next() {
+                Some(b) => self.current = b,
+                None => {
+                    return match self.file.as_mut() {
+                        Some(f) => f.read(buf),
+                        None => Ok(0),
+                    }
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
 /// Reads a spool back: memory chunks first, then the file.
 #[derive(Debug)]
 pub struct SpoolReader {
@@ -138,5 +184,8 @@ mod tests {
             }
             assert_eq!(all, b"helloworld!!more bytes");
         }
+        let mut blocking = Vec::new();
+        std::io::Read::read_to_end(&mut s.into_blocking_reader().unwrap(), &mut blocking).unwrap();
+        assert_eq!(blocking, b"helloworld!!more bytes");
     }
 }

@@ -8,7 +8,7 @@ use bytes::{Buf, Bytes};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use updraft_shared::exec::{Input, Output};
@@ -193,6 +193,20 @@ impl Uplink {
     /// The QUIC endpoint (tests rebind it to simulate an address change).
     pub fn endpoint(&self) -> &quinn::Endpoint {
         &self.endpoint
+    }
+
+    /// Moves the endpoint to a fresh UDP socket (a new local port) after a network
+    /// change: live connections migrate to it (QUIC connection migration) instead of
+    /// waiting out their idle timeout and reconnecting. Returns the new local address.
+    pub fn rebind(&self) -> std::io::Result<SocketAddr> {
+        let old = self.endpoint.local_addr()?;
+        let any: SocketAddr = if old.is_ipv6() {
+            "[::]:0".parse().expect("literal address")
+        } else {
+            "0.0.0.0:0".parse().expect("literal address")
+        };
+        self.endpoint.rebind(std::net::UdpSocket::bind(any)?)?;
+        self.endpoint.local_addr()
     }
 
     /// The least loaded connected daemon that is not draining; RTT breaks ties.
@@ -435,6 +449,10 @@ pub enum OffloadError<I> {
     Failed {
         /// Operator-readable cause.
         reason: String,
+        /// The whole input again, when every byte read so far is still held (it fit in
+        /// `replay_buffer`) and the failure was the link's, not the input's: the task
+        /// can be retried (same id) elsewhere.
+        input: Option<Replay<I>>,
     },
 }
 
@@ -513,7 +531,7 @@ pub async fn offload<I: Input, O: Output>(
                 }
                 Err(e) => {
                     let _ = send.reset(RESET_ABANDONED.into());
-                    return Err(OffloadError::Failed { reason: format!("reading the task's input: {e}") });
+                    return Err(OffloadError::Failed { reason: format!("reading the task's input: {e}"), input: None });
                 }
             },
         }
@@ -557,74 +575,103 @@ pub async fn offload<I: Input, O: Output>(
             );
         }
     }
-    drop(replay);
-
-    // Phase 2: accepted. Send the rest of the input while reading the output.
-    let pump = async {
-        if !send_ok {
-            return Ok(());
-        }
-        let mut pending = pending;
-        loop {
-            if let Some(p) = pending.take() {
-                if send.write_chunk(p).await.is_err() {
-                    // The daemon stopped reading (input over its limit); the trailer says why.
-                    return Ok(());
-                }
-                pending = to_send.pop_front();
-                continue;
-            }
-            if input_done {
-                let _ = send.finish();
+    // Phase 2: accepted. Send the rest of the input while reading the output. What is
+    // read from the input stays in `replay` while it fits in `replay_buffer`, so a task
+    // whose connection dies mid-run can be retried with its whole input.
+    let mut replayable = true;
+    let outcome = {
+        let rest = &mut input.rest;
+        let (replay, replayable) = (&mut replay, &mut replayable);
+        let pump = async {
+            if !send_ok {
                 return Ok(());
             }
-            match input.rest.next_chunk().await {
-                Ok(Some(c)) => pending = Some(c),
-                Ok(None) => input_done = true,
-                Err(e) => {
-                    let _ = send.reset(RESET_ABANDONED.into());
-                    return Err(format!("reading the task's input: {e}"));
+            let mut pending = pending;
+            loop {
+                if let Some(p) = pending.take() {
+                    if send.write_chunk(p).await.is_err() {
+                        // The daemon stopped reading (input over its limit, or it is
+                        // answering from its memory of this id); the trailer says why.
+                        return Ok(());
+                    }
+                    pending = to_send.pop_front();
+                    continue;
+                }
+                if input_done {
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                match rest.next_chunk().await {
+                    Ok(Some(c)) => {
+                        if *replayable && replay_len + c.len() <= cfg.replay_buffer {
+                            replay_len += c.len();
+                            replay.push_back(c.clone());
+                        } else if *replayable {
+                            *replayable = false;
+                            replay.clear();
+                        }
+                        pending = Some(c);
+                    }
+                    Ok(None) => input_done = true,
+                    Err(e) => {
+                        let _ = send.reset(RESET_ABANDONED.into());
+                        return Err(format!("reading the task's input: {e}"));
+                    }
                 }
             }
-        }
-    };
-    let read = async {
+        };
+        let read = async {
+            loop {
+                let frame = match reader.next().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => {
+                        return Err((
+                            true,
+                            "daemon ended the stream without a trailer".to_string(),
+                        ))
+                    }
+                    Err(e) => return Err((true, format!("connection lost mid-task: {e}"))),
+                };
+                match frame.kind {
+                    FrameKind::Data => output
+                        .write(frame.payload)
+                        .await
+                        .map_err(|e| (false, format!("delivering output: {e}")))?,
+                    FrameKind::Trailer => {
+                        return Trailer::from_frame(&frame)
+                            .map_err(|e| (true, format!("daemon misbehaved: {e}")))
+                    }
+                    other => {
+                        return Err((
+                            true,
+                            format!("daemon misbehaved: unexpected {other:?} frame"),
+                        ))
+                    }
+                }
+            }
+        };
+        tokio::pin!(pump, read);
+        let mut pump_done = false;
         loop {
-            let frame = match reader.next().await {
-                Ok(Some(f)) => f,
-                Ok(None) => return Err("daemon ended the stream without a trailer".to_string()),
-                Err(e) => return Err(format!("connection lost mid-task: {e}")),
-            };
-            match frame.kind {
-                FrameKind::Data => output
-                    .write(frame.payload)
-                    .await
-                    .map_err(|e| format!("delivering output: {e}"))?,
-                FrameKind::Trailer => {
-                    return Trailer::from_frame(&frame)
-                        .map_err(|e| format!("daemon misbehaved: {e}"))
+            tokio::select! {
+                r = &mut read => break r,
+                r = &mut pump, if !pump_done => {
+                    pump_done = true;
+                    if let Err(reason) = r {
+                        break Err((false, reason));
+                    }
                 }
-                other => return Err(format!("daemon misbehaved: unexpected {other:?} frame")),
             }
         }
     };
-    tokio::pin!(pump, read);
-    let mut pump_done = false;
-    let started = Instant::now();
-    loop {
-        tokio::select! {
-            r = &mut read => {
-                return r.map_err(|reason| {
-                    debug!(after = ?started.elapsed(), "offload failed mid-task: {reason}");
-                    OffloadError::Failed { reason }
-                });
-            }
-            r = &mut pump, if !pump_done => {
-                pump_done = true;
-                if let Err(reason) = r {
-                    return Err(OffloadError::Failed { reason });
-                }
-            }
+    outcome.map_err(|(link, reason)| {
+        debug!("offload failed mid-task: {reason}");
+        OffloadError::Failed {
+            reason,
+            input: (link && replayable).then(|| Replay {
+                buffered: replay,
+                rest: input.rest,
+            }),
         }
-    }
+    })
 }

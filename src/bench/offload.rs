@@ -233,7 +233,7 @@ async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
         updraft_agent::uplink::OffloadError::NotStarted { code, reason, .. } => {
             anyhow::anyhow!("offload not started ({code:?}): {reason}")
         }
-        updraft_agent::uplink::OffloadError::Failed { reason } => {
+        updraft_agent::uplink::OffloadError::Failed { reason, .. } => {
             anyhow::anyhow!("offload failed: {reason}")
         }
     })?;
