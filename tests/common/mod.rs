@@ -134,9 +134,22 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Stops the process; when a test is failing, prints the end of its log so the
+    /// failure explains itself.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} log lines of {} ---\n{}",
+                tail.len(),
+                self.name,
+                tail.join("\n")
+            );
+        }
     }
 }
 
@@ -449,4 +462,52 @@ impl Cluster {
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         serde_json::from_slice(&r.body).expect("explain is JSON")
     }
+}
+
+/// Like [`start_daemon`], for tests that run several daemons in one directory or
+/// restart one on the address it had: the config is `{name}.toml` with state in
+/// `{name}-state`, listening on `listen` (`127.0.0.1:0` for any port).
+pub fn start_daemon_named(dir: &Path, name: &str, listen: &str, extra: &str) -> (Proc, String) {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{listen}\"\nstate_dir = \"{name}-state\"\nload_report_interval = \"100ms\"\ndrain_timeout = \"20s\"\n{extra}\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\n{DAEMON_TASKS}"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("updraftd"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+    let daemon = Proc::spawn("updraftd", cmd);
+    let addr = wait_for(
+        &format!("daemon {name} to listen"),
+        Duration::from_secs(20),
+        || {
+            let log = daemon.log();
+            let line = log.lines().find(|l| l.contains("updraftd serving"))?;
+            let at = line.find("listen=")? + "listen=".len();
+            Some(line[at..].split_whitespace().next()?.to_string())
+        },
+    );
+    (daemon, addr)
+}
+
+/// Like [`start_agent`] with one `[[cloud]]` entry per address, in that order.
+pub fn start_agent_clouds(dir: &Path, daemon_addrs: &[&str], extra: &str) -> (Proc, PathBuf) {
+    let cfg = dir.join("agent.toml");
+    let socket = dir.join("agent.sock");
+    let clouds: String = daemon_addrs
+        .iter()
+        .map(|a| format!("[[cloud]]\naddress = \"{a}\"\nserver_name = \"localhost\"\n"))
+        .collect();
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket = \"agent.sock\"\nstate_dir = \"astate\"\npolicy = \"policy.toml\"\n{extra}\n{clouds}[tls]\nca = \"pki/ca.pem\"\ncert = \"agent/agent.pem\"\nkey = \"agent/agent.key\"\n{AGENT_TASKS}"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin("updraft-agent"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+    (Proc::spawn("updraft-agent", cmd), socket)
 }
