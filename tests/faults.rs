@@ -28,10 +28,11 @@ const WAIT: Duration = Duration::from_secs(30);
 const DAEMON_BASE: &str = "idle_timeout = \"2s\"\nmax_concurrent_tasks = 8\n";
 
 /// The agent's `[link]` table: a dead connection is noticed in about 2 s, reconnects
-/// come within 500 ms, and a daemon that does not accept within `accept` is given up.
-fn agent_link(accept: &str, connect: &str) -> String {
+/// come within 500 ms, a daemon that does not accept within `accept` is given up, and a
+/// task lost mid-run with no daemon left waits `failover` for one to come back.
+fn agent_link(accept: &str, connect: &str, failover: &str) -> String {
     format!(
-        "[link]\nidle_timeout = \"2s\"\nkeep_alive = \"300ms\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\naccept_timeout = \"{accept}\"\nconnect_timeout = \"{connect}\"\nfailover_wait = \"10s\"\n"
+        "[link]\nidle_timeout = \"2s\"\nkeep_alive = \"300ms\"\nreconnect_min = \"100ms\"\nreconnect_max = \"500ms\"\naccept_timeout = \"{accept}\"\nconnect_timeout = \"{connect}\"\nfailover_wait = \"{failover}\"\n"
     )
 }
 
@@ -335,7 +336,7 @@ fn daemon_killed_mid_task_sync_finishes_on_the_board_and_detached_waits_for_its_
     let (mut daemon, addr) = start_daemon_named(d, "d", "127.0.0.1:0", &daemon_extra);
     let agent_extra = format!(
         "{}{}{}",
-        agent_link("1s", "1s"),
+        agent_link("1s", "1s", "2s"),
         counted_task("work", runs.path(), "board", "1.5", ""),
         counted_task("work_always", runs.path(), "board", "1.5", "always"),
     );
@@ -431,7 +432,7 @@ fn agent_killed_with_a_hundred_detached_tasks_queued_finishes_them_after_restart
     let nowhere = "127.0.0.1:9";
     let agent_extra = format!(
         "max_local_concurrency = 1\n[journal]\nmax_running = {MAX_RUNNING}\n{}{}",
-        agent_link("1s", "1s"),
+        agent_link("1s", "1s", "10s"),
         counted_task("quick", runs.path(), "board", "0.05", "never"),
     );
     let (mut agent, socket) = start_agent(d, nowhere, &agent_extra);
@@ -493,15 +494,18 @@ fn blackhole_longer_than_the_idle_timeout_loses_no_task_and_runs_none_twice() {
         "d",
         "127.0.0.1:0",
         &format!(
-            "{DAEMON_BASE}{}",
-            counted_task("work_always", runs.path(), "cloud", "1.5", "")
+            "{DAEMON_BASE}{}{}",
+            counted_task("work_always", runs.path(), "cloud", "1.5", ""),
+            counted_task("work", runs.path(), "cloud", "1.5", ""),
         ),
     );
+    cloud_rule_policy(d, "work");
     let link = Emulator::start(&daemon_addr, LinkParams::default(), 3);
     let agent_extra = format!(
-        "{}{}",
-        agent_link("1s", "1s"),
+        "{}{}{}",
+        agent_link("1s", "1s", "10s"),
         counted_task("work_always", runs.path(), "board", "1.5", "always"),
+        counted_task("work", runs.path(), "board", "1.5", ""),
     );
     let (_agent, socket) = start_agent(d, &link.addr(), &agent_extra);
     wait_all_connected(&socket);
@@ -511,7 +515,14 @@ fn blackhole_longer_than_the_idle_timeout_loses_no_task_and_runs_none_twice() {
     for i in 0..3 {
         ids.push(submit_detached(&socket, "work_always", &input(i)));
     }
-    runs.wait_started("the first tasks to run in the cloud", |r| r.len() >= 3);
+    // Sync, in the cloud by a rule, so it could run on the board: with no daemon left
+    // it waits `failover_wait` for the daemon, which still runs it, instead.
+    let sync = submit_sync(
+        &socket,
+        "/v1/tasks/work".into(),
+        b"sync through the cut".to_vec(),
+    );
+    runs.wait_started("the first tasks to run in the cloud", |r| r.len() >= 4);
 
     let cut = Instant::now();
     link.relay().handle().set_blackhole(true);
@@ -542,6 +553,14 @@ fn blackhole_longer_than_the_idle_timeout_loses_no_task_and_runs_none_twice() {
         let v = assert_detached_delivered(&socket, id, &input(i), WAIT);
         assert_eq!(v["placement"], "cloud", "{v}");
     }
+    let (sync_id, placement, reason) =
+        assert_sync_delivered(&sync.join().unwrap(), b"sync through the cut");
+    assert_eq!(placement, "cloud", "reason: {reason}");
+    assert!(
+        tells_of_a_loss(&reason),
+        "the reason tells of the loss: {reason}"
+    );
+    ids.push(sync_id);
     for id in &ids {
         assert_eq!(runs.of(id), ["cloud"], "{id} ran once, in the cloud");
     }
@@ -580,7 +599,7 @@ fn lossy_slow_link_delivers_every_task_once() {
     // A 200 ms RTT with loss makes handshakes and accepts slower than on loopback.
     let agent_extra = format!(
         "{}{}{}",
-        agent_link("5s", "5s"),
+        agent_link("5s", "5s", "10s"),
         counted_task("work", runs.path(), "board", "0.2", ""),
         counted_task("work_always", runs.path(), "board", "0.2", "always"),
     );
@@ -646,7 +665,7 @@ fn socket_rebound_mid_task_migrates_the_connection() {
     let link = Emulator::start(&daemon_addr, LinkParams::default(), 5);
     let agent_extra = format!(
         "{}{}",
-        agent_link("1s", "1s"),
+        agent_link("1s", "1s", "10s"),
         counted_task("work", runs.path(), "board", "2", ""),
     );
     let (mut agent, socket) = start_agent(d, &link.addr(), &agent_extra);
@@ -700,7 +719,7 @@ fn one_of_two_daemons_killed_its_tasks_finish_on_the_other() {
     let (_b, b_addr) = start_daemon_named(d, "b", "127.0.0.1:0", &daemon_extra("cloud-b"));
     let agent_extra = format!(
         "{}{}",
-        agent_link("1s", "1s"),
+        agent_link("1s", "1s", "10s"),
         counted_task("work_always", runs.path(), "board", "2.5", "always"),
     );
     let (_agent, socket) = start_agent_clouds(d, &[&a_addr, &b_addr], &agent_extra);
@@ -767,7 +786,7 @@ fn daemon_drains_under_load_and_every_task_is_delivered_once() {
     let (_b, b_addr) = start_daemon_named(d, "b", "127.0.0.1:0", &daemon_extra("cloud-b"));
     let agent_extra = format!(
         "{}{}",
-        agent_link("1s", "1s"),
+        agent_link("1s", "1s", "10s"),
         counted_task("work", runs.path(), "board", "1", ""),
     );
     let (_agent, socket) = start_agent_clouds(d, &[&a_addr, &b_addr], &agent_extra);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use updraft_shared::catalog::{AdmittedTask, Caller, Catalog};
+use updraft_shared::catalog::{Caller, Catalog};
 use updraft_shared::exec::{Executor, Input};
 use updraft_shared::protocol::{ErrorCode, RequestHeader};
 use updraft_shared::tls::Identity;
@@ -293,15 +293,25 @@ impl Agent {
         let mut input = Some(Replay::fresh(input));
         // Why earlier attempts of this task were lost mid-run, for the reason text.
         let mut lost: Vec<String> = Vec::new();
+        // The daemon the last attempt was lost on: it may still run (or have finished)
+        // that attempt, and only it can answer the retry without a second run.
+        let mut lost_on: Option<String> = None;
+        // A daemon that went silent during the last attempt (its connection open, no
+        // load report since the attempt began): likely dead, so not tried again at once.
+        let mut avoid: Option<String> = None;
         let (placed, decided, result, output) = loop {
-            let mut chosen = self.uplink.pick();
-            if chosen.is_none() && !lost.is_empty() && self.must_run_in_cloud(&task, sub.where_) {
-                // Lost mid-task and only the cloud will do: give a daemon (the same one
-                // reconnecting, or another) a moment before failing.
-                self.uplink
-                    .wait_usable(self.config.link.failover_wait)
+            let mut chosen = None;
+            if let Some(address) = &lost_on {
+                // Give it `failover_wait` to come back (a blip of the board's own link)
+                // before the task moves to another daemon or the board.
+                chosen = self
+                    .uplink
+                    .wait_for(address, self.config.link.failover_wait)
                     .await;
-                chosen = self.uplink.pick();
+            }
+            let back_on_same = chosen.is_some();
+            if chosen.is_none() {
+                chosen = self.uplink.pick_avoiding(avoid.as_deref());
             }
             let decided = self.knowledge.place(
                 task.spec(),
@@ -311,8 +321,15 @@ impl Agent {
                 sub.input_len,
             );
             let mut placed = decided.placement.clone();
+            if back_on_same && placed.side == Side::Local && !placed.forced {
+                placed.side = Side::Cloud;
+                placed.reason = format!(
+                    "{}, but the daemon that may hold its first run is back",
+                    placed.reason
+                );
+            }
             if !lost.is_empty() {
-                placed.reason = format!("{}; retried: {}", lost.join("; "), placed.reason);
+                placed.reason = format!("{}; retried: {}", losses(&lost), placed.reason);
             }
             let forced = placed.forced;
             let mut output = self.new_spool();
@@ -320,7 +337,7 @@ impl Agent {
             if placed.side == Side::Cloud {
                 match chosen {
                     None if forced => {
-                        let why = self.why_no_cloud();
+                        let why = self.why_no_cloud(avoid.as_deref());
                         let code = if lost.is_empty() {
                             "cloud_unavailable"
                         } else {
@@ -342,7 +359,7 @@ impl Agent {
                         placed.reason = format!(
                             "{}; then {}; ran on the board",
                             placed.reason,
-                            self.why_no_cloud()
+                            self.why_no_cloud(avoid.as_deref())
                         );
                     }
                     Some(c) => {
@@ -414,7 +431,7 @@ impl Agent {
                                 let prefix = if lost.is_empty() {
                                     String::new()
                                 } else {
-                                    format!("{}; ", lost.join("; "))
+                                    format!("{}; ", losses(&lost))
                                 };
                                 placed.reason = match code {
                                     Some(code) => format!("{prefix}daemon {daemon} refused the task ({code}: {why}); ran on the board"),
@@ -436,12 +453,41 @@ impl Agent {
                                     "daemon {} lost the task mid-run ({why})",
                                     c.link.address()
                                 ));
+                                let address = c.link.address().to_string();
+                                if c.conn.close_reason().is_none()
+                                    && !c.link.heard_since(offload_started)
+                                {
+                                    (lost_on, avoid) = (None, Some(address));
+                                } else {
+                                    (lost_on, avoid) = (Some(address), None);
+                                }
                                 input = Some(back);
                                 continue;
                             }
+                            Err(OffloadError::Failed {
+                                reason: why,
+                                input: Some(back),
+                            }) if !forced => {
+                                let daemon = c.link.address();
+                                warn!(
+                                    task = sub.task,
+                                    id,
+                                    daemon,
+                                    "task lost mid-run again ({why}); running it on the board"
+                                );
+                                placed.side = Side::Local;
+                                placed.kind = ReasonKind::Fallback;
+                                placed.reason = format!(
+                                    "{}; daemon {daemon} lost the task mid-run ({why}); ran on the board",
+                                    losses(&lost)
+                                );
+                                // What the lost run sent back is not this run's output.
+                                output = self.new_spool();
+                                input = Some(back);
+                            }
                             Err(OffloadError::Failed { reason: why, input }) => {
                                 let why = if input.is_none() && !lost.is_empty() {
-                                    format!("{why}; earlier: {}", lost.join("; "))
+                                    format!("{why}; earlier: {}", losses(&lost))
                                 } else {
                                     why
                                 };
@@ -505,14 +551,9 @@ impl Agent {
         })
     }
 
-    /// True when `task` may only run in the cloud: `where=cloud` or `offload = "always"`.
-    fn must_run_in_cloud(&self, task: &AdmittedTask, where_: Where) -> bool {
-        where_ == Where::Cloud
-            || (where_ == Where::Auto
-                && task.spec().offload == updraft_shared::catalog::Offload::Always)
-    }
-
-    fn why_no_cloud(&self) -> String {
+    /// Why no daemon can take a task now; `avoided` is one left out because it went
+    /// silent during the task's last attempt.
+    fn why_no_cloud(&self, avoided: Option<&str>) -> String {
         let status = self.uplink.status();
         if status.is_empty() {
             return "no [[cloud]] daemon is configured".into();
@@ -520,7 +561,9 @@ impl Agent {
         let parts: Vec<String> = status
             .iter()
             .map(|s| {
-                let state = if s.connected && s.draining {
+                let state = if Some(s.address.as_str()) == avoided {
+                    "silent since the last attempt began".to_string()
+                } else if s.connected && s.draining {
                     "draining".to_string()
                 } else if s.connected {
                     "connected".to_string()
@@ -1023,6 +1066,22 @@ fn journal_json(u: &journal::Usage) -> serde_json::Value {
     })
 }
 
+/// The attempts of a task lost mid-run, for its reason: repeats said once, counted.
+fn losses(lost: &[String]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < lost.len() {
+        let n = lost[i..].iter().take_while(|l| **l == lost[i]).count();
+        parts.push(if n > 1 {
+            format!("{} ({n} times)", lost[i])
+        } else {
+            lost[i].clone()
+        });
+        i += n;
+    }
+    parts.join("; ")
+}
+
 /// A detached task as `GET /v1/tasks/{id}` shows it.
 pub fn task_json(r: &TaskRow) -> serde_json::Value {
     serde_json::json!({
@@ -1274,5 +1333,22 @@ async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
             _ = hup.recv() => agent.knowledge.reload_policy("SIGHUP"),
             () = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::losses;
+
+    #[test]
+    fn losses_say_a_repeated_attempt_once_with_its_count() {
+        let a = "daemon d1 lost the task mid-run (no answer)".to_string();
+        let b = "daemon d2 lost the task mid-run (connection lost)".to_string();
+        assert_eq!(losses(&[]), "");
+        assert_eq!(losses(std::slice::from_ref(&a)), a);
+        assert_eq!(
+            losses(&[a.clone(), a.clone(), b.clone(), a.clone()]),
+            format!("{a} (2 times); {b}; {a}")
+        );
     }
 }

@@ -24,6 +24,9 @@ use updraft_shared::wire::{write_frame, FrameReader};
 struct LinkState {
     conn: Option<quinn::Connection>,
     load: Option<LoadReport>,
+    /// When the last load report arrived: the daemon itself, not just the connection,
+    /// was alive then.
+    heard: Option<std::time::Instant>,
     last_error: Option<String>,
 }
 
@@ -94,6 +97,12 @@ impl Link {
         }
         let load = s.load.unwrap_or_default();
         (!load.draining).then_some((conn, load))
+    }
+
+    /// True when a load report arrived after `since`: the daemon was answering then.
+    pub fn heard_since(&self, since: std::time::Instant) -> bool {
+        let s = self.state.lock().expect("link state lock");
+        s.heard.is_some_and(|h| h >= since)
     }
 
     fn set(&self, f: impl FnOnce(&mut LinkState)) {
@@ -211,8 +220,15 @@ impl Uplink {
 
     /// The least loaded connected daemon that is not draining; RTT breaks ties.
     pub fn pick(&self) -> Option<Chosen> {
+        self.pick_avoiding(None)
+    }
+
+    /// Like [`pick`](Self::pick), leaving out the daemon at `avoid` (one that went
+    /// silent on the last attempt).
+    pub fn pick_avoiding(&self, avoid: Option<&str>) -> Option<Chosen> {
         self.links
             .iter()
+            .filter(|l| Some(l.address()) != avoid)
             .filter_map(|l| {
                 l.usable().map(|(conn, load)| Chosen {
                     link: l.clone(),
@@ -227,6 +243,34 @@ impl Uplink {
                     .total_cmp(&score(b))
                     .then(a.conn.rtt().cmp(&b.conn.rtt()))
             })
+    }
+
+    /// Waits up to `timeout` for the daemon at `address` to be usable again (after its
+    /// connection died mid-task). `None` when it is not back by then, or is back but
+    /// draining: the caller goes elsewhere.
+    pub async fn wait_for(&self, address: &str, timeout: Duration) -> Option<Chosen> {
+        let link = self.links.iter().find(|l| l.address() == address)?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = link.changed.notified();
+            if let Some((conn, load)) = link.usable() {
+                return Some(Chosen {
+                    link: link.clone(),
+                    conn,
+                    load,
+                });
+            }
+            let connected = {
+                let s = link.state.lock().expect("link state lock");
+                s.conn.as_ref().is_some_and(|c| c.close_reason().is_none())
+            };
+            if connected {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// Every live connection, by daemon address.
@@ -396,7 +440,10 @@ async fn follow_load(link: Arc<Link>, conn: quinn::Connection) {
                     );
                 }
                 was_draining = load.draining;
-                link.set(|s| s.load = Some(load));
+                link.set(|s| {
+                    s.load = Some(load);
+                    s.heard = Some(std::time::Instant::now());
+                });
             }
             Err(e) => {
                 warn!(daemon = link.address(), error = %e, "daemon misbehaved on its load stream");
@@ -461,9 +508,10 @@ pub enum OffloadError<I> {
 ///
 /// Input is sent at once (no round trip waiting for acceptance) while a copy of up to
 /// `cfg.replay_buffer` bytes is kept until the daemon accepts; past that, sending
-/// pauses until it does. So if the daemon refuses, does not answer within
-/// `cfg.accept_timeout`, or the connection dies first, the task can still run on the
-/// board with its whole input.
+/// pauses until it does. So if the daemon refuses ([`OffloadError::NotStarted`]) the
+/// task can run elsewhere with its whole input; if it does not answer within
+/// `cfg.accept_timeout` or the connection dies first, the daemon may have the task, and
+/// the whole input comes back in [`OffloadError::Failed`] for a retry with the same id.
 pub async fn offload<I: Input, O: Output>(
     conn: &quinn::Connection,
     header: &RequestHeader,
@@ -549,16 +597,21 @@ pub async fn offload<I: Input, O: Output>(
                 give_back(replay, input),
             )
         }
+        // The request may have reached the daemon, and a small input is run only once it
+        // is whole, so the daemon may be running the task: a retry must carry the same
+        // id (and prefer this daemon) rather than treat it as never started.
         Ok(Err(e)) => {
-            return not_started(
-                None,
-                format!("connection failed: {e}"),
-                give_back(replay, input),
-            )
+            return Err(OffloadError::Failed {
+                reason: format!("connection failed before the daemon answered: {e}"),
+                input: Some(give_back(replay, input)),
+            })
         }
         Err(reason) => {
             let _ = send.reset(RESET_ABANDONED.into());
-            return not_started(None, reason, give_back(replay, input));
+            return Err(OffloadError::Failed {
+                reason: format!("{reason}; it may still run it"),
+                input: Some(give_back(replay, input)),
+            });
         }
     };
     match ReplyHeader::from_frame(&frame) {
