@@ -30,6 +30,29 @@ enum Command {
         /// placement: print every auto task's placement and reason on stderr.
         #[arg(long)]
         trace: bool,
+        /// faults: agents, each its own process.
+        #[arg(long, default_value_t = 3)]
+        agents: usize,
+        /// faults: tasks per agent.
+        #[arg(long, default_value_t = 60)]
+        tasks: usize,
+        /// faults: keep the run's directory (configs, logs, journals, runs file).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// A daemon process of `bench faults`. Started by the benchmark itself.
+    #[command(name = "bench-faults-daemon", hide = true)]
+    BenchFaultsDaemon {
+        /// Daemon config written by the benchmark.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// An agent process of `bench faults`. Started by the benchmark itself.
+    #[command(name = "bench-faults-agent", hide = true)]
+    BenchFaultsAgent {
+        /// Agent config written by the benchmark.
+        #[arg(long)]
+        config: PathBuf,
     },
     /// The cloud side of `bench placement`: a daemon behind a link emulator, driven
     /// through stdin. Started by the benchmark itself.
@@ -51,7 +74,7 @@ enum Bench {
     /// Auto placement against always-local, always-cloud and a hindsight oracle, under
     /// changing board CPU and link conditions; plus the cost of one decision.
     Placement,
-    /// Delivery under faults (not built yet).
+    /// Delivery under a schedule of faults: submitted, delivered, duplicate runs, lost.
     Faults,
 }
 
@@ -90,6 +113,7 @@ fn main() -> ExitCode {
                 json,
                 scenarios,
                 trace,
+                ..
             } => {
                 updraft::bench::placement::run(updraft::bench::placement::Options {
                     json,
@@ -98,13 +122,32 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Command::Bench {
+                which: Bench::Faults,
+                json,
+                agents,
+                tasks,
+                keep,
+                ..
+            } => {
+                updraft::bench::faults::run(updraft::bench::faults::Options {
+                    json,
+                    agents,
+                    tasks,
+                    keep,
+                })
+                .await
+            }
+            Command::BenchFaultsDaemon { config } => {
+                updraft::bench::faults::serve_daemon(&config).await
+            }
+            Command::BenchFaultsAgent { config } => {
+                updraft::bench::faults::serve_agent(&config).await
+            }
             Command::BenchPlacementCloud { config } => {
                 updraft::bench::placement::serve_cloud(&config).await
             }
             Command::BenchPlacementBurn => unreachable!("handled before the runtime starts"),
-            Command::Bench { which, .. } => {
-                anyhow::bail!("`updraft bench {which:?}` is not built yet")
-            }
         }
     });
     match result {

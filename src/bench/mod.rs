@@ -1,5 +1,6 @@
 //! `updraft bench`: the benchmark suite. Every figure is printed beside a baseline
 //! measured in the same run, because only ratios travel between machines.
 
+pub mod faults;
 pub mod offload;
 pub mod placement;
