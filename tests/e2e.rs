@@ -135,7 +135,9 @@ fn local_api_with_a_plain_http_client() {
     let m = http(&c.socket, "GET", "/metrics", b"").unwrap();
     let text = String::from_utf8(m.body).unwrap();
     assert!(
-        text.contains("updraft_agent_tasks_total{placement=\"cloud\",outcome=\"ok\"}"),
+        text.contains(
+            "updraft_agent_tasks_total{placement=\"cloud\",task=\"echo\",outcome=\"ok\"}"
+        ),
         "{text}"
     );
 }

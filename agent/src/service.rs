@@ -135,8 +135,6 @@ pub struct Decision {
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
 struct Counters {
-    /// (placement, outcome) → count
-    tasks: BTreeMap<(&'static str, String), u64>,
     /// (placement, reason kind) → count
     decisions: BTreeMap<(&'static str, &'static str), u64>,
 }
@@ -153,6 +151,8 @@ pub struct Agent {
     started: Instant,
     recent: Mutex<VecDeque<Decision>>,
     counters: Mutex<Counters>,
+    /// Finished tasks by placement, task and outcome, with latency histograms.
+    task_stats: updraft_shared::metrics::TaskStats,
     /// Detached tasks: accepted, running and finished.
     journal: Arc<Journal>,
     /// Ids of detached tasks to run, to the dispatcher ([`run`]).
@@ -198,6 +198,7 @@ impl Agent {
             started: Instant::now(),
             recent: Mutex::new(VecDeque::new()),
             counters: Mutex::default(),
+            task_stats: Default::default(),
             journal,
             detached_tx,
             detached_rx: Mutex::new(Some(detached_rx)),
@@ -604,11 +605,18 @@ impl Agent {
         {
             let mut c = self.counters.lock().expect("counters lock");
             let outcome_label = match result {
-                Ok(e) if e.code == 0 => "ok".to_string(),
-                Ok(_) => "exit_nonzero".to_string(),
-                Err(e) => e.code.clone(),
+                Ok(e) if e.code == 0 => "ok",
+                Ok(_) => "exit_nonzero",
+                Err(e) => e.code.as_str(),
             };
-            *c.tasks.entry((side.as_str(), outcome_label)).or_default() += 1;
+            // Only catalog names become labels, so the series stay bounded.
+            let label = if self.catalog.get(task).is_some() {
+                task
+            } else {
+                "other"
+            };
+            self.task_stats
+                .record(side.as_str(), label, outcome_label, elapsed);
             *c.decisions
                 .entry((side.as_str(), kind.as_str()))
                 .or_default() += 1;
@@ -939,18 +947,8 @@ impl Agent {
     pub fn metrics_text(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
+        self.task_stats.render("updraft_agent", &mut out);
         let c = self.counters.lock().expect("counters lock");
-        let _ = writeln!(
-            out,
-            "# HELP updraft_agent_tasks_total Tasks finished, by placement and outcome."
-        );
-        let _ = writeln!(out, "# TYPE updraft_agent_tasks_total counter");
-        for ((p, o), n) in &c.tasks {
-            let _ = writeln!(
-                out,
-                "updraft_agent_tasks_total{{placement=\"{p}\",outcome=\"{o}\"}} {n}"
-            );
-        }
         let _ = writeln!(out, "# HELP updraft_agent_decisions_total Placement decisions, by placement and reason kind.");
         let _ = writeln!(out, "# TYPE updraft_agent_decisions_total counter");
         for ((p, k), n) in &c.decisions {

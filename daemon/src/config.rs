@@ -31,7 +31,7 @@ pub struct DaemonFile {
     pub max_concurrent_tasks: Option<usize>,
     /// Tasks admitted and waiting for a slot before new ones get `busy`. Default 4 × slots.
     pub max_queued_tasks: Option<usize>,
-    /// Address for the Prometheus `/metrics` endpoint (reserved; not served yet).
+    /// TCP address for the Prometheus `/metrics` endpoint.
     pub metrics_listen: Option<String>,
     /// How long SIGTERM waits for running tasks before closing anyway. Default 60s.
     pub drain_timeout: Option<HumanDuration>,

@@ -3,12 +3,14 @@
 //! - [`config`]: `daemon.toml`, validated into [`config::DaemonConfig`].
 //! - [`server`]: the QUIC accept loop, per-connection and per-task handlers, drain.
 //! - [`recent`]: the memory of recent task ids that answers retries with the first result.
+//! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
 //! - [`pki`]: `ca init` and `cert issue`.
 //! - [`cli`]: the `updraftd` command line.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod pki;
 pub mod recent;
 pub mod server;

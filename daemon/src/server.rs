@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use updraft_shared::catalog::{Caller, Catalog};
 use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output};
+use updraft_shared::metrics::{self, TaskStats};
 use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{
     ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer, CLOSE_DRAINING,
@@ -81,6 +82,93 @@ struct Shared {
     tasks: TaskTracker,
     /// Recent task ids and their results, for retries.
     recent: Arc<Recent>,
+    /// Finished tasks by task and outcome, with latency histograms.
+    stats: TaskStats,
+    /// Agent connections open now.
+    connections: AtomicU64,
+}
+
+impl Shared {
+    /// The Prometheus text for `/metrics`.
+    fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        self.stats.render("updraftd", &mut out);
+        let load = self.executor.load();
+        let usage = self.recent.usage();
+        let counters = self.recent.counters();
+        metrics::gauge(
+            &mut out,
+            "updraftd_running",
+            "Tasks running now.",
+            load.running,
+        );
+        metrics::gauge(
+            &mut out,
+            "updraftd_queued",
+            "Tasks waiting for a slot.",
+            load.queued,
+        );
+        metrics::gauge(
+            &mut out,
+            "updraftd_capacity",
+            "Task slots (max_concurrent_tasks).",
+            load.capacity,
+        );
+        metrics::gauge(
+            &mut out,
+            "updraftd_connections",
+            "Agent connections open now.",
+            self.connections.load(Ordering::Relaxed),
+        );
+        metrics::gauge(
+            &mut out,
+            "updraftd_draining",
+            "1 while draining after SIGTERM.",
+            u8::from(*self.draining.borrow()),
+        );
+        metrics::counter(
+            &mut out,
+            "updraftd_runs_total",
+            "Tasks started (a slot taken).",
+            counters.runs.load(Ordering::Relaxed),
+        );
+        metrics::counter(
+            &mut out,
+            "updraftd_dedup_hits_total",
+            "Retries answered from memory instead of a second run.",
+            counters.dedup_hits.load(Ordering::Relaxed),
+        );
+        metrics::gauge(
+            &mut out,
+            "updraftd_dedup_entries",
+            "Task ids remembered, running and finished.",
+            usage.entries,
+        );
+        metrics::gauge(
+            &mut out,
+            "updraftd_dedup_kept_bytes",
+            "Bytes of results kept for retries.",
+            usage.kept_bytes,
+        );
+        out
+    }
+}
+
+/// Counts one task stream when it ends, however it ends: the outcome is set on the
+/// way; one left unset means the agent went away.
+struct Tally<'a> {
+    shared: &'a Shared,
+    task: &'a str,
+    outcome: &'static str,
+    started: Instant,
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        self.shared
+            .stats
+            .record("", self.task, self.outcome, self.started.elapsed());
+    }
 }
 
 /// Serves on `endpoint` until `shutdown` resolves, then drains: no new tasks, agents
@@ -107,8 +195,17 @@ pub async fn run(
         draining,
         tasks: TaskTracker::new(),
         recent: Recent::new(config.dedup),
+        stats: TaskStats::default(),
+        connections: AtomicU64::new(0),
         config,
     });
+    let _metrics = match shared.config.metrics_listen {
+        Some(addr) => {
+            let s = shared.clone();
+            Some(crate::metrics::serve(addr, Arc::new(move || s.metrics_text())).await?)
+        }
+        None => None,
+    };
     let connections = TaskTracker::new();
     info!(
         listen = %endpoint.local_addr()?,
@@ -176,6 +273,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     };
     let peer = Arc::new(peer);
     info!(%remote, agent = peer.agent_id(), "agent connected");
+    shared.connections.fetch_add(1, Ordering::Relaxed);
     let reporter = tokio::spawn(report_load(conn.clone(), shared.clone()));
     loop {
         match conn.accept_bi().await {
@@ -192,6 +290,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
     }
     reporter.abort();
+    shared.connections.fetch_sub(1, Ordering::Relaxed);
     info!(%remote, agent = peer.agent_id(), "agent disconnected");
 }
 
@@ -273,6 +372,17 @@ async fn handle_task(
     };
     let (recv, leftover) = reader.into_parts();
     let mut input = StreamInput::new(leftover, recv);
+    // Only catalog names become metric labels, so the series stay bounded.
+    let label = match shared.catalog.get(&header.task) {
+        Some(_) => header.task.as_str(),
+        None => "other",
+    };
+    let mut tally = Tally {
+        shared,
+        task: label,
+        outcome: "agent_gone",
+        started: Instant::now(),
+    };
     let id = header.id.as_str();
     let key = TaskKey::new(peer, id);
     // True once this stream has been answered `accepted` (a retry waiting for a run in
@@ -295,6 +405,7 @@ async fn handle_task(
                     "task id {id} retried; returning its first result"
                 );
                 shared.recent.counters().hit();
+                tally.outcome = "deduplicated";
                 deliver_record(&mut send, &mut input, accepted, &record).await;
                 return;
             }
@@ -320,6 +431,7 @@ async fn handle_task(
                             "task id {id} retried; returning its first result"
                         );
                         shared.recent.counters().hit();
+                        tally.outcome = "deduplicated";
                         deliver_record(&mut send, &mut input, accepted, &record).await;
                         return;
                     }
@@ -334,6 +446,7 @@ async fn handle_task(
                     first_task = task,
                     "peer misbehaved: task id reused for a different request; task refused"
                 );
+                tally.outcome = ErrorCode::BadRequest.as_str();
                 refuse(
                     &mut send,
                     &mut input,
@@ -357,6 +470,7 @@ async fn handle_task(
         }
     };
     if *shared.draining.borrow() {
+        tally.outcome = ErrorCode::Draining.as_str();
         refuse(
             &mut send,
             &mut input,
@@ -376,6 +490,7 @@ async fn handle_task(
         Ok(t) => t.with_task_id(id),
         Err(refusal) => {
             info!(agent, task = header.task, id, code = %refusal.code, "task refused: {}", refusal.message);
+            tally.outcome = refusal.code.as_str();
             refuse(
                 &mut send,
                 &mut input,
@@ -390,6 +505,7 @@ async fn handle_task(
     let reservation = match shared.executor.reserve() {
         Ok(r) => r,
         Err(e) => {
+            tally.outcome = e.code().as_str();
             refuse(&mut send, &mut input, accepted, e.code(), e.to_string()).await;
             return;
         }
@@ -460,6 +576,12 @@ async fn handle_task(
             }
         }
     };
+    tally.outcome = match (trailer.exit_code, trailer.error) {
+        (_, Some(code)) => code.as_str(),
+        (Some(0), None) => "ok",
+        (Some(_), None) => "exit_nonzero",
+        (None, None) => "internal",
+    };
     // Settled before the trailer goes out, so a retry or a waiter has the result as
     // soon as this stream could.
     let mut kept = false;
@@ -485,6 +607,7 @@ async fn handle_task(
         }
     }
     if teed.lost {
+        tally.outcome = "agent_gone";
         if kept {
             info!(agent, task = header.task, id, exit_code = ?trailer.exit_code, "agent went away mid-task; the task finished and its result is kept for a retry");
         } else {

@@ -8,6 +8,7 @@
 //! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
+//! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
 //! - [`policy`]: the policy file, its evaluator and the cost model (pure).
 //! - [`logging`], [`signals`]: service plumbing.
 //! - [`units`]: human-readable durations and sizes in config files.
@@ -17,6 +18,7 @@ pub mod catalog;
 pub mod config;
 pub mod exec;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod protocol;
