@@ -17,7 +17,9 @@ const UNITS: [(&str, &str); 2] = [
 ];
 
 fn unit_path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("systemd")
+        .join(name)
 }
 
 /// A copy of the unit in `dir` whose ExecStart names the freshly built binary, because
