@@ -1,0 +1,218 @@
+//! The `.deb` packages: built by `cargo deb`, unpacked into a scratch root, checked
+//! that everything lands where the units expect, and passed through lintian.
+//!
+//! Needs `cargo-deb`, `dpkg-deb`, `systemd-sysusers` and `lintian`. Without cargo-deb the test says so
+//! and passes, unless `UPDRAFT_PACKAGE_TEST=require` (as `.ci/run` sets).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::bin;
+
+struct Package {
+    /// The Cargo package.
+    crate_name: &'static str,
+    /// The Debian package and its unit.
+    deb_name: &'static str,
+    binary: &'static str,
+    config: &'static str,
+}
+
+const PACKAGES: [Package; 2] = [
+    Package {
+        crate_name: "updraft-agent",
+        deb_name: "updraft-agent",
+        binary: "updraft-agent",
+        config: "etc/updraft/agent.toml",
+    },
+    Package {
+        crate_name: "updraft-daemon",
+        deb_name: "updraftd",
+        binary: "updraftd",
+        config: "etc/updraft/daemon.toml",
+    },
+];
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} did not start: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn have_cargo_deb() -> bool {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let found = Command::new(cargo)
+        .args(["deb", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert_ne!(
+            std::env::var("UPDRAFT_PACKAGE_TEST").as_deref(),
+            Ok("require"),
+            "cargo-deb is required here: cargo install cargo-deb"
+        );
+        eprintln!("cargo-deb is not installed (cargo install cargo-deb); .deb check skipped");
+    }
+    found
+}
+
+/// Builds the package from the test build's binaries (already built by [`bin`]).
+fn build_deb(p: &Package, out: &Path) -> PathBuf {
+    bin(p.binary);
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let stdout = run(Command::new(cargo)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["deb", "-p", p.crate_name, "--no-build", "--profile", "dev"])
+        .arg("--output")
+        .arg(out));
+    let deb = stdout
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.ends_with(".deb"))
+        .unwrap_or_else(|| panic!("cargo deb printed no .deb path: {stdout}"));
+    PathBuf::from(deb)
+}
+
+/// `Key=value` lines of a unit.
+fn unit_values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .collect()
+}
+
+#[test]
+fn debs_install_into_a_scratch_root_where_the_units_expect_and_lintian_finds_no_error() {
+    if !have_cargo_deb() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for p in &PACKAGES {
+        let deb = build_deb(p, dir.path());
+        let root = dir.path().join(format!("root-{}", p.deb_name));
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+        let control = dir.path().join(format!("control-{}", p.deb_name));
+        run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+
+        // The unit, where systemd looks for units a package ships.
+        let unit_path = ["lib/systemd/system", "usr/lib/systemd/system"]
+            .iter()
+            .map(|d| root.join(d).join(format!("{}.service", p.deb_name)))
+            .find(|f| f.exists())
+            .unwrap_or_else(|| panic!("{}: no unit in the package", p.deb_name));
+        let unit = std::fs::read_to_string(&unit_path).unwrap();
+        assert_eq!(
+            unit,
+            std::fs::read_to_string(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("systemd")
+                    .join(format!("{}.service", p.deb_name))
+            )
+            .unwrap(),
+            "the packaged unit is the one in systemd/"
+        );
+
+        // ExecStart's binary and --config file are in the package.
+        let exec = unit_values(&unit, "ExecStart");
+        let argv: Vec<&str> = exec[0].split_whitespace().collect();
+        let binary = root.join(argv[0].trim_start_matches('/'));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&binary)
+                .unwrap_or_else(|e| panic!("{}: {}: {e}", p.deb_name, binary.display()))
+                .permissions(),
+        );
+        assert_eq!(mode & 0o755, 0o755, "{} is executable", binary.display());
+        let config = argv
+            .iter()
+            .position(|a| *a == "--config")
+            .map(|i| argv[i + 1].trim_start_matches('/'))
+            .expect("ExecStart names its --config");
+        assert_eq!(config, p.config);
+        assert!(root.join(config).is_file(), "{config} is packaged");
+        // ...and lies in the unit's ConfigurationDirectory.
+        let conf_dir = unit_values(&unit, "ConfigurationDirectory");
+        assert!(
+            config.starts_with(&format!("etc/{}/", conf_dir[0])),
+            "{config} in /etc/{}",
+            conf_dir[0]
+        );
+        let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+        assert!(
+            conffiles.lines().any(|l| l == format!("/{config}")),
+            "{config} is a conffile: {conffiles}"
+        );
+
+        // postinst creates the unit's user from the packaged sysusers file: run that
+        // same line against the scratch root.
+        let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+        let sysusers = postinst
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("systemd-sysusers "))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_else(|| panic!("postinst creates no user: {postinst}"));
+        assert!(
+            root.join("usr/lib/sysusers.d").join(sysusers).is_file(),
+            "{sysusers} is packaged"
+        );
+        run(Command::new("systemd-sysusers")
+            .arg(format!("--root={}", root.display()))
+            .arg(sysusers));
+        let user = unit_values(&unit, "User")[0];
+        let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+        assert!(
+            passwd.lines().any(|l| l.starts_with(&format!("{user}:"))),
+            "sysusers created {user}: {passwd}"
+        );
+
+        // The state directory the config names is the unit's StateDirectory.
+        let config_text = std::fs::read_to_string(root.join(config)).unwrap();
+        let state = unit_values(&unit, "StateDirectory")[0];
+        assert!(
+            config_text.contains(&format!("state_dir = \"/var/lib/{state}\"")),
+            "{config} keeps state in /var/lib/{state}"
+        );
+
+        // Enabled on install, never started: the service needs configuring first.
+        assert!(
+            postinst.contains("enable") && postinst.contains(&format!("{}.service", p.deb_name)),
+            "postinst enables the unit: {postinst}"
+        );
+        assert!(
+            !postinst.contains("deb-systemd-invoke start")
+                && !postinst.contains("deb-systemd-invoke $_dh_action"),
+            "postinst must not start the unit: {postinst}"
+        );
+
+        // The packaged binary runs and reads the packaged files.
+        if p.deb_name == "updraft-agent" {
+            let example = root.join("usr/share/doc/updraft-agent/examples/policy.toml");
+            let out = run(Command::new(&binary)
+                .args(["policy", "check"])
+                .arg(&example));
+            assert!(out.contains("ok") || out.contains("rule"), "{out}");
+        }
+
+        // lintian: no errors.
+        let o = Command::new("lintian")
+            .arg("--no-tag-display-limit")
+            .arg(&deb)
+            .output()
+            .expect("lintian runs (package lintian)");
+        let report = String::from_utf8_lossy(&o.stdout);
+        let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
+        assert!(
+            errors.is_empty(),
+            "{}: lintian errors:\n{report}",
+            p.deb_name
+        );
+    }
+}
