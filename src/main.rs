@@ -39,6 +39,16 @@ enum Command {
         /// faults: keep the run's directory (configs, logs, journals, runs file).
         #[arg(long)]
         keep: bool,
+        /// footprint: the agent binary to measure (default: the board build beside
+        /// this one, else this build's).
+        #[arg(long, value_name = "PATH")]
+        agent: Option<PathBuf>,
+        /// footprint: seconds the idle figures are taken over.
+        #[arg(long, default_value_t = 30)]
+        idle_secs: u64,
+        /// footprint: seconds of steady task load.
+        #[arg(long, default_value_t = 20)]
+        load_secs: u64,
     },
     /// A daemon process of `bench faults`. Started by the benchmark itself.
     #[command(name = "bench-faults-daemon", hide = true)]
@@ -76,6 +86,8 @@ enum Bench {
     Placement,
     /// Delivery under a schedule of faults: submitted, delivered, duplicate runs, lost.
     Faults,
+    /// The agent's binary size, RSS idle and under load, and idle CPU, beside `sleep`.
+    Footprint,
 }
 
 fn main() -> ExitCode {
@@ -135,6 +147,22 @@ fn main() -> ExitCode {
                     agents,
                     tasks,
                     keep,
+                })
+                .await
+            }
+            Command::Bench {
+                which: Bench::Footprint,
+                json,
+                agent,
+                idle_secs,
+                load_secs,
+                ..
+            } => {
+                updraft::bench::footprint::run(updraft::bench::footprint::Options {
+                    json,
+                    agent,
+                    idle: std::time::Duration::from_secs(idle_secs),
+                    load: std::time::Duration::from_secs(load_secs),
                 })
                 .await
             }

@@ -2,5 +2,6 @@
 //! measured in the same run, because only ratios travel between machines.
 
 pub mod faults;
+pub mod footprint;
 pub mod offload;
 pub mod placement;
