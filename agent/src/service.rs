@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use updraft_shared::catalog::{Caller, Catalog};
 use updraft_shared::exec::{Executor, Input};
+use updraft_shared::metrics;
 use updraft_shared::protocol::{ErrorCode, RequestHeader};
 use updraft_shared::tls::Identity;
 
@@ -949,8 +950,12 @@ impl Agent {
         let mut out = String::new();
         self.task_stats.render("updraft_agent", &mut out);
         let c = self.counters.lock().expect("counters lock");
-        let _ = writeln!(out, "# HELP updraft_agent_decisions_total Placement decisions, by placement and reason kind.");
-        let _ = writeln!(out, "# TYPE updraft_agent_decisions_total counter");
+        metrics::header(
+            &mut out,
+            "updraft_agent_decisions_total",
+            "counter",
+            "Placement decisions, by placement and reason kind.",
+        );
         for ((p, k), n) in &c.decisions {
             let _ = writeln!(
                 out,
@@ -958,18 +963,18 @@ impl Agent {
             );
         }
         let load = self.executor.load();
-        let _ = writeln!(
-            out,
-            "# HELP updraft_agent_local_running Tasks running on the board."
+        metrics::gauge(
+            &mut out,
+            "updraft_agent_local_running",
+            "Tasks running on the board.",
+            load.running,
         );
-        let _ = writeln!(out, "# TYPE updraft_agent_local_running gauge");
-        let _ = writeln!(out, "updraft_agent_local_running {}", load.running);
-        let _ = writeln!(
-            out,
-            "# HELP updraft_agent_local_queued Tasks waiting for a local slot."
+        metrics::gauge(
+            &mut out,
+            "updraft_agent_local_queued",
+            "Tasks waiting for a local slot.",
+            load.queued,
         );
-        let _ = writeln!(out, "# TYPE updraft_agent_local_queued gauge");
-        let _ = writeln!(out, "updraft_agent_local_queued {}", load.queued);
         let board = self.knowledge.board();
         let gauges = [
             (
@@ -1006,7 +1011,7 @@ impl Agent {
         for (name, help, value) in gauges {
             // Absent signals (no battery, no thermal zone) are left out, not reported as 0.
             if let Some(v) = value {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+                metrics::gauge(&mut out, name, help, v);
             }
         }
         let usage = self.journal.usage();
@@ -1032,21 +1037,19 @@ impl Agent {
                 usage.max_bytes,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
+            metrics::gauge(&mut out, name, help, value);
         }
-        let _ = writeln!(
-            out,
-            "# HELP updraft_agent_cloud_connected Whether each daemon is connected."
+        metrics::header(
+            &mut out,
+            "updraft_agent_cloud_connected",
+            "gauge",
+            "Whether each daemon is connected.",
         );
-        let _ = writeln!(out, "# TYPE updraft_agent_cloud_connected gauge");
         for s in self.uplink.status() {
             let _ = writeln!(
                 out,
-                "updraft_agent_cloud_connected{{daemon=\"{}\"}} {}",
-                s.address,
+                "updraft_agent_cloud_connected{{{}}} {}",
+                metrics::labels(&[("daemon", &s.address)]),
                 u8::from(s.connected)
             );
         }

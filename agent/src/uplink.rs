@@ -91,12 +91,14 @@ impl Link {
 
     fn usable(&self) -> Option<(quinn::Connection, LoadReport)> {
         let s = self.state.lock().expect("link state lock");
-        let conn = s.conn.clone()?;
-        if conn.close_reason().is_some() {
-            return None;
-        }
+        let conn = live(&s)?;
         let load = s.load.unwrap_or_default();
         (!load.draining).then_some((conn, load))
+    }
+
+    /// The connection, unless there is none or it has closed.
+    fn live(&self) -> Option<quinn::Connection> {
+        live(&self.state.lock().expect("link state lock"))
     }
 
     /// True when a load report arrived after `since`: the daemon was answering then.
@@ -113,12 +115,12 @@ impl Link {
     /// A snapshot for `status`.
     pub fn status(&self) -> LinkStatus {
         let s = self.state.lock().expect("link state lock").clone();
-        let live = s.conn.as_ref().filter(|c| c.close_reason().is_none());
+        let conn = live(&s);
         LinkStatus {
             address: self.target.address.clone(),
-            connected: live.is_some(),
+            connected: conn.is_some(),
             draining: s.load.is_some_and(|l| l.draining),
-            rtt_ms: live.map(|c| c.rtt().as_secs_f64() * 1000.0),
+            rtt_ms: conn.map(|c| c.rtt().as_secs_f64() * 1000.0),
             load: s.load,
             last_error: s.last_error,
         }
@@ -260,11 +262,8 @@ impl Uplink {
                     load,
                 });
             }
-            let connected = {
-                let s = link.state.lock().expect("link state lock");
-                s.conn.as_ref().is_some_and(|c| c.close_reason().is_none())
-            };
-            if connected {
+            if link.live().is_some() {
+                // Connected but draining: it will not take the retry.
                 return None;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -277,13 +276,7 @@ impl Uplink {
     pub fn connections(&self) -> Vec<(String, quinn::Connection)> {
         self.links
             .iter()
-            .filter_map(|l| {
-                let s = l.state.lock().expect("link state lock");
-                s.conn
-                    .clone()
-                    .filter(|c| c.close_reason().is_none())
-                    .map(|c| (l.address().to_string(), c))
-            })
+            .filter_map(|l| l.live().map(|c| (l.address().to_string(), c)))
             .collect()
     }
 
@@ -306,6 +299,11 @@ impl Uplink {
             }
         }
     }
+}
+
+/// The state's connection, unless there is none or it has closed.
+fn live(s: &LinkState) -> Option<quinn::Connection> {
+    s.conn.clone().filter(|c| c.close_reason().is_none())
 }
 
 async fn futures_any(waits: Vec<tokio::sync::futures::Notified<'_>>) {
