@@ -36,6 +36,26 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent service until SIGTERM/SIGINT.
     Serve,
+    /// Join a daemon: make a key here, send a certificate request with a one-time
+    /// token over TLS pinned to the CA fingerprint, and store key, certificate and CA
+    /// where `serve` finds them (`[tls]` paths, default in state_dir).
+    Enroll {
+        /// The daemon, `host:port`; the host must be a name in its certificate.
+        #[arg(long)]
+        server: String,
+        /// The token `updraftd token create` printed.
+        #[arg(long)]
+        token: String,
+        /// The CA fingerprint `updraftd ca init` printed (SHA-256, hex).
+        #[arg(long = "ca-sha256")]
+        ca_sha256: String,
+        /// The agent id to ask for. Default: agent_id in the config, else the host name.
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// Replace a certificate that is still valid.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a task and print its output; exits with the task's exit code.
     Run {
         /// Task name from the catalog.
@@ -231,6 +251,7 @@ pub async fn run_client(cli: Cli) -> u8 {
     let client = Client::new(socket);
     match cli.command {
         Command::Serve
+        | Command::Enroll { .. }
         | Command::Policy {
             command: PolicyCommand::Check { .. },
         } => {

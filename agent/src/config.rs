@@ -74,6 +74,9 @@ pub struct TlsFile {
     pub cert: Option<PathBuf>,
     /// The agent's key. Default `state_dir/agent.key`.
     pub key: Option<PathBuf>,
+    /// Renew the certificate over the live connection this long before it expires.
+    /// Default: a third of its lifetime (30 days of a 90-day certificate).
+    pub renew_before: Option<HumanDuration>,
 }
 
 /// `[link]` as written.
@@ -225,6 +228,8 @@ pub struct AgentConfig {
     pub tls_cert: PathBuf,
     /// Key path.
     pub tls_key: PathBuf,
+    /// How long before expiry the certificate is renewed; `None`: a third of its lifetime.
+    pub renew_before: Option<Duration>,
     /// Link timing.
     pub link: LinkConfig,
     /// Policy file (may not exist).
@@ -358,6 +363,7 @@ impl AgentConfig {
                 .key
                 .map(rel)
                 .unwrap_or_else(|| state_dir.join("agent.key")),
+            renew_before: file.tls.renew_before.map(|d| d.0),
             state_dir,
             max_local_concurrency: slots,
             max_local_queue: file.max_local_queue.unwrap_or(64),

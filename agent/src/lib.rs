@@ -4,12 +4,14 @@
 //! runs on the board through the shared executor or crosses QUIC through [`uplink`]
 //! to a daemon, and its result flows back the same way. [`service`] wires the parts
 //! and owns shutdown; [`client`] and [`cli`] are the command-line side of the socket.
+//! [`enroll`] joins a daemon with a one-time token and keeps the certificate renewed.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod enroll;
 pub mod http;
 pub mod journal;
 pub mod knowledge;

@@ -24,6 +24,48 @@ fn main() -> ExitCode {
     {
         return ExitCode::from(updraft_agent::cli::policy_check(file));
     }
+    if let Command::Enroll {
+        server,
+        token,
+        ca_sha256,
+        agent_id,
+        force,
+    } = &cli.command
+    {
+        let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+        let config = match AgentConfig::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("updraft-agent: {e}");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+        };
+        let enrolled = rt.block_on(updraft_agent::enroll::enroll(
+            &config,
+            server,
+            token,
+            ca_sha256,
+            agent_id.as_deref(),
+            *force,
+        ));
+        return match enrolled {
+            Ok(e) => {
+                println!(
+                    "enrolled as `{}`: {} (certificate, valid until {}), {}, {}; start or restart the agent to use it",
+                    e.agent_id,
+                    e.files.cert.display(),
+                    humantime::format_rfc3339_seconds(e.not_after),
+                    e.files.key.display(),
+                    e.files.ca.display(),
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("updraft-agent: enroll: {e:#}");
+                ExitCode::from(EXIT_UNAVAILABLE)
+            }
+        };
+    }
     if !matches!(cli.command, Command::Serve) {
         return ExitCode::from(rt.block_on(updraft_agent::cli::run_client(cli)));
     }
@@ -47,8 +89,16 @@ fn main() -> ExitCode {
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     use anyhow::Context;
-    let identity = updraft_shared::tls::Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key)
-        .context("loading the agent's TLS files (issue them with `updraftd cert issue`, or set [tls] in agent.toml)")?;
+    let files = updraft_agent::enroll::CertFiles::of(&config);
+    if files
+        .finish_swap()
+        .context("finishing a certificate replacement")?
+    {
+        tracing::info!(cert = %files.cert.display(), "finished a certificate replacement a restart interrupted");
+    }
+    let identity = files.load().context(
+        "loading the agent's TLS files (enroll with `updraft-agent enroll`, or set [tls] in agent.toml)",
+    )?;
     let listener = updraft_agent::service::bind_socket(&config.socket)?;
     let agent = updraft_agent::service::Agent::new(config, &identity)?;
     updraft_agent::service::run(agent, listener, updraft_shared::signals::terminated()).await

@@ -161,12 +161,18 @@ pub struct Agent {
     detached_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Woken whenever a detached task finishes.
     detached_done: tokio::sync::Notify,
+    /// Where the certificate lives, and when the one in use is valid.
+    cert_files: crate::enroll::CertFiles,
+    cert_validity: Mutex<(SystemTime, SystemTime)>,
+    /// When the certificate in use was loaded or renewed.
+    cert_since: Mutex<SystemTime>,
 }
 
 impl Agent {
     /// Builds the agent from its config and TLS identity. Nothing connects yet.
     pub fn new(config: AgentConfig, identity: &Identity) -> anyhow::Result<Arc<Self>> {
         let cert_id = updraft_shared::tls::agent_id_of(&identity.chain[0])?;
+        let cert_validity = updraft_shared::tls::validity_of(&identity.chain[0])?;
         let agent_id = match &config.agent_id {
             Some(id) if *id != cert_id => {
                 anyhow::bail!(
@@ -189,6 +195,7 @@ impl Agent {
             config.journal.limits,
         )?);
         let (detached_tx, detached_rx) = tokio::sync::mpsc::unbounded_channel();
+        let cert_files = crate::enroll::CertFiles::of(&config);
         Ok(Arc::new(Self {
             knowledge,
             agent_id,
@@ -204,6 +211,9 @@ impl Agent {
             detached_tx,
             detached_rx: Mutex::new(Some(detached_rx)),
             detached_done: tokio::sync::Notify::new(),
+            cert_files,
+            cert_validity: Mutex::new(cert_validity),
+            cert_since: Mutex::new(SystemTime::now()),
         }))
     }
 
@@ -926,6 +936,32 @@ impl Agent {
         &self.journal
     }
 
+    fn certificate_json(&self) -> serde_json::Value {
+        let (_, not_after) = self.cert_validity();
+        let now = SystemTime::now();
+        let renew = self.renew_time();
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        serde_json::json!({
+            "path": self.cert_files.cert.display().to_string(),
+            "not_after_unix": unix(not_after),
+            "expires_in_s": not_after.duration_since(now).map_or(0, |d| d.as_secs()),
+            "expired": now >= not_after,
+            "renew_at_unix": unix(renew),
+        })
+    }
+
+    /// When the certificate in use is due for renewal.
+    fn renew_time(&self) -> SystemTime {
+        let (not_before, not_after) = self.cert_validity();
+        let since = *self.cert_since.lock().expect("cert lock");
+        crate::enroll::renew_at(not_before, not_after, self.config.renew_before, since)
+    }
+
+    /// When the certificate in use starts and stops being valid.
+    pub fn cert_validity(&self) -> (SystemTime, SystemTime) {
+        *self.cert_validity.lock().expect("cert lock")
+    }
+
     /// The agent's status as JSON.
     pub fn status_json(&self) -> serde_json::Value {
         let load = self.executor.load();
@@ -940,6 +976,7 @@ impl Agent {
             "signals": signals_json(&self.knowledge.signals(self.uplink.pick().as_ref(), load, None)),
             "estimates": self.knowledge.estimates_summary(),
             "journal": journal_json(&self.journal.usage()),
+            "certificate": self.certificate_json(),
             "recent": self.recent.lock().expect("recent lock").iter().rev().collect::<Vec<_>>(),
         })
     }
@@ -963,6 +1000,15 @@ impl Agent {
             );
         }
         let load = self.executor.load();
+        metrics::gauge(
+            &mut out,
+            "updraft_agent_certificate_expiry_timestamp_seconds",
+            "When the agent certificate in use expires, Unix seconds (renewed before).",
+            self.cert_validity()
+                .1
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        );
         metrics::gauge(
             &mut out,
             "updraft_agent_local_running",
@@ -1168,6 +1214,7 @@ pub async fn run(
     tokio::spawn(sample_loop(agent.clone(), stop.clone()));
     tokio::spawn(reload_on_sighup(agent.clone(), stop.clone()));
     tokio::spawn(rebind_on_sigusr1(agent.clone(), stop.clone()));
+    tokio::spawn(renew_certificate(agent.clone(), stop.clone()));
     let detached = tokio_util::task::TaskTracker::new();
     tokio::spawn(dispatch_detached(
         agent.clone(),
@@ -1235,6 +1282,79 @@ async fn sample_loop(agent: Arc<Agent>, stop: CancellationToken) {
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// Keeps the certificate valid: renews it over a live connection when it is due,
+/// swaps it in for new connections, and says loudly what to run once it has expired.
+async fn renew_certificate(agent: Arc<Agent>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let (_, not_after) = agent.cert_validity();
+        let now = SystemTime::now();
+        let pause = if now >= not_after {
+            let message = crate::enroll::expired_message(&agent.cert_files, not_after);
+            tracing::error!("{message}");
+            agent.uplink.set_note(Some(message));
+            // Nothing to renew with; a new enrollment and a restart fix it.
+            Duration::from_secs(3600)
+        } else {
+            let at = agent.renew_time();
+            match at.duration_since(now) {
+                // Sleep in bounded steps so a clock that jumps is noticed.
+                Ok(wait) if !wait.is_zero() => wait.min(Duration::from_secs(3600)),
+                _ => match renew_once(&agent).await {
+                    Ok(()) => {
+                        failures = 0;
+                        continue;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let left = not_after.duration_since(now).unwrap_or_default();
+                        let pause = Duration::from_secs(1 << failures.min(8))
+                            .min(Duration::from_secs(300))
+                            .min(left / 4)
+                            .max(Duration::from_millis(500));
+                        warn!(error = %e, retry_in = ?pause, expires_in = ?left, "certificate renewal failed; trying again");
+                        pause
+                    }
+                },
+            }
+        };
+        debug!(next_check = ?pause, "certificate checked");
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One renewal over the first daemon that does it.
+async fn renew_once(agent: &Agent) -> anyhow::Result<()> {
+    let connections = agent.uplink.connections();
+    if connections.is_empty() {
+        anyhow::bail!("no daemon is connected to renew with");
+    }
+    let mut last = None;
+    for (daemon, conn) in connections {
+        match crate::enroll::renew(&conn, &agent.cert_files, &agent.agent_id).await {
+            Ok((identity, not_after)) => {
+                agent.uplink.set_identity(&identity)?;
+                *agent.cert_validity.lock().expect("cert lock") =
+                    updraft_shared::tls::validity_of(&identity.chain[0])?;
+                *agent.cert_since.lock().expect("cert lock") = SystemTime::now();
+                agent.uplink.set_note(None);
+                info!(
+                    daemon,
+                    valid_until = %humantime::format_rfc3339_seconds(not_after),
+                    cert = %agent.cert_files.cert.display(),
+                    "certificate renewed; tasks running keep their connections, new connections use the new certificate"
+                );
+                return Ok(());
+            }
+            Err(e) => last = Some(anyhow::anyhow!("{daemon}: {e:#}")),
+        }
+    }
+    Err(last.expect("at least one connection was tried"))
 }
 
 /// Runs detached tasks: the journal's unfinished ones first (after a restart), then each

@@ -143,8 +143,24 @@ pub struct Chosen {
 pub struct Uplink {
     links: Vec<Arc<Link>>,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// TLS and transport for new connections; replaced when the certificate is renewed.
+    client: Arc<Mutex<quinn::ClientConfig>>,
+    /// Said with every failed connection attempt: why daemons will refuse us (an
+    /// expired certificate) and what to do.
+    note: Arc<Mutex<Option<String>>>,
     cfg: LinkConfig,
+}
+
+fn client_config(identity: &Identity, cfg: &LinkConfig) -> anyhow::Result<quinn::ClientConfig> {
+    let mut client = quinn::ClientConfig::new(identity.quic_client()?);
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .keep_alive_interval(Some(cfg.keep_alive))
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(cfg.idle_timeout)?))
+        .max_concurrent_uni_streams(4u32.into())
+        .max_concurrent_bidi_streams(0u32.into());
+    client.transport_config(Arc::new(transport));
+    Ok(client)
 }
 
 impl Uplink {
@@ -154,14 +170,7 @@ impl Uplink {
         targets: Vec<CloudTarget>,
         cfg: LinkConfig,
     ) -> anyhow::Result<Self> {
-        let mut client = quinn::ClientConfig::new(identity.quic_client()?);
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .keep_alive_interval(Some(cfg.keep_alive))
-            .max_idle_timeout(Some(quinn::IdleTimeout::try_from(cfg.idle_timeout)?))
-            .max_concurrent_uni_streams(4u32.into())
-            .max_concurrent_bidi_streams(0u32.into());
-        client.transport_config(Arc::new(transport));
+        let client = Arc::new(Mutex::new(client_config(identity, &cfg)?));
         let endpoint = quinn::Endpoint::client("[::]:0".parse().expect("literal address"))
             .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address")))?;
         let links = targets
@@ -179,6 +188,7 @@ impl Uplink {
             links,
             endpoint,
             client,
+            note: Arc::default(),
             cfg,
         })
     }
@@ -190,10 +200,24 @@ impl Uplink {
                 link.clone(),
                 self.endpoint.clone(),
                 self.client.clone(),
+                self.note.clone(),
                 self.cfg.clone(),
                 shutdown.clone(),
             ));
         }
+    }
+
+    /// Uses `identity` (a renewed certificate) for every connection made from now on.
+    /// Live connections, and the tasks on them, carry on with the old one.
+    pub fn set_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+        let client = client_config(identity, &self.cfg)?;
+        *self.client.lock().expect("client config lock") = client;
+        Ok(())
+    }
+
+    /// Sets (or clears) what every failed connection attempt adds to its error.
+    pub fn set_note(&self, note: Option<String>) {
+        *self.note.lock().expect("note lock") = note;
     }
 
     /// The link configuration.
@@ -325,15 +349,17 @@ use std::future::Future;
 async fn maintain(
     link: Arc<Link>,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    client: Arc<Mutex<quinn::ClientConfig>>,
+    note: Arc<Mutex<Option<String>>>,
     cfg: LinkConfig,
     shutdown: CancellationToken,
 ) {
     let mut backoff = cfg.reconnect_min;
     let mut failures = 0u32;
     loop {
+        let current = client.lock().expect("client config lock").clone();
         let attempt = tokio::select! {
-            r = connect(&endpoint, &client, &link.target, cfg.connect_timeout) => r,
+            r = connect(&endpoint, &current, &link.target, cfg.connect_timeout) => r,
             () = shutdown.cancelled() => return,
         };
         match attempt {
@@ -343,8 +369,7 @@ async fn maintain(
                     rtt_ms = conn.rtt().as_millis() as u64,
                     "connected to daemon"
                 );
-                failures = 0;
-                backoff = cfg.reconnect_min;
+                let connected_at = std::time::Instant::now();
                 link.set(|s| {
                     s.conn = Some(conn.clone());
                     s.load = None;
@@ -369,7 +394,24 @@ async fn maintain(
                     }
                     other => other.to_string(),
                 };
-                warn!(daemon = link.address(), reason = %why, "connection to daemon lost; reconnecting");
+                // A connection the daemon drops at once (it refused our certificate
+                // after the handshake, say) is a failed attempt: keep backing off.
+                let why = if connected_at.elapsed() < Duration::from_secs(1) {
+                    failures += 1;
+                    match note.lock().expect("note lock").as_deref() {
+                        Some(n) => format!("{why}; {n}"),
+                        None => why,
+                    }
+                } else {
+                    failures = 0;
+                    backoff = cfg.reconnect_min;
+                    why
+                };
+                if failures <= 1 {
+                    warn!(daemon = link.address(), reason = %why, "connection to daemon lost; reconnecting");
+                } else {
+                    debug!(daemon = link.address(), reason = %why, failures, "connection to daemon lost again at once");
+                }
                 link.set(|s| {
                     s.conn = None;
                     // A report from a connection that is gone says nothing about the daemon now.
@@ -379,6 +421,10 @@ async fn maintain(
             }
             Err(e) => {
                 failures += 1;
+                let e = match note.lock().expect("note lock").as_deref() {
+                    Some(n) => format!("{e}; {n}"),
+                    None => e,
+                };
                 if failures == 1 {
                     warn!(daemon = link.address(), error = %e, "cannot connect to daemon; retrying with backoff");
                 } else {

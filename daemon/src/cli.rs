@@ -34,6 +34,12 @@ pub enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// Enrollment token commands.
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Validate a config file and exit (0 = valid).
     CheckConfig {
         /// Config file.
@@ -74,6 +80,32 @@ pub enum CertCommand {
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         valid_for: Duration,
     },
+}
+
+/// `updraftd token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a one-time token an agent enrolls with (`updraft-agent enroll --token`).
+    /// Prints the token on stdout and the enroll command on stderr.
+    Create {
+        /// How long the token works, e.g. "1h", "30m", "7d".
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// Only this agent id may enroll with the token.
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// The daemon's config file (its state_dir holds the tokens).
+        #[arg(long, default_value = crate::config::DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < crate::enroll::MIN_TTL {
+        return Err(format!("`{s}`: a token must live at least 1s"));
+    }
+    Ok(d)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -47,6 +47,9 @@ pub struct DaemonFile {
     /// The memory of recent task ids that answers retries.
     #[serde(default)]
     pub dedup: DedupFile,
+    /// Enrollment of agents with one-time tokens.
+    #[serde(default)]
+    pub enroll: EnrollFile,
     /// The catalog of tasks this daemon will run.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskFile>,
@@ -62,6 +65,17 @@ pub struct TlsFile {
     pub cert: Option<PathBuf>,
     /// The daemon's private key. Default `server.key`.
     pub key: Option<PathBuf>,
+    /// The CA's private key, to sign agent certificates at enrollment and renewal.
+    /// Default `ca.key` beside `ca`; when it cannot be read, agents cannot enroll.
+    pub ca_key: Option<PathBuf>,
+}
+
+/// `[enroll]` as written: certificates for agents that join with a token.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollFile {
+    /// Lifetime of the certificates issued at enrollment and renewal. Default 90d.
+    pub cert_lifetime: Option<HumanDuration>,
 }
 
 /// `[dedup]` as written: how much the daemon remembers of recent tasks so that a
@@ -111,6 +125,10 @@ pub struct DaemonConfig {
     pub tls_cert: PathBuf,
     /// Key path.
     pub tls_key: PathBuf,
+    /// CA key path (enrollment and renewal).
+    pub tls_ca_key: PathBuf,
+    /// Lifetime of agent certificates the daemon issues.
+    pub cert_lifetime: Duration,
     /// Bounds of the memory of recent task ids.
     pub dedup: DedupLimits,
     /// Task catalog.
@@ -192,6 +210,21 @@ impl DaemonConfig {
                 ),
             ));
         }
+        let cert_lifetime = file
+            .enroll
+            .cert_lifetime
+            .map_or(crate::pki::ENROLLED_VALIDITY, |d| d.0);
+        if cert_lifetime < Duration::from_secs(10) {
+            return Err(invalid(
+                "enroll.cert_lifetime",
+                "must be at least 10s".into(),
+            ));
+        }
+        let tls_ca = rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into()));
+        let tls_ca_key = match file.tls.ca_key {
+            Some(p) => rel(p),
+            None => tls_ca.with_file_name("ca.key"),
+        };
         Ok(Self {
             listen,
             state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
@@ -202,7 +235,9 @@ impl DaemonConfig {
             load_report_interval,
             idle_timeout,
             max_streams_per_connection: streams,
-            tls_ca: rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into())),
+            tls_ca,
+            tls_ca_key,
+            cert_lifetime,
             tls_cert: rel(file.tls.cert.unwrap_or_else(|| "server.pem".into())),
             tls_key: rel(file.tls.key.unwrap_or_else(|| "server.key".into())),
             dedup,
@@ -226,9 +261,15 @@ mod tests {
         let c = parse("listen = \"127.0.0.1:5000\"\n[tasks.e]\nbuiltin = \"echo\"\n").unwrap();
         assert_eq!(c.listen.port(), 5000);
         assert_eq!(c.tls_ca, Path::new("/etc/updraft/ca.pem"));
+        assert_eq!(c.tls_ca_key, Path::new("/etc/updraft/ca.key"));
+        assert_eq!(c.cert_lifetime, crate::pki::ENROLLED_VALIDITY);
         assert!(c.catalog.get("e").is_some());
         assert!(c.max_queued_tasks >= c.max_concurrent_tasks);
         assert_eq!(c.dedup, DedupLimits::default());
+        let c =
+            parse("[tls]\nca = \"/srv/pki/ca.pem\"\n[enroll]\ncert_lifetime = \"30d\"").unwrap();
+        assert_eq!(c.tls_ca_key, Path::new("/srv/pki/ca.key"));
+        assert_eq!(c.cert_lifetime, Duration::from_secs(30 * 86400));
     }
 
     #[test]
@@ -274,6 +315,7 @@ mod tests {
             ("drain_timeout = \"soon\"", "drain_timeout"),
             ("load_report_interval = \"0s\"", "load_report_interval"),
             ("[dedup]\nremembr = \"1m\"", "remembr"),
+            ("[enroll]\ncert_lifetime = \"1s\"", "enroll.cert_lifetime"),
             ("[dedup]\nmax_result = \"lots\"", "max_result"),
             (
                 "[dedup]\nmax_result = \"2MiB\"\nmax_memory = \"1MiB\"",

@@ -4,12 +4,14 @@
 //! - [`server`]: the QUIC accept loop, per-connection and per-task handlers, drain.
 //! - [`recent`]: the memory of recent task ids that answers retries with the first result.
 //! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
-//! - [`pki`]: `ca init` and `cert issue`.
+//! - [`pki`]: `ca init`, `cert issue`, and signing agents' certificate requests.
+//! - [`enroll`]: one-time tokens, enrollment and renewal of agent certificates.
 //! - [`cli`]: the `updraftd` command line.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
+pub mod enroll;
 pub mod metrics;
 pub mod pki;
 pub mod recent;

@@ -4,7 +4,7 @@
 use anyhow::Context;
 use clap::Parser;
 use std::process::ExitCode;
-use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command};
+use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command, TokenCommand};
 use updraft_daemon::config::DaemonConfig;
 
 /// sysexits EX_CONFIG-style code for a bad configuration (EX_USAGE, 64).
@@ -51,6 +51,23 @@ fn main() -> ExitCode {
             );
             println!("{}", f.fingerprint);
         })),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    ttl,
+                    agent_id,
+                    config,
+                },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("updraftd: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            report(token_create(&config, ttl, agent_id.as_deref()))
+        }
         Command::Cert {
             command:
                 CertCommand::Issue {
@@ -76,6 +93,38 @@ fn serve(config: DaemonConfig) -> anyhow::Result<()> {
         let endpoint = updraft_daemon::server::bind(&config)?;
         updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
     })
+}
+
+fn token_create(
+    config: &DaemonConfig,
+    ttl: std::time::Duration,
+    agent_id: Option<&str>,
+) -> anyhow::Result<()> {
+    if let Some(id) = agent_id {
+        if !updraft_shared::tls::valid_agent_id(id) {
+            anyhow::bail!(
+                "--agent-id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'"
+            );
+        }
+    }
+    let created = updraft_daemon::enroll::Tokens::new(&config.state_dir).create(ttl, agent_id)?;
+    println!("{}", created.token);
+    // The command to run on the board, with what this daemon knows of itself.
+    let fingerprint = updraft_shared::tls::load_certs(&config.tls_ca)
+        .map(|c| updraft_shared::tls::fingerprint(&c[0]))
+        .unwrap_or_else(|_| "<CA fingerprint>".into());
+    let host = updraft_shared::tls::load_certs(&config.tls_cert)
+        .ok()
+        .and_then(|c| updraft_shared::tls::agent_id_of(&c[0]).ok())
+        .unwrap_or_else(|| "<daemon host>".into());
+    eprintln!(
+        "one-time token, valid until {}{}; on the board run:\n  updraft-agent enroll --server {host}:{} --token {} --ca-sha256 {fingerprint}",
+        humantime::format_rfc3339_seconds(created.expires),
+        agent_id.map(|a| format!(" for agent `{a}`")).unwrap_or_default(),
+        config.listen.port(),
+        created.token,
+    );
+    Ok(())
 }
 
 fn report(r: anyhow::Result<()>) -> ExitCode {

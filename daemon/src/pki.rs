@@ -13,8 +13,11 @@ use std::time::{Duration, SystemTime};
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Server certificate lifetime: two years.
 pub const SERVER_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
-/// Default agent certificate lifetime: one year.
+/// Default agent certificate lifetime for `cert issue`: one year.
 pub const AGENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Default lifetime of certificates issued at enrollment and renewal: 90 days; agents
+/// renew them over their live connection well before they run out.
+pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Files written by `ca init`.
 #[derive(Debug)]
@@ -33,8 +36,10 @@ pub struct CaFiles {
 
 fn validity(params: &mut CertificateParams, lifetime: Duration) {
     let now = SystemTime::now();
-    // Back-date an hour so boards with a slightly slow clock accept fresh certificates.
-    params.not_before = (now - Duration::from_secs(3600)).into();
+    // Back-date so boards (and daemons) with a slightly slow clock accept fresh
+    // certificates: an hour, or a tenth of a short lifetime.
+    let backdate = Duration::from_secs(3600).min(lifetime / 10);
+    params.not_before = (now - backdate).into();
     params.not_after = (now + lifetime).into();
 }
 
@@ -124,20 +129,65 @@ pub fn ca_init(dir: &Path, names: &[String]) -> anyhow::Result<CaFiles> {
 
 /// Loads the CA from `ca_dir/ca.pem` and `ca_dir/ca.key`.
 pub fn load_issuer(ca_dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
-    let cert_path = ca_dir.join("ca.pem");
-    let key_path = ca_dir.join("ca.key");
-    let cert = std::fs::read_to_string(&cert_path).with_context(|| {
-        format!(
-            "cannot read {} (run `updraftd ca init` first, or pass --ca-dir)",
-            cert_path.display()
-        )
-    })?;
-    let key = std::fs::read_to_string(&key_path)
+    load_issuer_files(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key")).map_err(|e| {
+        e.context(format!(
+            "run `updraftd ca init --dir {}` first, or pass --ca-dir",
+            ca_dir.display()
+        ))
+    })
+}
+
+/// Loads the CA certificate and its key from two PEM files.
+pub fn load_issuer_files(
+    cert_path: &Path,
+    key_path: &Path,
+) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let cert = std::fs::read_to_string(cert_path)
+        .with_context(|| format!("cannot read {}", cert_path.display()))?;
+    let key = std::fs::read_to_string(key_path)
         .with_context(|| format!("cannot read {}", key_path.display()))?;
     let key = KeyPair::from_pem(&key)
         .with_context(|| format!("{} is not a private key", key_path.display()))?;
     Issuer::from_ca_cert_pem(&cert, key)
         .with_context(|| format!("{} is not a CA certificate", cert_path.display()))
+}
+
+fn agent_params(agent_id: &str, lifetime: Duration) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, agent_id);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, lifetime);
+    params
+}
+
+/// Signs the public key of a PKCS#10 request (PEM) into an agent certificate for
+/// `agent_id`. Only the key and its proof of possession are taken from the request:
+/// subject, usages and lifetime are ours. Returns the certificate, PEM.
+pub fn sign_request(
+    issuer: &Issuer<'static, KeyPair>,
+    csr_pem: &str,
+    agent_id: &str,
+    lifetime: Duration,
+) -> anyhow::Result<String> {
+    if !updraft_shared::tls::valid_agent_id(agent_id) {
+        bail!("agent id `{agent_id}` must be 1..=128 characters of letters, digits, '-', '_', '.'");
+    }
+    let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| anyhow::anyhow!("not a usable certificate request: {e}"))?;
+    request.params = agent_params(agent_id, lifetime);
+    Ok(request.signed_by(issuer)?.pem())
+}
+
+/// The agent id a PKCS#10 request (PEM) asks for: its subject common name.
+pub fn requested_agent_id(csr_pem: &str) -> anyhow::Result<String> {
+    let request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| anyhow::anyhow!("not a usable certificate request: {e}"))?;
+    match request.params.distinguished_name.get(&DnType::CommonName) {
+        Some(rcgen::DnValue::Utf8String(s)) => Ok(s.clone()),
+        Some(rcgen::DnValue::PrintableString(s)) => Ok(s.as_str().to_string()),
+        _ => bail!("the certificate request names no agent id (common name, UTF-8)"),
+    }
 }
 
 /// Issues an agent certificate (CN = agent id, client auth) into `out/agent.pem` and
@@ -148,21 +198,12 @@ pub fn cert_issue(
     out: &Path,
     lifetime: Duration,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
-    if agent_id.is_empty()
-        || agent_id.len() > 128
-        || !agent_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-    {
+    if !updraft_shared::tls::valid_agent_id(agent_id) {
         bail!("agent id `{agent_id}` must be 1..=128 characters of letters, digits, '-', '_', '.'");
     }
     let issuer = load_issuer(ca_dir)?;
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, agent_id);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    validity(&mut params, lifetime);
+    let params = agent_params(agent_id, lifetime);
     let cert = params.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let (cert_path, key_path) = (out.join("agent.pem"), out.join("agent.key"));

@@ -23,8 +23,8 @@ use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output};
 use updraft_shared::metrics::{self, TaskStats};
 use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{
-    ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer, CLOSE_DRAINING,
-    CLOSE_PROTOCOL, STOP_INPUT,
+    CertRequest, ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer,
+    CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN, STOP_INPUT,
 };
 use updraft_shared::tls::{AuthenticatedPeer, Identity};
 use updraft_shared::wire::{write_frame, DataFrameOutput, FrameReader, StreamInput, WireError};
@@ -86,6 +86,8 @@ struct Shared {
     stats: TaskStats,
     /// Agent connections open now.
     connections: AtomicU64,
+    /// Issues certificates at enrollment and renewal.
+    enroller: Arc<crate::enroll::Enroller>,
 }
 
 impl Shared {
@@ -197,6 +199,7 @@ pub async fn run(
         recent: Recent::new(config.dedup),
         stats: TaskStats::default(),
         connections: AtomicU64::new(0),
+        enroller: Arc::new(crate::enroll::Enroller::load(&config)),
         config,
     });
     let _metrics = match shared.config.metrics_listen {
@@ -263,11 +266,23 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    if updraft_shared::tls::alpn_of(&conn).as_deref() == Some(ENROLL_ALPN) {
+        if *shared.draining.borrow() {
+            conn.close(CLOSE_DRAINING.into(), b"draining");
+            return;
+        }
+        crate::enroll::serve_connection(conn, shared.enroller.clone()).await;
+        return;
+    }
     let peer = match AuthenticatedPeer::from_connection(&conn) {
         Ok(p) => p,
         Err(e) => {
-            warn!(%remote, error = %e, "peer misbehaved: verified certificate names no agent; closing");
-            conn.close(CLOSE_PROTOCOL.into(), b"certificate names no agent");
+            // Only enrollment connections may come without a certificate.
+            info!(%remote, error = %e, "refused a task connection without a valid agent certificate (enroll the agent first)");
+            conn.close(
+                CLOSE_PROTOCOL.into(),
+                b"a client certificate naming the agent is required; enroll first",
+            );
             return;
         }
     };
@@ -336,6 +351,21 @@ async fn handle_task(
     let agent = peer.agent_id();
     let mut reader = FrameReader::new(recv);
     let header = match tokio::time::timeout(HEADER_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(frame))) if frame.kind == FrameKind::CertRequest => {
+            // A renewal: the stream carries a certificate request instead of a task.
+            let (recv, _) = reader.into_parts();
+            let reply = match CertRequest::from_frame(&frame) {
+                Ok(r) => shared
+                    .enroller
+                    .renew(&r, agent, std::time::SystemTime::now()),
+                Err(e) => updraft_shared::protocol::CertReply::Rejected {
+                    code: ErrorCode::BadRequest,
+                    message: bounded_message(e.to_string()),
+                },
+            };
+            crate::enroll::send_reply(&mut send, recv, &reply).await;
+            return;
+        }
         Ok(Ok(Some(frame))) => RequestHeader::from_frame(&frame).map_err(WireError::from),
         Ok(Ok(None)) => return,
         Ok(Err(e)) => Err(e),

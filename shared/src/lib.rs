@@ -10,6 +10,7 @@
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
 //! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
 //! - [`policy`]: the policy file, its evaluator and the cost model (pure).
+//! - [`files`]: crash-safe writes of certificates, keys and tokens.
 //! - [`logging`], [`signals`]: service plumbing.
 //! - [`units`]: human-readable durations and sizes in config files.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@
 pub mod catalog;
 pub mod config;
 pub mod exec;
+pub mod files;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

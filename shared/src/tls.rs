@@ -9,6 +9,7 @@ use rustls::RootCertStore;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why TLS material could not be loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -107,17 +108,30 @@ impl Identity {
         Ok(Arc::new(roots))
     }
 
-    /// rustls server config: TLS 1.3, ALPN `updraft/1`, client certificates required
-    /// and verified against our CA.
+    /// rustls server config: TLS 1.3, ALPNs `updraft/1` and `updraft-enroll/1`. A
+    /// client certificate, when presented, must chain to our CA; only enrollment
+    /// connections may come without one, which the daemon checks per connection with
+    /// [`AuthenticatedPeer::from_connection`]. The CA certificates travel after our own
+    /// chain so that an agent enrolling with only the CA fingerprint can verify us.
     pub fn rustls_server(&self) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+            .allow_unauthenticated()
             .build()
             .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut chain = self.chain.clone();
+        for ca in &self.ca {
+            if !chain.contains(ca) {
+                chain.push(ca.clone());
+            }
+        }
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+            .with_single_cert(chain, self.key.clone_key())?;
+        cfg.alpn_protocols = vec![
+            crate::protocol::ALPN.to_vec(),
+            crate::protocol::ENROLL_ALPN.to_vec(),
+        ];
         Ok(cfg)
     }
 
@@ -146,6 +160,171 @@ impl Identity {
         Ok(Arc::new(
             QuicClientConfig::try_from(cfg).map_err(|e| TlsError::PeerIdentity(e.to_string()))?,
         ))
+    }
+}
+
+/// The ALPN protocol a connection's handshake settled on.
+pub fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// When a certificate starts and stops being valid.
+pub fn validity_of(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            UNIX_EPOCH + Duration::from_secs(secs as u64)
+        } else {
+            UNIX_EPOCH
+        }
+    };
+    Ok((
+        at(cert.validity().not_before),
+        at(cert.validity().not_after),
+    ))
+}
+
+/// The client side of an enrollment: no certificate of our own yet, and no CA file
+/// either — only the SHA-256 of the CA's DER, given by the operator. The daemon sends
+/// its CA after its own certificate; a CA with the pinned fingerprint must be among the
+/// certificates, and the daemon's certificate must chain to it and name the server
+/// (full WebPKI checks, with that CA as the only root). Nothing is sent before that holds.
+#[derive(Debug)]
+pub struct PinnedCa {
+    pin: String,
+    /// Fingerprints of the certificates the daemon presented besides its own, for the
+    /// error message when none matches.
+    seen: std::sync::Mutex<Vec<String>>,
+    /// The CA that matched, once the handshake verified.
+    matched: std::sync::Mutex<Option<CertificateDer<'static>>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinnedCa {
+    /// Pins `fingerprint` (64 hex digits; `:` separators and case are ignored).
+    pub fn new(fingerprint: &str) -> Result<Arc<Self>, String> {
+        let pin: String = fingerprint
+            .chars()
+            .filter(|c| *c != ':')
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "`{fingerprint}` is not a SHA-256 fingerprint (64 hex digits, as `updraftd ca init` prints it)"
+            ));
+        }
+        Ok(Arc::new(Self {
+            pin,
+            seen: Default::default(),
+            matched: Default::default(),
+            provider: provider(),
+        }))
+    }
+
+    /// Fingerprints of the CA certificates the daemon offered.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The pinned CA certificate, once a handshake verified against it.
+    pub fn matched(&self) -> Option<CertificateDer<'static>> {
+        self.matched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// quinn client crypto for an enrollment connection: TLS 1.3, ALPN
+    /// `updraft-enroll/1`, this verifier, no client certificate.
+    pub fn quic_client(self: &Arc<Self>) -> Result<Arc<QuicClientConfig>, TlsError> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(self.clone())
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![crate::protocol::ENROLL_ALPN.to_vec()];
+        Ok(Arc::new(
+            QuicClientConfig::try_from(cfg).map_err(|e| TlsError::PeerIdentity(e.to_string()))?,
+        ))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let offered: Vec<String> = intermediates.iter().map(|c| fingerprint(c)).collect();
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = offered.clone();
+        let Some(ca) = offered
+            .iter()
+            .position(|f| *f == self.pin)
+            .map(|i| intermediates[i].clone().into_owned())
+        else {
+            return Err(rustls::Error::General(
+                "the daemon's CA does not have the pinned fingerprint".into(),
+            ));
+        };
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone())?;
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verified = webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        *self.matched.lock().unwrap_or_else(|e| e.into_inner()) = Some(ca);
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -187,6 +366,15 @@ impl AuthenticatedPeer {
             agent_id: id.into(),
         }
     }
+}
+
+/// Whether `id` may be an agent id: 1..=128 letters, digits, '-', '_', '.'.
+pub fn valid_agent_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
 /// The agent id named by a certificate: its subject common name.

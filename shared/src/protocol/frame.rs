@@ -35,6 +35,11 @@ pub enum FrameKind {
     Trailer = 4,
     /// Daemon → agent on the load stream: JSON [`super::LoadReport`].
     Load = 5,
+    /// Agent → daemon, first frame of an enrollment or renewal stream: JSON
+    /// [`super::CertRequest`].
+    CertRequest = 6,
+    /// Daemon → agent, the answer to a [`FrameKind::CertRequest`]: JSON [`super::CertReply`].
+    CertReply = 7,
 }
 
 impl FrameKind {
@@ -45,6 +50,8 @@ impl FrameKind {
             3 => Self::Data,
             4 => Self::Trailer,
             5 => Self::Load,
+            6 => Self::CertRequest,
+            7 => Self::CertReply,
             _ => return None,
         })
     }

@@ -7,10 +7,15 @@ pub mod frame;
 pub mod msg;
 
 pub use frame::{DecodeError, Frame, FrameKind};
-pub use msg::{ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer};
+pub use msg::{
+    CertReply, CertRequest, ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer,
+};
 
 /// ALPN protocol name both sides must offer.
 pub const ALPN: &[u8] = b"updraft/1";
+/// ALPN of an enrollment connection: the agent has no certificate yet, proves itself
+/// with a one-time token, and may do nothing but ask for a certificate.
+pub const ENROLL_ALPN: &[u8] = b"updraft-enroll/1";
 
 /// QUIC application close code: normal close.
 pub const CLOSE_OK: u32 = 0;

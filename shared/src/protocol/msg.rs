@@ -100,6 +100,10 @@ pub enum ErrorCode {
     SpawnFailed,
     /// Something failed inside the daemon; its log says what.
     Internal,
+    /// An enrollment token was unknown, already used, expired or bound to another agent.
+    BadToken,
+    /// The daemon cannot issue certificates (no CA key), or refused this request.
+    CannotIssue,
     /// A code this version does not know (sent by a newer peer).
     #[serde(other)]
     Other,
@@ -119,6 +123,8 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::SpawnFailed => "spawn_failed",
             Self::Internal => "internal",
+            Self::BadToken => "bad_token",
+            Self::CannotIssue => "cannot_issue",
             Self::Other => "other",
         }
     }
@@ -195,6 +201,62 @@ pub struct LoadReport {
     pub draining: bool,
 }
 
+/// Longest enrollment token accepted; `updraftd token create` makes 40 hex digits.
+pub const MAX_TOKEN_LEN: usize = 128;
+/// Longest certificate signing request accepted, PEM.
+pub const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// First frame of a certificate stream, agent → daemon: on an [`super::ENROLL_ALPN`]
+/// connection with a token (enrollment), on a task connection without one (renewal by
+/// an agent whose certificate is still valid). Nothing follows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRequest {
+    /// The one-time token from `updraftd token create`; absent for a renewal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// A PKCS#10 request, PEM, signed by the key the agent made for itself. Its common
+    /// name is the agent id asked for; a renewal gets the id of the current certificate
+    /// whatever it says.
+    pub csr: String,
+}
+
+impl CertRequest {
+    /// Checks the lengths a peer controls before anything parses them.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(t) = &self.token {
+            if t.is_empty() || t.len() > MAX_TOKEN_LEN {
+                return Err(format!("token must be 1..={MAX_TOKEN_LEN} characters"));
+            }
+        }
+        if self.csr.is_empty() || self.csr.len() > MAX_CSR_LEN {
+            return Err(format!(
+                "certificate request must be 1..={MAX_CSR_LEN} bytes of PEM"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's answer to a [`CertRequest`]; the daemon closes the stream after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum CertReply {
+    /// The certificate, PEM, naming the agent id; and the CA it chains to, PEM.
+    Issued {
+        /// The agent's new certificate.
+        cert: String,
+        /// The CA certificate daemons present and verify against.
+        ca: String,
+    },
+    /// Refused; nothing was issued.
+    Rejected {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Operator-readable reason: what was wrong and what to run.
+        message: String,
+    },
+}
+
 fn encode_json<T: Serialize>(kind: FrameKind, msg: &T) -> Frame {
     let payload = serde_json::to_vec(msg).expect("protocol messages always serialize");
     assert!(
@@ -240,6 +302,8 @@ json_message!(RequestHeader, FrameKind::Request, "request header");
 json_message!(ReplyHeader, FrameKind::Reply, "reply header");
 json_message!(Trailer, FrameKind::Trailer, "trailer");
 json_message!(LoadReport, FrameKind::Load, "load report");
+json_message!(CertRequest, FrameKind::CertRequest, "certificate request");
+json_message!(CertReply, FrameKind::CertReply, "certificate reply");
 
 #[cfg(test)]
 mod tests {
@@ -282,6 +346,39 @@ mod tests {
             serde_json::to_string(&ReplyHeader::Accepted).unwrap(),
             r#"{"status":"accepted"}"#
         );
+    }
+
+    #[test]
+    fn cert_messages_round_trip_and_bound_lengths() {
+        let req = CertRequest {
+            token: Some("ab12".into()),
+            csr: "-----BEGIN CERTIFICATE REQUEST-----".into(),
+        };
+        assert_eq!(CertRequest::from_frame(&req.to_frame()).unwrap(), req);
+        req.validate().unwrap();
+        let renewal = r#"{"csr":"x"}"#;
+        let r: CertRequest = serde_json::from_str(renewal).unwrap();
+        assert_eq!(r.token, None);
+        let long_token = CertRequest {
+            token: Some("a".repeat(MAX_TOKEN_LEN + 1)),
+            ..req.clone()
+        };
+        assert!(long_token.validate().unwrap_err().contains("token"));
+        let long_csr = CertRequest {
+            csr: "a".repeat(MAX_CSR_LEN + 1),
+            ..req
+        };
+        assert!(long_csr.validate().unwrap_err().contains("request"));
+        let reply = CertReply::Rejected {
+            code: ErrorCode::BadToken,
+            message: "used".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&reply).unwrap(),
+            r#"{"status":"rejected","code":"bad_token","message":"used"}"#
+        );
+        assert_eq!(CertReply::from_frame(&reply.to_frame()).unwrap(), reply);
+        assert!(CertReply::from_frame(&Frame::new(FrameKind::Reply, "{}")).is_err());
     }
 
     #[test]
