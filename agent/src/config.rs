@@ -23,6 +23,8 @@ pub struct AgentFile {
     pub agent_id: Option<String>,
     /// Local API socket. Default `/run/updraft/agent.sock`.
     pub socket: Option<PathBuf>,
+    /// Log level (`error` .. `trace`) or filter directive; `UPDRAFT_AGENT_LOG` overrides it. Default `info`.
+    pub log_level: Option<String>,
     /// Agent state (certificates, spooled output). Default `/var/lib/updraft`.
     pub state_dir: Option<PathBuf>,
     /// Tasks run on the board at once. Default: the number of CPUs.
@@ -212,6 +214,8 @@ pub struct AgentConfig {
     pub agent_id: Option<String>,
     /// Local API socket.
     pub socket: PathBuf,
+    /// Log level or filter from the file, checked.
+    pub log_level: Option<String>,
     /// State directory.
     pub state_dir: PathBuf,
     /// Local slots.
@@ -335,7 +339,11 @@ impl AgentConfig {
                 "must be at least 10ms".into(),
             ));
         }
+        if let Some(level) = &file.log_level {
+            updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
+        }
         Ok(Self {
+            log_level: file.log_level.clone(),
             policy: file
                 .policy
                 .map(rel)
@@ -415,6 +423,7 @@ mod tests {
             ("[[cloud]]\naddress = \"nohost\"", "cloud[0].address"),
             ("[link]\nkeep_alive = \"20s\"", "link.keep_alive"),
             ("[link]\naccept_timeout = \"fast\"", "accept_timeout"),
+            ("log_level = \"loud[\"", "log_level"),
             (
                 "[tasks.e]\nbuiltin = \"echo\"\nofload = \"never\"",
                 "ofload",

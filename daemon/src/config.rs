@@ -25,6 +25,8 @@ pub const ENV_PREFIX: &str = "UPDRAFTD";
 pub struct DaemonFile {
     /// UDP address to listen on. Default `0.0.0.0:4433`.
     pub listen: Option<String>,
+    /// Log level (`error` .. `trace`) or filter directive; `UPDRAFTD_LOG` overrides it. Default `info`.
+    pub log_level: Option<String>,
     /// Where the daemon keeps its state (task working directories). Default `/var/lib/updraftd`.
     pub state_dir: Option<PathBuf>,
     /// Tasks run at once. Default: the number of CPUs.
@@ -103,6 +105,8 @@ pub struct DedupFile {
 pub struct DaemonConfig {
     /// UDP listen address.
     pub listen: SocketAddr,
+    /// Log level or filter from the file, checked.
+    pub log_level: Option<String>,
     /// State directory.
     pub state_dir: PathBuf,
     /// Execution slots.
@@ -225,7 +229,11 @@ impl DaemonConfig {
             Some(p) => rel(p),
             None => tls_ca.with_file_name("ca.key"),
         };
+        if let Some(level) = &file.log_level {
+            updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
+        }
         Ok(Self {
+            log_level: file.log_level.clone(),
             listen,
             state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
             max_concurrent_tasks: slots,
@@ -316,6 +324,7 @@ mod tests {
             ("load_report_interval = \"0s\"", "load_report_interval"),
             ("[dedup]\nremembr = \"1m\"", "remembr"),
             ("[enroll]\ncert_lifetime = \"1s\"", "enroll.cert_lifetime"),
+            ("log_level = \"loud[\"", "log_level"),
             ("[dedup]\nmax_result = \"lots\"", "max_result"),
             (
                 "[dedup]\nmax_result = \"2MiB\"\nmax_memory = \"1MiB\"",

@@ -37,6 +37,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            if let Some(level) = &config.log_level {
+                if let Ok(filter) = updraft_shared::logging::parse_level(level) {
+                    updraft_shared::logging::set_level(filter);
+                }
+            }
             report(serve(config))
         }
         Command::Ca {
