@@ -32,13 +32,9 @@ fn main() -> ExitCode {
         force,
     } = &cli.command
     {
-        let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
-        let config = match AgentConfig::load(&path) {
+        let config = match load_config(&cli) {
             Ok(c) => c,
-            Err(e) => {
-                eprintln!("updraft-agent: {e}");
-                return ExitCode::from(EXIT_BAD_CONFIG);
-            }
+            Err(code) => return code,
         };
         let enrolled = rt.block_on(updraft_agent::enroll::enroll(
             &config,
@@ -70,13 +66,9 @@ fn main() -> ExitCode {
         return ExitCode::from(rt.block_on(updraft_agent::cli::run_client(cli)));
     }
     updraft_shared::logging::init("UPDRAFT_AGENT_LOG");
-    let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
-    let config = match AgentConfig::load(&path) {
+    let config = match load_config(&cli) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("updraft-agent: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
-        }
+        Err(code) => return code,
     };
     if let Some(level) = &config.log_level {
         if let Ok(filter) = updraft_shared::logging::parse_level(level) {
@@ -90,6 +82,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The config `--config` names (default /etc/updraft/agent.toml), or the exit code for
+/// a bad one, already explained on stderr.
+fn load_config(cli: &Cli) -> Result<AgentConfig, ExitCode> {
+    let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    AgentConfig::load(&path).map_err(|e| {
+        eprintln!("updraft-agent: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
 }
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {

@@ -89,6 +89,14 @@ pub struct Tokens {
     dir: PathBuf,
 }
 
+/// A lifetime as operators write it: `90d` rather than humantime's months.
+fn lifetime_text(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -281,7 +289,7 @@ impl Enroller {
         });
         match &issuer {
             Ok(_) => {
-                info!(ca_key = %config.tls_ca_key.display(), lifetime = %humantime::format_duration(config.cert_lifetime), "enrollment on: agents may join with `updraftd token create` tokens and renew their certificates")
+                info!(ca_key = %config.tls_ca_key.display(), lifetime = %lifetime_text(config.cert_lifetime), "enrollment on: agents may join with `updraftd token create` tokens and renew their certificates")
             }
             Err(e) => warn!("enrollment off: {e}"),
         }
@@ -344,7 +352,7 @@ impl Enroller {
             Ok(cert) => {
                 info!(
                     agent = agent_id,
-                    valid_for = %humantime::format_duration(self.lifetime),
+                    valid_for = %lifetime_text(self.lifetime),
                     "{}",
                     if renewing.is_some() { "renewed an agent certificate" } else { "enrolled an agent" }
                 );
