@@ -165,9 +165,8 @@ pub fn agent_id_for(config: &AgentConfig, flag: Option<&str>) -> anyhow::Result<
             .map(|h| h.trim().to_string())
             .context("cannot read the host name; set agent_id in agent.toml or pass --agent-id")?,
     };
-    if !tls::valid_agent_id(&id) {
-        bail!("agent id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'; set agent_id in agent.toml or pass --agent-id");
-    }
+    tls::check_agent_id(&id)
+        .map_err(|e| anyhow!("{e}; set agent_id in agent.toml or pass --agent-id"))?;
     Ok(id)
 }
 

@@ -324,11 +324,17 @@ impl Enroller {
             Ok(i) => i,
             Err(e) => return reject(ErrorCode::CannotIssue, e.clone()),
         };
+        let csr = match pki::parse_request(&request.csr) {
+            Ok(c) => c,
+            Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+        };
         let agent_id = match renewing {
             Some(id) => id.to_string(),
-            None => match pki::requested_agent_id(&request.csr) {
-                Ok(id) if updraft_shared::tls::valid_agent_id(&id) => id,
-                Ok(id) => return reject(ErrorCode::BadRequest, format!("agent id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'")),
+            None => match pki::requested_agent_id(&csr) {
+                Ok(id) => match updraft_shared::tls::check_agent_id(&id) {
+                    Ok(()) => id,
+                    Err(e) => return reject(ErrorCode::BadRequest, e),
+                },
                 Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
             },
         };
@@ -348,7 +354,7 @@ impl Enroller {
                 return reject(code, e.to_string());
             }
         }
-        match pki::sign_request(issuer, &request.csr, &agent_id, self.lifetime) {
+        match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
             Ok(cert) => {
                 info!(
                     agent = agent_id,

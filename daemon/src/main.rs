@@ -106,11 +106,7 @@ fn token_create(
     agent_id: Option<&str>,
 ) -> anyhow::Result<()> {
     if let Some(id) = agent_id {
-        if !updraft_shared::tls::valid_agent_id(id) {
-            anyhow::bail!(
-                "--agent-id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'"
-            );
-        }
+        updraft_shared::tls::check_agent_id(id).map_err(|e| anyhow::anyhow!("--agent-id: {e}"))?;
     }
     let created = updraft_daemon::enroll::Tokens::new(&config.state_dir).create(ttl, agent_id)?;
     println!("{}", created.token);

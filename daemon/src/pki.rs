@@ -161,28 +161,31 @@ fn agent_params(agent_id: &str, lifetime: Duration) -> CertificateParams {
     params
 }
 
-/// Signs the public key of a PKCS#10 request (PEM) into an agent certificate for
-/// `agent_id`. Only the key and its proof of possession are taken from the request:
-/// subject, usages and lifetime are ours. Returns the certificate, PEM.
+/// Parses and verifies a PKCS#10 request (PEM): its signature proves the sender holds
+/// the key.
+pub fn parse_request(csr_pem: &str) -> anyhow::Result<rcgen::CertificateSigningRequestParams> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| anyhow::anyhow!("not a usable certificate request: {e}"))
+}
+
+/// Signs the public key of a parsed request into an agent certificate for `agent_id`.
+/// Only the key is taken from the request: subject, usages and lifetime are ours.
+/// Returns the certificate, PEM.
 pub fn sign_request(
     issuer: &Issuer<'static, KeyPair>,
-    csr_pem: &str,
+    mut request: rcgen::CertificateSigningRequestParams,
     agent_id: &str,
     lifetime: Duration,
 ) -> anyhow::Result<String> {
-    if !updraft_shared::tls::valid_agent_id(agent_id) {
-        bail!("agent id `{agent_id}` must be 1..=128 characters of letters, digits, '-', '_', '.'");
-    }
-    let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| anyhow::anyhow!("not a usable certificate request: {e}"))?;
+    updraft_shared::tls::check_agent_id(agent_id).map_err(anyhow::Error::msg)?;
     request.params = agent_params(agent_id, lifetime);
     Ok(request.signed_by(issuer)?.pem())
 }
 
-/// The agent id a PKCS#10 request (PEM) asks for: its subject common name.
-pub fn requested_agent_id(csr_pem: &str) -> anyhow::Result<String> {
-    let request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| anyhow::anyhow!("not a usable certificate request: {e}"))?;
+/// The agent id a parsed request asks for: its subject common name.
+pub fn requested_agent_id(
+    request: &rcgen::CertificateSigningRequestParams,
+) -> anyhow::Result<String> {
     match request.params.distinguished_name.get(&DnType::CommonName) {
         Some(rcgen::DnValue::Utf8String(s)) => Ok(s.clone()),
         Some(rcgen::DnValue::PrintableString(s)) => Ok(s.as_str().to_string()),
@@ -198,9 +201,7 @@ pub fn cert_issue(
     out: &Path,
     lifetime: Duration,
 ) -> anyhow::Result<(PathBuf, PathBuf)> {
-    if !updraft_shared::tls::valid_agent_id(agent_id) {
-        bail!("agent id `{agent_id}` must be 1..=128 characters of letters, digits, '-', '_', '.'");
-    }
+    updraft_shared::tls::check_agent_id(agent_id).map_err(anyhow::Error::msg)?;
     let issuer = load_issuer(ca_dir)?;
     let key = KeyPair::generate()?;
     let params = agent_params(agent_id, lifetime);

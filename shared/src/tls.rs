@@ -377,6 +377,17 @@ pub fn valid_agent_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// [`valid_agent_id`], with the message that says what an agent id may be.
+pub fn check_agent_id(id: &str) -> Result<(), String> {
+    if valid_agent_id(id) {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'"
+        ))
+    }
+}
+
 /// The agent id named by a certificate: its subject common name.
 pub fn agent_id_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
