@@ -153,6 +153,18 @@ fn editing_the_policy_file_changes_placement_and_a_broken_edit_keeps_the_old_pol
         "cloud",
         "the old policy stays in force"
     );
+    // The text status says it too, not only --json.
+    let o = std::process::Command::new(bin("updraft-agent"))
+        .arg("--socket")
+        .arg(&c.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("reload refused") && text.contains("policy.toml:5:9"),
+        "text status shows the refused policy:\n{text}"
+    );
     let o = std::process::Command::new(bin("updraft-agent"))
         .args(["policy", "check", policy.to_str().unwrap()])
         .output()

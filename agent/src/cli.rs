@@ -459,6 +459,17 @@ fn print_status(v: &serde_json::Value) {
         "local: {} running, {} queued, {} slots",
         l["running"], l["queued"], l["capacity"]
     );
+    let p = &v["policy"];
+    println!(
+        "policy: {} ({}, {} rules, default {})",
+        p["path"].as_str().unwrap_or("?"),
+        p["source"].as_str().unwrap_or("?"),
+        p["rules"],
+        p["default"].as_str().unwrap_or("?")
+    );
+    if let Some(e) = p["error"].as_str() {
+        println!("  last reload refused, the policy above stays in force: {e}");
+    }
     println!("daemons:");
     for c in v["clouds"].as_array().into_iter().flatten() {
         let state = if c["draining"] == true {
