@@ -19,8 +19,6 @@ use updraft_shared::wire::{write_frame, FrameReader};
 
 /// How long used and expired token records are kept, for the "already used" message.
 const KEEP_SPENT: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Shortest token lifetime `token create` accepts.
-pub const MIN_TTL: Duration = Duration::from_secs(1);
 /// How long an enrollment connection may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,13 +87,7 @@ pub struct Tokens {
     dir: PathBuf,
 }
 
-/// A lifetime as operators write it: `90d` rather than humantime's months.
-fn lifetime_text(d: Duration) -> String {
-    match d.as_secs() {
-        s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
-        _ => humantime::format_duration(d).to_string(),
-    }
-}
+use crate::config::duration_text as lifetime_text;
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -151,7 +143,9 @@ impl Tokens {
         self.prune(SystemTime::now());
         let token = hex::encode(rand::random::<[u8; 20]>());
         let now = SystemTime::now();
-        let expires = now + ttl;
+        let expires = now
+            .checked_add(ttl)
+            .ok_or_else(|| self.store_err(format!("a token lifetime of {ttl:?} is too long")))?;
         let record = TokenRecord {
             created_ms: unix_ms(now),
             expires_ms: unix_ms(expires),

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use std::path::Path;
 use std::process::ExitCode;
 use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command, TokenCommand};
 use updraft_daemon::config::DaemonConfig;
@@ -14,35 +15,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     updraft_shared::logging::init("UPDRAFTD_LOG");
     match cli.command {
-        Command::CheckConfig { config } => match DaemonConfig::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} tasks: {})",
-                    config.display(),
-                    c.catalog.names().count(),
-                    c.catalog.names().collect::<Vec<_>>().join(", ")
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("updraftd: {e}");
-                ExitCode::from(EXIT_BAD_CONFIG)
-            }
-        },
-        Command::Serve { config } => {
-            let config = match DaemonConfig::load(&config) {
+        Command::CheckConfig { config } => {
+            let (config, _) = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("updraftd: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
+            };
+            for warning in config.warnings() {
+                eprintln!("updraftd: warning: {warning}");
+            }
+            if let Err(e) =
+                updraft_daemon::pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key)
+            {
+                eprintln!("updraftd: warning: enrollment will be off: {e:#} ([tls] ca_key)");
+            }
+            println!(
+                "{}: ok ({} tasks: {})",
+                config.source.display(),
+                config.catalog.names().count(),
+                config.catalog.names().collect::<Vec<_>>().join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            let (config, server) = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             if let Some(level) = &config.log_level {
                 if let Ok(filter) = updraft_shared::logging::parse_level(level) {
                     updraft_shared::logging::set_level(filter);
                 }
             }
-            report(serve(config))
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
+            report(serve(config, server))
         }
         Command::Ca {
             command: CaCommand::Init { dir, names },
@@ -66,10 +73,7 @@ fn main() -> ExitCode {
         } => {
             let config = match DaemonConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("updraftd: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(e) => return bad_config(&e),
             };
             report(token_create(&config, ttl, agent_id.as_deref()))
         }
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
                     out,
                     ca_dir,
                     valid_for,
+                    state_dir: _,
                 },
         } => report(
             updraft_daemon::pki::cert_issue(&ca_dir, &agent_id, &out, valid_for).map(|(c, k)| {
@@ -89,13 +94,27 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+/// Loads and checks a config the way `serve` uses it: the file, then the TLS files
+/// and transport settings (the quinn server config). A failure is one line on stderr
+/// and the exit code for a bad configuration.
+fn load_config(path: &Path) -> Result<(DaemonConfig, quinn::ServerConfig), ExitCode> {
+    let config = DaemonConfig::load(path).map_err(|e| bad_config(&e))?;
+    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&*e))?;
+    Ok((config, server))
+}
+
+fn bad_config(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("updraftd: {e}");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let endpoint = updraft_daemon::server::bind(&config)?;
+        let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
         updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
     })
 }

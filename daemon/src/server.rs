@@ -37,11 +37,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Builds the quinn server config: mutual TLS from the config's files, transport limits.
 pub fn server_config(config: &DaemonConfig) -> anyhow::Result<quinn::ServerConfig> {
-    use anyhow::Context;
-    let identity = Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key).context(
-        "loading the daemon's TLS files (see [tls] in daemon.toml; `updraftd ca init` makes them)",
-    )?;
-    server_config_from(&identity, config)
+    server_config_from(&config.load_identity()?, config)
 }
 
 /// Like [`server_config`] from identity material already in memory (demo, tests).

@@ -28,6 +28,14 @@ pub enum TlsError {
     /// The peer's certificate does not name an agent.
     #[error("peer certificate: {0}")]
     PeerIdentity(String),
+    /// The private key is not the one the certificate was made for.
+    #[error("{key} does not belong to {cert}: the certificate was made for another key (issue the pair again, or point the key setting at the certificate's own key)")]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
 }
 
 /// The crypto provider Updraft uses everywhere: ring, one provider for a small binary.
@@ -91,13 +99,34 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// Loads CA, certificate chain and key from PEM files.
+    /// Loads CA, certificate chain and key from PEM files, and checks that the key is
+    /// the certificate's own.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Ok(Self {
+        let identity = Self {
             ca: load_certs(ca)?,
             chain: load_certs(cert)?,
             key: Arc::new(load_key(key)?),
-        })
+        };
+        let signer = provider()
+            .key_provider
+            .load_private_key(identity.key.clone_key())
+            .map_err(|e| TlsError::File {
+                path: key.to_path_buf(),
+                reason: format!("unusable private key: {e}"),
+            })?;
+        match rustls::sign::CertifiedKey::new(identity.chain.clone(), signer).keys_match() {
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                Err(TlsError::KeyMismatch {
+                    key: key.to_path_buf(),
+                    cert: cert.to_path_buf(),
+                })
+            }
+            Err(rustls::Error::InconsistentKeys(_)) | Ok(()) => Ok(identity),
+            Err(e) => Err(TlsError::File {
+                path: cert.to_path_buf(),
+                reason: format!("unusable certificate: {e}"),
+            }),
+        }
     }
 
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
