@@ -6,6 +6,7 @@
 //! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
 //! - [`pki`]: `ca init`, `cert issue`, and signing agents' certificate requests.
 //! - [`enroll`]: one-time tokens, enrollment and renewal of agent certificates.
+//! - [`reload`]: SIGHUP reloads the catalog and the TLS files.
 //! - [`cli`]: the `updraftd` command line.
 #![forbid(unsafe_code)]
 
@@ -15,4 +16,5 @@ pub mod enroll;
 pub mod metrics;
 pub mod pki;
 pub mod recent;
+pub mod reload;
 pub mod server;
