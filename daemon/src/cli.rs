@@ -78,7 +78,7 @@ pub enum CertCommand {
         /// Directory holding ca.pem and ca.key.
         #[arg(long, default_value = "/etc/updraft")]
         ca_dir: PathBuf,
-        /// Certificate lifetime, e.g. "365d", "90d" (10s to 3650d).
+        /// Certificate lifetime, e.g. "365d", "90d" (1s to 3650d).
         #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
         valid_for: Duration,
         /// The daemon's state_dir: record the certificate there as the agent id's
@@ -111,7 +111,7 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
-    parse_duration(s, range::CERT_LIFETIME)
+    parse_duration(s, range::CERT_ISSUE)
 }
 
 fn parse_duration(s: &str, bounds: (Duration, Duration)) -> Result<Duration, String> {

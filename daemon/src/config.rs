@@ -127,9 +127,10 @@ pub mod range {
     pub const LOAD_REPORT: (Duration, Duration) = (ms(10), secs(600));
     /// `idle_timeout`.
     pub const IDLE: (Duration, Duration) = (ms(100), secs(DAY));
-    /// `[enroll] cert_lifetime`, and `updraftd cert issue --valid-for`: the CA itself
-    /// lives ten years.
+    /// `[enroll] cert_lifetime`: the CA itself lives ten years.
     pub const CERT_LIFETIME: (Duration, Duration) = (secs(10), secs(3650 * DAY));
+    /// `updraftd cert issue --valid-for`.
+    pub const CERT_ISSUE: (Duration, Duration) = (secs(1), secs(3650 * DAY));
     /// `updraftd token create --ttl`.
     pub const TOKEN_TTL: (Duration, Duration) = (secs(1), secs(365 * DAY));
     /// `[dedup] remember`.

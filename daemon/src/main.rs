@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command, TokenCommand};
 use updraft_daemon::config::DaemonConfig;
+use updraft_daemon::issued::{Issued, IssuedCert};
 
 /// sysexits EX_CONFIG-style code for a bad configuration (EX_USAGE, 64).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -84,13 +85,15 @@ fn main() -> ExitCode {
                     out,
                     ca_dir,
                     valid_for,
-                    state_dir: _,
+                    state_dir,
                 },
-        } => report(
-            updraft_daemon::pki::cert_issue(&ca_dir, &agent_id, &out, valid_for).map(|(c, k)| {
-                println!("wrote {} and {}", c.display(), k.display());
-            }),
-        ),
+        } => report(cert_issue(
+            &ca_dir,
+            &agent_id,
+            &out,
+            valid_for,
+            state_dir.as_deref(),
+        )),
     }
 }
 
@@ -144,6 +147,29 @@ fn token_create(
         config.listen.port(),
         created.token,
     );
+    Ok(())
+}
+
+/// `cert issue`: writes the pair, and records it in `state_dir` when given one.
+fn cert_issue(
+    ca_dir: &Path,
+    agent_id: &str,
+    out: &Path,
+    valid_for: std::time::Duration,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (cert, key) = updraft_daemon::pki::cert_issue(ca_dir, agent_id, out, valid_for)?;
+    println!("wrote {} and {}", cert.display(), key.display());
+    if let Some(dir) = state_dir {
+        let now = std::time::SystemTime::now();
+        let pem = std::fs::read_to_string(&cert)
+            .with_context(|| format!("cannot read back {}", cert.display()))?;
+        let issued = IssuedCert::of_pem(&pem, now).map_err(anyhow::Error::msg)?;
+        Issued::new(dir)
+            .record(agent_id, issued, now)
+            .map_err(anyhow::Error::msg)
+            .context("the certificate was written but not recorded in --state-dir")?;
+    }
     Ok(())
 }
 

@@ -319,6 +319,14 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    if shared.enroller().is_revoked(peer.serial()) {
+        warn!(%remote, agent = peer.agent_id(), serial = peer.serial(), "refused a revoked certificate: its agent id was enrolled again since");
+        conn.close(
+            CLOSE_PROTOCOL.into(),
+            b"certificate revoked: the agent id was enrolled again; enroll with a token for it",
+        );
+        return;
+    }
     let peer = Arc::new(peer);
     info!(%remote, agent = peer.agent_id(), "agent connected");
     shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -390,7 +398,7 @@ async fn handle_task(
             let reply = match CertRequest::from_frame(&frame) {
                 Ok(r) => shared
                     .enroller()
-                    .renew(&r, agent, std::time::SystemTime::now()),
+                    .renew(&r, peer, std::time::SystemTime::now()),
                 Err(e) => updraft_shared::protocol::CertReply::Rejected {
                     code: ErrorCode::BadRequest,
                     message: bounded_message(e.to_string()),

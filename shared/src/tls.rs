@@ -231,6 +231,9 @@ pub struct PinnedCa {
     seen: std::sync::Mutex<Vec<String>>,
     /// The CA that matched, once the handshake verified.
     matched: std::sync::Mutex<Option<CertificateDer<'static>>>,
+    /// The names the daemon's certificate has, when it chained to the pinned CA but did
+    /// not name the server we asked for.
+    wrong_name: std::sync::Mutex<Option<Vec<String>>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -251,6 +254,7 @@ impl PinnedCa {
             pin,
             seen: Default::default(),
             matched: Default::default(),
+            wrong_name: Default::default(),
             provider: provider(),
         }))
     }
@@ -258,6 +262,20 @@ impl PinnedCa {
     /// Fingerprints of the CA certificates the daemon offered.
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the daemon offered a CA with the pinned fingerprint.
+    pub fn pin_offered(&self) -> bool {
+        self.seen().contains(&self.pin)
+    }
+
+    /// The names in the daemon's certificate, when it chained to the pinned CA but did
+    /// not name the server the connection asked for.
+    pub fn wrong_name(&self) -> Option<Vec<String>> {
+        self.wrong_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The pinned CA certificate, once a handshake verified against it.
@@ -311,13 +329,20 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let verified = webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let verified = webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(|e| {
+                if matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::NotValidForName
+                            | rustls::CertificateError::NotValidForNameContext { .. }
+                    )
+                ) {
+                    *self.wrong_name.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(names_of(end_entity));
+                }
+            })?;
         *self.matched.lock().unwrap_or_else(|e| e.into_inner()) = Some(ca);
         Ok(verified)
     }
@@ -364,12 +389,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthenticatedPeer {
     agent_id: String,
+    serial: String,
 }
 
 impl AuthenticatedPeer {
     /// The agent id: the common name of the verified client certificate.
     pub fn agent_id(&self) -> &str {
         &self.agent_id
+    }
+
+    /// The verified certificate's serial number, lowercase hex.
+    pub fn serial(&self) -> &str {
+        &self.serial
     }
 
     /// Reads the identity from a connection whose handshake completed. quinn only
@@ -386,6 +417,7 @@ impl AuthenticatedPeer {
             .ok_or_else(|| TlsError::PeerIdentity("empty certificate chain".into()))?;
         Ok(Self {
             agent_id: agent_id_of(leaf)?,
+            serial: serial_of(leaf)?,
         })
     }
 
@@ -393,6 +425,7 @@ impl AuthenticatedPeer {
     pub(crate) fn for_tests(id: &str) -> Self {
         Self {
             agent_id: id.into(),
+            serial: String::new(),
         }
     }
 }
@@ -415,6 +448,37 @@ pub fn check_agent_id(id: &str) -> Result<(), String> {
             "agent id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'"
         ))
     }
+}
+
+/// The host names and IP addresses a certificate names (subject alternative names).
+pub fn names_of(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// A certificate's serial number: lowercase hex of its bytes.
+pub fn serial_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
+    Ok(hex::encode(cert.raw_serial()))
 }
 
 /// The agent id named by a certificate: its subject common name.
