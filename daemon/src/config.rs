@@ -141,6 +141,24 @@ pub mod range {
     pub const DEDUP_BYTES: (u64, u64) = (0, 16 << 30);
     /// `[dedup] hold_input`.
     pub const HOLD_INPUT: (u64, u64) = (0, 64 << 20);
+    /// `[tasks.NAME] timeout`.
+    pub const TASK_TIMEOUT: (Duration, Duration) = (ms(1), secs(7 * DAY));
+    /// `[tasks.NAME] max_input`, `max_output`.
+    pub const TASK_BYTES: (u64, u64) = (0, 1 << 40);
+}
+
+/// The ranges of the numbers in each `[tasks.NAME]` table.
+fn check_tasks(catalog: &Catalog) -> Result<(), (String, String)> {
+    for name in catalog.names() {
+        let Some(spec) = catalog.get(name) else {
+            continue;
+        };
+        let key = |k: &str| format!("tasks.{name}.{k}");
+        check_duration(spec.timeout, range::TASK_TIMEOUT).map_err(|e| (key("timeout"), e))?;
+        check_count(spec.max_input, range::TASK_BYTES).map_err(|e| (key("max_input"), e))?;
+        check_count(spec.max_output, range::TASK_BYTES).map_err(|e| (key("max_output"), e))?;
+    }
+    Ok(())
 }
 
 /// `value` within `(least, most)`, else the reason, for a number.
@@ -305,6 +323,7 @@ impl DaemonConfig {
         count("max_streams_per_connection", streams.into(), range::STREAMS)?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
+        check_tasks(&catalog).map_err(|(key, e)| invalid(&key, e))?;
         let drain_timeout = duration(
             "drain_timeout",
             file.drain_timeout,
@@ -518,6 +537,14 @@ mod tests {
             ("[dedup]\nmax_entries = 99999999", "dedup.max_entries"),
             ("[dedup]\nhold_input = \"1GiB\"", "dedup.hold_input"),
             ("[dedup]\nmax_memory = \"20GiB\"", "dedup.max_memory"),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\ntimeout = \"300000000000d\"",
+                "tasks.e.timeout",
+            ),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\nmax_output = \"99999999GiB\"",
+                "tasks.e.max_output",
+            ),
             ("log_level = \"loud[\"", "log_level"),
             ("[dedup]\nmax_result = \"lots\"", "max_result"),
             (
