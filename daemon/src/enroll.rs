@@ -22,6 +22,9 @@ use updraft_shared::wire::{write_frame, FrameReader};
 
 /// How long used and expired token records are kept, for the "already used" message.
 const KEEP_SPENT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Held by an enrollment from checking whether its agent id is held to recording the
+/// certificate it got.
+static ENROLLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// How long an enrollment connection may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -385,6 +388,12 @@ impl Enroller {
             },
         };
         let mut held = None;
+        // Enrollments one at a time from the id check to the record, so two unbound
+        // tokens cannot both take the same free id. Nothing in here waits on the
+        // network; it holds the lock for a file read, a rename and a signature.
+        let _one_enrollment = renewing
+            .is_none()
+            .then(|| ENROLLING.lock().unwrap_or_else(|e| e.into_inner()));
         if renewing.is_none() {
             let Some(token) = &request.token else {
                 return reject(
@@ -610,5 +619,56 @@ mod tests {
         tokens
             .redeem(&bound.token, "board-9", Some(&live), now)
             .unwrap();
+    }
+
+    fn csr(agent_id: &str) -> String {
+        let key = KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, agent_id);
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn racing_unbound_tokens_give_a_free_id_to_one_agent() {
+        let d = tempfile::tempdir().unwrap();
+        pki::ca_init(&d.path().join("pki"), &["localhost".into()]).unwrap();
+        let path = d.path().join("daemon.toml");
+        let file = updraft_shared::config::from_str(
+            "state_dir = \"state\"\n[tls]\nca = \"pki/ca.pem\"\n",
+            &path,
+            "UPDRAFTD_TEST_NONE",
+        )
+        .unwrap();
+        let config = crate::config::DaemonConfig::from_file(file, &path).unwrap();
+        let enroller = std::sync::Arc::new(Enroller::load(&config));
+        let tokens = Tokens::new(&config.state_dir);
+        let remote: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let token = tokens.create(Duration::from_secs(60), None).unwrap().token;
+                let enroller = enroller.clone();
+                std::thread::spawn(move || {
+                    let request = CertRequest {
+                        token: Some(token),
+                        csr: csr("board-1"),
+                    };
+                    enroller.enroll(&request, remote, SystemTime::now())
+                })
+            })
+            .collect();
+        let replies: Vec<CertReply> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let issued = replies
+            .iter()
+            .filter(|r| matches!(r, CertReply::Issued { .. }))
+            .count();
+        assert_eq!(issued, 1, "{replies:?}");
+        for r in &replies {
+            if let CertReply::Rejected { code, message } = r {
+                assert_eq!(*code, ErrorCode::BadToken);
+                assert!(message.contains("already has a certificate"), "{message}");
+            }
+        }
     }
 }
