@@ -346,9 +346,11 @@ fn check_config_names_the_misspelled_key_and_the_file() {
         "{e}"
     );
     assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    // check-config loads the TLS files as serve does: they must exist.
+    common::make_pki(dir.path());
     std::fs::write(
         &cfg,
-        "listen = \"127.0.0.1:4433\"\n[tasks.echo]\nbuiltin = \"echo\"\n",
+        "listen = \"127.0.0.1:4433\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\n[tasks.echo]\nbuiltin = \"echo\"\n",
     )
     .unwrap();
     let o = updraftd(&["check-config", "--config", cfg.to_str().unwrap()]);

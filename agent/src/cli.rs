@@ -40,9 +40,13 @@ pub enum Command {
     /// token over TLS pinned to the CA fingerprint, and store key, certificate and CA
     /// where `serve` finds them (`[tls]` paths, default in state_dir).
     Enroll {
-        /// The daemon, `host:port`; the host must be a name in its certificate.
+        /// The daemon, `host:port`.
         #[arg(long)]
         server: String,
+        /// The name the daemon's certificate must have. Default: server_name of the
+        /// [[cloud]] entry with this address in the config, else the host of --server.
+        #[arg(long)]
+        server_name: Option<String>,
         /// The token `updraftd token create` printed.
         #[arg(long)]
         token: String,

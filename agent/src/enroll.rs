@@ -181,10 +181,60 @@ pub struct Enrolled {
     pub files: CertFiles,
 }
 
-/// Enrolls this board with the daemon at `server` (`host:port`).
+/// The name to verify in the daemon's certificate: `--server-name`, else the
+/// `server_name` of the `[[cloud]]` entry with this address, else the host part.
+pub fn server_name_for(
+    config: &AgentConfig,
+    server: &str,
+    flag: Option<&str>,
+) -> anyhow::Result<String> {
+    if let Some(name) = flag {
+        return Ok(name.to_string());
+    }
+    if let Some(cloud) = config.clouds.iter().find(|c| c.address == server) {
+        return Ok(cloud.server_name.clone());
+    }
+    let (host, _) = server
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        .ok_or_else(|| anyhow!("--server `{server}` is not host:port"))?;
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
+}
+
+/// Why the handshake with the daemon failed, in the operator's terms.
+fn handshake_error(
+    pin: &PinnedCa,
+    server: &str,
+    name: &str,
+    ca_sha256: &str,
+    e: impl std::fmt::Display,
+) -> anyhow::Error {
+    if let Some(names) = pin.wrong_name() {
+        return anyhow!(
+            "the daemon at {server} has the pinned CA, but its certificate does not name `{name}`: it names {}. Pass --server-name with one of those, or set server_name for address \"{server}\" in [[cloud]] of agent.toml; nothing was sent",
+            if names.is_empty() { "no host at all".to_string() } else { names.join(", ") }
+        );
+    }
+    let seen = pin.seen();
+    if !pin.pin_offered() && !seen.is_empty() {
+        return anyhow!(
+            "the daemon at {server} is not the one you meant: its CA has fingerprint {} but --ca-sha256 says {}; nothing was sent. Check the fingerprint `updraftd ca init` printed",
+            seen.join(" or "),
+            ca_sha256
+        );
+    }
+    anyhow!("TLS handshake with {server} (as `{name}`) failed: {e}")
+}
+
+/// Enrolls this board with the daemon at `server` (`host:port`), verifying it as
+/// `server_name` (see [`server_name_for`]).
 pub async fn enroll(
     config: &AgentConfig,
     server: &str,
+    server_name: Option<&str>,
     token: &str,
     ca_sha256: &str,
     agent_id: Option<&str>,
@@ -208,11 +258,7 @@ pub async fn enroll(
             }
         }
     }
-    let (host, _) = server
-        .rsplit_once(':')
-        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        .ok_or_else(|| anyhow!("--server `{server}` is not host:port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = server_name_for(config, server, server_name)?;
     let addr = tokio::net::lookup_host(server)
         .await
         .with_context(|| format!("cannot resolve {server}"))?
@@ -228,21 +274,11 @@ pub async fn enroll(
     let endpoint = quinn::Endpoint::client(bind)?;
     let client = quinn::ClientConfig::new(pin.quic_client()?);
     let connecting = endpoint
-        .connect_with(client, addr, host)
+        .connect_with(client, addr, &host)
         .map_err(|e| anyhow!("cannot connect to {server}: {e}"))?;
     let conn = match tokio::time::timeout(REPLY_TIMEOUT, connecting).await {
         Err(_) => bail!("no answer from {server} within {REPLY_TIMEOUT:?}: is updraftd listening there, and UDP let through?"),
-        Ok(Err(e)) => {
-            let seen = pin.seen();
-            if pin.matched().is_none() && !seen.is_empty() {
-                bail!(
-                    "the daemon at {server} is not the one you meant: its CA has fingerprint {} but --ca-sha256 says {}; nothing was sent. Check the fingerprint `updraftd ca init` printed",
-                    seen.join(" or "),
-                    ca_sha256
-                );
-            }
-            bail!("TLS handshake with {server} failed: {e}");
-        }
+        Ok(Err(e)) => return Err(handshake_error(&pin, server, &host, ca_sha256, e)),
         Ok(Ok(c)) => c,
     };
     let (key_pem, csr) = new_request(&agent_id)?;

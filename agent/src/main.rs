@@ -26,6 +26,7 @@ fn main() -> ExitCode {
     }
     if let Command::Enroll {
         server,
+        server_name,
         token,
         ca_sha256,
         agent_id,
@@ -39,6 +40,7 @@ fn main() -> ExitCode {
         let enrolled = rt.block_on(updraft_agent::enroll::enroll(
             &config,
             server,
+            server_name.as_deref(),
             token,
             ca_sha256,
             agent_id.as_deref(),

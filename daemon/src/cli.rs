@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::config::{check_duration, range};
+
 /// Updraft cloud daemon: runs tasks that edge agents offload to it.
 #[derive(Debug, Parser)]
 #[command(name = "updraftd", version, about)]
@@ -76,9 +78,13 @@ pub enum CertCommand {
         /// Directory holding ca.pem and ca.key.
         #[arg(long, default_value = "/etc/updraft")]
         ca_dir: PathBuf,
-        /// Certificate lifetime, e.g. "365d", "90d".
-        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        /// Certificate lifetime, e.g. "365d", "90d" (1s to 3650d).
+        #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
         valid_for: Duration,
+        /// The daemon's state_dir: record the certificate there as the agent id's
+        /// current one, so an unbound token cannot take the id while it is valid.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -88,7 +94,7 @@ pub enum TokenCommand {
     /// Make a one-time token an agent enrolls with (`updraft-agent enroll --token`).
     /// Prints the token on stdout and the enroll command on stderr.
     Create {
-        /// How long the token works, e.g. "1h", "30m", "7d".
+        /// How long the token works, e.g. "1h", "30m", "7d" (1s to 365d).
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
         /// Only this agent id may enroll with the token.
@@ -101,13 +107,34 @@ pub enum TokenCommand {
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d < crate::enroll::MIN_TTL {
-        return Err(format!("`{s}`: a token must live at least 1s"));
-    }
-    Ok(d)
+    parse_duration(s, range::TOKEN_TTL)
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+fn parse_lifetime(s: &str) -> Result<Duration, String> {
+    parse_duration(s, range::CERT_ISSUE)
+}
+
+fn parse_duration(s: &str, bounds: (Duration, Duration)) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
+    check_duration(d, bounds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_on_the_command_line_are_bounded() {
+        assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_ttl("0s").unwrap_err().contains("out of range"));
+        let e = parse_ttl("100000000d").unwrap_err();
+        assert!(
+            e.contains("out of range") && e.contains("1s to 365d"),
+            "{e}"
+        );
+        assert!(parse_lifetime("100000000d").is_err());
+        assert!(parse_lifetime("300000000000d").is_err());
+        assert!(parse_lifetime("90d").is_ok());
+        assert!(parse_ttl("soon").unwrap_err().contains("`soon`"));
+    }
 }

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use updraft_shared::catalog::{Catalog, TaskFile};
+use updraft_shared::catalog::{Catalog, TaskFile, TaskKind};
 use updraft_shared::config::ConfigError;
+use updraft_shared::exec::DEFAULT_PATH;
+use updraft_shared::tls::{Identity, TlsError};
 use updraft_shared::units::{ByteSize, HumanDuration};
 
 use crate::recent::{
@@ -100,9 +102,104 @@ pub struct DedupFile {
     pub hold_input: Option<ByteSize>,
 }
 
+/// The documented range of every number and duration in `daemon.toml` (README,
+/// "Configuration"): (key, least, most).
+pub mod range {
+    use std::time::Duration;
+
+    const fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+    const fn ms(m: u64) -> Duration {
+        Duration::from_millis(m)
+    }
+    const DAY: u64 = 86400;
+
+    /// `max_concurrent_tasks`.
+    pub const SLOTS: (u64, u64) = (1, 4096);
+    /// `max_queued_tasks`.
+    pub const QUEUED: (u64, u64) = (0, 65536);
+    /// `max_streams_per_connection`.
+    pub const STREAMS: (u64, u64) = (1, 10_000);
+    /// `drain_timeout`.
+    pub const DRAIN: (Duration, Duration) = (secs(0), secs(DAY));
+    /// `load_report_interval`.
+    pub const LOAD_REPORT: (Duration, Duration) = (ms(10), secs(600));
+    /// `idle_timeout`.
+    pub const IDLE: (Duration, Duration) = (ms(100), secs(DAY));
+    /// `[enroll] cert_lifetime`: the CA itself lives ten years.
+    pub const CERT_LIFETIME: (Duration, Duration) = (secs(10), secs(3650 * DAY));
+    /// `updraftd cert issue --valid-for`.
+    pub const CERT_ISSUE: (Duration, Duration) = (secs(1), secs(3650 * DAY));
+    /// `updraftd token create --ttl`.
+    pub const TOKEN_TTL: (Duration, Duration) = (secs(1), secs(365 * DAY));
+    /// `[dedup] remember`.
+    pub const REMEMBER: (Duration, Duration) = (secs(0), secs(7 * DAY));
+    /// `[dedup] max_entries`.
+    pub const MAX_ENTRIES: (u64, u64) = (0, 1_000_000);
+    /// `[dedup] max_result`, `max_memory`.
+    pub const DEDUP_BYTES: (u64, u64) = (0, 16 << 30);
+    /// `[dedup] hold_input`.
+    pub const HOLD_INPUT: (u64, u64) = (0, 64 << 20);
+    /// `[tasks.NAME] timeout`.
+    pub const TASK_TIMEOUT: (Duration, Duration) = (ms(1), secs(7 * DAY));
+    /// `[tasks.NAME] max_input`, `max_output`.
+    pub const TASK_BYTES: (u64, u64) = (0, 1 << 40);
+}
+
+/// The ranges of the numbers in each `[tasks.NAME]` table.
+fn check_tasks(catalog: &Catalog) -> Result<(), (String, String)> {
+    for name in catalog.names() {
+        let Some(spec) = catalog.get(name) else {
+            continue;
+        };
+        let key = |k: &str| format!("tasks.{name}.{k}");
+        check_duration(spec.timeout, range::TASK_TIMEOUT).map_err(|e| (key("timeout"), e))?;
+        check_count(spec.max_input, range::TASK_BYTES).map_err(|e| (key("max_input"), e))?;
+        check_count(spec.max_output, range::TASK_BYTES).map_err(|e| (key("max_output"), e))?;
+    }
+    Ok(())
+}
+
+/// `value` within `(least, most)`, else the reason, for a number.
+pub fn check_count(value: u64, (least, most): (u64, u64)) -> Result<u64, String> {
+    if (least..=most).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is out of range: use {least} to {most}"))
+    }
+}
+
+/// `value` within `(least, most)`, else the reason, for a duration.
+pub fn check_duration(
+    value: Duration,
+    (least, most): (Duration, Duration),
+) -> Result<Duration, String> {
+    if (least..=most).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "`{}` is out of range: use {} to {}",
+            duration_text(value),
+            duration_text(least),
+            duration_text(most)
+        ))
+    }
+}
+
+/// A duration as operators write it: `90d` rather than humantime's months.
+pub fn duration_text(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 86400 && s % 86400 == 0 && d.subsec_nanos() == 0 => format!("{}d", s / 86400),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
 /// A validated daemon configuration.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
+    /// The file it was loaded from (SIGHUP reloads it).
+    pub source: PathBuf,
     /// UDP listen address.
     pub listen: SocketAddr,
     /// Log level or filter from the file, checked.
@@ -146,6 +243,45 @@ impl DaemonConfig {
         Self::from_file(file, path)
     }
 
+    /// Loads the TLS files exactly as `serve` does: CA, certificate chain and key, the
+    /// key checked against the certificate. Errors name the file and the `[tls]` key.
+    pub fn load_identity(&self) -> Result<Identity, ConfigError> {
+        Identity::load(&self.tls_ca, &self.tls_cert, &self.tls_key).map_err(|e| {
+            let key = match &e {
+                TlsError::File { path, .. } if *path == self.tls_ca => "tls.ca",
+                TlsError::File { path, .. } if *path == self.tls_cert => "tls.cert",
+                _ => "tls.key",
+            };
+            ConfigError::Invalid {
+                path: self.source.clone(),
+                key: key.into(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// What is allowed but probably wrong: a task whose program is not an executable
+    /// file (it would fail with `spawn_failed` at every run).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in self.catalog.names() {
+            let Some(spec) = self.catalog.get(name) else {
+                continue;
+            };
+            let TaskKind::Command(argv) = &spec.kind else {
+                continue;
+            };
+            let path = spec.env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+            if let Err(why) = find_executable(&argv[0], path) {
+                out.push(format!(
+                    "{}: tasks.{name}.command: {why}; the task fails with spawn_failed until it is installed",
+                    self.source.display()
+                ));
+            }
+        }
+        out
+    }
+
     /// Validates a parsed file; `path` anchors relative paths and names errors.
     pub fn from_file(file: DaemonFile, path: &Path) -> Result<Self, ConfigError> {
         let invalid = |key: &str, reason: String| ConfigError::Invalid {
@@ -171,39 +307,69 @@ impl DaemonConfig {
                 )
             })?),
         };
+        let count =
+            |key: &str, v: u64, r: (u64, u64)| check_count(v, r).map_err(|e| invalid(key, e));
+        let duration = |key: &str, v: Option<HumanDuration>, default: Duration, r| {
+            check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e))
+        };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let slots = file.max_concurrent_tasks.unwrap_or(cpus);
-        if slots == 0 {
-            return Err(invalid("max_concurrent_tasks", "must be at least 1".into()));
-        }
+        let slots = file
+            .max_concurrent_tasks
+            .unwrap_or(cpus.min(range::SLOTS.1 as usize));
+        count("max_concurrent_tasks", slots as u64, range::SLOTS)?;
+        let queued = file.max_queued_tasks.unwrap_or(slots * 4);
+        count("max_queued_tasks", queued as u64, range::QUEUED)?;
         let streams = file.max_streams_per_connection.unwrap_or(256);
-        if streams == 0 {
-            return Err(invalid(
-                "max_streams_per_connection",
-                "must be at least 1".into(),
-            ));
-        }
+        count("max_streams_per_connection", streams.into(), range::STREAMS)?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
-        let load_report_interval = file
-            .load_report_interval
-            .map_or(Duration::from_secs(1), |d| d.0);
-        if load_report_interval < Duration::from_millis(10) {
-            return Err(invalid(
-                "load_report_interval",
-                "must be at least 10ms".into(),
-            ));
-        }
-        let idle_timeout = file.idle_timeout.map_or(Duration::from_secs(30), |d| d.0);
-        if idle_timeout < Duration::from_millis(100) {
-            return Err(invalid("idle_timeout", "must be at least 100ms".into()));
-        }
+        check_tasks(&catalog).map_err(|(key, e)| invalid(&key, e))?;
+        let drain_timeout = duration(
+            "drain_timeout",
+            file.drain_timeout,
+            Duration::from_secs(60),
+            range::DRAIN,
+        )?;
+        let load_report_interval = duration(
+            "load_report_interval",
+            file.load_report_interval,
+            Duration::from_secs(1),
+            range::LOAD_REPORT,
+        )?;
+        let idle_timeout = duration(
+            "idle_timeout",
+            file.idle_timeout,
+            Duration::from_secs(30),
+            range::IDLE,
+        )?;
+        let d = &file.dedup;
         let dedup = DedupLimits {
-            remember: file.dedup.remember.map_or(DEFAULT_REMEMBER, |d| d.0),
-            max_entries: file.dedup.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES),
-            max_result: file.dedup.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
-            max_memory: file.dedup.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
-            hold_input: file.dedup.hold_input.map_or(DEFAULT_HOLD_INPUT, |b| b.0),
+            remember: duration(
+                "dedup.remember",
+                d.remember,
+                DEFAULT_REMEMBER,
+                range::REMEMBER,
+            )?,
+            max_entries: count(
+                "dedup.max_entries",
+                d.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES) as u64,
+                range::MAX_ENTRIES,
+            )? as usize,
+            max_result: count(
+                "dedup.max_result",
+                d.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
+                range::DEDUP_BYTES,
+            )?,
+            max_memory: count(
+                "dedup.max_memory",
+                d.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
+                range::DEDUP_BYTES,
+            )?,
+            hold_input: count(
+                "dedup.hold_input",
+                d.hold_input.map_or(DEFAULT_HOLD_INPUT, |b| b.0),
+                range::HOLD_INPUT,
+            )?,
         };
         if dedup.max_result > dedup.max_memory {
             return Err(invalid(
@@ -214,16 +380,12 @@ impl DaemonConfig {
                 ),
             ));
         }
-        let cert_lifetime = file
-            .enroll
-            .cert_lifetime
-            .map_or(crate::pki::ENROLLED_VALIDITY, |d| d.0);
-        if cert_lifetime < Duration::from_secs(10) {
-            return Err(invalid(
-                "enroll.cert_lifetime",
-                "must be at least 10s".into(),
-            ));
-        }
+        let cert_lifetime = duration(
+            "enroll.cert_lifetime",
+            file.enroll.cert_lifetime,
+            crate::pki::ENROLLED_VALIDITY,
+            range::CERT_LIFETIME,
+        )?;
         let tls_ca = rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into()));
         let tls_ca_key = match file.tls.ca_key {
             Some(p) => rel(p),
@@ -236,10 +398,11 @@ impl DaemonConfig {
             log_level: file.log_level.clone(),
             listen,
             state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
+            source: path.to_path_buf(),
             max_concurrent_tasks: slots,
-            max_queued_tasks: file.max_queued_tasks.unwrap_or(slots * 4),
+            max_queued_tasks: queued,
             metrics_listen,
-            drain_timeout: file.drain_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            drain_timeout,
             load_report_interval,
             idle_timeout,
             max_streams_per_connection: streams,
@@ -251,6 +414,35 @@ impl DaemonConfig {
             dedup,
             catalog,
         })
+    }
+}
+
+/// Finds `program` the way the executor will (a path as given, else in `path`) and
+/// checks it is an executable file.
+fn find_executable(program: &str, path: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates: Vec<PathBuf> = if program.contains('/') {
+        vec![PathBuf::from(program)]
+    } else {
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .map(|d| Path::new(d).join(program))
+            .collect()
+    };
+    for c in &candidates {
+        if let Ok(m) = std::fs::metadata(c) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(c.clone());
+            }
+            if program.contains('/') {
+                return Err(format!("`{program}` is not an executable file"));
+            }
+        }
+    }
+    if program.contains('/') {
+        Err(format!("`{program}` does not exist"))
+    } else {
+        Err(format!("`{program}` is not an executable file in {path}"))
     }
 }
 
@@ -324,6 +516,35 @@ mod tests {
             ("load_report_interval = \"0s\"", "load_report_interval"),
             ("[dedup]\nremembr = \"1m\"", "remembr"),
             ("[enroll]\ncert_lifetime = \"1s\"", "enroll.cert_lifetime"),
+            (
+                "[enroll]\ncert_lifetime = \"100000000d\"",
+                "enroll.cert_lifetime",
+            ),
+            (
+                "max_concurrent_tasks = 2305843009213693952",
+                "max_concurrent_tasks",
+            ),
+            ("max_concurrent_tasks = 0", "max_concurrent_tasks"),
+            ("max_queued_tasks = 100000000", "max_queued_tasks"),
+            (
+                "max_streams_per_connection = 0",
+                "max_streams_per_connection",
+            ),
+            ("idle_timeout = \"300000000000d\"", "idle_timeout"),
+            ("drain_timeout = \"400d\"", "drain_timeout"),
+            ("load_report_interval = \"1y\"", "load_report_interval"),
+            ("[dedup]\nremember = \"30d\"", "dedup.remember"),
+            ("[dedup]\nmax_entries = 99999999", "dedup.max_entries"),
+            ("[dedup]\nhold_input = \"1GiB\"", "dedup.hold_input"),
+            ("[dedup]\nmax_memory = \"20GiB\"", "dedup.max_memory"),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\ntimeout = \"300000000000d\"",
+                "tasks.e.timeout",
+            ),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\nmax_output = \"99999999GiB\"",
+                "tasks.e.max_output",
+            ),
             ("log_level = \"loud[\"", "log_level"),
             ("[dedup]\nmax_result = \"lots\"", "max_result"),
             (

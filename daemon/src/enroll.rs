@@ -7,20 +7,24 @@
 //! moment, or two daemons share the directory. `updraftd token create` writes the files
 //! while the daemon runs; nothing is cached.
 
+use crate::issued::{Issued, IssuedCert};
 use crate::pki;
 use rcgen::{Issuer, KeyPair};
 use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{CertReply, CertRequest, ErrorCode, FrameKind};
+use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::{write_frame, FrameReader};
 
 /// How long used and expired token records are kept, for the "already used" message.
 const KEEP_SPENT: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Shortest token lifetime `token create` accepts.
-pub const MIN_TTL: Duration = Duration::from_secs(1);
+/// Held by an enrollment from checking whether its agent id is held to recording the
+/// certificate it got.
+static ENROLLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// How long an enrollment connection may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -64,6 +68,14 @@ pub enum TokenError {
         /// The id the request asked for.
         asked: String,
     },
+    /// The id holds a live certificate and the token is not bound to it.
+    #[error("agent id `{agent}` already has a certificate from this CA, valid until {until}; a token not bound to an agent id cannot take it over. To enroll that board again, create a token for it: `updraftd token create --agent-id {agent}` (or enroll under another agent_id)")]
+    IdHeld {
+        /// The agent id asked for.
+        agent: String,
+        /// RFC 3339 expiry of its newest certificate.
+        until: String,
+    },
     /// The token directory could not be read or written.
     #[error("token store {dir}: {reason}")]
     Store {
@@ -89,13 +101,7 @@ pub struct Tokens {
     dir: PathBuf,
 }
 
-/// A lifetime as operators write it: `90d` rather than humantime's months.
-fn lifetime_text(d: Duration) -> String {
-    match d.as_secs() {
-        s if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
-        _ => humantime::format_duration(d).to_string(),
-    }
-}
+use crate::config::duration_text as lifetime_text;
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
@@ -151,7 +157,9 @@ impl Tokens {
         self.prune(SystemTime::now());
         let token = hex::encode(rand::random::<[u8; 20]>());
         let now = SystemTime::now();
-        let expires = now + ttl;
+        let expires = now
+            .checked_add(ttl)
+            .ok_or_else(|| self.store_err(format!("a token lifetime of {ttl:?} is too long")))?;
         let record = TokenRecord {
             created_ms: unix_ms(now),
             expires_ms: unix_ms(expires),
@@ -190,8 +198,15 @@ impl Tokens {
         })
     }
 
-    /// Spends `token` for `agent_id`. Succeeds once per token, before its expiry.
-    pub fn redeem(&self, token: &str, agent_id: &str, now: SystemTime) -> Result<(), TokenError> {
+    /// Spends `token` for `agent_id`. Succeeds once per token, before its expiry. When
+    /// `held` (the id's live certificate) is given, only a token bound to the id may.
+    pub fn redeem(
+        &self,
+        token: &str,
+        agent_id: &str,
+        held: Option<&IssuedCert>,
+        now: SystemTime,
+    ) -> Result<(), TokenError> {
         let token = token.trim();
         if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(TokenError::Unknown);
@@ -207,13 +222,20 @@ impl Tokens {
                 at: rfc3339(record.expires_ms),
             });
         }
-        if let Some(bound) = &record.agent_id {
-            if bound != agent_id {
+        match (&record.agent_id, held) {
+            (Some(bound), _) if bound != agent_id => {
                 return Err(TokenError::WrongAgent {
                     bound: bound.clone(),
                     asked: agent_id.into(),
                 });
             }
+            (None, Some(live)) => {
+                return Err(TokenError::IdHeld {
+                    agent: agent_id.into(),
+                    until: rfc3339(live.not_after_ms),
+                });
+            }
+            _ => {}
         }
         self.ensure_dirs()?;
         let spent = self.dir.join("used").join(&hash);
@@ -264,6 +286,7 @@ pub struct Enroller {
     issuer: Result<Issuer<'static, KeyPair>, String>,
     ca_pem: String,
     tokens: Tokens,
+    issued: Issued,
     lifetime: Duration,
 }
 
@@ -297,22 +320,48 @@ impl Enroller {
             issuer,
             ca_pem: std::fs::read_to_string(&config.tls_ca).unwrap_or_default(),
             tokens: Tokens::new(&config.state_dir),
+            issued: Issued::new(&config.state_dir),
             lifetime: config.cert_lifetime,
         }
     }
 
-    /// Answers an enrollment request: token and CSR in, certificate out.
-    pub fn enroll(&self, request: &CertRequest, now: SystemTime) -> CertReply {
-        self.answer(request, None, now)
+    /// Whether the certificate with this serial was revoked when its agent id was
+    /// enrolled again.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.issued.is_revoked(serial)
+    }
+
+    /// Answers an enrollment request from `remote`: token and CSR in, certificate out.
+    pub fn enroll(&self, request: &CertRequest, remote: SocketAddr, now: SystemTime) -> CertReply {
+        self.answer(request, Asker::Enrolling(remote), now)
     }
 
     /// Answers a renewal from an agent whose certificate the handshake verified: the
     /// new certificate names the same agent, whatever the request says.
-    pub fn renew(&self, request: &CertRequest, agent_id: &str, now: SystemTime) -> CertReply {
-        self.answer(request, Some(agent_id), now)
+    pub fn renew(
+        &self,
+        request: &CertRequest,
+        peer: &AuthenticatedPeer,
+        now: SystemTime,
+    ) -> CertReply {
+        if self.is_revoked(peer.serial()) {
+            return CertReply::Rejected {
+                code: ErrorCode::BadToken,
+                message: format!(
+                    "this certificate for `{}` was revoked when the agent id was enrolled again; enroll with a token for it (`updraftd token create --agent-id {}`)",
+                    peer.agent_id(),
+                    peer.agent_id()
+                ),
+            };
+        }
+        self.answer(request, Asker::Renewing(peer.agent_id()), now)
     }
 
-    fn answer(&self, request: &CertRequest, renewing: Option<&str>, now: SystemTime) -> CertReply {
+    fn answer(&self, request: &CertRequest, asker: Asker<'_>, now: SystemTime) -> CertReply {
+        let renewing = match asker {
+            Asker::Renewing(id) => Some(id),
+            Asker::Enrolling(_) => None,
+        };
         let reject = |code, message: String| CertReply::Rejected {
             code,
             message: bounded_message(message),
@@ -338,6 +387,13 @@ impl Enroller {
                 Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
             },
         };
+        let mut held = None;
+        // Enrollments one at a time from the id check to the record, so two unbound
+        // tokens cannot both take the same free id. Nothing in here waits on the
+        // network; it holds the lock for a file read, a rename and a signature.
+        let _one_enrollment = renewing
+            .is_none()
+            .then(|| ENROLLING.lock().unwrap_or_else(|e| e.into_inner()));
         if renewing.is_none() {
             let Some(token) = &request.token else {
                 return reject(
@@ -345,7 +401,14 @@ impl Enroller {
                     "enrollment needs a token: create one with `updraftd token create`".into(),
                 );
             };
-            if let Err(e) = self.tokens.redeem(token, &agent_id, now) {
+            held = match self.issued.live(&agent_id, now) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!(agent = agent_id, error = %e, "enrollment refused");
+                    return reject(ErrorCode::Internal, e);
+                }
+            };
+            if let Err(e) = self.tokens.redeem(token, &agent_id, held.as_ref(), now) {
                 let code = match e {
                     TokenError::Store { .. } => ErrorCode::Internal,
                     _ => ErrorCode::BadToken,
@@ -354,22 +417,70 @@ impl Enroller {
                 return reject(code, e.to_string());
             }
         }
-        match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
-            Ok(cert) => {
-                info!(
-                    agent = agent_id,
-                    valid_for = %lifetime_text(self.lifetime),
-                    "{}",
-                    if renewing.is_some() { "renewed an agent certificate" } else { "enrolled an agent" }
-                );
-                CertReply::Issued {
-                    cert,
-                    ca: self.ca_pem.clone(),
-                }
-            }
-            Err(e) => reject(ErrorCode::BadRequest, format!("{e:#}")),
+        let cert = match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
+            Ok(cert) => cert,
+            Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+        };
+        self.note_issued(&agent_id, &cert, asker, held.as_ref(), now);
+        CertReply::Issued {
+            cert,
+            ca: self.ca_pem.clone(),
         }
     }
+
+    /// Records the certificate just issued and logs it; a re-enrollment of a held id
+    /// revokes the id's previous certificates and says who replaced whom.
+    fn note_issued(
+        &self,
+        agent_id: &str,
+        cert: &str,
+        asker: Asker<'_>,
+        held: Option<&IssuedCert>,
+        now: SystemTime,
+    ) {
+        let valid_for = lifetime_text(self.lifetime);
+        let new = match IssuedCert::of_pem(cert, now) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(agent = agent_id, error = %e, "cannot record the certificate just issued");
+                return;
+            }
+        };
+        let serial = new.serial.clone();
+        let stored = match (asker, held) {
+            (Asker::Enrolling(remote), Some(old)) => {
+                self.issued.replace(agent_id, new, now).map(|revoked| {
+                    let serials: Vec<&str> = revoked.iter().map(|c| c.serial.as_str()).collect();
+                    warn!(
+                        agent = agent_id,
+                        %remote,
+                        serial,
+                        revoked = serials.join(","),
+                        "agent `{agent_id}` enrolled again with a token bound to it, from {remote}: the new certificate (serial {serial}, valid {valid_for}) replaces the one valid until {}; the replaced certificates are revoked and refused at the handshake",
+                        rfc3339(old.not_after_ms)
+                    );
+                })
+            }
+            (Asker::Enrolling(remote), None) => self.issued.record(agent_id, new, now).map(|()| {
+                info!(agent = agent_id, %remote, serial, valid_for, "enrolled an agent");
+            }),
+            (Asker::Renewing(_), _) => self.issued.record(agent_id, new, now).map(|()| {
+                info!(agent = agent_id, serial, valid_for, "renewed an agent certificate");
+            }),
+        };
+        if let Err(e) = stored {
+            warn!(agent = agent_id, error = %e, "issued a certificate but could not record it: an unbound token could take this agent id over while the certificate is valid");
+        }
+    }
+}
+
+/// Who asks for a certificate.
+#[derive(Debug, Clone, Copy)]
+enum Asker<'a> {
+    /// A new agent (or one enrolling again) over an enrollment connection.
+    Enrolling(SocketAddr),
+    /// A connected agent, renewing the certificate the handshake verified.
+    Renewing(&'a str),
 }
 
 /// Reads one certificate request off `recv` and answers it on `send`.
@@ -427,7 +538,10 @@ pub async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<
     info!(%remote, "enrollment connection");
     match tokio::time::timeout(REQUEST_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok((send, recv))) => {
-            serve_request(send, recv, |r| enroller.enroll(r, SystemTime::now())).await;
+            serve_request(send, recv, |r| {
+                enroller.enroll(r, remote, SystemTime::now())
+            })
+            .await;
         }
         _ => {
             conn.close(
@@ -459,31 +573,102 @@ mod tests {
             .map(|e| e.file_name().into_string().unwrap())
             .collect();
         assert!(!names.iter().any(|n| n.contains(&t.token)), "{names:?}");
-        tokens.redeem(&t.token, "board-1", now).unwrap();
-        let again = tokens.redeem(&t.token, "board-2", now).unwrap_err();
+        tokens.redeem(&t.token, "board-1", None, now).unwrap();
+        let again = tokens.redeem(&t.token, "board-2", None, now).unwrap_err();
         assert!(matches!(again, TokenError::Used { .. }), "{again}");
         assert!(again.to_string().contains("board-1"), "{again}");
 
         let short = tokens.create(Duration::from_secs(1), None).unwrap();
         let late = now + Duration::from_secs(5);
-        let e = tokens.redeem(&short.token, "board-3", late).unwrap_err();
+        let e = tokens
+            .redeem(&short.token, "board-3", None, late)
+            .unwrap_err();
         assert!(matches!(e, TokenError::Expired { .. }), "{e}");
 
         assert!(matches!(
-            tokens.redeem("00ff", "board-4", now).unwrap_err(),
+            tokens.redeem("00ff", "board-4", None, now).unwrap_err(),
             TokenError::Unknown
         ));
         assert!(matches!(
-            tokens.redeem("not hex!", "board-4", now).unwrap_err(),
+            tokens.redeem("not hex!", "board-4", None, now).unwrap_err(),
             TokenError::Unknown
         ));
 
         let bound = tokens
             .create(Duration::from_secs(60), Some("board-9"))
             .unwrap();
-        let e = tokens.redeem(&bound.token, "board-8", now).unwrap_err();
+        let e = tokens
+            .redeem(&bound.token, "board-8", None, now)
+            .unwrap_err();
         assert!(matches!(e, TokenError::WrongAgent { .. }), "{e}");
         // A refusal for the wrong agent does not spend the token.
-        tokens.redeem(&bound.token, "board-9", now).unwrap();
+        let live = IssuedCert {
+            serial: "01".into(),
+            not_after_ms: unix_ms(now) + 60_000,
+            issued_ms: 0,
+        };
+        // An unbound token may not take a held id, and is not spent by trying.
+        let free = tokens.create(Duration::from_secs(60), None).unwrap();
+        let e = tokens
+            .redeem(&free.token, "board-9", Some(&live), now)
+            .unwrap_err();
+        assert!(matches!(e, TokenError::IdHeld { .. }), "{e}");
+        assert!(e.to_string().contains("--agent-id board-9"), "{e}");
+        tokens.redeem(&free.token, "board-10", None, now).unwrap();
+        // A token bound to the held id may.
+        tokens
+            .redeem(&bound.token, "board-9", Some(&live), now)
+            .unwrap();
+    }
+
+    fn csr(agent_id: &str) -> String {
+        let key = KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, agent_id);
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn racing_unbound_tokens_give_a_free_id_to_one_agent() {
+        let d = tempfile::tempdir().unwrap();
+        pki::ca_init(&d.path().join("pki"), &["localhost".into()]).unwrap();
+        let path = d.path().join("daemon.toml");
+        let file = updraft_shared::config::from_str(
+            "state_dir = \"state\"\n[tls]\nca = \"pki/ca.pem\"\n",
+            &path,
+            "UPDRAFTD_TEST_NONE",
+        )
+        .unwrap();
+        let config = crate::config::DaemonConfig::from_file(file, &path).unwrap();
+        let enroller = std::sync::Arc::new(Enroller::load(&config));
+        let tokens = Tokens::new(&config.state_dir);
+        let remote: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let token = tokens.create(Duration::from_secs(60), None).unwrap().token;
+                let enroller = enroller.clone();
+                std::thread::spawn(move || {
+                    let request = CertRequest {
+                        token: Some(token),
+                        csr: csr("board-1"),
+                    };
+                    enroller.enroll(&request, remote, SystemTime::now())
+                })
+            })
+            .collect();
+        let replies: Vec<CertReply> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let issued = replies
+            .iter()
+            .filter(|r| matches!(r, CertReply::Issued { .. }))
+            .count();
+        assert_eq!(issued, 1, "{replies:?}");
+        for r in &replies {
+            if let CertReply::Rejected { code, message } = r {
+                assert_eq!(*code, ErrorCode::BadToken);
+                assert!(message.contains("already has a certificate"), "{message}");
+            }
+        }
     }
 }

@@ -6,13 +6,17 @@
 //! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
 //! - [`pki`]: `ca init`, `cert issue`, and signing agents' certificate requests.
 //! - [`enroll`]: one-time tokens, enrollment and renewal of agent certificates.
+//! - [`issued`]: the certificates issued per agent id, and the revoked ones.
+//! - [`reload`]: SIGHUP reloads the catalog and the TLS files.
 //! - [`cli`]: the `updraftd` command line.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod issued;
 pub mod metrics;
 pub mod pki;
 pub mod recent;
+pub mod reload;
 pub mod server;

@@ -3,9 +3,11 @@
 
 use anyhow::Context;
 use clap::Parser;
+use std::path::Path;
 use std::process::ExitCode;
 use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command, TokenCommand};
 use updraft_daemon::config::DaemonConfig;
+use updraft_daemon::issued::{Issued, IssuedCert};
 
 /// sysexits EX_CONFIG-style code for a bad configuration (EX_USAGE, 64).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -14,35 +16,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     updraft_shared::logging::init("UPDRAFTD_LOG");
     match cli.command {
-        Command::CheckConfig { config } => match DaemonConfig::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} tasks: {})",
-                    config.display(),
-                    c.catalog.names().count(),
-                    c.catalog.names().collect::<Vec<_>>().join(", ")
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("updraftd: {e}");
-                ExitCode::from(EXIT_BAD_CONFIG)
-            }
-        },
-        Command::Serve { config } => {
-            let config = match DaemonConfig::load(&config) {
+        Command::CheckConfig { config } => {
+            let (config, _) = match load_config(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("updraftd: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(code) => return code,
+            };
+            for warning in config.warnings() {
+                eprintln!("updraftd: warning: {warning}");
+            }
+            if let Err(e) =
+                updraft_daemon::pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key)
+            {
+                eprintln!("updraftd: warning: enrollment will be off: {e:#} ([tls] ca_key)");
+            }
+            println!(
+                "{}: ok ({} tasks: {})",
+                config.source.display(),
+                config.catalog.names().count(),
+                config.catalog.names().collect::<Vec<_>>().join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            let (config, server) = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             if let Some(level) = &config.log_level {
                 if let Ok(filter) = updraft_shared::logging::parse_level(level) {
                     updraft_shared::logging::set_level(filter);
                 }
             }
-            report(serve(config))
+            for warning in config.warnings() {
+                tracing::warn!("{warning}");
+            }
+            report(serve(config, server))
         }
         Command::Ca {
             command: CaCommand::Init { dir, names },
@@ -66,10 +74,7 @@ fn main() -> ExitCode {
         } => {
             let config = match DaemonConfig::load(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("updraftd: {e}");
-                    return ExitCode::from(EXIT_BAD_CONFIG);
-                }
+                Err(e) => return bad_config(&e),
             };
             report(token_create(&config, ttl, agent_id.as_deref()))
         }
@@ -80,22 +85,39 @@ fn main() -> ExitCode {
                     out,
                     ca_dir,
                     valid_for,
+                    state_dir,
                 },
-        } => report(
-            updraft_daemon::pki::cert_issue(&ca_dir, &agent_id, &out, valid_for).map(|(c, k)| {
-                println!("wrote {} and {}", c.display(), k.display());
-            }),
-        ),
+        } => report(cert_issue(
+            &ca_dir,
+            &agent_id,
+            &out,
+            valid_for,
+            state_dir.as_deref(),
+        )),
     }
 }
 
-fn serve(config: DaemonConfig) -> anyhow::Result<()> {
+/// Loads and checks a config the way `serve` uses it: the file, then the TLS files
+/// and transport settings (the quinn server config). A failure is one line on stderr
+/// and the exit code for a bad configuration.
+fn load_config(path: &Path) -> Result<(DaemonConfig, quinn::ServerConfig), ExitCode> {
+    let config = DaemonConfig::load(path).map_err(|e| bad_config(&e))?;
+    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&*e))?;
+    Ok((config, server))
+}
+
+fn bad_config(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("updraftd: {e}");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let endpoint = updraft_daemon::server::bind(&config)?;
+        let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
         updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
     })
 }
@@ -125,6 +147,29 @@ fn token_create(
         config.listen.port(),
         created.token,
     );
+    Ok(())
+}
+
+/// `cert issue`: writes the pair, and records it in `state_dir` when given one.
+fn cert_issue(
+    ca_dir: &Path,
+    agent_id: &str,
+    out: &Path,
+    valid_for: std::time::Duration,
+    state_dir: Option<&Path>,
+) -> anyhow::Result<()> {
+    let (cert, key) = updraft_daemon::pki::cert_issue(ca_dir, agent_id, out, valid_for)?;
+    println!("wrote {} and {}", cert.display(), key.display());
+    if let Some(dir) = state_dir {
+        let now = std::time::SystemTime::now();
+        let pem = std::fs::read_to_string(&cert)
+            .with_context(|| format!("cannot read back {}", cert.display()))?;
+        let issued = IssuedCert::of_pem(&pem, now).map_err(anyhow::Error::msg)?;
+        Issued::new(dir)
+            .record(agent_id, issued, now)
+            .map_err(anyhow::Error::msg)
+            .context("the certificate was written but not recorded in --state-dir")?;
+    }
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -37,11 +37,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// Builds the quinn server config: mutual TLS from the config's files, transport limits.
 pub fn server_config(config: &DaemonConfig) -> anyhow::Result<quinn::ServerConfig> {
-    use anyhow::Context;
-    let identity = Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key).context(
-        "loading the daemon's TLS files (see [tls] in daemon.toml; `updraftd ca init` makes them)",
-    )?;
-    server_config_from(&identity, config)
+    server_config_from(&config.load_identity()?, config)
 }
 
 /// Like [`server_config`] from identity material already in memory (demo, tests).
@@ -73,7 +69,8 @@ pub fn bind_with(server: quinn::ServerConfig, addr: SocketAddr) -> anyhow::Resul
 
 /// What every handler shares.
 struct Shared {
-    catalog: Catalog,
+    /// The task catalog; SIGHUP swaps in a new one.
+    catalog: RwLock<Arc<Catalog>>,
     executor: Executor,
     config: DaemonConfig,
     /// Flips to true once when draining starts.
@@ -86,11 +83,43 @@ struct Shared {
     stats: TaskStats,
     /// Agent connections open now.
     connections: AtomicU64,
-    /// Issues certificates at enrollment and renewal.
-    enroller: Arc<crate::enroll::Enroller>,
+    /// Issues certificates at enrollment and renewal; SIGHUP swaps in a new one.
+    enroller: RwLock<Arc<crate::enroll::Enroller>>,
+    /// The configuration and TLS files SIGHUP last applied (`config` is the
+    /// configuration the daemon started with).
+    live: std::sync::Mutex<(DaemonConfig, Option<Identity>)>,
 }
 
 impl Shared {
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn enroller(&self) -> Arc<crate::enroll::Enroller> {
+        self.enroller
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// SIGHUP: loads the config file again; when it loads whole, new connections get
+    /// the new TLS and transport settings and new tasks the new catalog.
+    fn reload(&self, endpoint: &quinn::Endpoint) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(new) = crate::reload::load(&live.0, live.1.as_ref(), &self.config) else {
+            return;
+        };
+        endpoint.set_server_config(Some(new.server));
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(new.config.catalog.clone());
+        *self.enroller.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(crate::enroll::Enroller::load(&new.config));
+        *live = (new.config, Some(new.identity));
+    }
+
     /// The Prometheus text for `/metrics`.
     fn metrics_text(&self) -> String {
         let mut out = String::new();
@@ -188,7 +217,7 @@ pub async fn run(
     })?;
     let (drain_tx, draining) = watch::channel(false);
     let shared = Arc::new(Shared {
-        catalog: config.catalog.clone(),
+        catalog: RwLock::new(Arc::new(config.catalog.clone())),
         executor: Executor::new(
             config.max_concurrent_tasks,
             config.max_queued_tasks,
@@ -199,7 +228,8 @@ pub async fn run(
         recent: Recent::new(config.dedup),
         stats: TaskStats::default(),
         connections: AtomicU64::new(0),
-        enroller: Arc::new(crate::enroll::Enroller::load(&config)),
+        enroller: RwLock::new(Arc::new(crate::enroll::Enroller::load(&config))),
+        live: std::sync::Mutex::new((config.clone(), config.load_identity().ok())),
         config,
     });
     let _metrics = match shared.config.metrics_listen {
@@ -212,7 +242,7 @@ pub async fn run(
     let connections = TaskTracker::new();
     info!(
         listen = %endpoint.local_addr()?,
-        tasks = shared.catalog.names().collect::<Vec<_>>().join(","),
+        tasks = shared.catalog().names().collect::<Vec<_>>().join(","),
         slots = shared.config.max_concurrent_tasks,
         "updraftd serving"
     );
@@ -220,12 +250,15 @@ pub async fn run(
     updraft_shared::notify::spawn_watchdog();
 
     tokio::pin!(shutdown);
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
     loop {
         tokio::select! {
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => { connections.spawn(handle_connection(incoming, shared.clone())); }
                 None => break,
             },
+            _ = hangup.recv() => shared.reload(&endpoint),
             () = &mut shutdown => break,
         }
     }
@@ -271,7 +304,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             conn.close(CLOSE_DRAINING.into(), b"draining");
             return;
         }
-        crate::enroll::serve_connection(conn, shared.enroller.clone()).await;
+        crate::enroll::serve_connection(conn, shared.enroller()).await;
         return;
     }
     let peer = match AuthenticatedPeer::from_connection(&conn) {
@@ -286,6 +319,14 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    if shared.enroller().is_revoked(peer.serial()) {
+        warn!(%remote, agent = peer.agent_id(), serial = peer.serial(), "refused a revoked certificate: its agent id was enrolled again since");
+        conn.close(
+            CLOSE_PROTOCOL.into(),
+            b"certificate revoked: the agent id was enrolled again; enroll with a token for it",
+        );
+        return;
+    }
     let peer = Arc::new(peer);
     info!(%remote, agent = peer.agent_id(), "agent connected");
     shared.connections.fetch_add(1, Ordering::Relaxed);
@@ -356,8 +397,8 @@ async fn handle_task(
             let (recv, _) = reader.into_parts();
             let reply = match CertRequest::from_frame(&frame) {
                 Ok(r) => shared
-                    .enroller
-                    .renew(&r, agent, std::time::SystemTime::now()),
+                    .enroller()
+                    .renew(&r, peer, std::time::SystemTime::now()),
                 Err(e) => updraft_shared::protocol::CertReply::Rejected {
                     code: ErrorCode::BadRequest,
                     message: bounded_message(e.to_string()),
@@ -403,7 +444,7 @@ async fn handle_task(
     let (recv, leftover) = reader.into_parts();
     let mut input = StreamInput::new(leftover, recv);
     // Only catalog names become metric labels, so the series stay bounded.
-    let label = match shared.catalog.get(&header.task) {
+    let label = match shared.catalog().get(&header.task) {
         Some(_) => header.task.as_str(),
         None => "other",
     };
@@ -511,7 +552,7 @@ async fn handle_task(
         .await;
         return;
     }
-    let task = match shared.catalog.admit(
+    let task = match shared.catalog().admit(
         &header.task,
         header.args,
         header.input_len,

@@ -28,6 +28,14 @@ pub enum TlsError {
     /// The peer's certificate does not name an agent.
     #[error("peer certificate: {0}")]
     PeerIdentity(String),
+    /// The private key is not the one the certificate was made for.
+    #[error("{key} does not belong to {cert}: the certificate was made for another key (issue the pair again, or point the key setting at the certificate's own key)")]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate file.
+        cert: PathBuf,
+    },
 }
 
 /// The crypto provider Updraft uses everywhere: ring, one provider for a small binary.
@@ -91,13 +99,34 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
-    /// Loads CA, certificate chain and key from PEM files.
+    /// Loads CA, certificate chain and key from PEM files, and checks that the key is
+    /// the certificate's own.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        Ok(Self {
+        let identity = Self {
             ca: load_certs(ca)?,
             chain: load_certs(cert)?,
             key: Arc::new(load_key(key)?),
-        })
+        };
+        let signer = provider()
+            .key_provider
+            .load_private_key(identity.key.clone_key())
+            .map_err(|e| TlsError::File {
+                path: key.to_path_buf(),
+                reason: format!("unusable private key: {e}"),
+            })?;
+        match rustls::sign::CertifiedKey::new(identity.chain.clone(), signer).keys_match() {
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                Err(TlsError::KeyMismatch {
+                    key: key.to_path_buf(),
+                    cert: cert.to_path_buf(),
+                })
+            }
+            Err(rustls::Error::InconsistentKeys(_)) | Ok(()) => Ok(identity),
+            Err(e) => Err(TlsError::File {
+                path: cert.to_path_buf(),
+                reason: format!("unusable certificate: {e}"),
+            }),
+        }
     }
 
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
@@ -202,6 +231,9 @@ pub struct PinnedCa {
     seen: std::sync::Mutex<Vec<String>>,
     /// The CA that matched, once the handshake verified.
     matched: std::sync::Mutex<Option<CertificateDer<'static>>>,
+    /// The names the daemon's certificate has, when it chained to the pinned CA but did
+    /// not name the server we asked for.
+    wrong_name: std::sync::Mutex<Option<Vec<String>>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -222,6 +254,7 @@ impl PinnedCa {
             pin,
             seen: Default::default(),
             matched: Default::default(),
+            wrong_name: Default::default(),
             provider: provider(),
         }))
     }
@@ -229,6 +262,20 @@ impl PinnedCa {
     /// Fingerprints of the CA certificates the daemon offered.
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the daemon offered a CA with the pinned fingerprint.
+    pub fn pin_offered(&self) -> bool {
+        self.seen().contains(&self.pin)
+    }
+
+    /// The names in the daemon's certificate, when it chained to the pinned CA but did
+    /// not name the server the connection asked for.
+    pub fn wrong_name(&self) -> Option<Vec<String>> {
+        self.wrong_name
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The pinned CA certificate, once a handshake verified against it.
@@ -282,13 +329,20 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let verified = webpki.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )?;
+        let verified = webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(|e| {
+                if matches!(
+                    e,
+                    rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::NotValidForName
+                            | rustls::CertificateError::NotValidForNameContext { .. }
+                    )
+                ) {
+                    *self.wrong_name.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(names_of(end_entity));
+                }
+            })?;
         *self.matched.lock().unwrap_or_else(|e| e.into_inner()) = Some(ca);
         Ok(verified)
     }
@@ -335,12 +389,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthenticatedPeer {
     agent_id: String,
+    serial: String,
 }
 
 impl AuthenticatedPeer {
     /// The agent id: the common name of the verified client certificate.
     pub fn agent_id(&self) -> &str {
         &self.agent_id
+    }
+
+    /// The verified certificate's serial number, lowercase hex.
+    pub fn serial(&self) -> &str {
+        &self.serial
     }
 
     /// Reads the identity from a connection whose handshake completed. quinn only
@@ -357,6 +417,7 @@ impl AuthenticatedPeer {
             .ok_or_else(|| TlsError::PeerIdentity("empty certificate chain".into()))?;
         Ok(Self {
             agent_id: agent_id_of(leaf)?,
+            serial: serial_of(leaf)?,
         })
     }
 
@@ -364,6 +425,7 @@ impl AuthenticatedPeer {
     pub(crate) fn for_tests(id: &str) -> Self {
         Self {
             agent_id: id.into(),
+            serial: String::new(),
         }
     }
 }
@@ -386,6 +448,37 @@ pub fn check_agent_id(id: &str) -> Result<(), String> {
             "agent id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'"
         ))
     }
+}
+
+/// The host names and IP addresses a certificate names (subject alternative names).
+pub fn names_of(der: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// A certificate's serial number: lowercase hex of its bytes.
+pub fn serial_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
+    Ok(hex::encode(cert.raw_serial()))
 }
 
 /// The agent id named by a certificate: its subject common name.

@@ -1,0 +1,278 @@
+//! The certificates this daemon's CA issued, per agent id, and the ones revoked when an
+//! id was enrolled again.
+//!
+//! `state_dir/agents/ID.json` lists the unexpired certificates issued for agent id `ID`
+//! (serial and expiry, at most [`KEEP_PER_ID`], newest last), written at enrollment,
+//! renewal and `updraftd cert issue --state-dir`. An id with an unexpired certificate is
+//! *held*: an unbound token may not enroll it. `state_dir/revoked/SERIAL.json` is the
+//! deny list the handshake checks: a re-enrolled id's previous certificates go there and
+//! stop working; an entry is dropped once its certificate has expired anyway.
+//!
+//! Every file is written whole through a rename (crash-safe); the files are bounded by
+//! the ids enrolled (each needs a token) times [`KEEP_PER_ID`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use updraft_shared::files::write_atomic;
+
+/// Most certificates remembered for one agent id (renewals add one each).
+pub const KEEP_PER_ID: usize = 8;
+
+/// One read-modify-write at a time (enrollments and renewals run concurrently).
+static WRITING: Mutex<()> = Mutex::new(());
+
+/// A certificate issued for an agent id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IssuedCert {
+    /// Serial number, lowercase hex of its DER bytes.
+    pub serial: String,
+    /// When it expires, ms since the Unix epoch.
+    pub not_after_ms: u64,
+    /// When it was issued, ms since the Unix epoch.
+    pub issued_ms: u64,
+}
+
+impl IssuedCert {
+    /// The serial and expiry of a certificate (PEM) just issued at `now`.
+    pub fn of_pem(pem: &str, now: SystemTime) -> Result<Self, String> {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .map_err(|e| format!("unreadable certificate: {e}"))?;
+        let serial = updraft_shared::tls::serial_of(&der).map_err(|e| e.to_string())?;
+        let (_, not_after) = updraft_shared::tls::validity_of(&der).map_err(|e| e.to_string())?;
+        Ok(Self {
+            serial,
+            not_after_ms: unix_ms(not_after),
+            issued_ms: unix_ms(now),
+        })
+    }
+
+    /// When it expires.
+    pub fn not_after(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.not_after_ms)
+    }
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct IdRecord {
+    certs: Vec<IssuedCert>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Revoked {
+    agent_id: String,
+    not_after_ms: u64,
+    revoked_ms: u64,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The issued-certificate records of one state directory.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    agents: PathBuf,
+    revoked: PathBuf,
+}
+
+impl Issued {
+    /// The records in `state_dir`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            agents: state_dir.join("agents"),
+            revoked: state_dir.join("revoked"),
+        }
+    }
+
+    fn id_path(&self, agent_id: &str) -> PathBuf {
+        // Agent ids are letters, digits, '-', '_', '.': no separator, and the suffix
+        // keeps "." and ".." from naming directories.
+        self.agents.join(format!("{agent_id}.json"))
+    }
+
+    fn read(&self, agent_id: &str) -> Result<IdRecord, String> {
+        let path = self.id_path(agent_id);
+        match std::fs::read(&path) {
+            Ok(data) => serde_json::from_slice(&data).map_err(|e| {
+                format!(
+                    "{} is damaged ({e}); remove it to forget the agent's certificates",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IdRecord::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    fn write(&self, agent_id: &str, record: &IdRecord) -> Result<(), String> {
+        let path = self.id_path(agent_id);
+        ensure_dir(&self.agents)?;
+        let json = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+        write_atomic(&path, &json, 0o600)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    }
+
+    /// The newest certificate of `agent_id` still valid at `now`, if any: the id is held.
+    pub fn live(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, String> {
+        let now = unix_ms(now);
+        Ok(self
+            .read(agent_id)?
+            .certs
+            .into_iter()
+            .filter(|c| c.not_after_ms > now)
+            .max_by_key(|c| c.not_after_ms))
+    }
+
+    /// Adds a certificate issued for `agent_id` (enrollment of a free id, renewal,
+    /// `cert issue`); expired ones and the oldest past [`KEEP_PER_ID`] are dropped.
+    pub fn record(&self, agent_id: &str, cert: IssuedCert, now: SystemTime) -> Result<(), String> {
+        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = self.read(agent_id)?;
+        let now = unix_ms(now);
+        record.certs.retain(|c| c.not_after_ms > now);
+        record.certs.push(cert);
+        let excess = record.certs.len().saturating_sub(KEEP_PER_ID);
+        record.certs.drain(..excess);
+        self.write(agent_id, &record)
+    }
+
+    /// `agent_id` was enrolled again with a token bound to it: its unexpired
+    /// certificates go on the deny list and `cert` becomes its only one. Returns the
+    /// revoked ones.
+    pub fn replace(
+        &self,
+        agent_id: &str,
+        cert: IssuedCert,
+        now: SystemTime,
+    ) -> Result<Vec<IssuedCert>, String> {
+        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        let now_ms = unix_ms(now);
+        let old: Vec<IssuedCert> = self
+            .read(agent_id)
+            .unwrap_or_default()
+            .certs
+            .into_iter()
+            .filter(|c| c.not_after_ms > now_ms)
+            .collect();
+        self.prune_revoked(now_ms);
+        ensure_dir(&self.revoked)?;
+        for c in &old {
+            let entry = Revoked {
+                agent_id: agent_id.into(),
+                not_after_ms: c.not_after_ms,
+                revoked_ms: now_ms,
+            };
+            let path = self.revoked_path(&c.serial);
+            let json = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
+            write_atomic(&path, &json, 0o600)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        self.write(agent_id, &IdRecord { certs: vec![cert] })?;
+        Ok(old)
+    }
+
+    fn revoked_path(&self, serial: &str) -> PathBuf {
+        self.revoked.join(format!("{serial}.json"))
+    }
+
+    /// Whether the certificate with this serial was revoked (its id re-enrolled).
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        serial.bytes().all(|b| b.is_ascii_hexdigit())
+            && !serial.is_empty()
+            && self.revoked_path(serial).is_file()
+    }
+
+    /// Drops deny-list entries of certificates that have expired anyway.
+    fn prune_revoked(&self, now_ms: u64) {
+        let Ok(entries) = std::fs::read_dir(&self.revoked) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let expired = std::fs::read(&p)
+                .ok()
+                .and_then(|d| serde_json::from_slice::<Revoked>(&d).ok())
+                .is_some_and(|r| r.not_after_ms <= now_ms);
+            if expired {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    updraft_shared::files::own_like_directory(dir);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(serial: &str, not_after_s: u64) -> IssuedCert {
+        IssuedCert {
+            serial: serial.into(),
+            not_after_ms: not_after_s * 1000,
+            issued_ms: 0,
+        }
+    }
+
+    #[test]
+    fn held_ids_expire_and_replacement_revokes() {
+        let d = tempfile::tempdir().unwrap();
+        let issued = Issued::new(d.path());
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(issued.live("board-1", at(10)).unwrap(), None);
+        issued.record("board-1", cert("aa01", 100), at(10)).unwrap();
+        issued.record("board-1", cert("aa02", 200), at(50)).unwrap();
+        assert_eq!(
+            issued.live("board-1", at(60)).unwrap().unwrap().serial,
+            "aa02"
+        );
+        assert_eq!(
+            issued.live("board-1", at(200)).unwrap(),
+            None,
+            "expired frees the id"
+        );
+        // Bounded: only the newest KEEP_PER_ID stay.
+        for i in 0..20 {
+            issued
+                .record("board-2", cert(&format!("b{i:03}"), 1000 + i), at(10))
+                .unwrap();
+        }
+        assert_eq!(issued.read("board-2").unwrap().certs.len(), KEEP_PER_ID);
+        // Replacement revokes every unexpired certificate of the id.
+        let old = issued
+            .replace("board-1", cert("cc03", 300), at(60))
+            .unwrap();
+        assert_eq!(old.len(), 2);
+        assert!(issued.is_revoked("aa01") && issued.is_revoked("aa02"));
+        assert!(!issued.is_revoked("cc03"));
+        assert!(!issued.is_revoked("../agents/board-1"));
+        assert_eq!(
+            issued.live("board-1", at(60)).unwrap().unwrap().serial,
+            "cc03"
+        );
+        // A later replacement prunes deny-list entries that expired anyway.
+        issued
+            .replace("board-1", cert("dd04", 400), at(250))
+            .unwrap();
+        assert!(!issued.is_revoked("aa01") && !issued.is_revoked("aa02"));
+        assert!(issued.is_revoked("cc03"));
+        // Odd but valid agent ids stay inside the directory.
+        issued.record("..", cert("ee05", 100), at(10)).unwrap();
+        assert!(d.path().join("agents/...json").is_file());
+    }
+}
