@@ -31,6 +31,9 @@ const CGROUP_PREFIX: &str = "updraft-task-";
 /// How often the reaper looks for orphans even without a SIGCHLD: a safety net for a
 /// signal coalesced with one tokio consumed first.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(2);
+/// Least time between two sweeps: a busy service ends many tasks a second, and one scan
+/// of /proc serves all the exits that arrived meanwhile.
+const SWEEP_GAP: Duration = Duration::from_millis(100);
 
 /// Environment variable that turns per-task cgroups off (`off`; default `auto`), for a
 /// host where another tool manages the service's cgroup.
@@ -232,6 +235,7 @@ fn spawn_reaper() {
                 () = tokio::time::sleep(SWEEP_INTERVAL) => {}
             }
             sweep();
+            tokio::time::sleep(SWEEP_GAP).await;
         }
     });
 }
@@ -267,7 +271,10 @@ pub(crate) fn spawn(
         }
     };
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
-    if let Some(pid) = pid {
+    // Only a reaper needs the record (and prunes it).
+    if let (Some(pid), Some(_)) = (pid, REAPER.get()) {
+        // Unknown (no /proc): 0, which keeps every orphan while the task runs and
+        // marks the pid as a leader whatever its start time.
         let start = proc_stat(pid).map_or(0, |s| s.start);
         reg.tasks.push((id, start));
         reg.leaders().insert(pid, start);
@@ -404,7 +411,10 @@ enum Verdict {
 /// task's leader, so an orphan that started before every running task (or when none
 /// runs) belongs to a task that has ended.
 fn verdict(p: &ProcStat, leaders: &HashMap<i32, u64>, running: &[(u64, u64)]) -> Verdict {
-    if leaders.get(&p.pid) == Some(&p.start) {
+    if leaders
+        .get(&p.pid)
+        .is_some_and(|start| *start == p.start || *start == 0)
+    {
         Verdict::Leave
     } else if p.state == 'Z' || p.state == 'X' {
         Verdict::Reap
@@ -424,7 +434,7 @@ fn sweep() -> usize {
     let mut killed = Vec::new();
     reg.leaders().retain(|pid, start| {
         all.iter()
-            .any(|p| p.pid == *pid && p.start == *start && p.ppid == me)
+            .any(|p| p.pid == *pid && (p.start == *start || *start == 0) && p.ppid == me)
     });
     let leaders = reg.leaders.clone().unwrap_or_default();
     for p in all.iter().filter(|p| p.ppid == me) {
@@ -513,6 +523,9 @@ mod tests {
         // A leader is tokio's, alive or not; the same pid with another start is not.
         assert_eq!(verdict(&p(10, 'Z', 100), &leaders, &[]), Verdict::Leave);
         assert_eq!(verdict(&p(10, 'Z', 300), &leaders, &[]), Verdict::Reap);
+        // A leader whose start time could not be read is left alone whatever it shows.
+        let unknown: HashMap<i32, u64> = [(10, 0)].into();
+        assert_eq!(verdict(&p(10, 'Z', 300), &unknown, &[]), Verdict::Leave);
         assert_eq!(
             verdict(&p(11, 'Z', 150), &leaders, &[(1, 100)]),
             Verdict::Reap
