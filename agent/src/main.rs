@@ -98,6 +98,8 @@ fn load_config(cli: &Cli) -> Result<AgentConfig, ExitCode> {
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Before any task runs: everything a task starts must be found when it ends.
+    updraft_shared::contain::init();
     let files = updraft_agent::enroll::CertFiles::of(&config);
     if files
         .finish_swap()

@@ -182,12 +182,15 @@ impl Agent {
             _ => cert_id,
         };
         let work = config.state_dir.join("work");
-        std::fs::create_dir_all(&work).map_err(|e| {
+        let swept = updraft_shared::exec::sweep_work_root(&work).map_err(|e| {
             anyhow::anyhow!(
-                "cannot create {}: {e} (check state_dir in agent.toml)",
+                "cannot prepare {}: {e} (check state_dir in agent.toml)",
                 work.display()
             )
         })?;
+        if swept > 0 {
+            tracing::info!(dir = %work.display(), "removed {swept} task working directories left by an earlier run");
+        }
         let uplink = Uplink::new(identity, config.clouds.clone(), config.link.clone())?;
         let knowledge = Knowledge::load(&config)?;
         let journal = Arc::new(Journal::open(

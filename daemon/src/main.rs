@@ -117,6 +117,8 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
+        // Before any task runs: everything a task starts must be found when it ends.
+        updraft_shared::contain::init();
         let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
         updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
     })

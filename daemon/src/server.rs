@@ -209,20 +209,20 @@ pub async fn run(
     endpoint: quinn::Endpoint,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(config.state_dir.join("work")).map_err(|e| {
+    let work = config.state_dir.join("work");
+    let swept = updraft_shared::exec::sweep_work_root(&work).map_err(|e| {
         anyhow::anyhow!(
-            "cannot create {}: {e} (check state_dir in daemon.toml)",
-            config.state_dir.join("work").display()
+            "cannot prepare {}: {e} (check state_dir in daemon.toml)",
+            work.display()
         )
     })?;
+    if swept > 0 {
+        info!(dir = %work.display(), "removed {swept} task working directories left by an earlier run");
+    }
     let (drain_tx, draining) = watch::channel(false);
     let shared = Arc::new(Shared {
         catalog: RwLock::new(Arc::new(config.catalog.clone())),
-        executor: Executor::new(
-            config.max_concurrent_tasks,
-            config.max_queued_tasks,
-            config.state_dir.join("work"),
-        ),
+        executor: Executor::new(config.max_concurrent_tasks, config.max_queued_tasks, work),
         draining,
         tasks: TaskTracker::new(),
         recent: Recent::new(config.dedup),

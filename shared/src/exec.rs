@@ -4,6 +4,9 @@
 //! Command tasks get argv (never a shell), an empty environment plus the task's `env`,
 //! a fresh private working directory that is removed afterwards, and their own process
 //! group, which is killed whole on timeout and swept after exit so nothing lingers.
+//! Descendants that leave the group (`setsid`, double forks) are caught by the task's
+//! cgroup or the service's subreaper ([`crate::contain`]). Whichever way a run ends,
+//! its submitter going away included, everything it started is killed.
 
 use crate::catalog::{AdmittedTask, Builtin, TaskKind};
 use crate::protocol::ErrorCode;
@@ -475,14 +478,34 @@ fn resolve_program(program: &str, path: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Kills a whole process group; a group that is already gone is fine.
-fn kill_group(pgid: Option<u32>) {
-    if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+/// Name prefix of a task's private working directory under the work root.
+pub const WORKDIR_PREFIX: &str = "updraft-task-";
+
+/// Creates `work_root` if needed and removes the task working directories a crashed or
+/// killed run left in it (`updraft-task-*`; nothing else is touched). Call at service
+/// start, before any task runs. Returns how many were removed.
+pub fn sweep_work_root(work_root: &Path) -> io::Result<usize> {
+    std::fs::create_dir_all(work_root)?;
+    let mut removed = 0;
+    for entry in std::fs::read_dir(work_root)? {
+        let entry = entry?;
+        let stale = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(WORKDIR_PREFIX));
+        // Not followed: a symlink named like a working directory is not ours.
+        if !stale || !entry.file_type()?.is_dir() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => tracing::warn!(
+                dir = %entry.path().display(),
+                "cannot remove a stale task working directory: {e}; remove it by hand"
+            ),
+        }
     }
+    Ok(removed)
 }
 
 async fn run_command<I: Input, O: Output>(
@@ -499,14 +522,14 @@ async fn run_command<I: Input, O: Output>(
         source: io::Error::new(io::ErrorKind::NotFound, format!("not found in {path}")),
     })?;
     let workdir = tempfile::Builder::new()
-        .prefix("updraft-task-")
+        .prefix(WORKDIR_PREFIX)
         .tempdir_in(work_root)
         .map_err(|source| ExecError::Workdir {
             dir: work_root.to_path_buf(),
             source,
         })?;
-    let mut child = Command::new(&program)
-        .args(&argv[1..])
+    let mut cmd = Command::new(&program);
+    cmd.args(&argv[1..])
         .args(task.args())
         .env_clear()
         .envs(&spec.env)
@@ -516,13 +539,14 @@ async fn run_command<I: Input, O: Output>(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| ExecError::Spawn {
+        .kill_on_drop(true);
+    // Dropping the guard, on every way out of this function (the caller's future
+    // dropped included), kills everything the task started.
+    let (mut child, guard) =
+        crate::contain::spawn(&mut cmd).map_err(|source| ExecError::Spawn {
             program: argv[0].clone(),
             source,
         })?;
-    let pgid = child.id();
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
@@ -586,9 +610,9 @@ async fn run_command<I: Input, O: Output>(
         Ok::<_, ExecError>((status, input_bytes, output_bytes, tail))
     };
     let result = tokio::time::timeout(spec.timeout, all).await;
-    // Whatever happened, nothing of this task's process group may outlive it: a
-    // background child that closed its stdout would otherwise linger.
-    kill_group(pgid);
+    // Whatever happened, nothing the task started may outlive it: a background child
+    // that closed its stdout would otherwise linger.
+    drop(guard);
     let (status, input_bytes, output_bytes, stderr_tail) = match result {
         Ok(r) => r?,
         Err(_) => return Err(ExecError::TimedOut(spec.timeout)),
@@ -737,6 +761,70 @@ mod tests {
         assert!(futures_poll_once(waiting.as_mut()).await.is_none());
         assert_eq!(ex.load().queued, 1);
         assert!(matches!(ex.acquire().await, Err(ExecError::Busy { .. })));
+    }
+
+    #[test]
+    fn sweep_work_root_removes_only_task_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        let work = d.path().join("work");
+        std::fs::create_dir_all(work.join("updraft-task-x1/sub")).unwrap();
+        std::fs::write(work.join("updraft-task-x1/sub/f"), b"x").unwrap();
+        std::fs::create_dir(work.join("updraft-task-x2")).unwrap();
+        std::fs::write(work.join("updraft-task-file"), b"not a dir").unwrap();
+        std::fs::write(work.join("keep"), b"k").unwrap();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, work.join("updraft-task-link")).unwrap();
+        assert_eq!(sweep_work_root(&work).unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&work)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["keep", "updraft-task-file", "updraft-task-link"]);
+        assert!(outside.is_dir());
+        // A missing root is created.
+        assert_eq!(sweep_work_root(&d.path().join("new/work")).unwrap(), 0);
+        assert!(d.path().join("new/work").is_dir());
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().to_string()))
+            .is_some_and(|r| !r.starts_with('Z'))
+    }
+
+    #[tokio::test]
+    async fn a_dropped_run_kills_the_whole_process_group() {
+        let (ex, d) = exec();
+        let pidfile = d.path().join("bg.pid");
+        let script = format!(
+            "sleep 1001 >/dev/null 2>&1 & echo $! > {0}.tmp; mv {0}.tmp {0}; exec sleep 1003",
+            pidfile.display()
+        );
+        let t = task("wait", cmd(&["sh", "-c", &script]));
+        let run = ex.run(&t, None, Vec::new());
+        let pid = tokio::select! {
+            r = run => panic!("the run ended early: {r:?}"),
+            pid = async {
+                for _ in 0..1000 {
+                    if let Some(pid) = std::fs::read_to_string(&pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+                        return pid;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                panic!("the task never wrote {}", pidfile.display());
+            } => pid,
+        };
+        // The run's future is dropped here, as when a submitter goes away.
+        for _ in 0..1000 {
+            if !alive(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("background child {pid} outlived its dropped run");
     }
 
     async fn futures_poll_once<F: Future + Unpin>(f: F) -> Option<F::Output> {

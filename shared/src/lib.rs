@@ -4,7 +4,8 @@
 //! - [`wire`]: the thin async adapter that reads those frames off a QUIC stream.
 //! - [`catalog`]: task specs from config, validated; the only place an
 //!   [`catalog::AdmittedTask`] can be built.
-//! - [`exec`]: the executor both sides use to run an admitted task.
+//! - [`exec`]: the executor both sides use to run an admitted task; [`contain`]: how
+//!   everything a task starts is found and killed when it ends.
 //! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
@@ -17,6 +18,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod contain;
 pub mod exec;
 pub mod files;
 pub mod logging;
