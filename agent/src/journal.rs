@@ -37,6 +37,10 @@
 //!
 //! A file that is not such a journal is refused with an error saying what to do; it is
 //! never replaced or truncated, because it may hold the only copy of accepted tasks.
+//! That includes files cut short (empty, not whole pages, fewer pages than the header
+//! counts) and a missing or empty file beside a log with data in it, which SQLite
+//! would open as a new database, deleting the log. A new journal is made whole under a
+//! temporary name and linked into place, so the agent never leaves an empty file.
 
 use std::fs;
 use std::io::{self, Read};
@@ -345,6 +349,20 @@ pub enum JournalError {
         /// SQLite's first complaint.
         detail: String,
     },
+    /// The journal is missing or empty but a log SQLite keeps beside it (`-wal`,
+    /// `-journal`) holds data: SQLite would take the journal for a new one and delete
+    /// the log, and with it every task committed since the last checkpoint.
+    #[error("journal {} is {main} but {} beside it holds {side_len} bytes, which may be accepted tasks that opening it would delete; put back the journal file (from a backup or the card it came from), or, to give those tasks up, move both files aside and the agent starts an empty journal", .path.display(), .side.display())]
+    Orphaned {
+        /// The journal.
+        path: PathBuf,
+        /// The log beside it.
+        side: PathBuf,
+        /// The log's size.
+        side_len: u64,
+        /// `missing` or `empty (0 bytes)`.
+        main: &'static str,
+    },
     /// A valid SQLite database of some other program.
     #[error("{} is an SQLite database of another program (application_id {application_id:#010x}), not an Updraft journal; point state_dir elsewhere or move the file aside", .path.display())]
     Foreign {
@@ -548,28 +566,186 @@ pub struct Journal {
 
 /// What is at a path before it is opened.
 enum Found {
+    /// No file, and no log beside it with anything in it: a new journal is made.
     Missing,
+    /// An empty file, and no log beside it with anything in it: refused, since the
+    /// agent never leaves one (see [`create`]).
     Empty,
+    /// An SQLite file of whole pages.
     Sqlite,
-    NotSqlite,
 }
 
-fn inspect(path: &Path) -> io::Result<Found> {
-    let file = match fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Found::Missing),
-        Err(e) => return Err(e),
+/// The SQLite file header's size: the least a database file holds.
+const HEADER_LEN: usize = 100;
+
+/// The path of a file SQLite keeps beside the journal (`-wal`, `-journal`).
+fn side_file(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// The size of the file at `path`; `None` when there is none.
+fn file_len(path: &Path) -> io::Result<Option<u64>> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Looks at the journal's files before SQLite does. SQLite takes a missing or empty
+/// file for a new database (and deletes the log beside it), and reads a file cut short
+/// as if the missing bytes were zeros; so anything that is not provably new, or not
+/// whole pages, is refused here.
+fn inspect(path: &Path) -> Result<Found, JournalError> {
+    let open_err = |source| JournalError::Open {
+        path: path.to_path_buf(),
+        source,
     };
-    let mut head = Vec::with_capacity(SQLITE_MAGIC.len());
-    file.take(SQLITE_MAGIC.len() as u64)
-        .read_to_end(&mut head)?;
-    Ok(if head.is_empty() {
-        Found::Empty
-    } else if head == SQLITE_MAGIC {
-        Found::Sqlite
-    } else {
-        Found::NotSqlite
-    })
+    let len = file_len(path).map_err(open_err)?;
+    if len.unwrap_or(0) == 0 {
+        for suffix in ["-wal", "-journal"] {
+            let side = side_file(path, suffix);
+            if let Some(side_len) = file_len(&side).map_err(open_err)?.filter(|&n| n > 0) {
+                return Err(JournalError::Orphaned {
+                    path: path.to_path_buf(),
+                    side,
+                    side_len,
+                    main: if len.is_none() {
+                        "missing"
+                    } else {
+                        "empty (0 bytes)"
+                    },
+                });
+            }
+        }
+        return Ok(if len.is_none() {
+            Found::Missing
+        } else {
+            Found::Empty
+        });
+    }
+    let len = len.unwrap_or(0);
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    fs::File::open(path)
+        .and_then(|f| f.take(HEADER_LEN as u64).read_to_end(&mut head))
+        .map_err(open_err)?;
+    let corrupt = |detail: String| JournalError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    if !head.starts_with(SQLITE_MAGIC) {
+        if head.len() < SQLITE_MAGIC.len() && SQLITE_MAGIC.starts_with(&head) {
+            return Err(corrupt(format!(
+                "it is {len} bytes, shorter than SQLite's {HEADER_LEN}-byte header: it was cut short"
+            )));
+        }
+        return Err(JournalError::NotSqlite {
+            path: path.to_path_buf(),
+        });
+    }
+    if head.len() < HEADER_LEN {
+        return Err(corrupt(format!(
+            "it is {len} bytes, shorter than SQLite's {HEADER_LEN}-byte header: it was cut short"
+        )));
+    }
+    let page = match u16::from_be_bytes([head[16], head[17]]) {
+        1 => 65536,
+        p if p >= 512 && p.is_power_of_two() => u64::from(p),
+        p => return Err(corrupt(format!("its header gives page size {p}"))),
+    };
+    if len % page != 0 {
+        return Err(corrupt(format!(
+            "it is {len} bytes, not a whole number of its {page}-byte pages: it was cut short or overwritten"
+        )));
+    }
+    // The header's page count holds when its change counter matches the number it is
+    // valid for; with a log beside it the log may hold newer pages, so only without.
+    let be32 = |at: usize| u32::from_be_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+    let counted = u64::from(be32(28));
+    let log_len = file_len(&side_file(path, "-wal")).map_err(open_err)?;
+    if log_len.unwrap_or(0) == 0 && be32(24) == be32(92) && counted > len / page {
+        return Err(corrupt(format!(
+            "its header counts {counted} pages of {page} bytes but the file holds {}: it was cut short",
+            len / page
+        )));
+    }
+    Ok(Found::Sqlite)
+}
+
+/// The pragmas every open sets once the file is known to be a journal.
+fn set_pragmas(conn: &Connection, path: &Path) -> Result<(), JournalError> {
+    let e = |op| move |err| db_err(path, op, err);
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(e("setting journal_mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(JournalError::NoWal {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    // FULL: in WAL mode NORMAL may lose the last commits on power loss, and a 202
+    // promises that an accepted task is never lost.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(e("setting synchronous"))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(e("setting foreign_keys"))?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .map_err(e("setting journal_size_limit"))?;
+    Ok(())
+}
+
+/// Makes a new, empty journal at `path`, whole or not at all: it is built under a
+/// temporary name and linked into place once its schema is committed and synced, so
+/// that `path` never holds an empty or half-made file (and an empty one can be
+/// refused as damage).
+fn create(path: &Path) -> Result<(), JournalError> {
+    let tmp = side_file(path, ".new");
+    let open_err = |source| JournalError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Left by a creation that was interrupted: it was never the journal, so it holds
+    // nothing accepted.
+    for suffix in ["", "-wal", "-journal", "-shm"] {
+        match fs::remove_file(side_file(&tmp, suffix)) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(open_err(err)),
+            _ => {}
+        }
+    }
+    let e = |op| move |err| db_err(path, op, err);
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(&tmp, flags).map_err(e("creating"))?;
+    set_pragmas(&conn, path)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Exclusive)
+        .map_err(e("creating the schema"))?;
+    tx.execute_batch(SCHEMA).map_err(e("creating the schema"))?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID)
+        .map_err(e("creating the schema"))?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(e("creating the schema"))?;
+    tx.commit().map_err(e("creating the schema"))?;
+    // Closing checkpoints the log into the file and removes it.
+    conn.close()
+        .map_err(|(_, err)| db_err(path, "creating", err))?;
+    fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(open_err)?;
+    // A link, not a rename: it never replaces a journal that appeared meanwhile.
+    match fs::hard_link(&tmp, path) {
+        Ok(()) => fs::remove_file(&tmp).map_err(open_err)?,
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_file(&tmp).map_err(open_err)?
+        }
+        // A filesystem without hard links.
+        Err(_) => fs::rename(&tmp, path).map_err(open_err)?,
+    }
+    sync_parent(path).map_err(open_err)
 }
 
 impl Journal {
@@ -580,20 +756,24 @@ impl Journal {
     /// cache, a few seconds for a full default-sized journal read cold from an SD card.
     pub fn open(path: impl AsRef<Path>, limits: JournalLimits) -> Result<Journal, JournalError> {
         let path = path.as_ref().to_path_buf();
-        let found = inspect(&path).map_err(|source| JournalError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        if let Found::NotSqlite = found {
-            return Err(JournalError::NotSqlite { path });
+        match inspect(&path)? {
+            Found::Missing => create(&path)?,
+            Found::Empty => {
+                return Err(JournalError::Corrupt {
+                    path,
+                    detail: "it is empty (0 bytes), which no updraft-agent leaves behind: \
+                             it was cut short and the tasks it held are gone"
+                        .into(),
+                })
+            }
+            Found::Sqlite => {}
         }
         let p = &path;
         let e = |op| move |err| db_err(p, op, err);
-        // No URI flag: a state_dir path is a path, whatever it starts with.
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-            | OpenFlags::SQLITE_OPEN_CREATE
-            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(&path, flags).map_err(e("opening"))?;
+        // No URI flag and no CREATE: a state_dir path is a path, whatever it starts
+        // with, and a file that went away since `inspect` is not silently made anew.
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(e("opening"))?;
         conn.busy_timeout(BUSY_TIMEOUT)
             .map_err(e("setting busy_timeout"))?;
         // Before the first read, so that no shared-memory file is made and the file stays
@@ -609,73 +789,35 @@ impl Journal {
         let version: i32 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(e("reading user_version"))?;
-        let objects: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
-            .map_err(e("reading the schema"))?;
-        let fresh = application_id == 0 && version == 0 && objects == 0;
-        if !fresh {
-            if application_id != APPLICATION_ID {
-                return Err(JournalError::Foreign {
-                    path,
-                    application_id,
-                });
-            }
-            if version > SCHEMA_VERSION {
-                return Err(JournalError::NewerSchema {
-                    path,
-                    found: version,
-                    supported: SCHEMA_VERSION,
-                });
-            }
-            if version < SCHEMA_VERSION {
-                return Err(JournalError::Corrupt {
-                    path,
-                    detail: format!("schema version {version}, which no updraft-agent writes"),
-                });
-            }
-            let verdict: String = conn
-                .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-                .map_err(e("running quick_check"))?;
-            if verdict != "ok" {
-                return Err(JournalError::Corrupt {
-                    path,
-                    detail: one_line(&verdict),
-                });
-            }
+        if application_id != APPLICATION_ID {
+            return Err(JournalError::Foreign {
+                path,
+                application_id,
+            });
         }
-
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(e("setting journal_mode"))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(JournalError::NoWal { path, mode });
+        if version > SCHEMA_VERSION {
+            return Err(JournalError::NewerSchema {
+                path,
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
         }
-        // FULL: in WAL mode NORMAL may lose the last commits on power loss, and a 202
-        // promises that an accepted task is never lost.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(e("setting synchronous"))?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(e("setting foreign_keys"))?;
-        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
-            .map_err(e("setting journal_size_limit"))?;
-
-        if fresh {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Exclusive)
-                .map_err(e("creating the schema"))?;
-            tx.execute_batch(SCHEMA).map_err(e("creating the schema"))?;
-            tx.pragma_update(None, "application_id", APPLICATION_ID)
-                .map_err(e("creating the schema"))?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
-                .map_err(e("creating the schema"))?;
-            tx.commit().map_err(e("creating the schema"))?;
-            if let Found::Missing = found {
-                sync_parent(&path).map_err(|source| JournalError::Open {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
+        if version < SCHEMA_VERSION {
+            return Err(JournalError::Corrupt {
+                path,
+                detail: format!("schema version {version}, which no updraft-agent writes"),
+            });
         }
+        let verdict: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(e("running quick_check"))?;
+        if verdict != "ok" {
+            return Err(JournalError::Corrupt {
+                path,
+                detail: one_line(&verdict),
+            });
+        }
+        set_pragmas(&conn, &path)?;
 
         let (held, tasks, unfinished): (i64, i64, i64) = conn
             .query_row(
@@ -1501,12 +1643,33 @@ mod tests {
     }
 
     #[test]
-    fn open_accepts_an_empty_file_as_new() {
+    fn open_refuses_an_empty_file_and_leaves_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal.db");
         fs::write(&path, b"").unwrap();
+        let msg = assert_refused(&path, |e| matches!(e, JournalError::Corrupt { .. }));
+        assert!(msg.contains("empty (0 bytes)"), "{msg}");
+        // An empty log beside it holds nothing and changes nothing.
+        fs::write(side_file(&path, "-wal"), b"").unwrap();
+        let err = Journal::open(&path, LIMITS).unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err:?}");
+        assert_eq!(fs::read(&path).unwrap(), b"");
+    }
+
+    #[test]
+    fn open_creates_a_journal_whole_over_a_half_made_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        // What a creation interrupted before its link leaves: never the journal.
+        let tmp = side_file(&path, ".new");
+        fs::write(&tmp, b"half").unwrap();
+        fs::write(side_file(&tmp, "-wal"), b"log").unwrap();
         let j = Journal::open(&path, LIMITS).unwrap();
         insert(&j, &id(1), b"x", 1).unwrap();
+        assert!(!tmp.exists() && !side_file(&tmp, "-wal").exists());
+        drop(j);
+        assert!(fs::metadata(&path).unwrap().len() > 0);
+        assert_eq!(Journal::open(&path, LIMITS).unwrap().usage().tasks, 1);
     }
 
     #[test]
@@ -1626,6 +1789,139 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let msg = assert_refused(&path, |e| matches!(e, JournalError::Corrupt { .. }));
         assert!(msg.contains("move it"), "{msg}");
+    }
+
+    /// The files of a live journal holding `tasks` tasks, copied as they are on disk:
+    /// what a crash leaves behind, the tasks still in the WAL beside a one-page file.
+    fn crashed_copy(dir: &Path, tasks: u64) -> PathBuf {
+        let live = dir.join("live.db");
+        let j = Journal::open(&live, LIMITS).unwrap();
+        for n in 0..tasks {
+            insert(&j, &id(n), &pattern(&id(n), 5000), n).unwrap();
+        }
+        let copy = dir.join("journal.db");
+        fs::copy(&live, &copy).unwrap();
+        fs::copy(side_file(&live, "-wal"), side_file(&copy, "-wal")).unwrap();
+        drop(j);
+        copy
+    }
+
+    #[test]
+    fn a_crashed_copy_reopens_with_every_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crashed_copy(dir.path(), 20);
+        assert!(fs::metadata(side_file(&path, "-wal")).unwrap().len() > 20 * 5000);
+        let j = Journal::open(&path, LIMITS).unwrap();
+        assert_eq!(j.usage().tasks, 20);
+        assert!(read_all(|off| j.read_input(&id(7), off, 4096)).unwrap() == pattern(&id(7), 5000));
+    }
+
+    #[test]
+    fn open_refuses_an_empty_file_beside_a_wal_and_keeps_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crashed_copy(dir.path(), 20);
+        let wal = side_file(&path, "-wal");
+        fs::write(&path, b"").unwrap();
+        let log = fs::read(&wal).unwrap();
+        let err = Journal::open(&path, LIMITS).unwrap_err();
+        assert!(
+            matches!(&err, JournalError::Orphaned { side, side_len, main: "empty (0 bytes)", .. }
+                if *side == wal && *side_len == log.len() as u64),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        for part in [path.display().to_string(), wal.display().to_string()] {
+            assert!(msg.contains(&part), "{part} missing from: {msg}");
+        }
+        assert!(msg.contains("move both files aside"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        assert_eq!(fs::read(&path).unwrap(), b"", "journal changed");
+        assert!(fs::read(&wal).unwrap() == log, "WAL changed or deleted");
+
+        // Moving both aside, as the message says, gives an empty journal.
+        fs::rename(&wal, dir.path().join("aside-wal")).unwrap();
+        fs::rename(&path, dir.path().join("aside")).unwrap();
+        assert_eq!(Journal::open(&path, LIMITS).unwrap().usage().tasks, 0);
+    }
+
+    #[test]
+    fn open_refuses_a_wal_without_its_journal_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crashed_copy(dir.path(), 3);
+        let wal = side_file(&path, "-wal");
+        fs::remove_file(&path).unwrap();
+        let log = fs::read(&wal).unwrap();
+        let err = Journal::open(&path, LIMITS).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JournalError::Orphaned {
+                    main: "missing",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("is missing but"), "{err}");
+        assert!(!path.exists(), "a new journal was made");
+        assert!(fs::read(&wal).unwrap() == log, "WAL changed or deleted");
+
+        // A rollback journal left beside a missing file is refused the same way.
+        fs::remove_file(&wal).unwrap();
+        fs::write(side_file(&path, "-journal"), b"hot").unwrap();
+        let err = Journal::open(&path, LIMITS).unwrap_err();
+        assert!(matches!(err, JournalError::Orphaned { .. }), "{err:?}");
+        assert!(!path.exists(), "a new journal was made");
+    }
+
+    #[test]
+    fn open_refuses_a_journal_cut_short_and_leaves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = dir.path().join("whole.db");
+        {
+            let j = Journal::open(&whole, LIMITS).unwrap();
+            for n in 0..20 {
+                insert(&j, &id(n), &pattern(&id(n), 5000), n).unwrap();
+            }
+        }
+        let bytes = fs::read(&whole).unwrap();
+        let path = dir.path().join("journal.db");
+        // Part of a page, whole pages, into the header, into the magic.
+        for keep in [
+            bytes.len() - 100,
+            bytes.len() - 4096,
+            bytes.len() - 3 * 4096,
+            4096 + 1,
+            60,
+            7,
+        ] {
+            fs::write(&path, &bytes[..keep]).unwrap();
+            let msg = assert_refused(&path, |e| matches!(e, JournalError::Corrupt { .. }));
+            assert!(msg.contains("move it"), "{keep}: {msg}");
+        }
+        let msg = {
+            fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+            assert_refused(&path, |_| true)
+        };
+        assert!(
+            msg.contains("not a whole number of its 4096-byte pages"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn open_refuses_a_crashed_journal_cut_short_beside_its_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crashed_copy(dir.path(), 20);
+        let wal = side_file(&path, "-wal");
+        let log = fs::read(&wal).unwrap();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(4000).unwrap();
+        drop(f);
+        let err = Journal::open(&path, LIMITS).unwrap_err();
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err:?}");
+        assert_eq!(fs::metadata(&path).unwrap().len(), 4000);
+        assert!(fs::read(&wal).unwrap() == log, "WAL changed or deleted");
     }
 
     #[test]
