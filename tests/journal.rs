@@ -257,3 +257,64 @@ fn a_failure_the_disk_cannot_hold_is_shown_from_memory_and_written_later() {
     let (_agent, socket) = restart(agent, dir.path(), &extra);
     assert_storage_full(&socket, &id);
 }
+
+#[test]
+fn delete_frees_a_finished_task_and_result_delete_prints_it_first() {
+    let dir = tempfile::tempdir().unwrap();
+    make_pki(dir.path());
+    let (_agent, socket) = serving_agent(dir.path(), "");
+    let id = detach(&socket, "echo?where=local", b"first result");
+    let r = http(&socket, "GET", &format!("/v1/tasks/{id}?wait=true"), b"").unwrap();
+    assert_eq!(json(&r)["state"], "done");
+
+    let r = http(&socket, "DELETE", &format!("/v1/tasks/{id}"), b"").unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(json(&r)["deleted"], true);
+    for (method, path) in [
+        ("GET", format!("/v1/tasks/{id}")),
+        ("GET", format!("/v1/tasks/{id}/output")),
+        ("DELETE", format!("/v1/tasks/{id}")),
+    ] {
+        let r = http(&socket, method, &path, b"").unwrap();
+        assert_eq!(r.status, 404, "{method} {path} after the delete");
+        assert_eq!(r.header("updraft-error-code"), Some("not_found"));
+    }
+
+    // An unfinished task is not deleted (nor cancelled): 409, and it stays.
+    let queued = detach(&socket, "echo?where=cloud", b"waits for a daemon");
+    let r = http(&socket, "DELETE", &format!("/v1/tasks/{queued}"), b"").unwrap();
+    assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("updraft-error-code"), Some("not_ready"));
+    let message = json(&r)["error"].as_str().unwrap().to_string();
+    assert!(message.contains("still queued"), "{message}");
+    assert_eq!(task_state(&socket, &queued)["state"], "queued");
+
+    // `result --delete` prints the output, then deletes.
+    let id = detach(&socket, "echo?where=local", b"second result");
+    let out = Command::new(bin("updraft-agent"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["result", "--wait", "--delete", &id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"second result");
+    let r = http(&socket, "GET", &format!("/v1/tasks/{id}"), b"").unwrap();
+    assert_eq!(r.status, 404);
+    let r = http(&socket, "GET", "/v1/status", b"").unwrap();
+    assert_eq!(json(&r)["journal"]["tasks"], 1, "only the queued task is left");
+
+    // Still running: nothing printed, nothing deleted.
+    let out = Command::new(bin("updraft-agent"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["result", "--delete", &queued])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(task_state(&socket, &queued)["state"], "queued");
+}

@@ -1270,6 +1270,58 @@ impl Journal {
         Ok(())
     }
 
+    /// Deletes a finished task and its output now, as [`Journal::expire`] would later.
+    /// A queued or running task is refused with [`JournalError::WrongState`].
+    pub fn delete(&self, id: &str) -> Result<(), JournalError> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let e = self.err("deleting a task");
+        let tx = inner
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&e)?;
+        let found: Option<(i64, String, i64)> = tx
+            .prepare_cached("SELECT seq, state, held_bytes FROM tasks WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+            })
+            .map_err(&e)?;
+        let Some((seq, state, held)) = found else {
+            return Err(JournalError::NotFound {
+                path: self.path.clone(),
+                id: id.to_string(),
+            });
+        };
+        match State::parse(&state) {
+            Some(s) if s.is_finished() => {}
+            Some(state) => {
+                return Err(JournalError::WrongState {
+                    path: self.path.clone(),
+                    id: id.to_string(),
+                    action: "delete",
+                    state,
+                })
+            }
+            None => {
+                return Err(JournalError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("task {id} has unknown state `{state}`"),
+                })
+            }
+        }
+        // Blobs first: the foreign keys refuse a task row whose blobs remain.
+        for table in ["outputs", "inputs", "tasks"] {
+            tx.prepare_cached(&format!("DELETE FROM {table} WHERE seq = ?1"))
+                .and_then(|mut s| s.execute([seq]))
+                .map_err(&e)?;
+        }
+        tx.commit().map_err(&e)?;
+        inner.held = inner.held.saturating_sub(from_sql_u64(held));
+        inner.tasks = inner.tasks.saturating_sub(1);
+        Ok(())
+    }
+
     /// Deletes finished tasks kept `result_ttl` past finishing, or `fetched_ttl` past
     /// their first fetch, and returns how many. Unfinished tasks never expire.
     pub fn expire(&self, now_ms: u64) -> Result<usize, JournalError> {
@@ -2312,6 +2364,52 @@ mod tests {
         assert_eq!(j.read_input(&id(4), 0, 1000).unwrap(), vec![4; 100]);
         assert!(j.expire(u64::MAX).is_ok());
         assert_eq!(j.usage().tasks, 1);
+    }
+
+    #[test]
+    fn delete_frees_a_finished_task_and_refuses_an_unfinished_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = JournalLimits {
+            max_bytes: 25_000,
+            ..LIMITS
+        };
+        let j = Journal::open(dir.path().join("j.db"), limits).unwrap();
+        insert(&j, &id(1), &[1; 10_000], 1).unwrap();
+        insert(&j, &id(2), &[2; 100], 1).unwrap();
+        j.start(&id(1), 2).unwrap();
+        let out = pattern(&id(1), 15_000);
+        j.finish(&id(1), &done(None), out.len() as u64, &mut &out[..], 3)
+            .unwrap();
+        j.mark_fetched(&id(1), 4).unwrap();
+        // Full until the fetched result goes.
+        let err = insert(&j, &id(3), &[3; 10_000], 5).unwrap_err();
+        assert!(matches!(err, JournalError::Full { .. }), "{err:?}");
+
+        for state in [State::Queued, State::Running] {
+            if state == State::Running {
+                j.start(&id(2), 5).unwrap();
+            }
+            let err = j.delete(&id(2)).unwrap_err();
+            assert!(
+                matches!(&err, JournalError::WrongState { action: "delete", state: s, .. } if *s == state),
+                "{err:?}"
+            );
+        }
+        let before = j.usage();
+        j.delete(&id(1)).unwrap();
+        assert!(j.get(&id(1)).unwrap().is_none());
+        let after = j.usage();
+        assert_eq!((after.tasks, after.unfinished), (1, 1));
+        assert!(before.bytes - after.bytes >= 15_000, "{before:?} {after:?}");
+        insert(&j, &id(3), &[3; 10_000], 5).unwrap();
+        assert!(matches!(
+            j.delete(&id(1)),
+            Err(JournalError::NotFound { .. })
+        ));
+        drop(j);
+        let j = Journal::open(dir.path().join("j.db"), limits).unwrap();
+        assert_eq!(j.usage().tasks, 2);
+        assert_eq!(j.read_input(&id(2), 0, 1000).unwrap(), vec![2; 100]);
     }
 
     #[test]

@@ -1009,6 +1009,35 @@ impl Agent {
         Ok((row, JournalInput::output(self.journal.clone(), id)))
     }
 
+    /// Deletes a finished detached task and its output (`DELETE /v1/tasks/{id}`). A
+    /// queued or running one is refused with `not_ready`: it is not cancelled.
+    pub async fn delete_task(&self, id: &str) -> Result<(), TaskError> {
+        if !valid_task_id(id) {
+            return Err(detached_not_found(id));
+        }
+        // A failure kept in memory is a journal row still unfinished: write it first.
+        self.store_unstored().await;
+        let journal = self.journal.clone();
+        let key = id.to_string();
+        let r = tokio::task::spawn_blocking(move || journal.delete(&key))
+            .await
+            .map_err(|e| TaskError::new("internal", format!("deleting the task: {e}")))?;
+        match r {
+            Ok(()) => {
+                info!(id, "detached task deleted");
+                // Room for a failure still waiting to be written.
+                self.store_unstored().await;
+                Ok(())
+            }
+            Err(journal::JournalError::NotFound { .. }) => Err(detached_not_found(id)),
+            Err(journal::JournalError::WrongState { state, .. }) => Err(TaskError::new(
+                "not_ready",
+                format!("task `{id}` is still {state}; only a finished task can be deleted (wait for it with ?wait=true)"),
+            )),
+            Err(e) => Err(journal_error(e)),
+        }
+    }
+
     /// The journal of detached tasks.
     pub fn journal(&self) -> &Arc<Journal> {
         &self.journal
