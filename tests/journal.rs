@@ -306,7 +306,11 @@ fn delete_frees_a_finished_task_and_result_delete_prints_it_first() {
     let r = http(&socket, "GET", &format!("/v1/tasks/{id}"), b"").unwrap();
     assert_eq!(r.status, 404);
     let r = http(&socket, "GET", "/v1/status", b"").unwrap();
-    assert_eq!(json(&r)["journal"]["tasks"], 1, "only the queued task is left");
+    assert_eq!(
+        json(&r)["journal"]["tasks"],
+        1,
+        "only the queued task is left"
+    );
 
     // Still running: nothing printed, nothing deleted.
     let out = Command::new(bin("updraft-agent"))

@@ -87,7 +87,7 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
         /// Then delete the task and its output from the agent's journal, freeing its
-        /// space now instead of [journal] fetched_ttl after this fetch.
+        /// space now instead of the journal's fetched_ttl after this fetch.
         #[arg(long)]
         delete: bool,
     },

@@ -19,12 +19,16 @@
 //! - [`Journal::get`], [`Journal::unfinished`] (rows as [`TaskRow`], without blobs)
 //! - [`Journal::read_input`] / [`Journal::read_output`]`(id, offset, max) -> Vec<u8>`
 //! - [`Journal::mark_fetched`], [`Journal::expire`]`(now_ms) -> usize`, [`Journal::usage`]
+//! - [`Journal::delete`]`(id)`: a finished task, at once
 //!
 //! # File
 //! WAL mode, `synchronous=FULL`, exclusive locking (one agent per journal, since the byte
 //! total is kept in memory), `application_id` = [`APPLICATION_ID`], `user_version` =
 //! [`SCHEMA_VERSION`]. Inputs and outputs live in tables of their own, so a state change
 //! rewrites a small row and never a blob; an input is released when its task finishes.
+//! After each write that carries blobs the WAL is checkpointed and truncated once it is
+//! over [`wal_limit`], and blobs are charged as the pages they take ([`stored_bytes`]),
+//! so the files on disk stay close to `max_bytes`.
 //!
 //! ```sql
 //! tasks   (seq INTEGER PRIMARY KEY, id TEXT UNIQUE, task, args /* JSON array */,

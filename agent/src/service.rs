@@ -915,8 +915,8 @@ impl Agent {
         self.detached_done.notify_waiters();
     }
 
-    /// Writes the failures kept in memory ([`Agent::store_result`]) to the journal, as
-    /// many as it takes now.
+    /// Writes the failures kept in memory (when even a failure could not be stored) to
+    /// the journal, as many as it takes now.
     pub async fn store_unstored(&self) {
         let pending: Vec<TaskRow> = {
             let unstored = self.unstored.lock().expect("unstored lock");
@@ -1017,6 +1017,17 @@ impl Agent {
         }
         // A failure kept in memory is a journal row still unfinished: write it first.
         self.store_unstored().await;
+        if self
+            .unstored
+            .lock()
+            .expect("unstored lock")
+            .contains_key(id)
+        {
+            return Err(TaskError::new(
+                "storage_full",
+                format!("task `{id}` failed but even its failure could not be written to the journal yet (the filesystem holding state_dir is full); free space there and delete it again"),
+            ));
+        }
         let journal = self.journal.clone();
         let key = id.to_string();
         let r = tokio::task::spawn_blocking(move || journal.delete(&key))
@@ -1450,6 +1461,13 @@ pub async fn run(
     detached.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), detached.wait()).await;
     agent.store_unstored().await;
+    let unstored = agent.unstored.lock().expect("unstored lock").len();
+    if unstored > 0 {
+        warn!(
+            tasks = unstored,
+            "failures of detached tasks could not be written to the journal (full disk); those tasks run again at the next start"
+        );
+    }
     agent.knowledge.persist();
     agent
         .uplink
