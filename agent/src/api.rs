@@ -3,6 +3,7 @@
 //!
 //! - `POST /v1/tasks/{name}` body = input; query `where=`, `detach=true`, repeated `arg=`.
 //! - `GET /v1/tasks/{id}` (`?wait=true` blocks until done), `GET /v1/tasks/{id}/output`.
+//! - `DELETE /v1/tasks/{id}`: a finished detached task and its output.
 //! - `GET /v1/status`, `GET /metrics`.
 
 use crate::http::{header_text, parse_query, BodyInput, ChannelBody};
@@ -93,6 +94,12 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Reply {
         }
         (&Method::GET, ["v1", "tasks", id]) => task_state(&agent, id, &query).await,
         (&Method::GET, ["v1", "tasks", id, "output"]) => task_output(&agent, id).await,
+        (&Method::DELETE, ["v1", "tasks", id]) => agent.delete_task(id).await.map(|()| {
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "id": id, "deleted": true }),
+            )
+        }),
         (&Method::GET, ["v1", "status"]) => Ok(json(StatusCode::OK, &agent.status_json())),
         (&Method::GET, ["v1", "explain", task]) => explain(&agent, task, &query),
         (&Method::GET, ["metrics"]) => Ok(Response::builder()

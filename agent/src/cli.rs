@@ -90,6 +90,10 @@ pub enum Command {
         /// Wait until the task has finished.
         #[arg(long)]
         wait: bool,
+        /// Then delete the task and its output from the agent's journal, freeing its
+        /// space now instead of the journal's fetched_ttl after this fetch.
+        #[arg(long)]
+        delete: bool,
     },
     /// Show the agent's state: daemons, local load, recent decisions.
     Status {
@@ -358,7 +362,7 @@ pub async fn run_client(cli: Cli) -> u8 {
             }
             finish(resp, output.as_ref()).await
         }
-        Command::Result { id, wait } => {
+        Command::Result { id, wait, delete } => {
             let state = match client
                 .get(&format!(
                     "/v1/tasks/{}?wait={wait}",
@@ -392,19 +396,30 @@ pub async fn run_client(cli: Cli) -> u8 {
                 .await
             {
                 Ok(resp) => {
-                    if let Some(e) = state.get("error").filter(|e| !e.is_null()) {
+                    let code = if let Some(e) = state.get("error").filter(|e| !e.is_null()) {
                         eprintln!(
                             "updraft-agent: {} [{}]",
                             e["message"].as_str().unwrap_or("failed"),
                             e["code"].as_str().unwrap_or("error")
                         );
-                        return if e["code"] == "timed_out" {
+                        if e["code"] == "timed_out" {
                             EXIT_TIMED_OUT
                         } else {
                             EXIT_UNAVAILABLE
-                        };
+                        }
+                    } else {
+                        match deliver(resp, None).await {
+                            Ok(code) => code,
+                            // Not printed, so not deleted.
+                            Err(code) => return code,
+                        }
+                    };
+                    if delete {
+                        if let Err(e) = delete_task(&client, &id).await {
+                            return fail(e);
+                        }
                     }
-                    finish(resp, None).await
+                    code
                 }
                 Err(e) => fail(format!("{e:#}")),
             }
@@ -434,10 +449,33 @@ pub async fn run_client(cli: Cli) -> u8 {
 }
 
 async fn finish(resp: hyper::Response<hyper::body::Incoming>, output: Option<&PathBuf>) -> u8 {
+    deliver(resp, output).await.unwrap_or_else(|code| code)
+}
+
+/// `DELETE /v1/tasks/{id}`: the agent's refusal as one line.
+async fn delete_task(client: &Client, id: &str) -> Result<(), String> {
+    let req = hyper::Request::delete(format!("/v1/tasks/{}", crate::http::percent_encode(id)))
+        .header("host", "updraft-agent")
+        .body(ChannelBody::full(Vec::new()))
+        .map_err(|e| e.to_string())?;
+    let resp = client.send(req).await.map_err(|e| format!("{e:#}"))?;
+    if resp.status().is_success() {
+        return Ok(());
+    }
+    let (code, msg) = error_of(resp).await;
+    Err(format!("printed, but not deleted: {msg} [{code}]"))
+}
+
+/// Like [`finish`], but `Err` (with the exit code) when the output could not be
+/// written out.
+async fn deliver(
+    resp: hyper::Response<hyper::body::Incoming>,
+    output: Option<&PathBuf>,
+) -> Result<u8, u8> {
     let exit: Option<i32> = header(&resp, crate::api::H_EXIT_CODE).and_then(|v| v.parse().ok());
     let tail = header(&resp, crate::api::H_STDERR_TAIL).map(header_text_decode);
     if let Err(e) = copy_body(resp, output).await {
-        return fail(format!("{e:#}"));
+        return Err(fail(format!("{e:#}")));
     }
     let code = exit.unwrap_or(i32::from(EXIT_UNAVAILABLE));
     if code != 0 {
@@ -448,7 +486,7 @@ async fn finish(resp: hyper::Response<hyper::body::Incoming>, output: Option<&Pa
             }
         }
     }
-    u8::try_from(code.clamp(0, 255)).unwrap_or(EXIT_UNAVAILABLE)
+    Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(EXIT_UNAVAILABLE))
 }
 
 fn print_status(v: &serde_json::Value) {

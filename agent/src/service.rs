@@ -11,7 +11,7 @@ use crate::knowledge::Knowledge;
 use crate::placement::{Placement, ReasonKind, Side, Where};
 use crate::spool::Spool;
 use crate::uplink::{offload, OffloadError, Replay, Uplink};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +39,9 @@ pub const JOURNAL_FILE: &str = "journal.db";
 pub const DETACHED_CLOUD_POLL: Duration = Duration::from_secs(5);
 /// How often finished detached tasks past their time-to-live are dropped.
 pub const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// How often a failure that could not be written to the journal (a full disk) is
+/// tried again.
+pub const UNSTORED_RETRY_EVERY: Duration = Duration::from_secs(5);
 
 /// A request to run a task.
 #[derive(Debug, Clone, Default)]
@@ -79,7 +82,7 @@ impl TaskError {
             "bad_request" => 400,
             "too_large" => 413,
             "busy" | "cloud_unavailable" | "draining" => 503,
-            "journal_full" => 507,
+            "journal_full" | "storage_full" => 507,
             "timed_out" => 504,
             "not_ready" => 409,
             "cloud_failed" | "output_too_large" => 502,
@@ -161,6 +164,10 @@ pub struct Agent {
     detached_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     /// Woken whenever a detached task finishes.
     detached_done: tokio::sync::Notify,
+    /// Detached tasks that ended while even their failure could not be written to the
+    /// journal (a full disk): shown from here, and written when the journal can take
+    /// them ([`Agent::store_unstored`]).
+    unstored: Mutex<HashMap<String, TaskRow>>,
     /// Where the certificate lives, and when the one in use is valid.
     cert_files: crate::enroll::CertFiles,
     cert_validity: Mutex<(SystemTime, SystemTime)>,
@@ -214,6 +221,7 @@ impl Agent {
             detached_tx,
             detached_rx: Mutex::new(Some(detached_rx)),
             detached_done: tokio::sync::Notify::new(),
+            unstored: Mutex::default(),
             cert_files,
             cert_validity: Mutex::new(cert_validity),
             cert_since: Mutex::new(SystemTime::now()),
@@ -555,7 +563,7 @@ impl Agent {
         output
             .flush()
             .await
-            .map_err(|e| TaskError::new("internal", format!("spooling output: {e}")))?;
+            .map_err(|e| spool_error("spooling output", &e))?;
         self.record(&id, &sub.task, &placed, &result, started.elapsed());
         Ok(Finished {
             id,
@@ -687,12 +695,12 @@ impl Agent {
             spool
                 .write(chunk)
                 .await
-                .map_err(|e| TaskError::new("internal", format!("spooling input: {e}")))?;
+                .map_err(|e| spool_error("spooling input", &e))?;
         }
         spool
             .flush()
             .await
-            .map_err(|e| TaskError::new("internal", format!("spooling input: {e}")))?;
+            .map_err(|e| spool_error("spooling input", &e))?;
         let id = new_task_id();
         let new = NewTask {
             id: id.clone(),
@@ -754,7 +762,7 @@ impl Agent {
                 row.task, row.attempts
             );
             warn!(id, task = row.task, "{message}");
-            self.store_result(&id, fail("crash_loop", message), None)
+            self.store_result(&row, fail("crash_loop", message), None)
                 .await;
             return;
         }
@@ -763,7 +771,7 @@ impl Agent {
                 "unknown task `{}`: there is no [tasks.{}] in the config any more",
                 row.task, row.task
             );
-            self.store_result(&id, fail("unknown_task", message), None)
+            self.store_result(&row, fail("unknown_task", message), None)
                 .await;
             return;
         };
@@ -786,7 +794,9 @@ impl Agent {
                 }
             }
             if let Err(e) = self.journal_call(|j, id| j.start(id, unix_ms()), &id).await {
-                warn!(id, error = %e, "cannot mark the detached task running; it stays queued");
+                warn!(id, error = %e, "cannot mark the detached task running; failing it");
+                let message = format!("task `{}` was not started: {}", row.task, e.message);
+                self.store_result(&row, fail(&e.code, message), None).await;
                 return;
             }
             let input = JournalInput::new(self.journal.clone(), id.clone());
@@ -822,7 +832,22 @@ impl Agent {
                     continue;
                 }
                 Err(e) => {
-                    self.store_result(&id, fail(&e.code, e.message), None).await;
+                    self.store_result(&row, fail(&e.code, e.message), None)
+                        .await;
+                    return;
+                }
+                Ok(f) if f.output.disk_full() => {
+                    let message = format!(
+                        "task `{}`: its output could not be spooled in {}: the filesystem is full; free space there (the task is not run again)",
+                        row.task,
+                        self.config.state_dir.join("spool").display()
+                    );
+                    let fin = Finish {
+                        placement: f.side,
+                        reason: f.reason,
+                        ..fail("storage_full", message)
+                    };
+                    self.store_result(&row, fin, None).await;
                     return;
                 }
                 Ok(f) => {
@@ -845,46 +870,87 @@ impl Agent {
                             Err(_) => String::new(),
                         },
                     };
-                    self.store_result(&id, fin, Some(f.output)).await;
+                    self.store_result(&row, fin, Some(f.output)).await;
                     return;
                 }
             }
         }
     }
 
-    /// Stores how a detached task ended, with its output, and wakes its waiters.
-    async fn store_result(&self, id: &str, fin: Finish, output: Option<Spool>) {
+    /// Stores how a detached task ended, with its output, and wakes its waiters. When
+    /// that fails (a full disk, most likely), the task is stored as failed without its
+    /// output (`storage_full` or `internal`); when even that fails, the failure is kept
+    /// in memory, shown from there, and written as soon as the journal takes it. Either
+    /// way the task has ended: it is not run again in this process.
+    async fn store_result(&self, row: &TaskRow, fin: Finish, output: Option<Spool>) {
         let journal = self.journal.clone();
-        let id2 = id.to_string();
-        let stored = tokio::task::spawn_blocking(move || {
-            let now = unix_ms();
-            match output {
-                Some(spool) => {
-                    let len = spool.len();
-                    let mut reader = spool
-                        .into_blocking_reader()
-                        .map_err(|e| format!("reading the spooled output: {e}"))?;
-                    journal
-                        .finish(&id2, &fin, len, &mut reader, now)
-                        .map_err(|e| e.to_string())
-                }
-                None => journal
-                    .finish(&id2, &fin, 0, &mut std::io::empty(), now)
-                    .map_err(|e| e.to_string()),
-            }
-        })
-        .await;
+        let id = row.id.clone();
+        let task = row.task.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || store_or_fail(&journal, &id, &task, fin, output))
+                .await;
+        let id = row.id.as_str();
         match stored {
-            Ok(Ok(journal::Stored::Output)) => {}
-            Ok(Ok(journal::Stored::JournalFull)) => {
+            Ok(Stored::Output(journal::Stored::Output)) => {}
+            Ok(Stored::Output(journal::Stored::JournalFull)) => {
                 warn!(id, "the journal is full: the task's output was not kept (it is marked journal_full); fetch old results or raise [journal] max_bytes");
             }
-            Ok(Err(e)) => {
-                warn!(id, error = %e, "cannot store the detached task's result; it will run again after a restart")
+            Ok(Stored::Failure(fin)) => {
+                let (code, message) = fin.error.clone().unwrap_or_default();
+                warn!(id, code, "{message}");
+            }
+            Ok(Stored::Gone(e)) => {
+                warn!(id, error = %e, "the detached task's result was not stored")
+            }
+            Ok(Stored::Nowhere(fin, e)) => {
+                let (code, message) = fin.error.clone().unwrap_or_default();
+                tracing::error!(id, code, error = %e, "{message}; not even this failure could be written to the journal: it is kept in memory and written once there is room (if the agent restarts first, the task runs again)");
+                // Its attempts as counted now, when the journal can still be read.
+                let now = self.journal_call(|j, id| j.get(id), id).await;
+                let failed = failed_row(&now.ok().flatten().unwrap_or_else(|| row.clone()), &fin);
+                self.unstored
+                    .lock()
+                    .expect("unstored lock")
+                    .insert(row.id.clone(), failed);
             }
             Err(e) => warn!(id, error = %e, "storing the detached task's result failed"),
         }
         self.detached_done.notify_waiters();
+    }
+
+    /// Writes the failures kept in memory (when even a failure could not be stored) to
+    /// the journal, as many as it takes now.
+    pub async fn store_unstored(&self) {
+        let pending: Vec<TaskRow> = {
+            let unstored = self.unstored.lock().expect("unstored lock");
+            unstored.values().cloned().collect()
+        };
+        for row in pending {
+            let journal = self.journal.clone();
+            let fin = row_finish(&row);
+            let id = row.id.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                journal.finish(&id, &fin, 0, &mut std::io::empty(), unix_ms())
+            })
+            .await;
+            let done = match r {
+                Ok(Ok(_)) => {
+                    info!(
+                        id = row.id,
+                        "the failure kept in memory is now written to the journal"
+                    );
+                    true
+                }
+                Ok(Err(
+                    journal::JournalError::NotFound { .. }
+                    | journal::JournalError::WrongState { .. },
+                )) => true,
+                _ => false,
+            };
+            if done {
+                self.unstored.lock().expect("unstored lock").remove(&row.id);
+            }
+        }
     }
 
     async fn journal_call<T: Send + 'static>(
@@ -909,6 +975,9 @@ impl Agent {
             let notified = self.detached_done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if let Some(r) = self.unstored.lock().expect("unstored lock").get(id) {
+                return Ok(Some(r.clone()));
+            }
             let row = self.journal_call(|j, id| j.get(id), id).await?;
             match row {
                 Some(r) if wait && !r.state.is_finished() => notified.await,
@@ -929,9 +998,58 @@ impl Agent {
                 format!("task `{id}` is still {}", row.state),
             ));
         }
+        if self
+            .unstored
+            .lock()
+            .expect("unstored lock")
+            .contains_key(id)
+        {
+            let (code, message) = row.error.unwrap_or_default();
+            return Err(TaskError::new(code, message));
+        }
         self.journal_call(|j, id| j.mark_fetched(id, unix_ms()), id)
             .await?;
         Ok((row, JournalInput::output(self.journal.clone(), id)))
+    }
+
+    /// Deletes a finished detached task and its output (`DELETE /v1/tasks/{id}`). A
+    /// queued or running one is refused with `not_ready`: it is not cancelled.
+    pub async fn delete_task(&self, id: &str) -> Result<(), TaskError> {
+        if !valid_task_id(id) {
+            return Err(detached_not_found(id));
+        }
+        // A failure kept in memory is a journal row still unfinished: write it first.
+        self.store_unstored().await;
+        if self
+            .unstored
+            .lock()
+            .expect("unstored lock")
+            .contains_key(id)
+        {
+            return Err(TaskError::new(
+                "storage_full",
+                format!("task `{id}` failed but even its failure could not be written to the journal yet (the filesystem holding state_dir is full); free space there and delete it again"),
+            ));
+        }
+        let journal = self.journal.clone();
+        let key = id.to_string();
+        let r = tokio::task::spawn_blocking(move || journal.delete(&key))
+            .await
+            .map_err(|e| TaskError::new("internal", format!("deleting the task: {e}")))?;
+        match r {
+            Ok(()) => {
+                info!(id, "detached task deleted");
+                // Room for a failure still waiting to be written.
+                self.store_unstored().await;
+                Ok(())
+            }
+            Err(journal::JournalError::NotFound { .. }) => Err(detached_not_found(id)),
+            Err(journal::JournalError::WrongState { state, .. }) => Err(TaskError::new(
+                "not_ready",
+                format!("task `{id}` is still {state}; only a finished task can be deleted (wait for it with ?wait=true)"),
+            )),
+            Err(e) => Err(journal_error(e)),
+        }
     }
 
     /// The journal of detached tasks.
@@ -1106,6 +1224,99 @@ impl Agent {
     }
 }
 
+/// How [`store_or_fail`] left a finished detached task.
+enum Stored {
+    /// As it ended, with its output (or as `journal_full`).
+    Output(journal::Stored),
+    /// Its result could not be stored; this failure was, instead.
+    Failure(Finish),
+    /// Nothing to store: the journal no longer holds it unfinished.
+    Gone(journal::JournalError),
+    /// Neither its result nor this failure could be stored (the second error).
+    Nowhere(Finish, journal::JournalError),
+}
+
+/// Stores a finished detached task's result; when that fails, stores it as failed
+/// (`storage_full` when the disk is full) without output instead. Blocking.
+fn store_or_fail(
+    journal: &Journal,
+    id: &str,
+    task: &str,
+    fin: Finish,
+    output: Option<Spool>,
+) -> Stored {
+    use journal::JournalError as E;
+    let now = unix_ms();
+    let r = match output {
+        Some(spool) => {
+            let len = spool.len();
+            match spool.into_blocking_reader() {
+                Ok(mut reader) => journal.finish(id, &fin, len, &mut reader, now),
+                Err(source) => Err(E::Read {
+                    path: journal.path().to_path_buf(),
+                    id: id.to_string(),
+                    what: "output",
+                    source,
+                }),
+            }
+        }
+        None => journal.finish(id, &fin, 0, &mut std::io::empty(), now),
+    };
+    let e = match r {
+        Ok(stored) => return Stored::Output(stored),
+        Err(e @ (E::NotFound { .. } | E::WrongState { .. })) => return Stored::Gone(e),
+        Err(e) => e,
+    };
+    let full = match &e {
+        E::DiskFull { .. } => true,
+        E::Read { source, .. } => crate::spool::is_disk_full(source),
+        _ => false,
+    };
+    let code = if full { "storage_full" } else { "internal" };
+    let mut message =
+        format!("task `{task}` ended but its result could not be stored: {e}; it is not run again");
+    if let Some((c, m)) = &fin.error {
+        message.push_str(&format!("; the run itself failed: {c}: {m}"));
+    }
+    let failure = Finish {
+        state: journal::Outcome::Failed,
+        error: Some((code.to_string(), message)),
+        ..fin
+    };
+    match journal.finish(id, &failure, 0, &mut std::io::empty(), now) {
+        Ok(_) => Stored::Failure(failure),
+        Err(e @ (E::NotFound { .. } | E::WrongState { .. })) => Stored::Gone(e),
+        Err(e) => Stored::Nowhere(failure, e),
+    }
+}
+
+/// A detached task as it ended, for a failure kept in memory.
+fn failed_row(row: &TaskRow, fin: &Finish) -> TaskRow {
+    TaskRow {
+        state: fin.state.into(),
+        finished_ms: Some(unix_ms()),
+        placement: Some(fin.placement),
+        reason: Some(fin.reason.clone()),
+        exit_code: fin.exit_code,
+        error: fin.error.clone(),
+        stderr_tail: Some(fin.stderr_tail.clone()),
+        output_len: Some(0),
+        ..row.clone()
+    }
+}
+
+/// The [`Finish`] a failure kept in memory is written with.
+fn row_finish(row: &TaskRow) -> Finish {
+    Finish {
+        state: journal::Outcome::Failed,
+        placement: row.placement.unwrap_or(Side::Local),
+        reason: row.reason.clone().unwrap_or_default(),
+        exit_code: row.exit_code,
+        error: row.error.clone(),
+        stderr_tail: row.stderr_tail.clone().unwrap_or_default(),
+    }
+}
+
 /// The journal's figures for `status`.
 fn journal_json(u: &journal::Usage) -> serde_json::Value {
     serde_json::json!({
@@ -1181,10 +1392,23 @@ fn unix_ms() -> u64 {
 fn journal_error(e: journal::JournalError) -> TaskError {
     let code = match e {
         journal::JournalError::Full { .. } => "journal_full",
+        journal::JournalError::DiskFull { .. } => "storage_full",
         journal::JournalError::TooLarge { .. } => "too_large",
         _ => "internal",
     };
     TaskError::new(code, e.to_string())
+}
+
+/// A spool that could not be written: `storage_full` when the disk is.
+fn spool_error(what: &str, e: &std::io::Error) -> TaskError {
+    if crate::spool::is_disk_full(e) {
+        TaskError::new(
+            "storage_full",
+            format!("{what}: {e}; the filesystem holding state_dir is full, free space there"),
+        )
+    } else {
+        TaskError::new("internal", format!("{what}: {e}"))
+    }
 }
 
 /// True for an id this agent could have made (32 lowercase hex digits).
@@ -1239,6 +1463,14 @@ pub async fn run(
     // resumes them.
     detached.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), detached.wait()).await;
+    agent.store_unstored().await;
+    let unstored = agent.unstored.lock().expect("unstored lock").len();
+    if unstored > 0 {
+        warn!(
+            tasks = unstored,
+            "failures of detached tasks could not be written to the journal (full disk); those tasks run again at the next start"
+        );
+    }
     agent.knowledge.persist();
     agent
         .uplink
@@ -1394,6 +1626,8 @@ async fn dispatch_detached(
     let mut resumed = resumed.into_iter().map(|r| r.id);
     let mut expire = tokio::time::interval(EXPIRE_EVERY);
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unstored = tokio::time::interval(UNSTORED_RETRY_EVERY);
+    unstored.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (id, was_resumed) = match resumed.next() {
             Some(id) => (id, true),
@@ -1409,6 +1643,10 @@ async fn dispatch_detached(
                         Ok(Err(e)) => warn!(error = %e, "cannot drop expired results from the journal"),
                         _ => {}
                     }
+                    continue;
+                }
+                _ = unstored.tick() => {
+                    agent.store_unstored().await;
                     continue;
                 }
                 () = stop.cancelled() => return,

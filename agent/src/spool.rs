@@ -17,6 +17,16 @@ pub struct Spool {
     mem_len: usize,
     file: Option<(tempfile::TempPath, tokio::fs::File)>,
     len: u64,
+    disk_full: bool,
+}
+
+/// Linux's `ENOSPC` (no space left on device) and `EDQUOT` (disk quota exceeded).
+const ENOSPC: i32 = 28;
+const EDQUOT: i32 = 122;
+
+/// True when `e` says the filesystem (or the user's quota on it) is full.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 impl Spool {
@@ -29,7 +39,20 @@ impl Spool {
             mem_len: 0,
             file: None,
             len: 0,
+            disk_full: false,
         }
+    }
+
+    /// True once a write or flush failed because the filesystem under `dir` is full.
+    pub fn disk_full(&self) -> bool {
+        self.disk_full
+    }
+
+    fn note<T>(&mut self, r: io::Result<T>) -> io::Result<T> {
+        if r.as_ref().is_err_and(is_disk_full) {
+            self.disk_full = true;
+        }
+        r
     }
 
     /// Total bytes spooled.
@@ -44,10 +67,11 @@ impl Spool {
 
     /// Makes everything written so far visible to readers.
     pub async fn flush(&mut self) -> io::Result<()> {
-        if let Some((_, f)) = self.file.as_mut() {
-            f.flush().await?;
-        }
-        Ok(())
+        let r = match self.file.as_mut() {
+            Some((_, f)) => f.flush().await,
+            None => Ok(()),
+        };
+        self.note(r)
     }
 
     /// A reader from the start; the spool can be read any number of times.
@@ -66,6 +90,13 @@ impl Spool {
 
 impl Output for Spool {
     async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
+        let r = self.write_chunk(chunk).await;
+        self.note(r)
+    }
+}
+
+impl Spool {
+    async fn write_chunk(&mut self, chunk: Bytes) -> io::Result<()> {
         self.len += chunk.len() as u64;
         if self.file.is_none() && self.mem_len + chunk.len() <= self.memory_limit {
             self.mem_len += chunk.len();
@@ -78,6 +109,9 @@ impl Output for Spool {
                 .prefix("spool-")
                 .tempfile_in(&self.dir)
                 .map_err(|e| {
+                    if is_disk_full(&e) {
+                        self.disk_full = true;
+                    }
                     io::Error::new(
                         e.kind(),
                         format!("cannot spool output in {}: {e}", self.dir.display()),
