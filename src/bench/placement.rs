@@ -1292,6 +1292,7 @@ async fn time_place(agent: &AgentHandle) -> anyhow::Result<PlaceCost> {
             running: 0,
             queued: 0,
             capacity: 1,
+            uploading: 0,
         };
         let mut batches = Vec::new();
         for batch in 0..DECISION_BATCHES * 11 / 10 {
