@@ -2,7 +2,8 @@
 //! hand-built QUIC client with real agent certificates: a held input is received
 //! before the task takes a slot and shows in load reports as `uploading`, bounded per
 //! agent; `timings` tell upload from queueing; `max_input` holds for every byte; a
-//! reset upload gets its `internal` trailer.
+//! reset upload gets its `internal` trailer; and a synchronous offload cancelled by its
+//! submitter frees its daemon slot and kills its run.
 
 mod common;
 
@@ -10,6 +11,7 @@ use bytes::{BufMut, BytesMut};
 use common::*;
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -294,5 +296,69 @@ async fn reset_during_held_upload_gets_internal_trailer() {
     assert_eq!(
         (out.as_slice(), trailer.exit_code),
         (&b"whole"[..], Some(0))
+    );
+}
+
+/// True once `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z"),
+    }
+}
+
+/// A synchronous cloud task whose HTTP client goes away is cancelled on the daemon:
+/// its one slot frees long before the task's timeout, its process is killed, and the
+/// next task runs instead of being refused `busy`.
+#[test]
+fn cancelled_offload_frees_the_daemon_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("long.pid");
+    let long = format!(
+        "[tasks.long]\ncommand = [\"sh\", \"-c\", \"echo $$ > {}; exec sleep 300\"]\ntimeout = \"300s\"\n",
+        pidfile.display()
+    );
+    let c = Cluster::start_in(
+        dir,
+        &format!("max_concurrent_tasks = 1\nmax_queued_tasks = 0\n{long}"),
+        &format!("[link]\naccept_timeout = \"1s\"\n{long}"),
+    );
+    let mut client = std::os::unix::net::UnixStream::connect(&c.socket).unwrap();
+    write!(
+        client,
+        "POST /v1/tasks/long?where=cloud HTTP/1.1\r\nHost: agent\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let pid: i32 = wait_for("the task to start on the daemon", WAIT, || {
+        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
+    });
+    assert!(!exited(pid));
+    wait_for("the daemon to report the task running", WAIT, || {
+        let s = c.status().ok()?;
+        (s["clouds"][0]["load"]["running"] == 1).then_some(())
+    });
+    drop(client);
+    // The task would run for 300 s; the wait is a tenth of that.
+    wait_for("the daemon's slot to free", WAIT, || {
+        let s = c.status().ok()?;
+        (s["clouds"][0]["load"]["running"] == 0).then_some(())
+    });
+    wait_for("the task's process to be killed", WAIT, || {
+        exited(pid).then_some(())
+    });
+    let r = http(&c.socket, "POST", "/v1/tasks/echo?where=cloud", b"next").unwrap();
+    assert_eq!(
+        (r.status, r.body.as_slice()),
+        (200, &b"next"[..]),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(
+        c.daemon.log().contains("submitter cancelled it"),
+        "{}",
+        c.daemon.log()
     );
 }

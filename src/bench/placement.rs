@@ -1185,6 +1185,7 @@ fn decision_cost() -> anyhow::Result<DecisionCost> {
         let cloud = CloudRun {
             total: ms(52),
             daemon_queue: Duration::ZERO,
+            daemon_input: Duration::ZERO,
             daemon_run: ms(41),
             rtt: Some(ms(10)),
             bandwidth_mbps: Some(80.0),
