@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use updraft_shared::protocol::{
     ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, RESET_ABANDONED,
-    STOP_INPUT,
+    STOP_CANCELLED, STOP_INPUT,
 };
 use updraft_shared::wire::FrameReader;
 
@@ -56,7 +56,7 @@ fn client_config(dir: &Path, cn: &str) -> quinn::ClientConfig {
 /// A daemon started with `extra` config, and a QUIC endpoint to reach it.
 struct Daemon {
     dir: tempfile::TempDir,
-    _daemon: Proc,
+    daemon: Proc,
     addr: String,
     endpoint: quinn::Endpoint,
 }
@@ -69,7 +69,7 @@ impl Daemon {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         Self {
             dir,
-            _daemon: daemon,
+            daemon,
             addr,
             endpoint,
         }
@@ -297,6 +297,57 @@ async fn reset_during_held_upload_gets_internal_trailer() {
         (out.as_slice(), trailer.exit_code),
         (&b"whole"[..], Some(0))
     );
+}
+
+/// `STOP_CANCELLED` kills a run no one else waits for, but spares one a retry of the
+/// same id has joined: that retry gets the run's result, and the task ran once.
+// Multi-threaded: the blocking waits below must not stall the QUIC driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_spares_a_run_a_retry_waits_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let (runs, gate) = (dir.path().join("runs"), dir.path().join("gate"));
+    let d = Daemon::start(&format!(
+        "[tasks.gated]\ncommand = [\"sh\", \"-c\", \"cat > input; echo run >> {}; while [ ! -e {} ]; do sleep 0.01; done; cat input\"]\ntimeout = \"60s\"\n",
+        runs.display(),
+        gate.display()
+    ));
+    let count = || {
+        std::fs::read_to_string(&runs)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let conn = d.connect("board-1").await;
+
+    // Alone: cancelled, killed.
+    let (mut send, mut alone) = open_task(&conn, "alone", "gated", b"x").await;
+    send.finish().unwrap();
+    assert_eq!(read_reply(&mut alone).await, ReplyHeader::Accepted);
+    wait_for("the first run", WAIT, || (count() == 1).then_some(()));
+    alone.get_mut().stop(STOP_CANCELLED.into()).unwrap();
+    wait_for("the daemon to kill the cancelled run", WAIT, || {
+        let log = d.daemon.log();
+        (log.contains("submitter cancelled it") && log.contains("the run was killed")).then_some(())
+    });
+
+    // Joined: the retry keeps it going.
+    let (mut send, mut first) = open_task(&conn, "joined", "gated", b"kept").await;
+    send.finish().unwrap();
+    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    wait_for("the second run", WAIT, || (count() == 2).then_some(()));
+    let (mut send, mut retry) = open_task(&conn, "joined", "gated", b"kept").await;
+    let _ = send.finish();
+    assert_eq!(read_reply(&mut retry).await, ReplyHeader::Accepted);
+    wait_for("the retry to join the run", WAIT, || {
+        d.daemon
+            .log()
+            .contains("retried while its first run is in progress")
+            .then_some(())
+    });
+    first.get_mut().stop(STOP_CANCELLED.into()).unwrap();
+    std::fs::write(&gate, b"").unwrap();
+    let (out, trailer) = read_result(&mut retry, WAIT).await;
+    assert_eq!((out.as_slice(), trailer.exit_code), (&b"kept"[..], Some(0)));
+    assert_eq!(count(), 2, "the joined run was run again");
 }
 
 /// True once `pid` has exited (gone, or a zombie not yet reaped).
