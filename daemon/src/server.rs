@@ -173,21 +173,23 @@ struct Uploads(std::sync::Mutex<std::collections::HashMap<String, u32>>);
 /// One upload counted in [`Uploads`] until dropped.
 struct Uploading<'a> {
     uploads: &'a Uploads,
-    agent: String,
+    agent: &'a str,
 }
 
 impl Uploads {
     /// Counts an upload of `agent`, or gives the count when it is at `limit` already.
-    fn begin(&self, agent: &str, limit: u32) -> Result<Uploading<'_>, u32> {
+    fn begin<'a>(&'a self, agent: &'a str, limit: u32) -> Result<Uploading<'a>, u32> {
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(agent.to_string()).or_default();
-        if *n >= limit {
-            return Err(*n);
+        match map.get_mut(agent) {
+            Some(n) if *n >= limit => return Err(*n),
+            Some(n) => *n += 1,
+            None => {
+                map.insert(agent.to_string(), 1);
+            }
         }
-        *n += 1;
         Ok(Uploading {
             uploads: self,
-            agent: agent.to_string(),
+            agent,
         })
     }
 }
@@ -195,10 +197,10 @@ impl Uploads {
 impl Drop for Uploading<'_> {
     fn drop(&mut self) {
         let mut map = self.uploads.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.agent) {
+        if let Some(n) = map.get_mut(self.agent) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.agent);
+                map.remove(self.agent);
             }
         }
     }
