@@ -10,7 +10,7 @@ use crate::journal::{self, Finish, Journal, JournalInput, NewTask, TaskRow};
 use crate::knowledge::Knowledge;
 use crate::placement::{Placement, ReasonKind, Side, Where};
 use crate::spool::Spool;
-use crate::uplink::{offload, OffloadError, Replay, Uplink};
+use crate::uplink::{offload, OffloadError, OnDrop, Replay, Uplink};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -298,14 +298,18 @@ impl Agent {
     /// Runs one task to the end: admit, place, run or offload, record.
     pub async fn submit<I: Input>(&self, sub: Submission, input: I) -> Result<Finished, TaskError> {
         let id = new_task_id();
-        self.submit_with_id(id, sub, input).await
+        // Dropped when its submitter goes away: an offloaded run is cancelled then.
+        self.submit_with_id(id, sub, input, OnDrop::Cancel).await
     }
 
+    /// Runs task `id`; `on_drop` says what a daemon running it is told if this future
+    /// is dropped before it ends.
     async fn submit_with_id<I: Input>(
         &self,
         id: String,
         sub: Submission,
         input: I,
+        on_drop: OnDrop,
     ) -> Result<Finished, TaskError> {
         let started = Instant::now();
         let task = self
@@ -399,7 +403,15 @@ impl Agent {
                                 format!("{}; daemon {}", placed.reason, c.link.address());
                         }
                         let offload_started = Instant::now();
-                        match offload(&c.conn, &header, sent, &mut output, &self.config.link).await
+                        match offload(
+                            &c.conn,
+                            &header,
+                            sent,
+                            &mut output,
+                            &self.config.link,
+                            on_drop,
+                        )
+                        .await
                         {
                             Ok(trailer) => {
                                 if trailer.exit_code.is_some() {
@@ -801,7 +813,9 @@ impl Agent {
             }
             let input = JournalInput::new(self.journal.clone(), id.clone());
             let r = tokio::select! {
-                r = self.submit_with_id(id.clone(), sub.clone(), input) => r,
+                // Never cancelled on the daemon: after a restart the journal runs it
+                // again with the same id, and the daemon may answer from that run.
+                r = self.submit_with_id(id.clone(), sub.clone(), input, OnDrop::Leave) => r,
                 // The journal still says running: the next start resumes it.
                 () = stop.cancelled() => return,
             };

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use updraft_shared::exec::{Input, Output};
 use updraft_shared::protocol::{
     ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
-    RESET_ABANDONED,
+    RESET_ABANDONED, RESET_CANCELLED, STOP_CANCELLED,
 };
 use updraft_shared::tls::Identity;
 use updraft_shared::wire::{write_frame, FrameReader};
@@ -83,10 +83,15 @@ impl Link {
         InFlight(self.clone())
     }
 
-    /// Running + queued as far as this agent can tell: the last report, or the tasks
-    /// it has in flight there if that is more.
+    /// Running + queued (tasks still uploading their input included: they wait for
+    /// slots too) as far as this agent can tell: the last report, or the tasks it has
+    /// in flight there if that is more.
     pub fn busy(&self, load: &LoadReport) -> u32 {
-        (load.running + load.queued).max(self.inflight.load(std::sync::atomic::Ordering::Relaxed))
+        let reported = load
+            .running
+            .saturating_add(load.queued)
+            .saturating_add(load.uploading);
+        reported.max(self.inflight.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn usable(&self) -> Option<(quinn::Connection, LoadReport)> {
@@ -556,8 +561,92 @@ pub enum OffloadError<I> {
 /// task can run elsewhere with its whole input; if it does not answer within
 /// `cfg.accept_timeout` or the connection dies first, the daemon may have the task, and
 /// the whole input comes back in [`OffloadError::Failed`] for a retry with the same id.
+///
+/// If the returned future is dropped before it ends (the task's submitter went away),
+/// `on_drop` says what the daemon is told: see [`OnDrop`].
 pub async fn offload<I: Input, O: Output>(
     conn: &quinn::Connection,
+    header: &RequestHeader,
+    input: Replay<I>,
+    output: &mut O,
+    cfg: &LinkConfig,
+    on_drop: OnDrop,
+) -> Result<Trailer, OffloadError<I>> {
+    let not_started = |code, reason: String, input: Replay<I>| {
+        Err(OffloadError::NotStarted {
+            code,
+            reason,
+            input,
+        })
+    };
+    let (send, recv) = match tokio::time::timeout(cfg.accept_timeout, conn.open_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return not_started(None, format!("cannot open a stream: {e}"), input),
+        Err(_) => {
+            return not_started(
+                None,
+                format!("no stream credit within {:?}", cfg.accept_timeout),
+                input,
+            )
+        }
+    };
+    let mut stream = TaskStream {
+        send,
+        reader: FrameReader::new(recv),
+        on_drop,
+        input_finished: false,
+        ended: false,
+    };
+    let result = exchange(&mut stream, header, input, output, cfg).await;
+    stream.ended = true;
+    result
+}
+
+/// What an offload dropped before its end (its submitter went away) tells the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDrop {
+    /// A synchronous task: no one is left to take its result, so the agent resets its
+    /// input with `RESET_CANCELLED` and stops the daemon's direction with
+    /// `STOP_CANCELLED`; the daemon kills the run (unless a retry waits for it).
+    Cancel,
+    /// A detached task: the journal runs it again with the same id, so the daemon's run
+    /// is not cancelled (an unfinished input is still reset, `RESET_ABANDONED`).
+    Leave,
+}
+
+/// A task's stream. Dropped before the exchange ended, it tells the daemon what
+/// [`OnDrop`] says; an input not finished is always reset, never left to quinn's drop,
+/// which would finish it and pass a cut-off input for a whole one.
+struct TaskStream {
+    send: quinn::SendStream,
+    reader: FrameReader<quinn::RecvStream>,
+    on_drop: OnDrop,
+    /// The input was finished (FIN): it must not be reset after that.
+    input_finished: bool,
+    /// The exchange ended (a trailer, a refusal or a failure, each handled).
+    ended: bool,
+}
+
+impl Drop for TaskStream {
+    fn drop(&mut self) {
+        let cancel = !self.ended && self.on_drop == OnDrop::Cancel;
+        if !self.input_finished {
+            let code = if cancel {
+                RESET_CANCELLED
+            } else {
+                RESET_ABANDONED
+            };
+            let _ = self.send.reset(code.into());
+        }
+        if cancel {
+            let _ = self.reader.get_mut().stop(STOP_CANCELLED.into());
+        }
+    }
+}
+
+/// The body of [`offload`] on an open stream.
+async fn exchange<I: Input, O: Output>(
+    stream: &mut TaskStream,
     header: &RequestHeader,
     mut input: Replay<I>,
     output: &mut O,
@@ -570,21 +659,15 @@ pub async fn offload<I: Input, O: Output>(
             input,
         })
     };
-    let (mut send, recv) = match tokio::time::timeout(cfg.accept_timeout, conn.open_bi()).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return not_started(None, format!("cannot open a stream: {e}"), input),
-        Err(_) => {
-            return not_started(
-                None,
-                format!("no stream credit within {:?}", cfg.accept_timeout),
-                input,
-            )
-        }
-    };
-    if let Err(e) = write_frame(&mut send, &header.to_frame()).await {
+    let TaskStream {
+        send,
+        reader,
+        input_finished,
+        ..
+    } = stream;
+    if let Err(e) = write_frame(send, &header.to_frame()).await {
         return not_started(None, format!("cannot send the request: {e}"), input);
     }
-    let mut reader = FrameReader::new(recv);
     let mut replay: VecDeque<Bytes> = std::mem::take(&mut input.buffered);
     let mut replay_len: usize = replay.iter().map(Bytes::len).sum();
     // Chunks already replayed must be sent again on this stream first.
@@ -619,6 +702,7 @@ pub async fn offload<I: Input, O: Output>(
                 }
                 Ok(None) => {
                     input_done = true;
+                    *input_finished = true;
                     let _ = send.finish();
                 }
                 Err(e) => {
@@ -695,6 +779,7 @@ pub async fn offload<I: Input, O: Output>(
                     continue;
                 }
                 if input_done {
+                    *input_finished = true;
                     let _ = send.finish();
                     return Ok(());
                 }

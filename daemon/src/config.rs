@@ -20,6 +20,13 @@ use crate::recent::{
 pub const DEFAULT_CONFIG: &str = "/etc/updraft/daemon.toml";
 /// Environment prefix for overrides: `UPDRAFTD__LISTEN=...`.
 pub const ENV_PREFIX: &str = "UPDRAFTD";
+/// Default of `max_uploads_per_agent`: a burst of small tasks from one agent passes
+/// (each upload usually lasts one packet), while one agent's held inputs stay within
+/// 64 × `[dedup] hold_input` (64 MiB by default) of memory.
+pub const DEFAULT_MAX_UPLOADS_PER_AGENT: u32 = 64;
+/// Most of `max_uploads_per_agent`: each upload may hold up to `[dedup] hold_input`
+/// in memory, and 4096 of the default 1 MiB are already 4 GiB for one agent.
+pub const MAX_UPLOADS_PER_AGENT: u32 = 4096;
 
 /// `daemon.toml` as written.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -45,6 +52,9 @@ pub struct DaemonFile {
     pub idle_timeout: Option<HumanDuration>,
     /// Concurrent task streams one agent may open. Default 256.
     pub max_streams_per_connection: Option<u32>,
+    /// Tasks one agent (all its connections) may have receiving a held input at once;
+    /// more get `busy`. 1..=4096, default 64.
+    pub max_uploads_per_agent: Option<u32>,
     /// TLS material.
     #[serde(default)]
     pub tls: TlsFile,
@@ -220,6 +230,8 @@ pub struct DaemonConfig {
     pub idle_timeout: Duration,
     /// Stream limit per connection.
     pub max_streams_per_connection: u32,
+    /// Held inputs one agent may be sending at once.
+    pub max_uploads_per_agent: u32,
     /// CA certificate path.
     pub tls_ca: PathBuf,
     /// Certificate path.
@@ -321,6 +333,10 @@ impl DaemonConfig {
         count("max_queued_tasks", queued as u64, range::QUEUED)?;
         let streams = file.max_streams_per_connection.unwrap_or(256);
         count("max_streams_per_connection", streams.into(), range::STREAMS)?;
+        let uploads = file
+            .max_uploads_per_agent
+            .unwrap_or(DEFAULT_MAX_UPLOADS_PER_AGENT);
+        count("max_uploads_per_agent", uploads.into(), (1, MAX_UPLOADS_PER_AGENT.into()))?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
         check_tasks(&catalog).map_err(|(key, e)| invalid(&key, e))?;
@@ -406,6 +422,7 @@ impl DaemonConfig {
             load_report_interval,
             idle_timeout,
             max_streams_per_connection: streams,
+            max_uploads_per_agent: uploads,
             tls_ca,
             tls_ca_key,
             cert_lifetime,
@@ -546,6 +563,8 @@ mod tests {
                 "tasks.e.max_output",
             ),
             ("log_level = \"loud[\"", "log_level"),
+            ("max_uploads_per_agent = 0", "max_uploads_per_agent"),
+            ("max_uploads_per_agent = 4097", "max_uploads_per_agent"),
             ("[dedup]\nmax_result = \"lots\"", "max_result"),
             (
                 "[dedup]\nmax_result = \"2MiB\"\nmax_memory = \"1MiB\"",

@@ -459,6 +459,19 @@ impl Claim {
         self.recent.limits.hold_input
     }
 
+    /// True while a retry of this id waits for this run's result.
+    pub fn has_waiters(&self) -> bool {
+        let t = self.recent.lock();
+        match t.entries.get(&self.key) {
+            Some(Entry {
+                generation,
+                state: State::Running { done },
+                ..
+            }) => *generation == self.generation && done.receiver_count() > 0,
+            _ => false,
+        }
+    }
+
     /// Keeps the run's result for retries and hands it to those waiting.
     pub fn keep(mut self, record: Record, now: Instant) {
         self.settled = true;
@@ -710,9 +723,11 @@ mod tests {
         }
 
         let c = claim(&r, key("a", "2"), t0);
+        assert!(!c.has_waiters());
         let Lookup::Running(w) = r.lookup(key("a", "2"), "t", &[], t0) else {
             panic!("expected a running entry");
         };
+        assert!(c.has_waiters());
         drop(c);
         assert!(matches!(w.settled().await, Settled::Forgotten));
     }

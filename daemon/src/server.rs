@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+use updraft_shared::catalog::AdmittedTask;
 use updraft_shared::catalog::{Caller, Catalog};
-use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output};
+use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output, Reservation};
 use updraft_shared::metrics::{self, TaskStats};
 use updraft_shared::protocol::msg::bounded_message;
 use updraft_shared::protocol::{
     CertRequest, ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer,
-    CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN, STOP_INPUT,
+    CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN, STOP_CANCELLED, STOP_INPUT,
 };
 use updraft_shared::tls::{AuthenticatedPeer, Identity};
 use updraft_shared::wire::{write_frame, DataFrameOutput, FrameReader, StreamInput, WireError};
@@ -88,6 +89,8 @@ struct Shared {
     /// The configuration and TLS files SIGHUP last applied (`config` is the
     /// configuration the daemon started with).
     live: std::sync::Mutex<(DaemonConfig, Option<Identity>)>,
+    /// Held inputs each agent is sending now.
+    uploads: Uploads,
 }
 
 impl Shared {
@@ -141,6 +144,12 @@ impl Shared {
         );
         metrics::gauge(
             &mut out,
+            "updraftd_uploading",
+            "Tasks accepted whose held input is still arriving (they hold no slot yet).",
+            load.uploading,
+        );
+        metrics::gauge(
+            &mut out,
             "updraftd_capacity",
             "Task slots (max_concurrent_tasks).",
             load.capacity,
@@ -182,6 +191,47 @@ impl Shared {
             usage.kept_bytes,
         );
         out
+    }
+}
+
+/// Task streams each agent (by id, over all its connections) has receiving a held
+/// input now, bounded by `max_uploads_per_agent`.
+#[derive(Default)]
+struct Uploads(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+/// One upload counted in [`Uploads`] until dropped.
+struct Uploading<'a> {
+    uploads: &'a Uploads,
+    agent: &'a str,
+}
+
+impl Uploads {
+    /// Counts an upload of `agent`, or gives the count when it is at `limit` already.
+    fn begin<'a>(&'a self, agent: &'a str, limit: u32) -> Result<Uploading<'a>, u32> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(agent) {
+            Some(n) if *n >= limit => return Err(*n),
+            Some(n) => *n += 1,
+            None => {
+                map.insert(agent.to_string(), 1);
+            }
+        }
+        Ok(Uploading {
+            uploads: self,
+            agent,
+        })
+    }
+}
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        let mut map = self.uploads.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(self.agent) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(self.agent);
+            }
+        }
     }
 }
 
@@ -230,6 +280,7 @@ pub async fn run(
         connections: AtomicU64::new(0),
         enroller: RwLock::new(Arc::new(crate::enroll::Enroller::load(&config))),
         live: std::sync::Mutex::new((config.clone(), config.load_identity().ok())),
+        uploads: Uploads::default(),
         config,
     });
     let _metrics = match shared.config.metrics_listen {
@@ -366,6 +417,7 @@ async fn report_load(conn: quinn::Connection, shared: Arc<Shared>) {
             queued: load.queued as u32,
             capacity: load.capacity as u32,
             draining: *draining.borrow(),
+            uploading: load.uploading as u32,
         };
         if write_frame(&mut send, &report.to_frame()).await.is_err() {
             return;
@@ -443,6 +495,8 @@ async fn handle_task(
     };
     let (recv, leftover) = reader.into_parts();
     let mut input = StreamInput::new(leftover, recv);
+    // Resolves when the agent stops reading (it cancelled the task, or gave up on it).
+    let mut stopped = std::pin::pin!(stop_code(send.stopped()));
     // Only catalog names become metric labels, so the series stay bounded.
     let label = match shared.catalog().get(&header.task) {
         Some(_) => header.task.as_str(),
@@ -492,8 +546,17 @@ async fn handle_task(
                     accepted = true;
                 }
                 // This stream's input is left unread: if the first run leaves no
-                // result, the next pass runs the task on it.
-                match waiter.settled().await {
+                // result, the next pass runs the task on it. If this retry is cancelled
+                // the first run carries on (its result is kept for the next retry).
+                let settled = tokio::select! {
+                    settled = waiter.settled() => settled,
+                    code = &mut stopped => {
+                        let ts = TaskStream { send, input, accepted, agent, task: &header.task, id };
+                        ts.stopped(&mut tally, code, "while it waited for the first run of its id");
+                        return;
+                    }
+                };
+                match settled {
                     Settled::Kept(record) => {
                         info!(
                             agent,
@@ -573,76 +636,297 @@ async fn handle_task(
             return;
         }
     };
-    let reservation = match shared.executor.reserve() {
-        Ok(r) => r,
-        Err(e) => {
-            tally.outcome = e.code().as_str();
-            refuse(&mut send, &mut input, accepted, e.code(), e.to_string()).await;
-            return;
-        }
-    };
-    if !accepted
-        && write_frame(&mut send, &ReplyHeader::Accepted.to_frame())
-            .await
-            .is_err()
-    {
-        return;
-    }
-    // A remembered run with a small input starts only once that input is here whole:
-    // an upload cut by the link then leaves nothing run, and the retry runs it once.
     let hold = claim.as_ref().map_or(0, Claim::hold_input);
-    let held = match HeldInput::receive(&mut input, hold).await {
-        Ok(held) => held,
-        Err(e) => {
-            info!(agent, task = header.task, id, error = %e, "agent went away while sending the task's input; nothing ran");
-            return;
+    let mut ts = TaskStream {
+        send,
+        input,
+        accepted,
+        agent,
+        task: &header.task,
+        id,
+    };
+    let place = take_place(&mut ts, shared, &task, hold, &mut stopped, &mut tally).await;
+    let (result, teed, input_whole, input_time) = match place {
+        Place::Answered => return,
+        Place::Refused(e, input_time) => {
+            let teed = Teed {
+                record: claim.as_ref().map(|_| Vec::new()),
+                produced: 0,
+                lost: false,
+            };
+            (Err(e), teed, false, input_time)
+        }
+        Place::Ready(reservation, held, input_time) => {
+            let slot = tokio::select! {
+                slot = reservation.slot() => slot,
+                code = &mut stopped => {
+                    ts.stopped(&mut tally, code, "while it waited for a slot; it did not run");
+                    return;
+                }
+            };
+            shared.recent.counters().run();
+            debug!(
+                agent,
+                task = header.task,
+                id,
+                held_bytes = held.len,
+                "task started"
+            );
+            let input_whole = AtomicBool::new(false);
+            let mut output = TeeOutput::new(&mut ts.send, claim.as_ref(), &input_whole);
+            let run = shared.executor.run_in_slot(
+                &slot,
+                &task,
+                WatchedInput {
+                    held,
+                    inner: &mut ts.input,
+                    whole: &input_whole,
+                },
+                &mut output,
+            );
+            let watched = watch_run(run, &mut stopped, claim.as_ref(), &input_whole).await;
+            drop(slot);
+            let teed = output.finish();
+            match watched {
+                Ok(result) => (result, teed, input_whole.into_inner(), input_time),
+                Err(code) => {
+                    ts.stopped(&mut tally, code, "the run was killed");
+                    return;
+                }
+            }
         }
     };
-    let slot = reservation.slot().await;
-    shared.recent.counters().run();
-    debug!(
-        agent,
-        task = header.task,
-        id,
-        held_bytes = held.len,
-        "task started"
-    );
-    let input_whole = AtomicBool::new(false);
-    let mut output = TeeOutput::new(
-        &mut send,
-        claim.as_ref().map(Claim::max_result),
-        &input_whole,
-    );
-    let result = shared
-        .executor
-        .run_in_slot(
-            &slot,
-            &task,
-            WatchedInput {
-                held,
-                inner: &mut input,
-                whole: &input_whole,
-            },
-            &mut output,
-        )
-        .await;
-    drop(slot);
-    let teed = output.finish();
+    finish(ts, &mut tally, claim, result, teed, input_whole, input_time).await;
+}
+
+/// A task stream after its header was read, and what its log lines name.
+struct TaskStream<'a> {
+    send: quinn::SendStream,
+    input: StreamInput,
+    /// `accepted` was sent already.
+    accepted: bool,
+    agent: &'a str,
+    task: &'a str,
+    id: &'a str,
+}
+
+impl TaskStream<'_> {
+    /// Sends `accepted` unless it went already; false when the agent is gone.
+    async fn accept(&mut self) -> bool {
+        if !self.accepted {
+            if write_frame(&mut self.send, &ReplyHeader::Accepted.to_frame())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            self.accepted = true;
+        }
+        true
+    }
+
+    /// Notes that the agent stopped reading this stream with `code` (STOP_SENDING)
+    /// and what became of the task.
+    fn stopped(&self, tally: &mut Tally<'_>, code: u64, then: &str) {
+        let (agent, task, id) = (self.agent, self.task, self.id);
+        if code == u64::from(STOP_CANCELLED) {
+            tally.outcome = "cancelled";
+            info!(agent, task, id, "the task's submitter cancelled it {then}");
+        } else {
+            tally.outcome = "agent_gone";
+            info!(
+                agent,
+                task, id, code, "the agent stopped reading the task's stream {then}"
+            );
+        }
+    }
+}
+
+/// Where a task stands once it has its place.
+enum Place {
+    /// It holds a slot or a queue place; its held input arrived (in that time).
+    Ready(Reservation, HeldInput, Duration),
+    /// It was accepted but cannot run: its held input went over `max_input`, or the
+    /// agent reset it before it was whole (after that long).
+    Refused(ExecError, Duration),
+    /// The stream was answered (refused) or is gone; nothing more to send.
+    Answered,
+}
+
+/// Takes the task's place and answers `accepted`. A remembered run with a held input
+/// (`hold` > 0) is admitted when a slot or queue place is free, then receives that
+/// input holding neither: it counts as uploading (in load reports, and against the
+/// agent's `max_uploads_per_agent`), so a slow upload delays no other task; then it
+/// takes a slot or waits in the queue. Any other task takes its slot or queue place
+/// at once, as its input streams into the run.
+async fn take_place<S: Future<Output = u64> + Unpin>(
+    ts: &mut TaskStream<'_>,
+    shared: &Shared,
+    task: &AdmittedTask,
+    hold: u64,
+    stopped: &mut S,
+    tally: &mut Tally<'_>,
+) -> Place {
+    if hold == 0 {
+        let reservation = match shared.executor.reserve() {
+            Ok(r) => r,
+            Err(e) => {
+                tally.outcome = e.code().as_str();
+                refuse(
+                    &mut ts.send,
+                    &mut ts.input,
+                    ts.accepted,
+                    e.code(),
+                    e.to_string(),
+                )
+                .await;
+                return Place::Answered;
+            }
+        };
+        if !ts.accept().await {
+            return Place::Answered;
+        }
+        return Place::Ready(reservation, HeldInput::default(), Duration::ZERO);
+    }
+    let limit = shared.config.max_uploads_per_agent;
+    let refusal = match shared.uploads.begin(ts.agent, limit) {
+        Ok(counted) => match shared.executor.reserve_upload() {
+            Ok(upload) => Ok((counted, upload)),
+            Err(e) => Err(e.to_string()),
+        },
+        Err(n) => Err(format!("busy: agent `{}` already has {n} tasks sending their input, the limit (max_uploads_per_agent in daemon.toml); send fewer at once or finish those uploads", ts.agent)),
+    };
+    let (counted, upload) = match refusal {
+        Ok(place) => place,
+        Err(message) => {
+            tally.outcome = ErrorCode::Busy.as_str();
+            refuse(
+                &mut ts.send,
+                &mut ts.input,
+                ts.accepted,
+                ErrorCode::Busy,
+                message,
+            )
+            .await;
+            return Place::Answered;
+        }
+    };
+    if !ts.accept().await {
+        return Place::Answered;
+    }
+    let started = Instant::now();
+    let received = tokio::select! {
+        r = HeldInput::receive(&mut ts.input, hold, task.spec().max_input) => r,
+        code = &mut *stopped => {
+            ts.stopped(tally, code, "while it was sending its input; nothing ran");
+            return Place::Answered;
+        }
+    };
+    let input_time = started.elapsed();
+    drop(counted);
+    match received {
+        Ok(held) => Place::Ready(upload.into_reservation(), held, input_time),
+        Err(ExecError::Input(e)) => match reset_code(&e) {
+            Some(code) => {
+                info!(
+                    agent = ts.agent,
+                    task = ts.task,
+                    id = ts.id,
+                    code,
+                    "the agent reset the task's input before all of it arrived; nothing ran"
+                );
+                Place::Refused(ExecError::Input(io::Error::other(format!("the agent reset its input (code {code}) before all of it arrived, so the task did not run"))), input_time)
+            }
+            None => {
+                info!(agent = ts.agent, task = ts.task, id = ts.id, error = %e, "agent went away while sending the task's input; nothing ran");
+                Place::Answered
+            }
+        },
+        Err(e) => Place::Refused(e, input_time),
+    }
+}
+
+/// The RESET_STREAM code when a read failed because the agent reset its input.
+fn reset_code(e: &io::Error) -> Option<u64> {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<quinn::ReadError>())
+    {
+        Some(quinn::ReadError::Reset(code)) => Some(code.into_inner()),
+        _ => None,
+    }
+}
+
+/// The code the agent stops this stream's daemon direction with (STOP_SENDING).
+/// Never resolves otherwise: a lost connection or a finished stream is seen elsewhere.
+async fn stop_code(
+    stopped: impl Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>>,
+) -> u64 {
+    match stopped.await {
+        Ok(Some(code)) => code.into_inner(),
+        _ => std::future::pending().await,
+    }
+}
+
+/// Whether a run whose agent stopped reading with `stop` (or whose connection was
+/// lost: `None`) carries on with its output going to the memory for a retry: only a
+/// remembered run whose whole input arrived, and after a cancellation
+/// ([`STOP_CANCELLED`]) only while a retry of the same id waits for it.
+fn runs_on(claim: Option<&Claim>, input_whole: bool, stop: Option<u64>) -> bool {
+    let Some(claim) = claim else {
+        return false;
+    };
+    input_whole && (stop != Some(u64::from(STOP_CANCELLED)) || claim.has_waiters())
+}
+
+/// Runs `run` to its end, unless the agent stops reading first and the run may not
+/// go on without it ([`runs_on`]): then the run is dropped, which kills the task, and
+/// the stop code is returned.
+async fn watch_run<T, S: Future<Output = u64> + Unpin>(
+    run: impl Future<Output = T>,
+    stopped: &mut S,
+    claim: Option<&Claim>,
+    input_whole: &AtomicBool,
+) -> Result<T, u64> {
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => return Ok(r),
+        code = stopped => {
+            if !runs_on(claim, input_whole.load(Ordering::Acquire), Some(code)) {
+                return Err(code);
+            }
+        }
+    }
+    Ok(run.await)
+}
+
+/// Ends a task that was accepted: its trailer, settled in the memory first so a retry
+/// or a waiter has the result as soon as this stream could.
+async fn finish(
+    mut ts: TaskStream<'_>,
+    tally: &mut Tally<'_>,
+    claim: Option<Claim>,
+    result: Result<Outcome, ExecError>,
+    teed: Teed,
+    input_whole: bool,
+    input_time: Duration,
+) {
+    let (agent, task, id) = (ts.agent, ts.task, ts.id);
     let trailer = match result {
-        Ok(outcome) => trailer_of(&outcome),
+        Ok(outcome) => trailer_of(&outcome, input_time),
         Err(e) => {
             if matches!(e, ExecError::TooLarge { .. }) {
-                input.stop(STOP_INPUT);
+                ts.input.stop(STOP_INPUT);
             }
             if matches!(e, ExecError::Output(_)) {
                 // The claim is dropped unsettled: a retry runs the task afresh.
-                info!(agent, task = header.task, id, error = %e, "agent went away mid-task");
+                info!(agent, task, id, error = %e, "agent went away mid-task");
                 return;
             }
-            info!(agent, task = header.task, id, error = %e, "task failed");
+            info!(agent, task, id, error = %e, "task failed");
             Trailer {
                 error: Some(e.code()),
-                message: bounded_message(format!("task `{}`: {e}", header.task)),
+                message: bounded_message(format!("task `{task}`: {e}")),
                 ..Default::default()
             }
         }
@@ -653,15 +937,12 @@ async fn handle_task(
         (Some(_), None) => "exit_nonzero",
         (None, None) => "internal",
     };
-    // Settled before the trailer goes out, so a retry or a waiter has the result as
-    // soon as this stream could.
     let mut kept = false;
     if let Some(claim) = claim {
         // A run is only as good as its input: a cut-off input (the agent vanished
         // mid-upload) or a failure inside the daemon is forgotten. Input refused for
         // its size is a result like any other.
-        let trusted = (input_whole.load(Ordering::Acquire)
-            || trailer.error == Some(ErrorCode::TooLarge))
+        let trusted = (input_whole || trailer.error == Some(ErrorCode::TooLarge))
             && trailer.error != Some(ErrorCode::Internal);
         match (trusted, teed.record) {
             (true, Some(mut output)) => {
@@ -680,19 +961,19 @@ async fn handle_task(
     if teed.lost {
         tally.outcome = "agent_gone";
         if kept {
-            info!(agent, task = header.task, id, exit_code = ?trailer.exit_code, "agent went away mid-task; the task finished and its result is kept for a retry");
+            info!(agent, task, id, exit_code = ?trailer.exit_code, "agent went away mid-task; the task finished and its result is kept for a retry");
         } else {
             info!(
                 agent,
-                task = header.task,
+                task,
                 id,
                 "agent went away mid-task; the task ended without a result a retry could use"
             );
         }
         return;
     }
-    debug!(agent, task = header.task, id, exit_code = ?trailer.exit_code, "task finished");
-    deliver_trailer(&mut send, &trailer).await;
+    debug!(agent, task, id, exit_code = ?trailer.exit_code, "task finished");
+    deliver_trailer(&mut ts.send, &trailer).await;
 }
 
 /// Refuses a task after its header was read: a rejection, or a failure trailer when
@@ -754,6 +1035,7 @@ async fn deliver_trailer(send: &mut quinn::SendStream, trailer: &Trailer) {
 }
 
 /// The start of a task's input, received before the task runs.
+#[derive(Default)]
 struct HeldInput {
     chunks: VecDeque<Bytes>,
     len: u64,
@@ -763,17 +1045,22 @@ struct HeldInput {
 
 impl HeldInput {
     /// Reads from `input` until it ends or more than `limit` bytes are held; with a
-    /// `limit` of 0, reads nothing. Fails when the stream does (the agent went away).
-    async fn receive(input: &mut StreamInput, limit: u64) -> io::Result<Self> {
-        let mut held = Self {
-            chunks: VecDeque::new(),
-            len: 0,
-            whole: false,
-        };
+    /// `limit` of 0, reads nothing. Fails with `TooLarge` as soon as more than
+    /// `max_input` bytes arrived, and with `Input` when the stream does (the agent
+    /// reset it or went away).
+    async fn receive(
+        input: &mut StreamInput,
+        limit: u64,
+        max_input: u64,
+    ) -> Result<Self, ExecError> {
+        let mut held = Self::default();
         while limit > 0 && held.len <= limit {
-            match input.next_chunk().await? {
+            match input.next_chunk().await.map_err(ExecError::Input)? {
                 Some(chunk) => {
                     held.len += chunk.len() as u64;
+                    if held.len > max_input {
+                        return Err(ExecError::TooLarge { limit: max_input });
+                    }
                     held.chunks.push_back(chunk);
                 }
                 None => {
@@ -828,6 +1115,8 @@ enum Keep {
 /// be kept.
 struct TeeOutput<'a> {
     stream: DataFrameOutput<'a>,
+    /// The run's claim on its id, when it is remembered.
+    claim: Option<&'a Claim>,
     /// The connection is gone; output goes to the record only.
     lost: bool,
     keep: Keep,
@@ -846,14 +1135,16 @@ struct Teed {
 }
 
 impl<'a> TeeOutput<'a> {
-    /// Output to `send`, recording up to `max_result` bytes when given one.
+    /// Output to `send`, recording up to `max_result` bytes when the run is remembered.
     fn new(
         send: &'a mut quinn::SendStream,
-        max_result: Option<u64>,
+        claim: Option<&'a Claim>,
         input_whole: &'a AtomicBool,
     ) -> Self {
+        let max_result = claim.map(Claim::max_result);
         Self {
             stream: DataFrameOutput::new(send),
+            claim,
             lost: false,
             keep: if max_result.is_some() {
                 Keep::On(Vec::new())
@@ -878,14 +1169,17 @@ impl<'a> TeeOutput<'a> {
     }
 }
 
-/// True when a stream write failed because the connection is gone (not because the
-/// agent stopped reading on purpose, which abandons the task as before).
-fn connection_lost(e: &io::Error) -> bool {
-    matches!(
-        e.get_ref()
-            .and_then(|inner| inner.downcast_ref::<quinn::WriteError>()),
-        Some(quinn::WriteError::ConnectionLost(_))
-    )
+/// Why a stream write failed, when the agent is gone: `Some(None)` the connection was
+/// lost, `Some(Some(code))` the agent stopped reading (STOP_SENDING with `code`).
+fn agent_gone(e: &io::Error) -> Option<Option<u64>> {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<quinn::WriteError>())
+    {
+        Some(quinn::WriteError::ConnectionLost(_)) => Some(None),
+        Some(quinn::WriteError::Stopped(code)) => Some(Some(code.into_inner())),
+        _ => None,
+    }
 }
 
 impl Output for TeeOutput<'_> {
@@ -903,8 +1197,10 @@ impl Output for TeeOutput<'_> {
                 return Ok(());
             };
             let recording = matches!(self.keep, Keep::On(_));
-            if !(recording && connection_lost(&e) && self.input_whole.load(Ordering::Acquire)) {
-                return Err(e);
+            let whole = self.input_whole.load(Ordering::Acquire);
+            match agent_gone(&e) {
+                Some(stop) if recording && runs_on(self.claim, whole, stop) => {}
+                _ => return Err(e),
             }
             self.lost = true;
             return Ok(());
@@ -919,7 +1215,7 @@ impl Output for TeeOutput<'_> {
     }
 }
 
-fn trailer_of(o: &Outcome) -> Trailer {
+fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
     Trailer {
         exit_code: Some(o.exit_code),
         error: None,
@@ -930,6 +1226,7 @@ fn trailer_of(o: &Outcome) -> Trailer {
         timings: Timings {
             queue_us: o.queue_time.as_micros() as u64,
             run_us: o.run_time.as_micros() as u64,
+            input_us: input_time.as_micros() as u64,
         },
     }
 }

@@ -91,12 +91,14 @@ pub struct Outcome {
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     /// All slots and queue places are taken.
-    #[error("busy: {running} tasks running and {queued} queued, the limit")]
+    #[error("busy: {running} tasks running and {queued} queued{}, the limit", uploading_text(*.uploading))]
     Busy {
         /// Running now.
         running: usize,
         /// Queued now.
         queued: usize,
+        /// Accepted and still receiving their input (they hold queue places).
+        uploading: usize,
     },
     /// Input exceeded `max_input`; the task was stopped.
     #[error("input is over max_input of {limit} bytes")]
@@ -140,6 +142,14 @@ pub enum ExecError {
     Child(io::Error),
 }
 
+/// How a busy message names tasks still receiving their input (none: nothing).
+fn uploading_text(uploading: usize) -> String {
+    match uploading {
+        0 => String::new(),
+        n => format!(" (and {n} receiving their input)"),
+    }
+}
+
 impl ExecError {
     /// The wire code for this error.
     pub fn code(&self) -> ErrorCode {
@@ -165,6 +175,8 @@ pub struct Load {
     pub queued: usize,
     /// Slots.
     pub capacity: usize,
+    /// Tasks accepted and still receiving their input ([`Executor::reserve_upload`]).
+    pub uploading: usize,
 }
 
 /// Runs tasks with at most `capacity` at once and at most `queue_limit` waiting.
@@ -175,6 +187,7 @@ pub struct Executor {
     queue_limit: usize,
     queued: Arc<AtomicUsize>,
     running: Arc<AtomicUsize>,
+    uploading: Arc<AtomicUsize>,
     work_root: PathBuf,
 }
 
@@ -242,6 +255,45 @@ impl Reservation {
     }
 }
 
+/// A task admitted while its input is still arriving, from
+/// [`Executor::reserve_upload`]. It holds no slot and no queue place, so a slow upload
+/// delays no one; [`Upload::into_reservation`] then takes a slot or a queue place
+/// without being refused. Counted in [`Load::uploading`] until then or dropped.
+#[derive(Debug)]
+pub struct Upload {
+    exec: ExecHandle,
+    uploading: Arc<AtomicUsize>,
+}
+
+impl Upload {
+    /// The input is here: takes a free slot, or else a place in the queue even when
+    /// it is full (the task was admitted already): the queue may run over its limit
+    /// by the uploads that were in progress when it filled.
+    pub fn into_reservation(self) -> Reservation {
+        let exec = self.exec.clone();
+        drop(self);
+        if let Ok(permit) = exec.slots.clone().try_acquire_owned() {
+            return Reservation {
+                state: Some(ReservationState::Ready(permit)),
+                exec,
+                start: Instant::now(),
+            };
+        }
+        exec.queued.fetch_add(1, Ordering::Relaxed);
+        Reservation {
+            state: Some(ReservationState::Queued),
+            exec,
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.uploading.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(ReservationState::Queued) = self.state {
@@ -267,6 +319,7 @@ impl Executor {
             queue_limit,
             queued: Arc::new(AtomicUsize::new(0)),
             running: Arc::new(AtomicUsize::new(0)),
+            uploading: Arc::new(AtomicUsize::new(0)),
             work_root,
         }
     }
@@ -277,6 +330,7 @@ impl Executor {
             running: self.running.load(Ordering::Relaxed),
             queued: self.queued.load(Ordering::Relaxed),
             capacity: self.capacity,
+            uploading: self.uploading.load(Ordering::Relaxed),
         }
     }
 
@@ -297,12 +351,33 @@ impl Executor {
             return Err(ExecError::Busy {
                 running: self.running.load(Ordering::Relaxed),
                 queued: q,
+                uploading: self.uploading.load(Ordering::Relaxed),
             });
         }
         Ok(Reservation {
             state: Some(ReservationState::Queued),
             exec: self.handle(),
             start: Instant::now(),
+        })
+    }
+
+    /// Admits a task whose input is still to arrive, without taking anything: `Busy`
+    /// when no slot is free and the queue is full now, as [`reserve`](Self::reserve)
+    /// would say. Other uploads are not counted, so a slow upload never turns a
+    /// task away; each takes its slot or queue place once its input is here.
+    pub fn reserve_upload(&self) -> Result<Upload, ExecError> {
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued >= self.queue_limit + self.slots.available_permits() {
+            return Err(ExecError::Busy {
+                running: self.running.load(Ordering::Relaxed),
+                queued,
+                uploading: self.uploading.load(Ordering::Relaxed),
+            });
+        }
+        self.uploading.fetch_add(1, Ordering::Relaxed);
+        Ok(Upload {
+            exec: self.handle(),
+            uploading: self.uploading.clone(),
         })
     }
 
@@ -825,6 +900,28 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("background child {pid} outlived its dropped run");
+    }
+
+    #[tokio::test]
+    async fn an_upload_holds_no_slot_and_no_queue_place() {
+        let d = tempfile::tempdir().unwrap();
+        let ex = Executor::new(1, 1, d.path().to_path_buf());
+        let upload = ex.reserve_upload().unwrap();
+        assert_eq!((ex.load().uploading, ex.load().running), (1, 0));
+        // The slot and the queue place are still there for others.
+        let _slot = ex.reserve().unwrap().slot().await;
+        let waiting = ex.reserve().unwrap();
+        assert!(waiting.is_queued());
+        let e = ex.reserve().unwrap_err();
+        assert!(e.to_string().contains("1 receiving their input"), "{e}");
+        // Nothing free now: a new upload is refused like any task.
+        assert!(matches!(ex.reserve_upload(), Err(ExecError::Busy { .. })));
+        // The admitted upload's input arrived: it queues, over the limit if need be.
+        let queued = upload.into_reservation();
+        assert!(queued.is_queued());
+        assert_eq!((ex.load().uploading, ex.load().queued), (0, 2));
+        drop((queued, waiting));
+        assert_eq!(ex.load().queued, 0);
     }
 
     async fn futures_poll_once<F: Future + Unpin>(f: F) -> Option<F::Output> {

@@ -55,6 +55,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The stream, to act on it (stop it) while frames are still read from it.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
     /// Gives back the stream and whatever was read past the last frame.
     pub fn into_parts(self) -> (R, Bytes) {
         (self.inner, self.buf.freeze())

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use updraft_agent::config::{CloudTarget, LinkConfig};
-use updraft_agent::uplink::{offload, Replay, Uplink};
+use updraft_agent::uplink::{offload, OnDrop, Replay, Uplink};
 use updraft_shared::protocol::RequestHeader;
 
 use crate::harness::{self, Pki};
@@ -227,6 +227,7 @@ async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
         Replay::fresh(None::<Bytes>),
         &mut output,
         &p.cfg,
+        OnDrop::Cancel,
     )
     .await
     .map_err(|e| match e {

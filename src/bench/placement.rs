@@ -1185,6 +1185,7 @@ fn decision_cost() -> anyhow::Result<DecisionCost> {
         let cloud = CloudRun {
             total: ms(52),
             daemon_queue: Duration::ZERO,
+            daemon_input: Duration::ZERO,
             daemon_run: ms(41),
             rtt: Some(ms(10)),
             bandwidth_mbps: Some(80.0),
@@ -1292,6 +1293,7 @@ async fn time_place(agent: &AgentHandle) -> anyhow::Result<PlaceCost> {
             running: 0,
             queued: 0,
             capacity: 1,
+            uploading: 0,
         };
         let mut batches = Vec::new();
         for batch in 0..DECISION_BATCHES * 11 / 10 {

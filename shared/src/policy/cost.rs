@@ -342,6 +342,10 @@ pub struct CloudRun {
     pub total: Duration,
     /// Daemon-side wait for a slot (trailer `timings.queue_us`).
     pub daemon_queue: Duration,
+    /// Daemon-side time receiving the input before the run (trailer
+    /// `timings.input_us`). It is transfer, not queueing: it stays in the network
+    /// share of `total` that teaches the link's speed.
+    pub daemon_input: Duration,
     /// Daemon-side run time (trailer `timings.run_us`).
     pub daemon_run: Duration,
     /// The connection's smoothed RTT during the run; pass it whenever known, as the
@@ -367,6 +371,7 @@ impl CloudRun {
         CloudRun {
             total,
             daemon_queue: Duration::from_micros(trailer.timings.queue_us),
+            daemon_input: Duration::from_micros(trailer.timings.input_us),
             daemon_run: Duration::from_micros(trailer.timings.run_us),
             rtt,
             bandwidth_mbps,
@@ -993,7 +998,10 @@ impl CostModel {
         let lx = ln_bytes(run.input_bytes as f64);
         let daemon_run = run.daemon_run.as_secs_f64();
         let rtt = run.rtt.map_or(0.0, |r| r.as_secs_f64());
-        let net = (run.total.as_secs_f64() - run.daemon_queue.as_secs_f64() - daemon_run).max(0.0);
+        // The network share: rtt, transfer (the daemon's input time included) and
+        // per-task overhead. At least the input time the daemon saw, whatever clocks say.
+        let net = (run.total.as_secs_f64() - run.daemon_queue.as_secs_f64() - daemon_run)
+            .max(run.daemon_input.as_secs_f64());
         let bytes = run.input_bytes.saturating_add(run.output_bytes);
         if bytes >= MIN_BANDWIDTH_SAMPLE_BYTES && net > rtt {
             self.link.update(((net - rtt) / bytes as f64).ln(), w);
@@ -1267,6 +1275,7 @@ mod tests {
         CloudRun {
             total: rtt + run + Duration::from_secs_f64(transfer),
             daemon_queue: Duration::ZERO,
+            daemon_input: Duration::ZERO,
             daemon_run: run,
             rtt: Some(rtt),
             bandwidth_mbps: Some(mbps),
@@ -1726,6 +1735,7 @@ mod tests {
         let run = CloudRun {
             total: ms(2150),
             daemon_queue: Duration::ZERO,
+            daemon_input: Duration::ZERO,
             daemon_run: ms(100),
             rtt: Some(ms(50)),
             bandwidth_mbps: None,
@@ -1763,6 +1773,49 @@ mod tests {
         }
         let p = m.predict("v", None, &online(50, 100.0), t0, 0.99);
         assert!(close(p.cloud.unwrap().finish, ms(80), 0.01), "{p:?}");
+    }
+
+    #[test]
+    fn upload_time_is_priced_as_transfer_not_queueing() {
+        let t0 = Instant::now();
+        // 1 MB each way at 8 Mbps = 2 s, after 50 ms rtt and 100 ms of run; the daemon
+        // took 1 s of that receiving the input and queued it for no time.
+        let trailer = Trailer {
+            exit_code: Some(0),
+            input_bytes: 1_000_000,
+            output_bytes: 1_000_000,
+            timings: crate::protocol::Timings {
+                queue_us: 0,
+                run_us: 100_000,
+                input_us: 1_000_000,
+            },
+            ..Default::default()
+        };
+        let run = CloudRun::from_trailer(ms(2150), Some(ms(50)), None, &trailer);
+        assert_eq!(run.daemon_input, ms(1000));
+        assert_eq!(run.daemon_queue, Duration::ZERO);
+        let mut m = model();
+        m.record_cloud("t", &run, t0);
+        // The upload is transfer: the link is learnt at its true 8 Mbps (counted as
+        // queueing it would have looked twice as fast), and no queue is predicted.
+        let bw = m.observed_bandwidth_mbps().unwrap();
+        assert!((bw - 8.0).abs() < 1e-6, "{bw}");
+        let c = Conditions {
+            bandwidth_mbps: None,
+            ..online(50, 0.0)
+        };
+        let p = m.predict("t", None, &c, t0, 0.99).cloud.unwrap();
+        assert_eq!(p.queue, Duration::ZERO);
+        assert!(close(p.finish, ms(2150), 1e-6), "{p:?}");
+        // Whatever the clocks, the network share is at least the daemon's input time.
+        let skewed = CloudRun {
+            total: ms(900),
+            ..run
+        };
+        let mut m = model();
+        m.record_cloud("t", &skewed, t0);
+        let bw = m.observed_bandwidth_mbps().unwrap();
+        assert!(bw < 17.0, "{bw}");
     }
 
     #[test]
@@ -1994,6 +2047,7 @@ mod tests {
                         let run = CloudRun {
                             total: Duration::from_secs_f64(cloud_ms / 1e3),
                             daemon_queue: Duration::ZERO,
+                            daemon_input: Duration::ZERO,
                             daemon_run: Duration::from_secs_f64(w.cloud_run_ms * noise_c / 1e3),
                             rtt: c.rtt,
                             bandwidth_mbps: c.bandwidth_mbps,

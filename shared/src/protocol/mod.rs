@@ -29,3 +29,9 @@ pub const STOP_INPUT: u32 = 1;
 /// QUIC stream code with RESET_STREAM: the agent abandons the task (its input failed,
 /// or it gave up waiting for the daemon to accept).
 pub const RESET_ABANDONED: u32 = 0;
+/// QUIC stream code with RESET_STREAM on the agent's input: the task's submitter
+/// cancelled it (went away); sent together with [`STOP_CANCELLED`].
+pub const RESET_CANCELLED: u32 = 2;
+/// QUIC stream code with STOP_SENDING on the daemon's direction: the task's submitter
+/// cancelled it. The daemon kills the run unless a retry of the same id waits for it.
+pub const STOP_CANCELLED: u32 = 2;

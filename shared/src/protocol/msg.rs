@@ -154,10 +154,15 @@ pub enum ReplyHeader {
 /// Where the time went, in microseconds, as the daemon measured it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
-    /// Waiting for an execution slot.
+    /// Waiting for an execution slot (after the held input arrived).
     pub queue_us: u64,
     /// Running the task.
     pub run_us: u64,
+    /// Receiving the input before the task started (the part held whole, see the
+    /// daemon's `[dedup] hold_input`): transfer time, not queueing. Input streamed
+    /// into a running task counts in `run_us`. Absent (0) from older daemons.
+    #[serde(default)]
+    pub input_us: u64,
 }
 
 /// Last frame of a reply: how the run ended.
@@ -199,6 +204,10 @@ pub struct LoadReport {
     /// True once the daemon is draining: send nothing new, go elsewhere.
     #[serde(default)]
     pub draining: bool,
+    /// Tasks accepted whose input is still arriving before they take a slot or a
+    /// queue place; they count against the queue. Absent (0) from older daemons.
+    #[serde(default)]
+    pub uploading: u32,
 }
 
 /// Longest enrollment token accepted; `updraftd token create` makes 40 hex digits.
