@@ -316,7 +316,10 @@ async fn report_load(conn: quinn::Connection, shared: Arc<Shared>) {
         return;
     };
     let mut draining = shared.draining.clone();
-    let mut tick = tokio::time::interval(shared.config.load_report_interval);
+    // The report at connect is the loop's first; the next is one interval later
+    // (`interval` alone would tick at once and send two back to back).
+    let period = shared.config.load_report_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let load = shared.executor.load();
