@@ -209,7 +209,6 @@ pub async fn run(
         }
         None => None,
     };
-    let connections = TaskTracker::new();
     info!(
         listen = %endpoint.local_addr()?,
         tasks = shared.catalog.names().collect::<Vec<_>>().join(","),
@@ -219,15 +218,12 @@ pub async fn run(
     updraft_shared::notify::ready();
     updraft_shared::notify::spawn_watchdog();
 
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => { connections.spawn(handle_connection(incoming, shared.clone())); }
-                None => break,
-            },
-            () = &mut shutdown => break,
-        }
+    // Connections are accepted until the end of the drain, so that one arriving while
+    // draining is told so (see `handle_connection`) instead of getting no answer.
+    let mut accepting = tokio::spawn(accept_connections(endpoint.clone(), shared.clone()));
+    tokio::select! {
+        _ = &mut accepting => {}
+        () = shutdown => {}
     }
 
     // Drain.
@@ -238,7 +234,6 @@ pub async fn run(
         queued = running.queued,
         "draining: refusing new tasks, finishing running ones"
     );
-    endpoint.set_server_config(None);
     let _ = drain_tx.send(true);
     shared.tasks.close();
     if tokio::time::timeout(shared.config.drain_timeout, shared.tasks.wait())
@@ -250,10 +245,19 @@ pub async fn run(
             "drain timeout passed with tasks still running; closing anyway (raise drain_timeout to wait longer)"
         );
     }
+    accepting.abort();
     endpoint.close(CLOSE_DRAINING.into(), b"draining");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("updraftd stopped");
     Ok(())
+}
+
+/// Hands each new connection to [`handle_connection`] until the endpoint closes.
+async fn accept_connections(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    let connections = TaskTracker::new();
+    while let Some(incoming) = endpoint.accept().await {
+        connections.spawn(handle_connection(incoming, shared.clone()));
+    }
 }
 
 async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
@@ -266,11 +270,14 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    if *shared.draining.borrow() {
+        // Told at once, with the code that means "go elsewhere", rather than left to
+        // time out; the handshake is the price of a clear answer.
+        debug!(%remote, "closed a new connection: draining");
+        conn.close(CLOSE_DRAINING.into(), b"draining");
+        return;
+    }
     if updraft_shared::tls::alpn_of(&conn).as_deref() == Some(ENROLL_ALPN) {
-        if *shared.draining.borrow() {
-            conn.close(CLOSE_DRAINING.into(), b"draining");
-            return;
-        }
         crate::enroll::serve_connection(conn, shared.enroller.clone()).await;
         return;
     }
