@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use updraft_shared::catalog::{Caller, Catalog};
 use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output};
 use updraft_shared::metrics::{self, TaskStats};
-use updraft_shared::protocol::msg::bounded_message;
+use updraft_shared::protocol::msg::{bounded_message, bounded_tail};
 use updraft_shared::protocol::{
     CertRequest, ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer,
     CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN, STOP_INPUT,
@@ -893,12 +893,34 @@ fn trailer_of(o: &Outcome) -> Trailer {
         exit_code: Some(o.exit_code),
         error: None,
         message: String::new(),
-        stderr_tail: bounded_message(String::from_utf8_lossy(&o.stderr_tail).into_owned()),
+        stderr_tail: bounded_tail(String::from_utf8_lossy(&o.stderr_tail).into_owned()),
         input_bytes: o.input_bytes,
         output_bytes: o.output_bytes,
         timings: Timings {
             queue_us: o.queue_time.as_micros() as u64,
             run_us: o.run_time.as_micros() as u64,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stderr_tail_that_grows_as_utf8_keeps_its_last_line() {
+        let mut stderr_tail = vec![0xff; 4000];
+        stderr_tail.extend_from_slice(b"\nerror: disk full\n");
+        let trailer = trailer_of(&Outcome {
+            exit_code: 1,
+            stderr_tail,
+            ..Default::default()
+        });
+        assert!(trailer.stderr_tail.len() <= 4096);
+        assert!(
+            trailer.stderr_tail.ends_with("error: disk full\n"),
+            "tail ends with {:?}",
+            trailer.stderr_tail.chars().rev().take(20).collect::<String>()
+        );
     }
 }

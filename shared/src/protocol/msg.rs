@@ -76,6 +76,20 @@ pub fn bounded_message(mut text: String) -> String {
     text
 }
 
+/// Keeps the last at most [`MAX_MESSAGE_LEN`] bytes of `text`, starting on a character
+/// boundary: for a stderr tail, whose end says most. (Lossy UTF-8 can make a tail of
+/// 4096 raw bytes up to three times longer.)
+pub fn bounded_tail(mut text: String) -> String {
+    if text.len() > MAX_MESSAGE_LEN {
+        let mut start = text.len() - MAX_MESSAGE_LEN;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text.drain(..start);
+    }
+    text
+}
+
 /// Error codes that travel on the wire. Stable strings: scripts match on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -555,6 +569,20 @@ mod tests {
         for f in frames {
             assert!(!f.payload.windows(4).any(|w| w == b"null"), "{f:?}");
         }
+    }
+
+    #[test]
+    fn a_tail_keeps_its_end() {
+        // 4093 invalid bytes and "END", as lossy UTF-8: 12 282 bytes.
+        let mut raw = vec![0xff; 4093];
+        raw.extend_from_slice(b"END");
+        let tail = bounded_tail(String::from_utf8_lossy(&raw).into_owned());
+        assert!(tail.len() <= MAX_MESSAGE_LEN, "{}", tail.len());
+        assert!(tail.ends_with("\u{fffd}END"), "{}", &tail[tail.len() - 10..]);
+        assert_eq!(bounded_tail("short".into()), "short");
+        let message = bounded_message("x".repeat(MAX_MESSAGE_LEN + 1));
+        assert_eq!(message.len(), MAX_MESSAGE_LEN);
+        assert!(message.ends_with("..."));
     }
 
     #[test]
