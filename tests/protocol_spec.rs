@@ -143,7 +143,10 @@ async fn echo(conn: &quinn::Connection, id: &str, input: &[u8]) -> Vec<u8> {
     let payload = header.to_frame().payload;
     let mut reader = send_task(conn, FrameKind::Request, &payload, input).await;
     let reply = next_frame(&mut reader).await.expect("a reply");
-    assert_eq!(ReplyHeader::from_frame(&reply).unwrap(), ReplyHeader::Accepted);
+    assert_eq!(
+        ReplyHeader::from_frame(&reply).unwrap(),
+        ReplyHeader::Accepted
+    );
     let mut output = Vec::new();
     loop {
         let frame = next_frame(&mut reader).await.expect("data or a trailer");
@@ -253,7 +256,10 @@ async fn a_draining_daemon_closes_new_connections_with_close_draining() {
     };
     let mut task = send_task(&conn, FrameKind::Request, &gated.to_frame().payload, b"").await;
     let reply = next_frame(&mut task).await.expect("a reply");
-    assert_eq!(ReplyHeader::from_frame(&reply).unwrap(), ReplyHeader::Accepted);
+    assert_eq!(
+        ReplyHeader::from_frame(&reply).unwrap(),
+        ReplyHeader::Accepted
+    );
 
     daemon.signal(nix::sys::signal::Signal::SIGTERM);
     // The connected agent hears at once, not at the next interval.

@@ -920,7 +920,12 @@ mod tests {
         assert!(
             trailer.stderr_tail.ends_with("error: disk full\n"),
             "tail ends with {:?}",
-            trailer.stderr_tail.chars().rev().take(20).collect::<String>()
+            trailer
+                .stderr_tail
+                .chars()
+                .rev()
+                .take(20)
+                .collect::<String>()
         );
     }
 }

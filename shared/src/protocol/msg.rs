@@ -578,7 +578,7 @@ mod tests {
         raw.extend_from_slice(b"END");
         let tail = bounded_tail(String::from_utf8_lossy(&raw).into_owned());
         assert!(tail.len() <= MAX_MESSAGE_LEN, "{}", tail.len());
-        assert!(tail.ends_with("\u{fffd}END"), "{}", &tail[tail.len() - 10..]);
+        assert!(tail.ends_with("\u{fffd}END"), "{}", tail.len());
         assert_eq!(bounded_tail("short".into()), "short");
         let message = bounded_message("x".repeat(MAX_MESSAGE_LEN + 1));
         assert_eq!(message.len(), MAX_MESSAGE_LEN);
