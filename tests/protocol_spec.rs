@@ -282,3 +282,50 @@ async fn a_draining_daemon_closes_new_connections_with_close_draining() {
     let status = daemon.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "{status}");
 }
+
+/// How an open connection ends: the application close code and reason, within `within`.
+async fn closed_with(conn: &quinn::Connection, within: Duration) -> (u64, String) {
+    match tokio::time::timeout(within, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => (
+            close.error_code.into_inner(),
+            String::from_utf8_lossy(&close.reason).into_owned(),
+        ),
+        Ok(other) => panic!("connection ended without an application close: {other}"),
+        Err(_) => panic!("the daemon did not close the connection within {within:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_connection_is_answered_then_closed_on_the_documented_clock() {
+    use updraft_shared::protocol::{CertReply, CLOSE_OK, CLOSE_PROTOCOL};
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, addr) = start(dir.path());
+    let ep = endpoint();
+    // Each step is 10 s; allow for a slow machine, but not for a connection left open.
+    let step = Duration::from_secs(25);
+
+    let idle = connect(&ep, &addr, enroll_config(dir.path())).await;
+    let asked = connect(&ep, &addr, enroll_config(dir.path())).await;
+    // A CertRequest's fields as an array: refused like any non-object.
+    let mut reader = send_task(&asked, FrameKind::CertRequest, br#"["00","x"]"#, b"").await;
+    let reply = next_frame(&mut reader).await.expect("a certificate reply");
+    match CertReply::from_frame(&reply).unwrap() {
+        CertReply::Rejected { code, message } => {
+            assert_eq!(code, ErrorCode::BadRequest, "{message}");
+            assert!(message.contains("must be a JSON object"), "{message}");
+        }
+        issued => panic!("an array was taken as a certificate request: {issued:?}"),
+    }
+    // Neither client closes: the daemon does, each with its code.
+    let (idle_close, answered_close) =
+        tokio::join!(closed_with(&idle, step), closed_with(&asked, step));
+    assert_eq!(
+        idle_close,
+        (u64::from(CLOSE_PROTOCOL), "no enrollment request".into())
+    );
+    assert_eq!(
+        answered_close,
+        (u64::from(CLOSE_OK), "enrollment answered".into())
+    );
+    ep.close(0u32.into(), b"");
+}
