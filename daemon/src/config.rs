@@ -336,7 +336,11 @@ impl DaemonConfig {
         let uploads = file
             .max_uploads_per_agent
             .unwrap_or(DEFAULT_MAX_UPLOADS_PER_AGENT);
-        count("max_uploads_per_agent", uploads.into(), (1, MAX_UPLOADS_PER_AGENT.into()))?;
+        count(
+            "max_uploads_per_agent",
+            uploads.into(),
+            (1, MAX_UPLOADS_PER_AGENT.into()),
+        )?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
         check_tasks(&catalog).map_err(|(key, e)| invalid(&key, e))?;

@@ -551,8 +551,17 @@ pub async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<
             return;
         }
     }
-    // The agent closes once it has the reply; closing first could cut it off.
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, conn.closed()).await;
+    // The agent closes once it has the reply; closing first could cut it off. One
+    // that lingers is closed with CLOSE_OK: its request was answered.
+    if tokio::time::timeout(REQUEST_TIMEOUT, conn.closed())
+        .await
+        .is_err()
+    {
+        conn.close(
+            updraft_shared::protocol::CLOSE_OK.into(),
+            b"enrollment answered",
+        );
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use updraft_shared::catalog::AdmittedTask;
 use updraft_shared::catalog::{Caller, Catalog};
 use updraft_shared::exec::{ExecError, Executor, Input, Outcome, Output, Reservation};
 use updraft_shared::metrics::{self, TaskStats};
-use updraft_shared::protocol::msg::bounded_message;
+use updraft_shared::protocol::msg::{bounded_message, bounded_tail};
 use updraft_shared::protocol::{
     CertRequest, ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer,
     CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN, STOP_CANCELLED, STOP_INPUT,
@@ -290,7 +290,6 @@ pub async fn run(
         }
         None => None,
     };
-    let connections = TaskTracker::new();
     info!(
         listen = %endpoint.local_addr()?,
         tasks = shared.catalog().names().collect::<Vec<_>>().join(","),
@@ -300,18 +299,14 @@ pub async fn run(
     updraft_shared::notify::ready();
     updraft_shared::notify::spawn_watchdog();
 
-    tokio::pin!(shutdown);
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    // Connections are accepted until the end of the drain, so that one arriving while
+    // draining is told so (see `handle_connection`) instead of getting no answer.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => { connections.spawn(handle_connection(incoming, shared.clone())); }
-                None => break,
-            },
-            _ = hangup.recv() => shared.reload(&endpoint),
-            () = &mut shutdown => break,
-        }
+    let mut accepting = tokio::spawn(accept_connections(endpoint.clone(), shared.clone(), hangup));
+    tokio::select! {
+        _ = &mut accepting => {}
+        () = shutdown => {}
     }
 
     // Drain.
@@ -322,7 +317,6 @@ pub async fn run(
         queued = running.queued,
         "draining: refusing new tasks, finishing running ones"
     );
-    endpoint.set_server_config(None);
     let _ = drain_tx.send(true);
     shared.tasks.close();
     if tokio::time::timeout(shared.config.drain_timeout, shared.tasks.wait())
@@ -334,10 +328,31 @@ pub async fn run(
             "drain timeout passed with tasks still running; closing anyway (raise drain_timeout to wait longer)"
         );
     }
+    accepting.abort();
     endpoint.close(CLOSE_DRAINING.into(), b"draining");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     info!("updraftd stopped");
     Ok(())
+}
+
+/// Hands each new connection to [`handle_connection`] until the endpoint closes.
+/// Accepts connections, and reloads the configuration on SIGHUP, until the endpoint
+/// closes.
+async fn accept_connections(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    mut hangup: tokio::signal::unix::Signal,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => { connections.spawn(handle_connection(incoming, shared.clone())); }
+                None => break,
+            },
+            _ = hangup.recv() => shared.reload(&endpoint),
+        }
+    }
 }
 
 async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
@@ -350,11 +365,14 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
+    if *shared.draining.borrow() {
+        // Told at once, with the code that means "go elsewhere", rather than left to
+        // time out; the handshake is the price of a clear answer.
+        debug!(%remote, "closed a new connection: draining");
+        conn.close(CLOSE_DRAINING.into(), b"draining");
+        return;
+    }
     if updraft_shared::tls::alpn_of(&conn).as_deref() == Some(ENROLL_ALPN) {
-        if *shared.draining.borrow() {
-            conn.close(CLOSE_DRAINING.into(), b"draining");
-            return;
-        }
         crate::enroll::serve_connection(conn, shared.enroller()).await;
         return;
     }
@@ -408,7 +426,10 @@ async fn report_load(conn: quinn::Connection, shared: Arc<Shared>) {
         return;
     };
     let mut draining = shared.draining.clone();
-    let mut tick = tokio::time::interval(shared.config.load_report_interval);
+    // The report at connect is the loop's first; the next is one interval later
+    // (`interval` alone would tick at once and send two back to back).
+    let period = shared.config.load_report_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let load = shared.executor.load();
@@ -1220,7 +1241,7 @@ fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
         exit_code: Some(o.exit_code),
         error: None,
         message: String::new(),
-        stderr_tail: bounded_message(String::from_utf8_lossy(&o.stderr_tail).into_owned()),
+        stderr_tail: bounded_tail(String::from_utf8_lossy(&o.stderr_tail).into_owned()),
         input_bytes: o.input_bytes,
         output_bytes: o.output_bytes,
         timings: Timings {
@@ -1228,5 +1249,35 @@ fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
             run_us: o.run_time.as_micros() as u64,
             input_us: input_time.as_micros() as u64,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stderr_tail_that_grows_as_utf8_keeps_its_last_line() {
+        let mut stderr_tail = vec![0xff; 4000];
+        stderr_tail.extend_from_slice(b"\nerror: disk full\n");
+        let trailer = trailer_of(
+            &Outcome {
+                exit_code: 1,
+                stderr_tail,
+                ..Default::default()
+            },
+            Duration::ZERO,
+        );
+        assert!(trailer.stderr_tail.len() <= 4096);
+        assert!(
+            trailer.stderr_tail.ends_with("error: disk full\n"),
+            "tail ends with {:?}",
+            trailer
+                .stderr_tail
+                .chars()
+                .rev()
+                .take(20)
+                .collect::<String>()
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Arbitrary bytes through the frame decoder and every header parser.
+//! Arbitrary bytes through the frame decoder and every JSON message parser (task,
+//! load and certificate messages).
 //!
 //! None of it may panic, and no decoded payload may be longer than its kind's cap:
 //! the cap is what keeps a hostile peer from making us allocate. Whatever parses must
@@ -10,7 +11,9 @@ use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use std::fmt::Debug;
 use updraft_shared::protocol::frame::MAX_HEADER_LEN;
-use updraft_shared::protocol::{Frame, LoadReport, ReplyHeader, RequestHeader, Trailer};
+use updraft_shared::protocol::{
+    CertReply, CertRequest, Frame, LoadReport, ReplyHeader, RequestHeader, Trailer,
+};
 
 /// Re-encodes `msg` and checks it decodes to itself. Skipped when the re-encoding is
 /// over the header cap (a trailer's defaulted fields are written out in full, so it
@@ -59,6 +62,15 @@ fuzz_target!(|data: &[u8]| {
             round_trip(&load, LoadReport::to_frame, |f| {
                 LoadReport::from_frame(f).ok()
             });
+        }
+        if let Ok(request) = CertRequest::from_frame(&frame) {
+            let _ = request.validate();
+            round_trip(&request, CertRequest::to_frame, |f| {
+                CertRequest::from_frame(f).ok()
+            });
+        }
+        if let Ok(reply) = CertReply::from_frame(&frame) {
+            round_trip(&reply, CertReply::to_frame, |f| CertReply::from_frame(f).ok());
         }
     }
 });

@@ -76,6 +76,20 @@ pub fn bounded_message(mut text: String) -> String {
     text
 }
 
+/// Keeps the last at most [`MAX_MESSAGE_LEN`] bytes of `text`, starting on a character
+/// boundary: for a stderr tail, whose end says most. (Lossy UTF-8 can make a tail of
+/// 4096 raw bytes up to three times longer.)
+pub fn bounded_tail(mut text: String) -> String {
+    if text.len() > MAX_MESSAGE_LEN {
+        let mut start = text.len() - MAX_MESSAGE_LEN;
+        while !text.is_char_boundary(start) {
+            start += 1;
+        }
+        text.drain(..start);
+    }
+    text
+}
+
 /// Error codes that travel on the wire. Stable strings: scripts match on them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -286,9 +300,44 @@ fn decode_json<T: DeserializeOwned>(
             got: frame.kind,
         });
     }
-    serde_json::from_slice(&frame.payload).map_err(|e| DecodeError::BadMessage {
-        what,
-        reason: e.to_string(),
+    let bad = |reason: String| DecodeError::BadMessage { what, reason };
+    check_shape(&frame.payload).map_err(bad)?;
+    serde_json::from_slice(&frame.payload).map_err(|e| bad(e.to_string()))
+}
+
+/// What serde's derived readers let through and `updraft/1` does not: every message
+/// is one JSON object (a struct would also read an array, field by field in order),
+/// and no field, at any depth, is `null` (an optional field is left out instead; one
+/// rule for every field, where serde would take `null` for some and refuse it for
+/// others). The payload is parsed twice; it is at most [`MAX_HEADER_LEN`] bytes.
+fn check_shape(payload: &[u8]) -> Result<(), String> {
+    use serde_json::Value;
+    let value: Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let Value::Object(fields) = &value else {
+        let got = match value {
+            Value::Array(_) => "an array",
+            Value::String(_) => "a string",
+            Value::Number(_) => "a number",
+            Value::Bool(_) => "a boolean",
+            Value::Null | Value::Object(_) => "null",
+        };
+        return Err(format!("must be a JSON object, got {got}"));
+    };
+    match null_field(fields) {
+        Some(path) => Err(format!(
+            "field `{path}` is null; leave an optional field out instead of sending null"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The dotted path of the first `null` field in `fields` or the objects inside them.
+fn null_field(fields: &serde_json::Map<String, serde_json::Value>) -> Option<String> {
+    use serde_json::Value;
+    fields.iter().find_map(|(name, value)| match value {
+        Value::Null => Some(name.clone()),
+        Value::Object(inner) => null_field(inner).map(|path| format!("{name}.{path}")),
+        _ => None,
     })
 }
 
@@ -417,6 +466,132 @@ mod tests {
             RequestHeader::from_frame(&f),
             Err(DecodeError::BadMessage { .. })
         ));
+    }
+
+    /// Each JSON message kind with a payload that must parse, an array of the same
+    /// fields in order, and an optional field sent as `null`.
+    fn every_kind() -> [(FrameKind, &'static str, &'static str, &'static str); 6] {
+        [
+            (
+                FrameKind::Request,
+                r#"{"id":"abc","task":"echo"}"#,
+                r#"["abc","echo"]"#,
+                r#"{"id":"abc","task":"echo","input_len":null}"#,
+            ),
+            (
+                FrameKind::Reply,
+                r#"{"status":"accepted"}"#,
+                r#"["accepted"]"#,
+                r#"{"status":"rejected","code":"busy","message":null}"#,
+            ),
+            (
+                FrameKind::Trailer,
+                r#"{"exit_code":0}"#,
+                r#"[0]"#,
+                r#"{"exit_code":null,"error":"internal"}"#,
+            ),
+            (
+                FrameKind::Load,
+                r#"{"running":1,"queued":0,"capacity":4}"#,
+                r#"[1,0,4,false]"#,
+                r#"{"running":1,"queued":0,"capacity":4,"draining":null}"#,
+            ),
+            (
+                FrameKind::CertRequest,
+                r#"{"token":"ab","csr":"x"}"#,
+                r#"["ab","x"]"#,
+                r#"{"token":null,"csr":"x"}"#,
+            ),
+            (
+                FrameKind::CertReply,
+                r#"{"status":"issued","cert":"c","ca":"a"}"#,
+                r#"["issued","c","a"]"#,
+                r#"{"status":"rejected","code":"bad_token","message":null}"#,
+            ),
+        ]
+    }
+
+    /// Decodes `json` as the message `kind` carries.
+    fn decode(kind: FrameKind, json: &str) -> Result<(), DecodeError> {
+        let f = Frame::new(kind, json.as_bytes().to_vec());
+        match kind {
+            FrameKind::Request => RequestHeader::from_frame(&f).map(drop),
+            FrameKind::Reply => ReplyHeader::from_frame(&f).map(drop),
+            FrameKind::Trailer => Trailer::from_frame(&f).map(drop),
+            FrameKind::Load => LoadReport::from_frame(&f).map(drop),
+            FrameKind::CertRequest => CertRequest::from_frame(&f).map(drop),
+            FrameKind::CertReply => CertReply::from_frame(&f).map(drop),
+            FrameKind::Data => unreachable!("data frames are not JSON"),
+        }
+    }
+
+    #[test]
+    fn every_json_message_must_be_an_object() {
+        for (kind, object, array, _) in every_kind() {
+            decode(kind, object).unwrap_or_else(|e| panic!("{kind:?} {object}: {e}"));
+            for not_object in [array, "[]", r#""x""#, "1", "true", "null"] {
+                let err = decode(kind, not_object)
+                    .expect_err(&format!("{kind:?} accepted {not_object}"))
+                    .to_string();
+                assert!(err.contains("must be a JSON object"), "{kind:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn null_is_refused_in_every_field_of_every_message() {
+        for (kind, _, _, with_null) in every_kind() {
+            let err = decode(kind, with_null)
+                .expect_err(&format!("{kind:?} accepted {with_null}"))
+                .to_string();
+            assert!(err.contains("is null"), "{kind:?}: {err}");
+        }
+        // Required fields, fields this version does not know, and nested objects alike.
+        let err = decode(FrameKind::Request, r#"{"id":"a","task":null}"#).unwrap_err();
+        assert!(err.to_string().contains("field `task` is null"), "{err}");
+        let err = decode(FrameKind::Trailer, r#"{"future":null}"#).unwrap_err();
+        assert!(err.to_string().contains("field `future` is null"), "{err}");
+        let nested = r#"{"exit_code":0,"timings":{"queue_us":null,"run_us":1}}"#;
+        let err = decode(FrameKind::Trailer, nested).unwrap_err();
+        assert!(err.to_string().contains("`timings.queue_us`"), "{err}");
+        // Leaving the field out stays the way to say "absent".
+        decode(FrameKind::Request, r#"{"id":"a","task":"t","future":[1]}"#).unwrap();
+    }
+
+    #[test]
+    fn what_we_send_never_holds_null() {
+        let req = RequestHeader {
+            id: "a".into(),
+            task: "t".into(),
+            args: vec![],
+            input_len: None,
+        };
+        let frames = [
+            req.to_frame(),
+            Trailer::default().to_frame(),
+            CertRequest {
+                token: None,
+                csr: "x".into(),
+            }
+            .to_frame(),
+        ];
+        for f in frames {
+            assert!(!f.payload.windows(4).any(|w| w == b"null"), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn a_tail_keeps_its_end() {
+        // 4093 invalid bytes and "END", as lossy UTF-8: 12 282 bytes.
+        let mut raw = vec![0xff; 4093];
+        raw.extend_from_slice(b"END");
+        let tail = bounded_tail(String::from_utf8_lossy(&raw).into_owned());
+        assert!(tail.len() <= MAX_MESSAGE_LEN, "{}", tail.len());
+        assert!(tail.ends_with("\u{fffd}END"), "{}", tail.len());
+        assert_eq!(bounded_tail("short".into()), "short");
+        let message = bounded_message("x".repeat(MAX_MESSAGE_LEN + 1));
+        assert_eq!(message.len(), MAX_MESSAGE_LEN);
+        assert!(message.ends_with("..."));
     }
 
     #[test]
