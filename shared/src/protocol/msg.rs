@@ -169,8 +169,10 @@ pub enum ReplyHeader {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
     /// Waiting for an execution slot (after the held input arrived).
+    #[serde(default)]
     pub queue_us: u64,
     /// Running the task.
+    #[serde(default)]
     pub run_us: u64,
     /// Receiving the input before the task started (the part held whole, see the
     /// daemon's `[dedup] hold_input`): transfer time, not queueing. Input streamed
@@ -387,6 +389,20 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(Trailer::from_frame(&t.to_frame()).unwrap(), t);
+    }
+
+    #[test]
+    fn a_trailer_may_miss_any_field_even_inside_timings() {
+        for json in [
+            &b"{}"[..],
+            b"{\"timings\":{}}",
+            b"{\"timings\":{\"run_us\":5}}",
+        ] {
+            let frame = Frame::new(FrameKind::Trailer, bytes::Bytes::from_static(json));
+            let t = Trailer::from_frame(&frame)
+                .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(json)));
+            assert_eq!(t.timings.queue_us, 0);
+        }
     }
 
     #[test]
