@@ -7,6 +7,7 @@ use updraft_agent::cli::{Cli, Command, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE};
 use updraft_agent::config::{AgentConfig, DEFAULT_CONFIG};
 
 fn main() -> ExitCode {
+    updraft_shared::logging::exit_on_panic("updraft-agent");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
