@@ -252,6 +252,8 @@ impl Default for LinkConfig {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The file it was loaded from.
+    pub path: PathBuf,
     /// Agent id, if configured.
     pub agent_id: Option<String>,
     /// Local API socket.
@@ -354,6 +356,7 @@ impl AgentConfig {
             updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
         }
         Ok(Self {
+            path: path.to_path_buf(),
             log_level: file.log_level.clone(),
             policy: file
                 .policy
@@ -557,6 +560,117 @@ fn api_config(r: &Ranges, a: ApiFile) -> Result<ApiConfig, ConfigError> {
             HOUR,
         )?,
     })
+}
+
+/// What a SIGHUP did with agent.toml (the policy file reloads on its own).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reread {
+    /// The file is the same as the one in force.
+    Unchanged,
+    /// Keys changed. `applied`: reloaded now (`log_level`); `restart`: in force
+    /// only after a restart.
+    Changed {
+        /// Keys applied at once.
+        applied: Vec<&'static str>,
+        /// Keys that need a restart.
+        restart: Vec<&'static str>,
+    },
+}
+
+impl AgentConfig {
+    /// The keys whose values differ between `self` (in force) and `new`.
+    pub fn changed_keys(&self, new: &AgentConfig) -> Vec<&'static str> {
+        let d =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let pairs = [
+            ("agent_id", d(&self.agent_id, &new.agent_id)),
+            ("socket", d(&self.socket, &new.socket)),
+            ("log_level", d(&self.log_level, &new.log_level)),
+            ("state_dir", d(&self.state_dir, &new.state_dir)),
+            (
+                "max_local_concurrency",
+                d(&self.max_local_concurrency, &new.max_local_concurrency),
+            ),
+            (
+                "max_local_queue",
+                d(&self.max_local_queue, &new.max_local_queue),
+            ),
+            ("spool_memory", d(&self.spool_memory, &new.spool_memory)),
+            ("cloud", d(&self.clouds, &new.clouds)),
+            (
+                "tls",
+                d(
+                    &(
+                        &self.tls_ca,
+                        &self.tls_cert,
+                        &self.tls_key,
+                        self.renew_before,
+                    ),
+                    &(&new.tls_ca, &new.tls_cert, &new.tls_key, new.renew_before),
+                ),
+            ),
+            ("link", d(&self.link, &new.link)),
+            ("policy", d(&self.policy, &new.policy)),
+            (
+                "signals.power_supply_root",
+                d(&self.power_supply_root, &new.power_supply_root),
+            ),
+            (
+                "signals.sample_interval",
+                d(&self.sample_interval, &new.sample_interval),
+            ),
+            ("journal", d(&self.journal, &new.journal)),
+            ("api", d(&self.api, &new.api)),
+            ("tasks", d(&self.catalog, &new.catalog)),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, c)| *c)
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// Rereads the file this config came from and sorts its changes into those
+    /// applied now (`log_level`, which this call applies) and those that need a
+    /// restart. An invalid file is an error and changes nothing.
+    pub fn reread(&self) -> Result<Reread, ConfigError> {
+        let new = Self::load(&self.path)?;
+        let keys = self.changed_keys(&new);
+        if keys.is_empty() {
+            return Ok(Reread::Unchanged);
+        }
+        let (applied, restart): (Vec<_>, Vec<_>) =
+            keys.into_iter().partition(|k| *k == "log_level");
+        if !applied.is_empty() {
+            let level = new.log_level.as_deref().unwrap_or("info");
+            if let Ok(filter) = updraft_shared::logging::parse_level(level) {
+                updraft_shared::logging::set_level(filter);
+            }
+        }
+        Ok(Reread::Changed { applied, restart })
+    }
+}
+
+/// On SIGHUP: rereads agent.toml and logs what became of each change.
+pub fn log_reread(config: &AgentConfig) {
+    let path = config.path.display();
+    match config.reread() {
+        Ok(Reread::Unchanged) => tracing::info!("SIGHUP: {path} unchanged"),
+        Ok(Reread::Changed { applied, restart }) => {
+            if !applied.is_empty() {
+                tracing::info!("SIGHUP: {path}: applied {}", applied.join(", "));
+            }
+            if !restart.is_empty() {
+                tracing::warn!(
+                    "SIGHUP: {path}: {} changed; these take effect only after a restart (systemctl restart updraft-agent), the old values stay in force until then",
+                    restart.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            "SIGHUP: {e}; the agent runs on with the config it started with, but would not start with this file"
+        ),
+    }
 }
 
 /// The host part of `host:port` or `[v6]:port`.
