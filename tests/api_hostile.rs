@@ -273,3 +273,66 @@ fn offload_wins_over_where() {
     let r = post(&c, "/v1/tasks/private", b"data");
     assert_eq!(r.header("updraft-placement"), Some("local"));
 }
+
+#[test]
+fn daemon_metrics_listen_caps_idle_connections() {
+    let c = Cluster::start_with("metrics_listen = \"127.0.0.1:0\"\n", API_LIMITS);
+    let addr = wait_for(
+        "the daemon to serve /metrics",
+        Duration::from_secs(20),
+        || {
+            let log = c.daemon.log();
+            let line = log.lines().find(|l| l.contains("serving /metrics"))?;
+            let at = line.find("metrics_listen=")? + "metrics_listen=".len();
+            Some(line[at..].split_whitespace().next()?.to_string())
+        },
+    );
+    let pid = c.daemon.pid();
+    let baseline = fd_count(pid);
+    // Three times the cap of 64, each sending nothing.
+    let idle: Vec<std::net::TcpStream> = (0..192)
+        .map(|_| std::net::TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Over the cap, a connection gets a 503 (or is closed) at once.
+    let mut answered = vec![false; idle.len()];
+    let refused = wait_for(
+        "the daemon to refuse connections over its cap",
+        Duration::from_secs(20),
+        || {
+            for (mut s, done) in idle.iter().zip(answered.iter_mut()) {
+                if *done {
+                    continue;
+                }
+                s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+                let mut buf = [0u8; 256];
+                *done = match s.read(&mut buf) {
+                    Ok(0) => true,
+                    Ok(_) => buf.starts_with(b"HTTP/1.1 503"),
+                    Err(_) => false,
+                };
+            }
+            let n = answered.iter().filter(|d| **d).count();
+            (n >= 192 - 64).then_some(n)
+        },
+    );
+    assert!(refused >= 192 - 64);
+    let held = fd_count(pid);
+    assert!(
+        held <= baseline + 64 + 4,
+        "daemon fds: {held} with 192 idle connections to /metrics (baseline {baseline}, cap 64)"
+    );
+    // The idle ones are closed after the header timeout, and a scrape works again.
+    wait_for("a scrape to succeed", Duration::from_secs(30), || {
+        let mut s = std::net::TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).ok()?;
+        reply.starts_with("HTTP/1.1 200").then_some(())
+    });
+    drop(idle);
+}
