@@ -469,8 +469,9 @@ async fn submit(
     };
     if detach {
         let id = agent.submit_detached(sub, &mut input).await;
+        let cut = body_error();
         drain(&mut input).await;
-        if let Some(e) = body_error() {
+        if let Some(e) = cut {
             return Err(e);
         }
         let id = id?;
@@ -479,10 +480,12 @@ async fn submit(
         return Ok(r);
     }
     let finished = agent.submit(sub, &mut input).await;
+    // A body cut or malformed by the submitter while the task read it is its fault,
+    // whatever the run or the daemon made of the partial input. (What goes wrong in
+    // the discarded rest after a refusal does not change the refusal.)
+    let cut = body_error();
     drain(&mut input).await;
-    // A body cut or malformed by the submitter is its fault, whatever the run or the
-    // daemon made of the partial input.
-    if let Some(e) = body_error() {
+    if let Some(e) = cut {
         return Err(e);
     }
     Ok(finished_reply(finished?).await)

@@ -347,7 +347,13 @@ impl AgentConfig {
         )?;
         let renew_before = match file.tls.renew_before {
             None => None,
-            Some(d) => Some(r.duration("tls.renew_before", Some(d), d.0, MINUTE, 3650 * DAY)?),
+            Some(d) => Some(r.duration(
+                "tls.renew_before",
+                Some(d),
+                d.0,
+                Duration::from_secs(1),
+                3650 * DAY,
+            )?),
         };
         let max_local_queue = r.count("max_local_queue", file.max_local_queue, 64, 0, 65_536)?;
         let spool_memory =
@@ -742,7 +748,7 @@ mod tests {
                 "[signals]\nsample_interval = \"0s\"",
                 "signals.sample_interval",
             ),
-            ("[tls]\nrenew_before = \"1s\"", "tls.renew_before"),
+            ("[tls]\nrenew_before = \"0s\"", "tls.renew_before"),
             ("[api]\nmax_connections = 0", "api.max_connections"),
             ("[api]\nmax_connections = 100000", "api.max_connections"),
             ("[api]\nheader_timeout = \"0s\"", "api.header_timeout"),

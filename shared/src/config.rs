@@ -101,8 +101,8 @@ impl Ranges<'_> {
                 format!(
                     "`{}` is out of range; allowed {} to {}",
                     humantime::format_duration(v),
-                    humantime::format_duration(min),
-                    humantime::format_duration(max)
+                    short_duration(min),
+                    short_duration(max)
                 ),
             ));
         }
@@ -127,6 +127,22 @@ impl Ranges<'_> {
         }
         Ok(v)
     }
+}
+
+/// A range bound as config files write it: `500ms`, `30s`, `5m`, `1h`, `3650d`.
+fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.checked_rem(size) == Some(0) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// Loads `path` (which must exist unless `optional`), overlaid with environment
