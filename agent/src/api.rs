@@ -4,6 +4,10 @@
 //! - `POST /v1/tasks/{name}` body = input; query `where=`, `detach=true`, repeated `arg=`.
 //! - `GET /v1/tasks/{id}` (`?wait=true` blocks until done), `GET /v1/tasks/{id}/output`.
 //! - `GET /v1/status`, `GET /metrics`.
+//!
+//! Every endpoint refuses unknown and repeated query parameters and values outside the
+//! documented ones (400). Connections are capped and timed out (`[api]` in agent.toml,
+//! see [`serve`]).
 
 use crate::http::{header_text, parse_query, ApiIo, ChannelBody, RequestBody};
 use crate::placement::Where;
