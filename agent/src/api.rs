@@ -5,8 +5,12 @@
 //! - `GET /v1/tasks/{id}` (`?wait=true` blocks until done), `GET /v1/tasks/{id}/output`.
 //! - `DELETE /v1/tasks/{id}`: a finished detached task and its output.
 //! - `GET /v1/status`, `GET /metrics`.
+//!
+//! Every endpoint refuses unknown and repeated query parameters and values outside the
+//! documented ones (400). Connections are capped and timed out (`[api]` in agent.toml,
+//! see [`serve`]).
 
-use crate::http::{header_text, parse_query, BodyInput, ChannelBody};
+use crate::http::{header_text, parse_query, ApiIo, ChannelBody, RequestBody};
 use crate::placement::Where;
 use crate::service::{detached_not_found, task_json, Agent, Finished, Submission, TaskError};
 use hyper::body::Incoming;
@@ -41,33 +45,75 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 type Reply = Response<ChannelBody>;
 
+/// Longest request head (request line and headers) accepted; hyper refuses a longer
+/// one with 431, which [`ApiIo`] turns into the JSON error every other refusal carries.
+pub const MAX_HEAD_BYTES: usize = 32 << 10;
+/// Longest request URI (path and query); a longer one gets `414` with the JSON error.
+pub const MAX_URI_BYTES: usize = 8 << 10;
+/// Most headers in one request.
+pub const MAX_HEADERS: usize = 64;
+/// Longest pause between accept retries after `accept` failed (EMFILE and the like).
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Serves the API on `listener` until `shutdown`, then waits for requests in flight.
+///
+/// At most `[api] max_connections` connections are served at once; one more is
+/// answered `503 busy` at once and closed, so no file descriptor is held for it. A
+/// client has `header_timeout` to send each request's headers (and an idle
+/// connection is closed after it); a request body or a reply that makes no progress
+/// for `body_stall_timeout` ends the request.
 pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let limits = agent.config().api.clone();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEAD_BYTES)
+        .writev(false);
+    let http = Arc::new(http);
     let conns = TaskTracker::new();
+    let mut backoff = Backoff::default();
+    let mut refused = RateLimitedWarn::default();
+    let lingering = Arc::new(tokio::sync::Semaphore::new(LINGERING_REFUSALS));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
+                    backoff.reset();
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        refuse_busy(stream, limits.max_connections, &lingering);
+                        refused.warn(|n| warn!(limit = limits.max_connections, refused = n, "API connection limit reached ([api] max_connections); new connections get 503 busy"));
+                        continue;
+                    };
                     let agent = agent.clone();
+                    let http = http.clone();
+                    let stall = limits.body_stall_timeout;
                     conns.spawn(async move {
+                        let _slot = slot;
                         let svc = hyper::service::service_fn(move |req| {
                             let agent = agent.clone();
                             async move { Ok::<_, std::convert::Infallible>(route(req, agent).await) }
                         });
-                        let io = hyper_util::rt::TokioIo::new(stream);
-                        if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await {
+                        let io = hyper_util::rt::TokioIo::new(ApiIo::new(stream, stall));
+                        if let Err(e) = http.serve_connection(io, svc).await {
                             debug!(error = %e, "API connection ended with an error");
                         }
                     });
                 }
                 Err(e) => {
-                    warn!(error = %e, "accepting on the API socket failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let pause = backoff.next();
+                    if pause == Backoff::FIRST {
+                        warn!(error = %e, "accepting on the API socket failed; retrying with backoff up to {ACCEPT_BACKOFF_MAX:?}");
+                    } else {
+                        debug!(error = %e, ?pause, "accepting on the API socket failed again");
+                    }
+                    tokio::time::sleep(pause).await;
                 }
             },
             () = &mut shutdown => break,
@@ -83,7 +129,157 @@ pub async fn serve(
     Ok(())
 }
 
+/// Exponential pause between failing `accept` calls: 10 ms doubling to
+/// [`ACCEPT_BACKOFF_MAX`], back to the start after a success.
+#[derive(Debug, Default)]
+struct Backoff(Option<Duration>);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+
+    fn next(&mut self) -> Duration {
+        let d = self
+            .0
+            .map_or(Self::FIRST, |d| (d * 2).min(ACCEPT_BACKOFF_MAX));
+        self.0 = Some(d);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = None;
+    }
+}
+
+/// A warning said at most once a minute, with how many times it happened.
+#[derive(Debug, Default)]
+struct RateLimitedWarn {
+    last: Option<std::time::Instant>,
+    count: u64,
+}
+
+impl RateLimitedWarn {
+    fn warn(&mut self, say: impl FnOnce(u64)) {
+        self.count += 1;
+        let due = match self.last {
+            None => true,
+            Some(t) => t.elapsed() >= Duration::from_secs(60),
+        };
+        if due {
+            say(self.count);
+            self.last = Some(std::time::Instant::now());
+            self.count = 0;
+        }
+    }
+}
+
+/// Refused connections whose request is still being read (and discarded) so that
+/// the client can read the refusal: closing a Unix socket with unread data resets it,
+/// and the client would see "connection reset" instead of `503 busy`.
+const LINGERING_REFUSALS: usize = 32;
+/// How long, and how much, a refused connection is read before it is closed.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 << 10;
+
+/// Answers a connection over the limit with `503 busy` and closes it: after reading
+/// what the client sends for up to [`LINGER_TIME`] when fewer than
+/// [`LINGERING_REFUSALS`] are lingering already, else at once.
+fn refuse_busy(
+    stream: tokio::net::UnixStream,
+    limit: usize,
+    lingering: &Arc<tokio::sync::Semaphore>,
+) {
+    let body = serde_json::json!({
+        "error": format!("the agent's API already has {limit} connections open ([api] max_connections); try again shortly"),
+        "code": "busy",
+    })
+    .to_string();
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n{H_ERROR_CODE}: busy\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // The reply is small enough for the empty socket buffer of a new connection.
+    let _ = stream.try_write(reply.as_bytes());
+    let mut buf = vec![0u8; 4096];
+    let Ok(permit) = lingering.clone().try_acquire_owned() else {
+        while matches!(stream.try_read(&mut buf), Ok(n) if n > 0) {}
+        return;
+    };
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let _permit = permit;
+        let mut stream = stream;
+        let mut read = 0;
+        let drain = async {
+            while let Ok(n) = stream.read(&mut buf).await {
+                read += n;
+                if n == 0 || read > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
+}
+
+/// Binds the API socket: creates its directory, removes a stale socket left by a
+/// previous run (a socket nothing answers on), refuses to steal one another agent is
+/// serving on, refuses to remove anything that is not a socket (a misconfigured
+/// `socket` must not delete a journal or a config), and restricts access to the owner
+/// and group (mode 0660).
+pub fn bind_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "{} is in use by a running agent; stop it or choose another socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        Ok(m) => anyhow::bail!(
+            "{} exists and is not a socket (it is {}); refusing to replace it: set `socket` in agent.toml to a free path, or move the file away",
+            path.display(),
+            file_kind(&m)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions on {}", path.display()))?;
+    Ok(listener)
+}
+
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file"
+    }
+}
+
 async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Reply {
+    let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if uri_len > MAX_URI_BYTES {
+        let mut r = error_reply(&bad_request(format!(
+            "the request URI is {uri_len} bytes, over the limit of {MAX_URI_BYTES}"
+        )));
+        *r.status_mut() = StatusCode::URI_TOO_LONG;
+        return r;
+    }
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -93,14 +289,19 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Reply {
             submit(req, &name, &query, &agent).await
         }
         (&Method::GET, ["v1", "tasks", id]) => task_state(&agent, id, &query).await,
-        (&Method::GET, ["v1", "tasks", id, "output"]) => task_output(&agent, id).await,
-        (&Method::DELETE, ["v1", "tasks", id]) => agent.delete_task(id).await.map(|()| {
-            json(
-                StatusCode::OK,
-                &serde_json::json!({ "id": id, "deleted": true }),
-            )
-        }),
-        (&Method::GET, ["v1", "status"]) => Ok(json(StatusCode::OK, &agent.status_json())),
+        (&Method::GET, ["v1", "tasks", id, "output"]) => task_output(&agent, id, &query).await,
+        (&Method::DELETE, ["v1", "tasks", id]) => match Query::parse(&query, &[], &[]) {
+            Ok(_) => agent.delete_task(id).await.map(|()| {
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "id": id, "deleted": true }),
+                )
+            }),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "status"]) => {
+            Query::parse(&query, &[], &[]).map(|_| json(StatusCode::OK, &agent.status_json()))
+        }
         (&Method::GET, ["v1", "explain", task]) => explain(&agent, task, &query),
         (&Method::GET, ["metrics"]) => Ok(Response::builder()
             .header("content-type", "text/plain; version=0.0.4")
@@ -167,45 +368,140 @@ fn bad_request(message: String) -> TaskError {
     }
 }
 
+/// A request's query, checked: only the names an endpoint knows, each single-valued
+/// one at most once.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    /// Parses `query` for an endpoint taking `single` (at most once each) and `multi`
+    /// (repeatable) parameters.
+    fn parse(query: &str, single: &[&str], multi: &[&str]) -> Result<Self, TaskError> {
+        let pairs =
+            parse_query(query).map_err(|e| bad_request(format!("bad query string: {e}")))?;
+        for (i, (k, _)) in pairs.iter().enumerate() {
+            if multi.contains(&k.as_str()) {
+                continue;
+            }
+            if !single.contains(&k.as_str()) {
+                let known: Vec<&str> = single.iter().chain(multi).copied().collect();
+                return Err(bad_request(format!(
+                    "unknown query parameter `{k}` (expected {})",
+                    known.join(", ")
+                )));
+            }
+            if pairs[..i].iter().any(|(p, _)| p == k) {
+                return Err(bad_request(format!(
+                    "query parameter `{k}` is given more than once; give it once"
+                )));
+            }
+        }
+        Ok(Self(pairs))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A yes/no parameter: `true`, `1` or nothing (`?detach`) for yes; `false`, `0`
+    /// for no; absent for no.
+    fn flag(&self, name: &str) -> Result<bool, TaskError> {
+        match self.get(name) {
+            None | Some("false" | "0") => Ok(false),
+            Some("true" | "1" | "") => Ok(true),
+            Some(other) => Err(bad_request(format!(
+                "{name} must be true or false, not `{other}`"
+            ))),
+        }
+    }
+
+    fn where_(&self) -> Result<Where, TaskError> {
+        self.get("where")
+            .map_or(Ok(Where::Auto), |v| v.parse::<Where>().map_err(bad_request))
+    }
+}
+
+/// Refuses a `where=` the task's `offload` forbids (`not_allowed`, 403).
+fn check_where(agent: &Agent, task: &str, requested: Where) -> Result<(), TaskError> {
+    match agent.config().catalog.get(task) {
+        Some(spec) => match crate::placement::conflict(spec, requested) {
+            Some(why) => Err(TaskError {
+                code: "not_allowed".into(),
+                message: why,
+            }),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
 async fn submit(
     req: Request<Incoming>,
     name: &str,
     query: &str,
     agent: &Arc<Agent>,
 ) -> Result<Reply, TaskError> {
+    let q = Query::parse(query, &["where", "detach"], &["arg"])?;
     let mut sub = Submission {
         task: name.to_string(),
+        where_: q.where_()?,
         ..Default::default()
     };
-    let mut detach = false;
-    for (k, v) in parse_query(query).map_err(|e| bad_request(format!("bad query string: {e}")))? {
-        match k.as_str() {
-            "where" => sub.where_ = v.parse::<Where>().map_err(bad_request)?,
-            "detach" => detach = matches!(v.as_str(), "true" | "1" | ""),
-            "arg" => sub.args.push(v),
-            other => {
-                return Err(bad_request(format!(
-                    "unknown query parameter `{other}` (expected where, detach, arg)"
-                )))
-            }
+    let detach = q.flag("detach")?;
+    for (i, a) in q.all("arg").enumerate() {
+        if a.contains('\0') {
+            return Err(bad_request(format!(
+                "arg {} contains a NUL byte, which no program argument can hold",
+                i + 1
+            )));
         }
+        sub.args.push(a.to_string());
     }
+    check_where(agent, name, sub.where_)?;
     sub.input_len = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    let mut input = BodyInput(req.into_body());
+    let mut input = RequestBody::new(req.into_body(), agent.config().api.body_stall_timeout);
+    let body_failed = input.failed.clone();
+    let body_error = move || {
+        body_failed
+            .lock()
+            .expect("body error lock")
+            .clone()
+            .map(bad_request)
+    };
     if detach {
         let id = agent.submit_detached(sub, &mut input).await;
+        let cut = body_error();
         drain(&mut input).await;
+        if let Some(e) = cut {
+            return Err(e);
+        }
         let id = id?;
         let mut r = json(StatusCode::ACCEPTED, &serde_json::json!({ "id": id }));
         r.headers_mut().insert(H_TASK_ID, header_value(&id));
         return Ok(r);
     }
     let finished = agent.submit(sub, &mut input).await;
+    // A body cut or malformed by the submitter while the task read it is its fault,
+    // whatever the run or the daemon made of the partial input. (What goes wrong in
+    // the discarded rest after a refusal does not change the refusal.)
+    let cut = body_error();
     drain(&mut input).await;
+    if let Some(e) = cut {
+        return Err(e);
+    }
     Ok(finished_reply(finished?).await)
 }
 
@@ -213,7 +509,7 @@ async fn submit(
 /// [`DRAIN_TIMEOUT`]). A task refused part-way through its input (over `max_input`, or
 /// refused by a daemon) leaves the client still sending; replying without reading the
 /// rest makes many HTTP clients fail with a broken pipe instead of showing the reply.
-async fn drain(input: &mut BodyInput) {
+async fn drain(input: &mut RequestBody) {
     use updraft_shared::exec::Input;
     let discard = async {
         let mut n: u64 = 0;
@@ -287,24 +583,16 @@ impl<S: Send> updraft_shared::exec::Input for KeepAlive<S> {
 }
 
 fn explain(agent: &Agent, task: &str, query: &str) -> Result<Reply, TaskError> {
-    let mut where_ = Where::Auto;
-    let mut input_bytes = None;
-    for (k, v) in parse_query(query).map_err(|e| bad_request(format!("bad query string: {e}")))? {
-        match k.as_str() {
-            "where" => where_ = v.parse::<Where>().map_err(bad_request)?,
-            "input_bytes" => {
-                input_bytes =
-                    Some(v.parse::<u64>().map_err(|_| {
-                        bad_request(format!("input_bytes must be a number, not `{v}`"))
-                    })?)
-            }
-            other => {
-                return Err(bad_request(format!(
-                    "unknown query parameter `{other}` (expected where, input_bytes)"
-                )))
-            }
-        }
-    }
+    let q = Query::parse(query, &["where", "input_bytes"], &[])?;
+    let where_ = q.where_()?;
+    let input_bytes = match q.get("input_bytes") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| bad_request(format!("input_bytes must be a number, not `{v}`")))?,
+        ),
+    };
+    check_where(agent, task, where_)?;
     Ok(json(
         StatusCode::OK,
         &agent.explain(task, where_, input_bytes)?,
@@ -312,10 +600,7 @@ fn explain(agent: &Agent, task: &str, query: &str) -> Result<Reply, TaskError> {
 }
 
 async fn task_state(agent: &Agent, id: &str, query: &str) -> Result<Reply, TaskError> {
-    let wait = parse_query(query)
-        .map_err(|e| bad_request(format!("bad query string: {e}")))?
-        .iter()
-        .any(|(k, v)| k == "wait" && matches!(v.as_str(), "true" | "1" | ""));
+    let wait = Query::parse(query, &["wait"], &[])?.flag("wait")?;
     let row = agent
         .task_state(id, wait)
         .await?
@@ -323,7 +608,8 @@ async fn task_state(agent: &Agent, id: &str, query: &str) -> Result<Reply, TaskE
     Ok(json(StatusCode::OK, &task_json(&row)))
 }
 
-async fn task_output(agent: &Agent, id: &str) -> Result<Reply, TaskError> {
+async fn task_output(agent: &Agent, id: &str, query: &str) -> Result<Reply, TaskError> {
+    Query::parse(query, &[], &[])?;
     let (row, reader) = agent.task_output(id).await?;
     let mut r = Response::builder()
         .header("content-type", "application/octet-stream")

@@ -20,22 +20,55 @@ pub const EXIT_BAD_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "updraft-agent", version, about)]
 pub struct Cli {
-    /// The agent's API socket (client commands).
-    #[arg(long, global = true)]
+    /// The agent's API socket, for the client commands (run, result, status, policy
+    /// explain); may also follow the command.
+    #[arg(long)]
     pub socket: Option<PathBuf>,
-    /// Config file (serve; client commands read its `socket`).
-    #[arg(long, global = true)]
+    /// Config file, for serve, check-config, enroll, and the client commands (which
+    /// read its `socket`); may also follow the command.
+    #[arg(long)]
     pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// `--config` of the commands that read the agent's config.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArg {
+    /// Config file. Default /etc/updraft/agent.toml.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// Where a client command finds the agent.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientArgs {
+    /// The agent's API socket.
+    #[arg(long, conflicts_with = "config")]
+    pub socket: Option<PathBuf>,
+    /// Config file whose `socket` to use.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
 /// `updraft-agent` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent service until SIGTERM/SIGINT.
-    Serve,
+    Serve {
+        /// Config.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check the config as `serve` would, without serving: agent.toml, the TLS
+    /// files (loaded, and the key matched to the certificate), the policy file.
+    /// Binds no socket and opens no journal. Exit 0 when all is well, 64 otherwise.
+    CheckConfig {
+        /// Config.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Join a daemon: make a key here, send a certificate request with a one-time
     /// token over TLS pinned to the CA fingerprint, and store key, certificate and CA
     /// where `serve` finds them (`[tls]` paths, default in state_dir).
@@ -59,6 +92,9 @@ pub enum Command {
         /// Replace a certificate that is still valid.
         #[arg(long)]
         force: bool,
+        /// Config.
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Run a task and print its output; exits with the task's exit code.
     Run {
@@ -79,6 +115,9 @@ pub enum Command {
         /// Print where the task ran and why, on stderr.
         #[arg(long)]
         explain: bool,
+        /// Where the agent is.
+        #[command(flatten)]
+        at: ClientArgs,
         /// Extra arguments for the task (needs allow_args = true).
         #[arg(last = true)]
         args: Vec<String>,
@@ -94,12 +133,18 @@ pub enum Command {
         /// space now instead of the journal's fetched_ttl after this fetch.
         #[arg(long)]
         delete: bool,
+        /// Where the agent is.
+        #[command(flatten)]
+        at: ClientArgs,
     },
     /// Show the agent's state: daemons, local load, recent decisions.
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where the agent is.
+        #[command(flatten)]
+        at: ClientArgs,
     },
     /// Policy commands.
     Policy {
@@ -128,7 +173,53 @@ pub enum PolicyCommand {
         /// Print JSON (with every signal) instead of one line.
         #[arg(long)]
         json: bool,
+        /// Where the agent is.
+        #[command(flatten)]
+        at: ClientArgs,
     },
+}
+
+/// `check-config`: what `serve` checks before it binds anything: the config (already
+/// loaded by the caller), the TLS files (read, the key matched to the certificate, the
+/// certificate's id to `agent_id`), and the policy file. Returns one summary line.
+pub fn check_config(config: &crate::config::AgentConfig) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let files = crate::enroll::CertFiles::of(config);
+    let identity = files.load().context(
+        "loading the agent's TLS files (enroll with `updraft-agent enroll`, or set [tls] in agent.toml)",
+    )?;
+    identity.rustls_client().with_context(|| {
+        format!(
+            "{} does not belong to {} (or is not a key rustls can use)",
+            files.key.display(),
+            files.cert.display()
+        )
+    })?;
+    let cert_id = updraft_shared::tls::agent_id_of(&identity.chain[0])
+        .with_context(|| format!("reading the agent id in {}", files.cert.display()))?;
+    if let Some(id) = config.agent_id.as_ref().filter(|id| **id != cert_id) {
+        anyhow::bail!(
+            "agent_id `{id}` in the config does not match `{cert_id}` in {}; fix agent_id or enroll as `{id}`",
+            files.cert.display()
+        );
+    }
+    let policy = crate::policy::PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
+    let (_, not_after) = updraft_shared::tls::validity_of(&identity.chain[0])?;
+    let expired = if not_after < std::time::SystemTime::now() {
+        " (the certificate has EXPIRED: re-enroll with a token)"
+    } else {
+        ""
+    };
+    Ok(format!(
+        "ok: agent `{cert_id}`{expired}, {} tasks ({}), {} daemons, policy {}",
+        config.catalog.names().count(),
+        config.catalog.names().collect::<Vec<_>>().join(", "),
+        config.clouds.len(),
+        match policy.status() {
+            s if s.source == "file" => format!("{} ({} rules)", s.path.display(), s.rules),
+            s => format!("{} absent (everything auto)", s.path.display()),
+        },
+    ))
 }
 
 /// `policy check FILE`: exit 0 when valid, 64 with one line naming file:line:column.
@@ -179,6 +270,78 @@ fn parse_where(s: &str) -> Result<Where, String> {
 }
 
 impl Cli {
+    /// Moves `--socket`/`--config` given before the command into the command, or
+    /// says why the command has no use for them: a flag that would do nothing is an
+    /// error, not ignored.
+    pub fn normalize(&mut self) -> Result<(), String> {
+        let (socket, config) = (self.socket.take(), self.config.take());
+        let name = self.command.name();
+        let (cfg_slot, socket_slot) = match &mut self.command {
+            Command::Serve { config: c }
+            | Command::CheckConfig { config: c }
+            | Command::Enroll { config: c, .. } => (Some(&mut c.config), None),
+            Command::Run { at, .. }
+            | Command::Result { at, .. }
+            | Command::Status { at, .. }
+            | Command::Policy {
+                command: PolicyCommand::Explain { at, .. },
+            } => (Some(&mut at.config), Some(&mut at.socket)),
+            Command::Policy {
+                command: PolicyCommand::Check { .. },
+            } => (None, None),
+        };
+        if let Some(s) = socket {
+            let slot = socket_slot.ok_or_else(|| {
+                format!("--socket does nothing for `{name}`: only run, result, status and policy explain talk to the agent's socket (serve listens on `socket` from agent.toml)")
+            })?;
+            if slot.replace(s).is_some() {
+                return Err("--socket is given twice".into());
+            }
+        }
+        if let Some(c) = config {
+            let slot = cfg_slot.ok_or_else(|| {
+                format!("--config does nothing for `{name}`: it checks the file it is given")
+            })?;
+            if slot.replace(c).is_some() {
+                return Err("--config is given twice".into());
+            }
+        }
+        if let Command::Run { at, .. }
+        | Command::Result { at, .. }
+        | Command::Status { at, .. }
+        | Command::Policy {
+            command: PolicyCommand::Explain { at, .. },
+        } = &self.command
+        {
+            if at.socket.is_some() && at.config.is_some() {
+                return Err("give --socket or --config, not both: --socket wins and --config would be unused".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Command {
+    /// The command as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Serve { .. } => "serve",
+            Command::CheckConfig { .. } => "check-config",
+            Command::Enroll { .. } => "enroll",
+            Command::Run { .. } => "run",
+            Command::Result { .. } => "result",
+            Command::Status { .. } => "status",
+            Command::Policy {
+                command: PolicyCommand::Check { .. },
+            } => "policy check",
+            Command::Policy {
+                command: PolicyCommand::Explain { .. },
+            } => "policy explain",
+        }
+    }
+}
+
+impl ClientArgs {
     /// The socket a client command should use: `--socket`, else the config's
     /// `socket`, else `UPDRAFT_AGENT__SOCKET`, else the default.
     pub fn socket_path(&self) -> anyhow::Result<PathBuf> {
@@ -252,13 +415,23 @@ async fn copy_body(
 
 /// Runs a client command; returns the process exit code.
 pub async fn run_client(cli: Cli) -> u8 {
-    let socket = match cli.socket_path() {
+    let at = match &cli.command {
+        Command::Run { at, .. }
+        | Command::Result { at, .. }
+        | Command::Status { at, .. }
+        | Command::Policy {
+            command: PolicyCommand::Explain { at, .. },
+        } => at.clone(),
+        _ => unreachable!("not a client command"),
+    };
+    let socket = match at.socket_path() {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
     let client = Client::new(socket);
     match cli.command {
-        Command::Serve
+        Command::Serve { .. }
+        | Command::CheckConfig { .. }
         | Command::Enroll { .. }
         | Command::Policy {
             command: PolicyCommand::Check { .. },
@@ -271,6 +444,7 @@ pub async fn run_client(cli: Cli) -> u8 {
                     task,
                     input_bytes,
                     json,
+                    ..
                 },
         } => {
             let mut path = format!("/v1/explain/{}", crate::http::percent_encode(&task));
@@ -312,6 +486,7 @@ pub async fn run_client(cli: Cli) -> u8 {
             detach,
             explain,
             args,
+            ..
         } => {
             let body = match input.as_deref() {
                 None => ChannelBody::full(Vec::new()),
@@ -362,7 +537,9 @@ pub async fn run_client(cli: Cli) -> u8 {
             }
             finish(resp, output.as_ref()).await
         }
-        Command::Result { id, wait, delete } => {
+        Command::Result {
+            id, wait, delete, ..
+        } => {
             let state = match client
                 .get(&format!(
                     "/v1/tasks/{}?wait={wait}",
@@ -424,7 +601,7 @@ pub async fn run_client(cli: Cli) -> u8 {
                 Err(e) => fail(format!("{e:#}")),
             }
         }
-        Command::Status { json } => {
+        Command::Status { json, .. } => {
             let resp = match client.get("/v1/status").await {
                 Ok(r) => r,
                 Err(e) => return fail(format!("{e:#}")),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use updraft_shared::catalog::{Catalog, TaskFile};
-use updraft_shared::config::ConfigError;
+use updraft_shared::config::{ConfigError, Ranges};
 use updraft_shared::units::{ByteSize, HumanDuration};
 
 /// Where the agent looks for its config when none is given.
@@ -48,6 +48,9 @@ pub struct AgentFile {
     /// Signal sampling.
     #[serde(default)]
     pub signals: SignalsFile,
+    /// The local API's limits.
+    #[serde(default)]
+    pub api: ApiFile,
     /// The store of detached tasks.
     #[serde(default)]
     pub journal: JournalFile,
@@ -134,6 +137,45 @@ pub struct SignalsFile {
     pub sample_interval: Option<HumanDuration>,
 }
 
+/// `[api]` as written: limits of the local API socket.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFile {
+    /// Connections open at once; past it a new connection gets `503 busy` and is
+    /// closed. Default 128, range 1 to 1024.
+    pub max_connections: Option<usize>,
+    /// Time a client has to send a request's headers, and the longest an open
+    /// connection may sit idle between requests. Default 10s, range 100ms to 5m.
+    pub header_timeout: Option<HumanDuration>,
+    /// Longest pause between two pieces of a request body before the request fails
+    /// with `bad_request` (a stalled upload). Default 30s, range 100ms to 1h.
+    pub body_stall_timeout: Option<HumanDuration>,
+}
+
+/// `[api]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Header read (and idle) timeout.
+    pub header_timeout: Duration,
+    /// Longest pause inside a request body.
+    pub body_stall_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 128,
+            header_timeout: Duration::from_secs(10),
+            body_stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Largest `[api] max_connections`; `LimitNOFILE=` in the unit is sized for it.
+pub const MAX_API_CONNECTIONS: usize = 1024;
+
 /// Default policy file.
 pub const DEFAULT_POLICY: &str = "/etc/updraft/policy.toml";
 
@@ -210,6 +252,8 @@ impl Default for LinkConfig {
 /// A validated agent configuration.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The file it was loaded from.
+    pub path: PathBuf,
     /// Agent id, if configured.
     pub agent_id: Option<String>,
     /// Local API socket.
@@ -244,6 +288,8 @@ pub struct AgentConfig {
     pub sample_interval: Duration,
     /// Detached-task store.
     pub journal: JournalConfig,
+    /// Local API limits.
+    pub api: ApiConfig,
     /// Task catalog.
     pub catalog: Catalog,
 }
@@ -278,71 +324,45 @@ impl AgentConfig {
                 address: c.address,
             });
         }
+        let r = updraft_shared::config::Ranges { path };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let slots = file.max_local_concurrency.unwrap_or(cpus);
-        if slots == 0 {
-            return Err(invalid(
-                "max_local_concurrency",
-                "must be at least 1".into(),
-            ));
-        }
-        let d = LinkConfig::default();
-        let l = file.link;
-        let link = LinkConfig {
-            keep_alive: l.keep_alive.map_or(d.keep_alive, |v| v.0),
-            idle_timeout: l.idle_timeout.map_or(d.idle_timeout, |v| v.0),
-            connect_timeout: l.connect_timeout.map_or(d.connect_timeout, |v| v.0),
-            accept_timeout: l.accept_timeout.map_or(d.accept_timeout, |v| v.0),
-            reconnect_min: l.reconnect_min.map_or(d.reconnect_min, |v| v.0),
-            reconnect_max: l.reconnect_max.map_or(d.reconnect_max, |v| v.0),
-            replay_buffer: l.replay_buffer.map_or(d.replay_buffer, |v| v.0 as usize),
-            failover_wait: l.failover_wait.map_or(d.failover_wait, |v| v.0),
-        };
-        let dj = JournalConfig::default();
-        let j = file.journal;
-        let journal = JournalConfig {
-            limits: crate::journal::JournalLimits {
-                max_bytes: j.max_bytes.map_or(dj.limits.max_bytes, |v| v.0),
-                result_ttl: j.result_ttl.map_or(dj.limits.result_ttl, |v| v.0),
-                fetched_ttl: j.fetched_ttl.map_or(dj.limits.fetched_ttl, |v| v.0),
-            },
-            max_running: j.max_running.unwrap_or(dj.max_running),
-            max_attempts: j.max_attempts.unwrap_or(dj.max_attempts),
-        };
-        if journal.max_running == 0 {
-            return Err(invalid("journal.max_running", "must be at least 1".into()));
-        }
-        if journal.max_attempts == 0 {
-            return Err(invalid("journal.max_attempts", "must be at least 1".into()));
-        }
-        if link.keep_alive >= link.idle_timeout {
-            return Err(invalid(
-                "link.keep_alive",
-                "must be shorter than link.idle_timeout".into(),
-            ));
-        }
-        if link.reconnect_min > link.reconnect_max || link.reconnect_min.is_zero() {
-            return Err(invalid(
-                "link.reconnect_min",
-                "must be above zero and at most link.reconnect_max".into(),
-            ));
-        }
+        let slots = r.count(
+            "max_local_concurrency",
+            file.max_local_concurrency,
+            cpus.min(MAX_LOCAL_SLOTS),
+            1,
+            MAX_LOCAL_SLOTS,
+        )?;
+        let link = link_config(&r, file.link)?;
+        let journal = journal_config(&r, file.journal)?;
+        let api = api_config(&r, file.api)?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
-        let sample_interval = file
-            .signals
-            .sample_interval
-            .map_or(Duration::from_secs(1), |d| d.0);
-        if sample_interval < Duration::from_millis(10) {
-            return Err(invalid(
-                "signals.sample_interval",
-                "must be at least 10ms".into(),
-            ));
-        }
+        let sample_interval = r.duration(
+            "signals.sample_interval",
+            file.signals.sample_interval,
+            Duration::from_secs(1),
+            Duration::from_millis(10),
+            HOUR,
+        )?;
+        let renew_before = match file.tls.renew_before {
+            None => None,
+            Some(d) => Some(r.duration(
+                "tls.renew_before",
+                Some(d),
+                d.0,
+                Duration::from_secs(1),
+                3650 * DAY,
+            )?),
+        };
+        let max_local_queue = r.count("max_local_queue", file.max_local_queue, 64, 0, 65_536)?;
+        let spool_memory =
+            r.bytes("spool_memory", file.spool_memory, 1 << 20, 0, 1 << 30)? as usize;
         if let Some(level) = &file.log_level {
             updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
         }
         Ok(Self {
+            path: path.to_path_buf(),
             log_level: file.log_level.clone(),
             policy: file
                 .policy
@@ -371,16 +391,291 @@ impl AgentConfig {
                 .key
                 .map(rel)
                 .unwrap_or_else(|| state_dir.join("agent.key")),
-            renew_before: file.tls.renew_before.map(|d| d.0),
+            renew_before,
             state_dir,
             max_local_concurrency: slots,
-            max_local_queue: file.max_local_queue.unwrap_or(64),
-            spool_memory: file.spool_memory.map_or(1 << 20, |v| v.0 as usize),
+            max_local_queue,
+            spool_memory,
             clouds,
             link,
             journal,
+            api,
             catalog,
         })
+    }
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(86_400);
+/// Largest `max_local_concurrency` (and `[journal] max_running`): far more than any
+/// board has cores, far below what a semaphore can hold.
+pub const MAX_LOCAL_SLOTS: usize = 1024;
+
+/// `[link]`, each key within its range; `keep_alive` below `idle_timeout`,
+/// `reconnect_min` at most `reconnect_max`.
+fn link_config(r: &Ranges, l: LinkFile) -> Result<LinkConfig, ConfigError> {
+    let d = LinkConfig::default();
+    let ms = Duration::from_millis;
+    let link = LinkConfig {
+        keep_alive: r.duration(
+            "link.keep_alive",
+            l.keep_alive,
+            d.keep_alive,
+            ms(10),
+            MINUTE,
+        )?,
+        idle_timeout: r.duration(
+            "link.idle_timeout",
+            l.idle_timeout,
+            d.idle_timeout,
+            ms(500),
+            DAY,
+        )?,
+        connect_timeout: r.duration(
+            "link.connect_timeout",
+            l.connect_timeout,
+            d.connect_timeout,
+            ms(100),
+            5 * MINUTE,
+        )?,
+        accept_timeout: r.duration(
+            "link.accept_timeout",
+            l.accept_timeout,
+            d.accept_timeout,
+            ms(100),
+            5 * MINUTE,
+        )?,
+        reconnect_min: r.duration(
+            "link.reconnect_min",
+            l.reconnect_min,
+            d.reconnect_min,
+            ms(10),
+            HOUR,
+        )?,
+        reconnect_max: r.duration(
+            "link.reconnect_max",
+            l.reconnect_max,
+            d.reconnect_max,
+            ms(10),
+            DAY,
+        )?,
+        replay_buffer: r.bytes(
+            "link.replay_buffer",
+            l.replay_buffer,
+            d.replay_buffer as u64,
+            0,
+            1 << 30,
+        )? as usize,
+        failover_wait: r.duration(
+            "link.failover_wait",
+            l.failover_wait,
+            d.failover_wait,
+            Duration::ZERO,
+            HOUR,
+        )?,
+    };
+    let invalid = |key: &str, reason: &str| ConfigError::Invalid {
+        path: r.path.to_path_buf(),
+        key: key.into(),
+        reason: reason.into(),
+    };
+    if link.keep_alive >= link.idle_timeout {
+        return Err(invalid(
+            "link.keep_alive",
+            "must be shorter than link.idle_timeout",
+        ));
+    }
+    if link.reconnect_min > link.reconnect_max {
+        return Err(invalid(
+            "link.reconnect_min",
+            "must be at most link.reconnect_max",
+        ));
+    }
+    Ok(link)
+}
+
+/// `[journal]`, each key within its range.
+fn journal_config(r: &Ranges, j: JournalFile) -> Result<JournalConfig, ConfigError> {
+    let d = JournalConfig::default();
+    Ok(JournalConfig {
+        limits: crate::journal::JournalLimits {
+            max_bytes: r.bytes(
+                "journal.max_bytes",
+                j.max_bytes,
+                d.limits.max_bytes,
+                64 << 10,
+                1 << 40,
+            )?,
+            result_ttl: r.duration(
+                "journal.result_ttl",
+                j.result_ttl,
+                d.limits.result_ttl,
+                MINUTE,
+                365 * DAY,
+            )?,
+            fetched_ttl: r.duration(
+                "journal.fetched_ttl",
+                j.fetched_ttl,
+                d.limits.fetched_ttl,
+                Duration::ZERO,
+                365 * DAY,
+            )?,
+        },
+        max_running: r.count(
+            "journal.max_running",
+            j.max_running,
+            d.max_running,
+            1,
+            MAX_LOCAL_SLOTS,
+        )?,
+        max_attempts: r.count(
+            "journal.max_attempts",
+            j.max_attempts,
+            d.max_attempts,
+            1,
+            100,
+        )?,
+    })
+}
+
+/// `[api]`, each key within its range.
+fn api_config(r: &Ranges, a: ApiFile) -> Result<ApiConfig, ConfigError> {
+    let d = ApiConfig::default();
+    let ms = Duration::from_millis;
+    Ok(ApiConfig {
+        max_connections: r.count(
+            "api.max_connections",
+            a.max_connections,
+            d.max_connections,
+            1,
+            MAX_API_CONNECTIONS,
+        )?,
+        header_timeout: r.duration(
+            "api.header_timeout",
+            a.header_timeout,
+            d.header_timeout,
+            ms(100),
+            5 * MINUTE,
+        )?,
+        body_stall_timeout: r.duration(
+            "api.body_stall_timeout",
+            a.body_stall_timeout,
+            d.body_stall_timeout,
+            ms(100),
+            HOUR,
+        )?,
+    })
+}
+
+/// What a SIGHUP did with agent.toml (the policy file reloads on its own).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reread {
+    /// The file is the same as the one in force.
+    Unchanged,
+    /// Keys changed. `applied`: reloaded now (`log_level`); `restart`: in force
+    /// only after a restart.
+    Changed {
+        /// Keys applied at once.
+        applied: Vec<&'static str>,
+        /// Keys that need a restart.
+        restart: Vec<&'static str>,
+    },
+}
+
+impl AgentConfig {
+    /// The keys whose values differ between `self` (in force) and `new`.
+    pub fn changed_keys(&self, new: &AgentConfig) -> Vec<&'static str> {
+        let d =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        let pairs = [
+            ("agent_id", d(&self.agent_id, &new.agent_id)),
+            ("socket", d(&self.socket, &new.socket)),
+            ("log_level", d(&self.log_level, &new.log_level)),
+            ("state_dir", d(&self.state_dir, &new.state_dir)),
+            (
+                "max_local_concurrency",
+                d(&self.max_local_concurrency, &new.max_local_concurrency),
+            ),
+            (
+                "max_local_queue",
+                d(&self.max_local_queue, &new.max_local_queue),
+            ),
+            ("spool_memory", d(&self.spool_memory, &new.spool_memory)),
+            ("cloud", d(&self.clouds, &new.clouds)),
+            (
+                "tls",
+                d(
+                    &(
+                        &self.tls_ca,
+                        &self.tls_cert,
+                        &self.tls_key,
+                        self.renew_before,
+                    ),
+                    &(&new.tls_ca, &new.tls_cert, &new.tls_key, new.renew_before),
+                ),
+            ),
+            ("link", d(&self.link, &new.link)),
+            ("policy", d(&self.policy, &new.policy)),
+            (
+                "signals.power_supply_root",
+                d(&self.power_supply_root, &new.power_supply_root),
+            ),
+            (
+                "signals.sample_interval",
+                d(&self.sample_interval, &new.sample_interval),
+            ),
+            ("journal", d(&self.journal, &new.journal)),
+            ("api", d(&self.api, &new.api)),
+            ("tasks", d(&self.catalog, &new.catalog)),
+        ];
+        pairs
+            .into_iter()
+            .filter(|(_, c)| *c)
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// Rereads the file this config came from and sorts its changes into those
+    /// applied now (`log_level`, which this call applies) and those that need a
+    /// restart. An invalid file is an error and changes nothing.
+    pub fn reread(&self) -> Result<Reread, ConfigError> {
+        let new = Self::load(&self.path)?;
+        let keys = self.changed_keys(&new);
+        if keys.is_empty() {
+            return Ok(Reread::Unchanged);
+        }
+        let (applied, restart): (Vec<_>, Vec<_>) =
+            keys.into_iter().partition(|k| *k == "log_level");
+        if !applied.is_empty() {
+            let level = new.log_level.as_deref().unwrap_or("info");
+            if let Ok(filter) = updraft_shared::logging::parse_level(level) {
+                updraft_shared::logging::set_level(filter);
+            }
+        }
+        Ok(Reread::Changed { applied, restart })
+    }
+}
+
+/// On SIGHUP: rereads agent.toml and logs what became of each change.
+pub fn log_reread(config: &AgentConfig) {
+    let path = config.path.display();
+    match config.reread() {
+        Ok(Reread::Unchanged) => tracing::info!("SIGHUP: {path} unchanged"),
+        Ok(Reread::Changed { applied, restart }) => {
+            if !applied.is_empty() {
+                tracing::info!("SIGHUP: {path}: applied {}", applied.join(", "));
+            }
+            if !restart.is_empty() {
+                tracing::warn!(
+                    "SIGHUP: {path}: {} changed; these take effect only after a restart (systemctl restart updraft-agent), the old values stay in force until then",
+                    restart.join(", ")
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            "SIGHUP: {e}; the agent runs on with the config it started with, but would not start with this file"
+        ),
     }
 }
 
@@ -417,6 +712,65 @@ mod tests {
     }
 
     #[test]
+    fn out_of_range_values_name_file_and_key() {
+        for (text, key) in [
+            (
+                "max_local_concurrency = 2305843009213693952",
+                "max_local_concurrency",
+            ),
+            ("max_local_concurrency = 0", "max_local_concurrency"),
+            ("max_local_queue = 1000000", "max_local_queue"),
+            ("spool_memory = \"8GiB\"", "spool_memory"),
+            (
+                "[journal]\nmax_running = 2305843009213693952",
+                "journal.max_running",
+            ),
+            ("[journal]\nmax_attempts = 0", "journal.max_attempts"),
+            ("[journal]\nmax_bytes = 10", "journal.max_bytes"),
+            (
+                "[journal]\nresult_ttl = \"300000000000d\"",
+                "journal.result_ttl",
+            ),
+            ("[link]\nkeep_alive = \"0s\"", "link.keep_alive"),
+            ("[link]\naccept_timeout = \"0s\"", "link.accept_timeout"),
+            ("[link]\nconnect_timeout = \"0s\"", "link.connect_timeout"),
+            (
+                "[link]\nidle_timeout = \"300000000000d\"",
+                "link.idle_timeout",
+            ),
+            (
+                "[link]\nreconnect_max = \"300000000000d\"",
+                "link.reconnect_max",
+            ),
+            ("[link]\nreplay_buffer = \"4GiB\"", "link.replay_buffer"),
+            ("[link]\nfailover_wait = \"30d\"", "link.failover_wait"),
+            (
+                "[signals]\nsample_interval = \"0s\"",
+                "signals.sample_interval",
+            ),
+            ("[tls]\nrenew_before = \"0s\"", "tls.renew_before"),
+            ("[api]\nmax_connections = 0", "api.max_connections"),
+            ("[api]\nmax_connections = 100000", "api.max_connections"),
+            ("[api]\nheader_timeout = \"0s\"", "api.header_timeout"),
+            (
+                "[api]\nbody_stall_timeout = \"2h\"",
+                "api.body_stall_timeout",
+            ),
+        ] {
+            let m = parse(text).unwrap_err().to_string();
+            assert!(
+                m.contains("/etc/updraft/agent.toml")
+                    && m.contains(key)
+                    && m.contains("out of range"),
+                "{text}: {m}"
+            );
+        }
+        let c = parse("[api]\nmax_connections = 8\nheader_timeout = \"1s\"").unwrap();
+        assert_eq!(c.api.max_connections, 8);
+        assert_eq!(c.api.header_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
     fn errors_name_file_and_key() {
         for (text, key) in [
             ("sokcet = \"/x\"", "sokcet"),
@@ -424,6 +778,7 @@ mod tests {
             ("[link]\nkeep_alive = \"20s\"", "link.keep_alive"),
             ("[link]\naccept_timeout = \"fast\"", "accept_timeout"),
             ("log_level = \"loud[\"", "log_level"),
+            ("log_level = \"verbose\"", "log_level"),
             (
                 "[tasks.e]\nbuiltin = \"echo\"\nofload = \"never\"",
                 "ofload",

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
@@ -97,6 +98,228 @@ impl Input for BodyInput {
     }
 }
 
+/// A request body read as task input, with the API's limits: a pause longer than
+/// `stall` between two pieces of it is an error, and the first error (a stall or a
+/// malformed chunked encoding) is kept in `failed`, so the API can answer
+/// `400 bad_request` whatever the task or the daemon made of the cut input.
+#[derive(Debug)]
+pub struct RequestBody {
+    body: Incoming,
+    stall: std::time::Duration,
+    /// The first error reading the body.
+    pub failed: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl RequestBody {
+    /// `body`, failing after a pause of `stall`.
+    pub fn new(body: Incoming, stall: std::time::Duration) -> Self {
+        Self {
+            body,
+            stall,
+            failed: Default::default(),
+        }
+    }
+
+    fn fail(&self, why: String) -> std::io::Error {
+        let mut f = self.failed.lock().expect("body error lock");
+        f.get_or_insert_with(|| why.clone());
+        std::io::Error::new(std::io::ErrorKind::InvalidData, why)
+    }
+}
+
+impl Input for RequestBody {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        loop {
+            let frame = match tokio::time::timeout(self.stall, self.body.frame()).await {
+                Err(_) => {
+                    return Err(self.fail(format!(
+                    "the request body stalled: nothing arrived for {:?} ([api] body_stall_timeout)",
+                    self.stall
+                )))
+                }
+                Ok(f) => f,
+            };
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(self.fail(format!("the request body is malformed: {e}")))
+                }
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The API socket as hyper sees it, with two guards:
+///
+/// - a write that makes no progress for `stall` (a client that stopped reading its
+///   reply) fails, so the connection and its slot are freed;
+/// - hyper's own replies to a request it cannot parse (400, 414 URI too long, 431
+///   headers too large: a bare head, `content-length: 0`, no body) are replaced by the
+///   API's JSON error with an `Updraft-Error-Code` header, like every other refusal.
+///   Hyper writes one only before any reply of the request, as the whole buffer
+///   (writev is off), and ours always carry `updraft-error-code`, so a task's output is
+///   never mistaken for one.
+#[derive(Debug)]
+pub struct ApiIo<S> {
+    inner: S,
+    stall: std::time::Duration,
+    write_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A replacement reply still being written, and how much of it is out.
+    pending: Option<(Vec<u8>, usize)>,
+}
+
+impl<S> ApiIo<S> {
+    /// Wraps `inner`; writes fail after `stall` without progress.
+    pub fn new(inner: S, stall: std::time::Duration) -> Self {
+        Self {
+            inner,
+            stall,
+            write_timer: None,
+            pending: None,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> ApiIo<S> {
+    /// Applies the stall timeout to a write that returned `Pending`.
+    fn stalled<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if r.is_ready() {
+            self.write_timer = None;
+            return r;
+        }
+        let stall = self.stall;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing of its reply for {stall:?} ([api] body_stall_timeout)"
+                ),
+            )));
+        }
+        Poll::Pending
+    }
+
+    /// Writes out a replacement reply; `Ready(Ok)` once it is all out.
+    fn drive_pending(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((buf, at)) = &mut self.pending {
+            if *at >= buf.len() {
+                self.pending = None;
+                break;
+            }
+            let r = Pin::new(&mut self.inner).poll_write(cx, &buf[*at..]);
+            let n = match r {
+                Poll::Ready(Ok(n)) => n,
+                other => {
+                    let r = other.map(|r| r.map(|_| ()));
+                    return self.stalled(cx, r);
+                }
+            };
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            if let Some((_, at)) = &mut self.pending {
+                *at += n;
+            }
+        }
+        self.write_timer = None;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The JSON reply for hyper's own bare error head in `buf`, if it is one.
+pub fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
+    let head = std::str::from_utf8(buf).ok()?;
+    let rest = head.strip_prefix("HTTP/1.1 ")?;
+    if !head.ends_with("\r\n\r\n")
+        || !head
+            .to_ascii_lowercase()
+            .contains("\r\ncontent-length: 0\r\n")
+        || head.to_ascii_lowercase().contains("updraft-error-code")
+    {
+        return None;
+    }
+    let (status, message) = match rest.get(..4)? {
+        "400 " => ("400 Bad Request", "malformed HTTP request".to_string()),
+        "414 " => (
+            "414 URI Too Long",
+            "the request URI is too long".to_string(),
+        ),
+        "431 " => (
+            "431 Request Header Fields Too Large",
+            format!(
+                "the request head is too large (at most {} bytes and {} headers)",
+                crate::api::MAX_HEAD_BYTES,
+                crate::api::MAX_HEADERS
+            ),
+        ),
+        _ => return None,
+    };
+    let body = serde_json::json!({ "error": message, "code": "bad_request" }).to_string();
+    Some(
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{}: bad_request\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            crate::api::H_ERROR_CODE,
+            body.len()
+        )
+        .into_bytes(),
+    )
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for ApiIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ApiIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        std::task::ready!(this.drive_pending(cx))?;
+        if let Some(reply) = replace_parse_error_reply(buf) {
+            this.pending = Some((reply, 0));
+            std::task::ready!(this.drive_pending(cx))?;
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.stalled(cx, r)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.drive_pending(cx))?;
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        this.stalled(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        std::task::ready!(this.drive_pending(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
 /// Decodes `%XX` and `+` in a query component.
 pub fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
@@ -180,6 +403,24 @@ mod tests {
         assert_eq!(pairs[1].1, "a b&c");
         assert_eq!(pairs[2].1, "é");
         assert!(parse_query("arg=%zz").is_err());
+    }
+
+    #[test]
+    fn hyper_parse_error_replies_get_the_json_body() {
+        let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Sat, 05 Dec 2026 16:00:00 GMT\r\n\r\n";
+        let r = String::from_utf8(replace_parse_error_reply(bare).unwrap()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+        assert!(r.contains("updraft-error-code: bad_request"), "{r}");
+        assert!(r.ends_with("\"code\":\"bad_request\",\"error\":\"the request head is too large (at most 32768 bytes and 64 headers)\"}") || r.contains("\"code\":\"bad_request\""), "{r}");
+        // Ours, a 200, and body bytes are left alone.
+        assert!(replace_parse_error_reply(b"HTTP/1.1 400 Bad Request\r\nupdraft-error-code: bad_request\r\ncontent-length: 0\r\n\r\n").is_none());
+        assert!(
+            replace_parse_error_reply(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").is_none()
+        );
+        assert!(replace_parse_error_reply(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 5\r\n\r\nhello"
+        )
+        .is_none());
     }
 
     #[test]

@@ -3,11 +3,19 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use updraft_agent::cli::{Cli, Command, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE};
+use updraft_agent::cli::{Cli, Command, ConfigArg, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE};
+
+/// Exit code for a command line that asks for something that would do nothing (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
 use updraft_agent::config::{AgentConfig, DEFAULT_CONFIG};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    updraft_shared::logging::exit_on_panic("updraft-agent");
+    let mut cli = Cli::parse();
+    if let Err(e) = cli.normalize() {
+        eprintln!("updraft-agent: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -18,57 +26,59 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    if let Command::Policy {
-        command: updraft_agent::cli::PolicyCommand::Check { file },
-    } = &cli.command
-    {
-        return ExitCode::from(updraft_agent::cli::policy_check(file));
-    }
-    if let Command::Enroll {
-        server,
-        server_name,
-        token,
-        ca_sha256,
-        agent_id,
-        force,
-    } = &cli.command
-    {
-        let config = match load_config(&cli) {
-            Ok(c) => c,
-            Err(code) => return code,
-        };
-        let enrolled = rt.block_on(updraft_agent::enroll::enroll(
-            &config,
+    match &cli.command {
+        Command::Policy {
+            command: updraft_agent::cli::PolicyCommand::Check { file },
+        } => return ExitCode::from(updraft_agent::cli::policy_check(file)),
+        Command::CheckConfig { config } => return check_config(config),
+        Command::Enroll {
             server,
-            server_name.as_deref(),
+            server_name,
             token,
             ca_sha256,
-            agent_id.as_deref(),
-            *force,
-        ));
-        return match enrolled {
-            Ok(e) => {
-                println!(
-                    "enrolled as `{}`: {} (certificate, valid until {}), {}, {}; start or restart the agent to use it",
-                    e.agent_id,
-                    e.files.cert.display(),
-                    humantime::format_rfc3339_seconds(e.not_after),
-                    e.files.key.display(),
-                    e.files.ca.display(),
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("updraft-agent: enroll: {e:#}");
-                ExitCode::from(EXIT_UNAVAILABLE)
-            }
-        };
+            agent_id,
+            force,
+            config,
+        } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let enrolled = rt.block_on(updraft_agent::enroll::enroll(
+                &config,
+                server,
+                server_name.as_deref(),
+                token,
+                ca_sha256,
+                agent_id.as_deref(),
+                *force,
+            ));
+            return match enrolled {
+                Ok(e) => {
+                    println!(
+                        "enrolled as `{}`: {} (certificate, valid until {}), {}, {}; start or restart the agent to use it",
+                        e.agent_id,
+                        e.files.cert.display(),
+                        humantime::format_rfc3339_seconds(e.not_after),
+                        e.files.key.display(),
+                        e.files.ca.display(),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("updraft-agent: enroll: {e:#}");
+                    ExitCode::from(EXIT_UNAVAILABLE)
+                }
+            };
+        }
+        Command::Serve { .. } => {}
+        _ => return ExitCode::from(rt.block_on(updraft_agent::cli::run_client(cli))),
     }
-    if !matches!(cli.command, Command::Serve) {
-        return ExitCode::from(rt.block_on(updraft_agent::cli::run_client(cli)));
-    }
+    let Command::Serve { config } = &cli.command else {
+        unreachable!("only serve is left")
+    };
     updraft_shared::logging::init("UPDRAFT_AGENT_LOG");
-    let config = match load_config(&cli) {
+    let config = match load_config(config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -88,12 +98,32 @@ fn main() -> ExitCode {
 
 /// The config `--config` names (default /etc/updraft/agent.toml), or the exit code for
 /// a bad one, already explained on stderr.
-fn load_config(cli: &Cli) -> Result<AgentConfig, ExitCode> {
-    let path = cli.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+fn load_config(arg: &ConfigArg) -> Result<AgentConfig, ExitCode> {
+    let path = arg.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
     AgentConfig::load(&path).map_err(|e| {
         eprintln!("updraft-agent: {e}");
         ExitCode::from(EXIT_BAD_CONFIG)
     })
+}
+
+/// `check-config`: 0 and one line on stdout when `serve` would start; 64 and the
+/// reason on stderr otherwise.
+fn check_config(arg: &ConfigArg) -> ExitCode {
+    let config = match load_config(arg) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let path = arg.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    match updraft_agent::cli::check_config(&config) {
+        Ok(summary) => {
+            println!("{}: {summary}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("updraft-agent: {}: {e:#}", path.display());
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
 }
 
 async fn serve(config: AgentConfig) -> anyhow::Result<()> {
@@ -110,7 +140,7 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     let identity = files.load().context(
         "loading the agent's TLS files (enroll with `updraft-agent enroll`, or set [tls] in agent.toml)",
     )?;
-    let listener = updraft_agent::service::bind_socket(&config.socket)?;
+    let listener = updraft_agent::api::bind_socket(&config.socket)?;
     let agent = updraft_agent::service::Agent::new(config, &identity)?;
     updraft_agent::service::run(agent, listener, updraft_shared::signals::terminated()).await
 }

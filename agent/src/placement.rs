@@ -96,8 +96,27 @@ pub struct CloudView {
     pub capacity: u32,
 }
 
-/// Decides where a task runs, in the contract's order: the request's `where`, then
-/// the task's `offload`, then the policy's rules and default, then the cost model.
+/// Why `requested` may not be honoured for a task: `offload = "never"` is the
+/// operator's word that the task's data stays on the board, so no submitter may move it
+/// off (`where=cloud`); `offload = "always"` may not be pulled onto the board
+/// (`where=local`). `None` when the request is compatible.
+pub fn conflict(spec: &TaskSpec, requested: Where) -> Option<String> {
+    match (spec.offload, requested) {
+        (Offload::Never, Where::Cloud) => Some(format!(
+            "task `{}` has offload = \"never\" in the agent's config: it may not run in the cloud, whatever where= asks",
+            spec.name
+        )),
+        (Offload::Always, Where::Local) => Some(format!(
+            "task `{}` has offload = \"always\" in the agent's config: it may not run on the board, whatever where= asks",
+            spec.name
+        )),
+        _ => None,
+    }
+}
+
+/// Decides where a task runs, in the contract's order: the task's `offload`, then the
+/// request's `where` (a `where` that contradicts `offload` is refused earlier, by
+/// [`conflict`]), then the policy's rules and default, then the cost model.
 /// `policy` and `auto` are only called when their step is reached.
 pub fn decide(
     spec: &TaskSpec,
@@ -113,25 +132,6 @@ pub fn decide(
         forced,
         prediction: None,
     };
-    match requested {
-        Where::Local => {
-            return p(
-                Side::Local,
-                "requested: where=local".into(),
-                ReasonKind::Requested,
-                true,
-            )
-        }
-        Where::Cloud => {
-            return p(
-                Side::Cloud,
-                "requested: where=cloud".into(),
-                ReasonKind::Requested,
-                true,
-            )
-        }
-        Where::Auto => {}
-    }
     match spec.offload {
         Offload::Never => {
             return p(
@@ -150,6 +150,25 @@ pub fn decide(
             )
         }
         Offload::Auto => {}
+    }
+    match requested {
+        Where::Local => {
+            return p(
+                Side::Local,
+                "requested: where=local".into(),
+                ReasonKind::Requested,
+                true,
+            )
+        }
+        Where::Cloud => {
+            return p(
+                Side::Cloud,
+                "requested: where=cloud".into(),
+                ReasonKind::Requested,
+                true,
+            )
+        }
+        Where::Auto => {}
     }
     let verdict = policy();
     let kind = if verdict.rule.is_some() {
@@ -253,8 +272,19 @@ mod tests {
             busy: 0,
             capacity: 2,
         };
-        // --where wins over everything, and is forced.
+        // offload wins over --where: a contradiction is refused, and were it to
+        // reach decide() the task would still stay where offload says.
+        assert!(conflict(&spec(Offload::Never), Where::Cloud).is_some());
+        assert!(conflict(&spec(Offload::Always), Where::Local).is_some());
+        assert!(conflict(&spec(Offload::Never), Where::Local).is_none());
+        assert!(conflict(&spec(Offload::Auto), Where::Cloud).is_none());
         let d = decide(&spec(Offload::Never), Where::Cloud, None, never(), never());
+        assert_eq!(
+            (d.side, d.forced, d.kind),
+            (Side::Local, true, ReasonKind::TaskOffload)
+        );
+        // --where wins over the policy, and is forced.
+        let d = decide(&spec(Offload::Auto), Where::Cloud, None, never(), never());
         assert_eq!(
             (d.side, d.forced, d.kind),
             (Side::Cloud, true, ReasonKind::Requested)

@@ -1494,30 +1494,9 @@ pub async fn run(
     served
 }
 
-/// Binds the API socket: creates its directory, replaces a stale socket file left by
-/// a previous run, refuses to steal one another agent is serving on, and restricts
-/// access to the owner and group (mode 0660).
+/// Binds the API socket ([`crate::api::bind_socket`]).
 pub fn bind_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use anyhow::Context;
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "{} is in use by a running agent; stop it or choose another socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set permissions on {}", path.display()))?;
-    Ok(listener)
+    crate::api::bind_socket(path)
 }
 
 /// Samples signals on one timer until shutdown.
@@ -1697,7 +1676,7 @@ async fn rebind_on_sigusr1(agent: Arc<Agent>, stop: CancellationToken) {
     }
 }
 
-/// Reloads the policy on SIGHUP.
+/// Reloads the policy on SIGHUP, and says what a changed agent.toml needs.
 async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
@@ -1706,7 +1685,10 @@ async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
     };
     loop {
         tokio::select! {
-            _ = hup.recv() => agent.knowledge.reload_policy("SIGHUP"),
+            _ = hup.recv() => {
+                agent.knowledge.reload_policy("SIGHUP");
+                crate::config::log_reread(&agent.config);
+            }
             () = stop.cancelled() => return,
         }
     }

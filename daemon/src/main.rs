@@ -13,6 +13,7 @@ use updraft_daemon::issued::{Issued, IssuedCert};
 const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    updraft_shared::logging::exit_on_panic("updraftd");
     let cli = Cli::parse();
     updraft_shared::logging::init("UPDRAFTD_LOG");
     match cli.command {

@@ -12,6 +12,14 @@ use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
 use tracing::{debug, info, warn};
 
+/// Scrapers served at once; one more is answered 503 and closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Time a scraper has to send its request headers; an idle connection is closed
+/// after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
 /// Binds `addr` and serves `GET /metrics` from `render` until the process ends.
 pub async fn serve(
     addr: SocketAddr,
@@ -21,18 +29,35 @@ pub async fn serve(
         format!("cannot listen for metrics on TCP {addr} (metrics_listen in daemon.toml)")
     })?;
     info!(metrics_listen = %listener.local_addr()?, "serving /metrics");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
     Ok(tokio::spawn(async move {
+        let mut pause = Duration::ZERO;
         loop {
             let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+                Ok((s, _)) => {
+                    pause = Duration::ZERO;
+                    s
+                }
                 Err(e) => {
-                    warn!(error = %e, "accepting on metrics_listen failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: back off, do not spin.
+                    pause = (pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    warn!(error = %e, ?pause, "accepting on metrics_listen failed");
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let _ = stream.try_write(BUSY);
+                debug!("metrics_listen: {MAX_CONNECTIONS} connections open; refused one");
+                continue;
+            };
             let render = render.clone();
+            let http = http.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
                     let render = render.clone();
                     async move {
@@ -50,10 +75,7 @@ pub async fn serve(
                     }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, svc)
-                    .await
-                {
+                if let Err(e) = http.serve_connection(io, svc).await {
                     debug!(error = %e, "metrics connection ended with an error");
                 }
             });

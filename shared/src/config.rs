@@ -7,6 +7,7 @@
 
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,101 @@ pub enum ConfigError {
         /// What is wrong and what would be right.
         reason: String,
     },
+}
+
+/// Range checks for numeric and duration keys, naming the file and the key.
+#[derive(Debug, Clone, Copy)]
+pub struct Ranges<'a> {
+    /// The config file, for the error.
+    pub path: &'a Path,
+}
+
+impl Ranges<'_> {
+    fn invalid(&self, key: &str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            reason,
+        }
+    }
+
+    /// `value` (or `default`) if it lies in `min..=max`.
+    pub fn count<T>(
+        &self,
+        key: &str,
+        value: Option<T>,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + Copy + std::fmt::Display,
+    {
+        let v = value.unwrap_or(default);
+        if v < min || v > max {
+            return Err(self.invalid(key, format!("{v} is out of range; allowed {min} to {max}")));
+        }
+        Ok(v)
+    }
+
+    /// A duration (or `default`) if it lies in `min..=max`.
+    pub fn duration(
+        &self,
+        key: &str,
+        value: Option<crate::units::HumanDuration>,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let v = value.map_or(default, |d| d.0);
+        if v < min || v > max {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "`{}` is out of range; allowed {} to {}",
+                    humantime::format_duration(v),
+                    short_duration(min),
+                    short_duration(max)
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// A size in bytes (or `default`) if it lies in `min..=max`.
+    pub fn bytes(
+        &self,
+        key: &str,
+        value: Option<crate::units::ByteSize>,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        let v = value.map_or(default, |b| b.0);
+        if v < min || v > max {
+            return Err(self.invalid(
+                key,
+                format!("{v} bytes is out of range; allowed {min} to {max} bytes"),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// A range bound as config files write it: `500ms`, `30s`, `5m`, `1h`, `3650d`.
+fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size && ms.checked_rem(size) == Some(0) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
 }
 
 /// Loads `path` (which must exist unless `optional`), overlaid with environment
@@ -168,6 +264,32 @@ mod tests {
         assert!(m.contains("lisen"), "{m}");
         assert!(m.contains("line 2"), "{m}");
         assert!(!m.contains('\n'), "{m}");
+    }
+
+    #[test]
+    fn ranges_name_file_key_and_bounds() {
+        let r = Ranges {
+            path: Path::new("/etc/u.toml"),
+        };
+        assert_eq!(r.count("n", None, 4, 1, 8).unwrap(), 4);
+        let m = r
+            .count("n", Some(1usize << 61), 4, 1, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.starts_with("/etc/u.toml: n: ") && m.contains("1 to 1024"),
+            "{m}"
+        );
+        let zero = Some(crate::units::HumanDuration(Duration::ZERO));
+        let (min, max) = (Duration::from_millis(10), Duration::from_secs(60));
+        let m = r
+            .duration("link.keep_alive", zero, min, min, max)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("link.keep_alive") && m.contains("10ms to 1m"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -49,16 +49,68 @@ pub fn init(env_var: &str) {
     }
 }
 
+/// The level words `log_level` accepts; `warning` is taken as `warn`.
+const LEVELS: &str = "off, error, warn (or warning), info, debug, trace";
+
 /// Checks a `log_level` value from a config file: a level (`debug`) or a full filter
-/// directive (`info,updraft_agent=debug`).
+/// directive (`info,updraft_agent=debug`). Every level word in it must be a level:
+/// tracing would take an unknown bare word (`warning`, `verbose`) as a target name and
+/// silence every line, so that is refused here instead.
 pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
-    let directive = match level {
-        "error" | "warn" | "info" | "debug" | "trace" => format!("{level},quinn=warn,rustls=warn"),
-        other => other.to_string(),
+    let bad = |why: String| format!("`{level}` is not a log level ({LEVELS}) or filter: {why}");
+    let mut parts = Vec::new();
+    for part in level.split(',').map(str::trim) {
+        let (target, word) = match part.rsplit_once('=') {
+            Some((t, w)) => (Some(t), w),
+            None => (None, part),
+        };
+        let word = match word.to_ascii_lowercase().as_str() {
+            "warning" => "warn".to_string(),
+            w @ ("off" | "error" | "warn" | "info" | "debug" | "trace") => w.to_string(),
+            _ => return Err(bad(format!("`{word}` is not a level"))),
+        };
+        parts.push(match target {
+            Some(t) if !t.is_empty() => format!("{t}={word}"),
+            Some(_) => return Err(bad(format!("`{part}` names no target"))),
+            None => word,
+        });
+    }
+    let directive = match parts.as_slice() {
+        [one] if !one.contains('=') => format!("{one},quinn=warn,rustls=warn"),
+        _ => parts.join(","),
     };
-    tracing_subscriber::EnvFilter::try_new(&directive).map_err(|e| {
-        format!("`{level}` is not a log level (error, warn, info, debug, trace) or filter: {e}")
-    })
+    tracing_subscriber::EnvFilter::try_new(&directive).map_err(|e| bad(e.to_string()))
+}
+
+/// Exit status of a service that panicked (EX_SOFTWARE).
+pub const EXIT_PANIC: i32 = 70;
+
+/// Makes any panic, in any thread or spawned task, end the process: the panic is
+/// logged (message and place) and the process exits with [`EXIT_PANIC`], so systemd's
+/// `Restart=on-failure` starts it afresh. Without this a panic in a spawned task
+/// kills only that task (tokio catches it) and leaves the service half-alive: a
+/// dispatcher or accept loop gone while the process still answers its watchdog.
+pub fn exit_on_panic(service: &'static str) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let place = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        let line = format!(
+            "{service} panicked{place}: {message}; exiting so the service manager restarts it"
+        );
+        if tracing::dispatcher::has_been_set() {
+            tracing::error!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+        std::process::exit(EXIT_PANIC);
+    }));
 }
 
 /// Applies the config file's `log_level`, unless the environment variable set one.
@@ -70,10 +122,57 @@ pub fn set_level(filter: tracing_subscriber::EnvFilter) {
 
 #[cfg(test)]
 mod tests {
+    /// A panic in a spawned task ends the whole process with [`super::EXIT_PANIC`]
+    /// (tokio alone would catch it and keep the process running). The test runs
+    /// itself as a child process that installs the hook and panics.
+    #[test]
+    fn a_panic_in_a_spawned_task_exits_the_process() {
+        const CHILD: &str = "UPDRAFT_TEST_PANIC_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            super::exit_on_panic("test-service");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::spawn(async { panic!("boom in a task") }).await;
+                // Reached only when the panic did not end the process.
+                std::process::exit(0);
+            });
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "logging::tests::a_panic_in_a_spawned_task_exits_the_process",
+                "--nocapture",
+            ])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(super::EXIT_PANIC), "{stderr}");
+        assert!(
+            stderr.contains("test-service panicked at") && stderr.contains("boom in a task"),
+            "{stderr}"
+        );
+    }
+
     #[test]
     fn levels_parse() {
         assert!(super::parse_level("debug").is_ok());
         assert!(super::parse_level("info,updraft_agent=trace").is_ok());
         assert!(super::parse_level("loud[").is_err());
+    }
+
+    #[test]
+    fn warning_is_warn_and_unknown_words_are_refused() {
+        assert!(super::parse_level("warn").is_ok());
+        assert!(super::parse_level("warning").is_ok());
+        assert!(super::parse_level("info,updraft_agent=warning").is_ok());
+        for bad in ["verbose", "warnings", "info,quinn=loud", "info,=debug", ""] {
+            let e = super::parse_level(bad).unwrap_err();
+            assert!(e.contains("is not a log level"), "{bad}: {e}");
+        }
     }
 }
