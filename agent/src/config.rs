@@ -338,6 +338,8 @@ impl AgentConfig {
         let api = api_config(&r, file.api)?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
+        updraft_shared::config::check_task_ranges(&catalog)
+            .map_err(|(key, reason)| invalid(&key, reason))?;
         let sample_interval = r.duration(
             "signals.sample_interval",
             file.signals.sample_interval,
@@ -743,6 +745,14 @@ mod tests {
                 "link.reconnect_max",
             ),
             ("[link]\nreplay_buffer = \"4GiB\"", "link.replay_buffer"),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\ntimeout = \"300000000000d\"",
+                "tasks.e.timeout",
+            ),
+            (
+                "[tasks.e]\nbuiltin = \"echo\"\nmax_input = \"99999999GiB\"",
+                "tasks.e.max_input",
+            ),
             ("[link]\nfailover_wait = \"30d\"", "link.failover_wait"),
             (
                 "[signals]\nsample_interval = \"0s\"",

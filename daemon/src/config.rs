@@ -151,59 +151,10 @@ pub mod range {
     pub const DEDUP_BYTES: (u64, u64) = (0, 16 << 30);
     /// `[dedup] hold_input`.
     pub const HOLD_INPUT: (u64, u64) = (0, 64 << 20);
-    /// `[tasks.NAME] timeout`.
-    pub const TASK_TIMEOUT: (Duration, Duration) = (ms(1), secs(7 * DAY));
-    /// `[tasks.NAME] max_input`, `max_output`.
-    pub const TASK_BYTES: (u64, u64) = (0, 1 << 40);
 }
 
-/// The ranges of the numbers in each `[tasks.NAME]` table.
-fn check_tasks(catalog: &Catalog) -> Result<(), (String, String)> {
-    for name in catalog.names() {
-        let Some(spec) = catalog.get(name) else {
-            continue;
-        };
-        let key = |k: &str| format!("tasks.{name}.{k}");
-        check_duration(spec.timeout, range::TASK_TIMEOUT).map_err(|e| (key("timeout"), e))?;
-        check_count(spec.max_input, range::TASK_BYTES).map_err(|e| (key("max_input"), e))?;
-        check_count(spec.max_output, range::TASK_BYTES).map_err(|e| (key("max_output"), e))?;
-    }
-    Ok(())
-}
-
-/// `value` within `(least, most)`, else the reason, for a number.
-pub fn check_count(value: u64, (least, most): (u64, u64)) -> Result<u64, String> {
-    if (least..=most).contains(&value) {
-        Ok(value)
-    } else {
-        Err(format!("{value} is out of range: use {least} to {most}"))
-    }
-}
-
-/// `value` within `(least, most)`, else the reason, for a duration.
-pub fn check_duration(
-    value: Duration,
-    (least, most): (Duration, Duration),
-) -> Result<Duration, String> {
-    if (least..=most).contains(&value) {
-        Ok(value)
-    } else {
-        Err(format!(
-            "`{}` is out of range: use {} to {}",
-            duration_text(value),
-            duration_text(least),
-            duration_text(most)
-        ))
-    }
-}
-
-/// A duration as operators write it: `90d` rather than humantime's months.
-pub fn duration_text(d: Duration) -> String {
-    match d.as_secs() {
-        s if s >= 86400 && s % 86400 == 0 && d.subsec_nanos() == 0 => format!("{}d", s / 86400),
-        _ => humantime::format_duration(d).to_string(),
-    }
-}
+use updraft_shared::config::check_task_ranges;
+pub use updraft_shared::config::{check_count, check_duration, duration_text};
 
 /// A validated daemon configuration.
 #[derive(Debug, Clone)]
@@ -343,7 +294,7 @@ impl DaemonConfig {
         )?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
-        check_tasks(&catalog).map_err(|(key, e)| invalid(&key, e))?;
+        check_task_ranges(&catalog).map_err(|(key, e)| invalid(&key, e))?;
         let drain_timeout = duration(
             "drain_timeout",
             file.drain_timeout,

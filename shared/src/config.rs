@@ -80,7 +80,7 @@ impl Ranges<'_> {
     {
         let v = value.unwrap_or(default);
         if v < min || v > max {
-            return Err(self.invalid(key, format!("{v} is out of range; allowed {min} to {max}")));
+            return Err(self.invalid(key, format!("{v} is out of range: use {min} to {max}")));
         }
         Ok(v)
     }
@@ -94,19 +94,8 @@ impl Ranges<'_> {
         min: Duration,
         max: Duration,
     ) -> Result<Duration, ConfigError> {
-        let v = value.map_or(default, |d| d.0);
-        if v < min || v > max {
-            return Err(self.invalid(
-                key,
-                format!(
-                    "`{}` is out of range; allowed {} to {}",
-                    humantime::format_duration(v),
-                    short_duration(min),
-                    short_duration(max)
-                ),
-            ));
-        }
-        Ok(v)
+        check_duration(value.map_or(default, |d| d.0), (min, max))
+            .map_err(|reason| self.invalid(key, reason))
     }
 
     /// A size in bytes (or `default`) if it lies in `min..=max`.
@@ -122,27 +111,81 @@ impl Ranges<'_> {
         if v < min || v > max {
             return Err(self.invalid(
                 key,
-                format!("{v} bytes is out of range; allowed {min} to {max} bytes"),
+                format!("{v} bytes is out of range: use {min} to {max} bytes"),
             ));
         }
         Ok(v)
     }
 }
 
-/// A range bound as config files write it: `500ms`, `30s`, `5m`, `1h`, `3650d`.
-fn short_duration(d: Duration) -> String {
+/// A duration as config files write it: `500ms`, `30s`, `5m`, `1h`, `90d` (rather than
+/// humantime's months); other values in humantime's words.
+pub fn duration_text(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1000),
-    ] {
-        if ms >= size && ms.checked_rem(size) == Some(0) {
-            return format!("{}{unit}", ms / size);
+    if d.subsec_nanos().is_multiple_of(1_000_000) {
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1000),
+        ] {
+            if ms >= size && ms.is_multiple_of(size) {
+                return format!("{}{unit}", ms / size);
+            }
+        }
+        if ms > 0 && ms < 1000 {
+            return format!("{ms}ms");
         }
     }
-    format!("{ms}ms")
+    humantime::format_duration(d).to_string()
+}
+
+/// `value` within `(least, most)`, else the reason, for a number.
+pub fn check_count(value: u64, (least, most): (u64, u64)) -> Result<u64, String> {
+    if (least..=most).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!("{value} is out of range: use {least} to {most}"))
+    }
+}
+
+/// `value` within `(least, most)`, else the reason, for a duration.
+pub fn check_duration(
+    value: Duration,
+    (least, most): (Duration, Duration),
+) -> Result<Duration, String> {
+    if (least..=most).contains(&value) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "`{}` is out of range: use {} to {}",
+            duration_text(value),
+            duration_text(least),
+            duration_text(most)
+        ))
+    }
+}
+
+/// `[tasks.NAME] timeout`: a task may run up to a week.
+pub const TASK_TIMEOUT: (Duration, Duration) =
+    (Duration::from_millis(1), Duration::from_secs(7 * 86_400));
+/// `[tasks.NAME] max_input`, `max_output`: up to 1 TiB, far past any board's disk, so
+/// no sum or multiple of them can overflow.
+pub const TASK_BYTES: (u64, u64) = (0, 1 << 40);
+
+/// The ranges of the numbers in each `[tasks.NAME]` table, on either side: the key
+/// (`tasks.NAME.timeout`) and the reason of the first out of range.
+pub fn check_task_ranges(catalog: &crate::catalog::Catalog) -> Result<(), (String, String)> {
+    for name in catalog.names() {
+        let Some(spec) = catalog.get(name) else {
+            continue;
+        };
+        let key = |k: &str| format!("tasks.{name}.{k}");
+        check_duration(spec.timeout, TASK_TIMEOUT).map_err(|e| (key("timeout"), e))?;
+        check_count(spec.max_input, TASK_BYTES).map_err(|e| (key("max_input"), e))?;
+        check_count(spec.max_output, TASK_BYTES).map_err(|e| (key("max_output"), e))?;
+    }
+    Ok(())
 }
 
 /// Loads `path` (which must exist unless `optional`), overlaid with environment
