@@ -242,13 +242,26 @@ struct Tally<'a> {
     task: &'a str,
     outcome: &'static str,
     started: Instant,
+    /// Counted already (see [`Tally::record`]).
+    recorded: bool,
+}
+
+impl Tally<'_> {
+    /// Counts the task now, with the outcome it has, rather than when the handler
+    /// ends: a trailer is counted before the agent can hold it, so a scrape made after
+    /// an agent saw a result counts that result.
+    fn record(&mut self) {
+        if !std::mem::replace(&mut self.recorded, true) {
+            self.shared
+                .stats
+                .record("", self.task, self.outcome, self.started.elapsed());
+        }
+    }
 }
 
 impl Drop for Tally<'_> {
     fn drop(&mut self) {
-        self.shared
-            .stats
-            .record("", self.task, self.outcome, self.started.elapsed());
+        self.record();
     }
 }
 
@@ -528,6 +541,7 @@ async fn handle_task(
         task: label,
         outcome: "agent_gone",
         started: Instant::now(),
+        recorded: false,
     };
     let id = header.id.as_str();
     let key = TaskKey::new(peer, id);
@@ -994,6 +1008,7 @@ async fn finish(
         return;
     }
     debug!(agent, task, id, exit_code = ?trailer.exit_code, "task finished");
+    tally.record();
     deliver_trailer(&mut ts.send, &trailer).await;
 }
 
