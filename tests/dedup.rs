@@ -7,13 +7,11 @@
 mod common;
 
 use bytes::{BufMut, BytesMut};
+use common::wire::*;
 use common::*;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
-use updraft_shared::protocol::{ErrorCode, FrameKind, ReplyHeader, RequestHeader, Trailer};
+use updraft_shared::protocol::{ErrorCode, ReplyHeader, RequestHeader, Trailer};
 use updraft_shared::wire::FrameReader;
 
 /// Longest any single wait in these tests may take before it counts as a hang.
@@ -102,35 +100,6 @@ timeout = "60s"
     }
 }
 
-fn client_config(dir: &Path, cn: &str) -> quinn::ClientConfig {
-    let ca_cert = std::fs::read_to_string(dir.join("pki/ca.pem")).unwrap();
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(dir.join("pki/ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in updraft_shared::tls::load_certs(&dir.join("pki/ca.pem")).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(updraft_shared::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-    tls.alpn_protocols = vec![updraft_shared::protocol::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ))
-}
-
 fn endpoint() -> quinn::Endpoint {
     quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
 }
@@ -159,35 +128,6 @@ async fn send_task(
     FrameReader::new(recv)
 }
 
-async fn next_frame(
-    reader: &mut FrameReader<quinn::RecvStream>,
-) -> updraft_shared::protocol::Frame {
-    tokio::time::timeout(WAIT, reader.next())
-        .await
-        .expect("a frame within the wait limit")
-        .expect("reading a frame")
-        .expect("a frame, not the end of the stream")
-}
-
-async fn read_reply(reader: &mut FrameReader<quinn::RecvStream>) -> ReplyHeader {
-    let frame = next_frame(reader).await;
-    assert_eq!(frame.kind, FrameKind::Reply);
-    ReplyHeader::from_frame(&frame).unwrap()
-}
-
-/// Data frames until the trailer.
-async fn read_result(reader: &mut FrameReader<quinn::RecvStream>) -> (Vec<u8>, Trailer) {
-    let mut output = Vec::new();
-    loop {
-        let frame = next_frame(reader).await;
-        match frame.kind {
-            FrameKind::Data => output.extend_from_slice(&frame.payload),
-            FrameKind::Trailer => return (output, Trailer::from_frame(&frame).unwrap()),
-            other => panic!("unexpected {other:?} frame"),
-        }
-    }
-}
-
 /// Runs a task to its end: accepted, its output and trailer.
 async fn run_task(
     conn: &quinn::Connection,
@@ -196,8 +136,8 @@ async fn run_task(
     input: &[u8],
 ) -> (Vec<u8>, Trailer) {
     let mut reader = send_task(conn, id, task, input).await;
-    assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
-    read_result(&mut reader).await
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
+    read_result(&mut reader, WAIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,7 +155,7 @@ async fn same_id_twice_runs_once_and_both_get_the_result() {
 
     // The same id for another task is refused, not answered with the first result.
     let mut reader = send_task(&conn, "a1", "echo", b"hello").await;
-    match read_reply(&mut reader).await {
+    match read_reply(&mut reader, WAIT).await {
         ReplyHeader::Rejected { code, message } => {
             assert_eq!(code, ErrorCode::BadRequest);
             assert!(message.contains("a1"), "{message}");
@@ -234,16 +174,16 @@ async fn retry_while_running_joins_the_first_run() {
     let ep = endpoint();
     let conn = d.connect(&ep, &d.agent("board-1")).await;
     let mut first = send_task(&conn, "b1", "gated", b"joined").await;
-    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
     d.wait_runs(1);
     // The gate is shut, so the first run is still in progress when this is accepted.
     let mut second = send_task(&conn, "b1", "gated", b"joined").await;
-    assert_eq!(read_reply(&mut second).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut second, WAIT).await, ReplyHeader::Accepted);
     d.wait_log("task id b1 retried while its first run is in progress");
     d.open_gate();
     let (a, b) = (
-        read_result(&mut first).await,
-        read_result(&mut second).await,
+        read_result(&mut first, WAIT).await,
+        read_result(&mut second, WAIT).await,
     );
     assert_eq!(a.0, b"joined");
     assert_eq!(a.1.exit_code, Some(0));
@@ -260,7 +200,7 @@ async fn retry_on_a_new_connection_collects_the_result_of_a_run_whose_agent_went
     let ep = endpoint();
     let conn = d.connect(&ep, &agent).await;
     let mut first = send_task(&conn, "c1", "gated", &input).await;
-    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
     // The task notes its run only after reading its whole input.
     d.wait_runs(1);
     conn.close(0u32.into(), b"link lost");
@@ -270,9 +210,9 @@ async fn retry_on_a_new_connection_collects_the_result_of_a_run_whose_agent_went
     let ep2 = endpoint();
     let conn2 = d.connect(&ep2, &agent).await;
     let mut retry = send_task(&conn2, "c1", "gated", &input).await;
-    assert_eq!(read_reply(&mut retry).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut retry, WAIT).await, ReplyHeader::Accepted);
     d.open_gate();
-    let (output, trailer) = read_result(&mut retry).await;
+    let (output, trailer) = read_result(&mut retry, WAIT).await;
     assert!(output == input, "the retry gets the whole output");
     assert_eq!(trailer.exit_code, Some(0));
     assert_eq!(trailer.output_bytes, input.len() as u64);
@@ -348,7 +288,7 @@ async fn an_upload_cut_short_runs_nothing_so_the_retry_runs_once() {
     let ep = endpoint();
     let conn = d.connect(&ep, &agent).await;
     let (_send, mut first) = send_part(&conn, "e1", small.len(), &small[..1000]).await;
-    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
     conn.close(0u32.into(), b"link lost");
     d.wait_log("agent went away while sending the task's input; nothing ran");
     assert_eq!(d.runs(), 0, "a task with a partial input did not start");
@@ -364,11 +304,11 @@ async fn an_upload_cut_short_runs_nothing_so_the_retry_runs_once() {
     // before the upload ends.
     let big = noise(64 * 1024, 6);
     let (mut send, mut reader) = send_part(&conn2, "e2", big.len(), &big[..16 * 1024]).await;
-    assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     d.wait_runs(2);
     send.write_all(&big[16 * 1024..]).await.unwrap();
     send.finish().unwrap();
-    let (output, trailer) = read_result(&mut reader).await;
+    let (output, trailer) = read_result(&mut reader, WAIT).await;
     assert!(output == big);
     assert_eq!(trailer.exit_code, Some(0));
     ep.close(0u32.into(), b"");

@@ -8,50 +8,17 @@
 mod common;
 
 use bytes::{BufMut, BytesMut};
+use common::wire::*;
 use common::*;
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::io::Write;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use updraft_shared::protocol::{
-    ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, RESET_ABANDONED,
-    STOP_CANCELLED, STOP_INPUT,
+    ErrorCode, LoadReport, ReplyHeader, RequestHeader, RESET_ABANDONED, STOP_CANCELLED, STOP_INPUT,
 };
 use updraft_shared::wire::FrameReader;
 
 /// Longest any single wait in these tests may take before it counts as a hang.
 const WAIT: Duration = Duration::from_secs(30);
-
-fn client_config(dir: &Path, cn: &str) -> quinn::ClientConfig {
-    let ca_cert = std::fs::read_to_string(dir.join("pki/ca.pem")).unwrap();
-    let ca_key =
-        KeyPair::from_pem(&std::fs::read_to_string(dir.join("pki/ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = p.signed_by(&key, &issuer).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in updraft_shared::tls::load_certs(&dir.join("pki/ca.pem")).unwrap() {
-        roots.add(c).unwrap();
-    }
-    let mut tls = rustls::ClientConfig::builder_with_provider(updraft_shared::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![cert.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-    tls.alpn_protocols = vec![updraft_shared::protocol::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ))
-}
 
 /// A daemon started with `extra` config, and a QUIC endpoint to reach it.
 struct Daemon {
@@ -115,39 +82,6 @@ async fn open_task(
     (send, FrameReader::new(recv))
 }
 
-async fn next_frame(
-    reader: &mut FrameReader<quinn::RecvStream>,
-    wait: Duration,
-) -> updraft_shared::protocol::Frame {
-    tokio::time::timeout(wait, reader.next())
-        .await
-        .expect("a frame within the wait limit")
-        .expect("reading a frame")
-        .expect("a frame, not the end of the stream")
-}
-
-async fn read_reply(reader: &mut FrameReader<quinn::RecvStream>) -> ReplyHeader {
-    let frame = next_frame(reader, WAIT).await;
-    assert_eq!(frame.kind, FrameKind::Reply);
-    ReplyHeader::from_frame(&frame).unwrap()
-}
-
-/// Data frames until the trailer, each within `wait`.
-async fn read_result(
-    reader: &mut FrameReader<quinn::RecvStream>,
-    wait: Duration,
-) -> (Vec<u8>, Trailer) {
-    let mut output = Vec::new();
-    loop {
-        let frame = next_frame(reader, wait).await;
-        match frame.kind {
-            FrameKind::Data => output.extend_from_slice(&frame.payload),
-            FrameKind::Trailer => return (output, Trailer::from_frame(&frame).unwrap()),
-            other => panic!("unexpected {other:?} frame"),
-        }
-    }
-}
-
 /// Reads load reports until one satisfies `want`.
 async fn wait_load(
     loads: &mut FrameReader<quinn::RecvStream>,
@@ -179,7 +113,7 @@ async fn held_upload_holds_no_slot_and_is_timed_apart() {
     let mut loads = FrameReader::new(conn.accept_uni().await.unwrap());
 
     let (mut send, mut slow) = open_task(&conn, "slow-upload", "echo", b"first half, ").await;
-    assert_eq!(read_reply(&mut slow).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut slow, WAIT).await, ReplyHeader::Accepted);
     let upload_began = Instant::now();
     let load = wait_load(&mut loads, "one upload", |l| l.uploading == 1).await;
     assert_eq!((load.running, load.queued, load.capacity), (0, 0, 1));
@@ -187,7 +121,7 @@ async fn held_upload_holds_no_slot_and_is_timed_apart() {
     // The one slot is free for a task whose input is here.
     let (mut quick_send, mut quick) = open_task(&conn, "quick", "echo", b"hi").await;
     quick_send.finish().unwrap();
-    assert_eq!(read_reply(&mut quick).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut quick, WAIT).await, ReplyHeader::Accepted);
     let (out, trailer) = read_result(&mut quick, WAIT).await;
     assert_eq!((out.as_slice(), trailer.exit_code), (&b"hi"[..], Some(0)));
     let uploading_for = upload_began.elapsed();
@@ -221,11 +155,11 @@ async fn uploads_per_agent_are_bounded() {
     let mut open = Vec::new();
     for id in ["u1", "u2"] {
         let (send, mut reader) = open_task(&conn, id, "echo", b"part").await;
-        assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
+        assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
         open.push((send, reader));
     }
     let (_third_send, mut third) = open_task(&conn, "u3", "echo", b"part").await;
-    match read_reply(&mut third).await {
+    match read_reply(&mut third, WAIT).await {
         ReplyHeader::Rejected { code, message } => {
             assert_eq!(code, ErrorCode::Busy);
             assert!(message.contains("max_uploads_per_agent"), "{message}");
@@ -237,7 +171,7 @@ async fn uploads_per_agent_are_bounded() {
     let other = d.connect("board-2").await;
     let (mut s, mut r) = open_task(&other, "v1", "echo", b"x").await;
     s.finish().unwrap();
-    assert_eq!(read_reply(&mut r).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut r, WAIT).await, ReplyHeader::Accepted);
     assert_eq!(read_result(&mut r, WAIT).await.0, b"x");
     // A finished upload makes room again.
     let (mut send, mut reader) = open.remove(0);
@@ -245,7 +179,7 @@ async fn uploads_per_agent_are_bounded() {
     assert_eq!(read_result(&mut reader, WAIT).await.0, b"part");
     let (mut s, mut r) = open_task(&conn, "u4", "echo", b"y").await;
     s.finish().unwrap();
-    assert_eq!(read_reply(&mut r).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut r, WAIT).await, ReplyHeader::Accepted);
     assert_eq!(read_result(&mut r, WAIT).await.0, b"y");
 }
 
@@ -257,7 +191,7 @@ async fn max_input_counts_every_held_byte() {
     let d = Daemon::start("");
     let conn = d.connect("board-1").await;
     let (send, mut reader) = open_task(&conn, "big", "small", &noise(100 * 1024, 7)).await;
-    assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     // The input is never finished: only the limit can end this.
     let (out, trailer) = read_result(&mut reader, Duration::from_secs(10)).await;
     assert!(out.is_empty());
@@ -281,7 +215,7 @@ async fn reset_during_held_upload_gets_internal_trailer() {
     ));
     let conn = d.connect("board-1").await;
     let (mut send, mut reader) = open_task(&conn, "cut", "counted", b"a small input, cut").await;
-    assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     send.reset(RESET_ABANDONED.into()).unwrap();
     let (out, trailer) = read_result(&mut reader, WAIT).await;
     assert!(out.is_empty());
@@ -291,7 +225,7 @@ async fn reset_during_held_upload_gets_internal_trailer() {
     // Not remembered: the retry runs on its whole input.
     let (mut send, mut reader) = open_task(&conn, "cut", "counted", b"whole").await;
     send.finish().unwrap();
-    assert_eq!(read_reply(&mut reader).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     let (out, trailer) = read_result(&mut reader, WAIT).await;
     assert_eq!(
         (out.as_slice(), trailer.exit_code),
@@ -321,7 +255,7 @@ async fn cancel_spares_a_run_a_retry_waits_for() {
     // Alone: cancelled, killed.
     let (mut send, mut alone) = open_task(&conn, "alone", "gated", b"x").await;
     send.finish().unwrap();
-    assert_eq!(read_reply(&mut alone).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut alone, WAIT).await, ReplyHeader::Accepted);
     wait_for("the first run", WAIT, || (count() == 1).then_some(()));
     alone.get_mut().stop(STOP_CANCELLED.into()).unwrap();
     wait_for("the daemon to kill the cancelled run", WAIT, || {
@@ -332,11 +266,11 @@ async fn cancel_spares_a_run_a_retry_waits_for() {
     // Joined: the retry keeps it going.
     let (mut send, mut first) = open_task(&conn, "joined", "gated", b"kept").await;
     send.finish().unwrap();
-    assert_eq!(read_reply(&mut first).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
     wait_for("the second run", WAIT, || (count() == 2).then_some(()));
     let (mut send, mut retry) = open_task(&conn, "joined", "gated", b"kept").await;
     let _ = send.finish();
-    assert_eq!(read_reply(&mut retry).await, ReplyHeader::Accepted);
+    assert_eq!(read_reply(&mut retry, WAIT).await, ReplyHeader::Accepted);
     wait_for("the retry to join the run", WAIT, || {
         d.daemon
             .log()
