@@ -163,9 +163,9 @@ impl Input for RequestBody {
 /// - hyper's own replies to a request it cannot parse (400, 414 URI too long, 431
 ///   headers too large: a bare head, `content-length: 0`, no body) are replaced by the
 ///   API's JSON error with an `Updraft-Error-Code` header, like every other refusal.
-///   Hyper writes one only before any reply of the request, as the whole buffer
-///   (writev is off), and ours always carry `updraft-error-code`, so a task's output is
-///   never mistaken for one.
+///   Hyper writes one only before any reply of the request, as one whole write (or
+///   the first slice of a vectored one), and ours always carry `updraft-error-code`,
+///   so a task's output is never mistaken for one.
 #[derive(Debug)]
 pub struct ApiIo<S> {
     inner: S,
@@ -242,6 +242,15 @@ impl<S: tokio::io::AsyncWrite + Unpin> ApiIo<S> {
 
 /// The JSON reply for hyper's own bare error head in `buf`, if it is one.
 pub fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
+    // Every write of every reply passes here: anything but a short head with one of
+    // the three statuses hyper answers by itself is let through without a look.
+    let status = buf.get(..13)?;
+    if buf.len() > 1024
+        || !status.starts_with(b"HTTP/1.1 ")
+        || ![&b"400 "[..], b"414 ", b"431 "].contains(&&status[9..13])
+    {
+        return None;
+    }
     let head = std::str::from_utf8(buf).ok()?;
     let rest = head.strip_prefix("HTTP/1.1 ")?;
     if !head.ends_with("\r\n\r\n")
@@ -304,6 +313,29 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ApiIo<S> {
         }
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         this.stalled(cx, r)
+    }
+
+    /// Output goes out as hyper queued it (head, then body chunks), without the copy
+    /// into one buffer that hyper makes for a writer that cannot write vectors. A head
+    /// hyper wrote by itself has no body, so it is the first slice alone.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        std::task::ready!(this.drive_pending(cx))?;
+        if let Some(reply) = bufs.first().and_then(|b| replace_parse_error_reply(b)) {
+            this.pending = Some((reply, 0));
+            std::task::ready!(this.drive_pending(cx))?;
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.stalled(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
