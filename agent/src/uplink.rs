@@ -552,6 +552,20 @@ pub enum OffloadError<I> {
     },
 }
 
+/// The task did not start on the daemon: `input` comes back whole, with the daemon's
+/// refusal `code` if it gave one.
+fn not_started<I, T>(
+    code: Option<ErrorCode>,
+    reason: String,
+    input: Replay<I>,
+) -> Result<T, OffloadError<I>> {
+    Err(OffloadError::NotStarted {
+        code,
+        reason,
+        input,
+    })
+}
+
 /// Offloads one task over `conn`: sends the header and the input, copies the output
 /// into `output`, and returns the daemon's trailer.
 ///
@@ -572,13 +586,6 @@ pub async fn offload<I: Input, O: Output>(
     cfg: &LinkConfig,
     on_drop: OnDrop,
 ) -> Result<Trailer, OffloadError<I>> {
-    let not_started = |code, reason: String, input: Replay<I>| {
-        Err(OffloadError::NotStarted {
-            code,
-            reason,
-            input,
-        })
-    };
     let (send, recv) = match tokio::time::timeout(cfg.accept_timeout, conn.open_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return not_started(None, format!("cannot open a stream: {e}"), input),
@@ -652,13 +659,6 @@ async fn exchange<I: Input, O: Output>(
     output: &mut O,
     cfg: &LinkConfig,
 ) -> Result<Trailer, OffloadError<I>> {
-    let not_started = |code, reason: String, input: Replay<I>| {
-        Err(OffloadError::NotStarted {
-            code,
-            reason,
-            input,
-        })
-    };
     let TaskStream {
         send,
         reader,
