@@ -5,21 +5,9 @@
 
 mod common;
 
-use common::{bin, updraftd};
+use common::{bin, ca_init, updraftd};
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn pki(dir: &Path, name: &str) {
-    let out = updraftd(&[
-        "ca",
-        "init",
-        "--dir",
-        dir.join(name).to_str().unwrap(),
-        "--name",
-        "localhost",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -54,8 +42,8 @@ fn serve(cfg: &str) -> Output {
 #[test]
 fn a_key_from_another_pair_fails_check_config_and_serve_alike() {
     let d = tempfile::tempdir().unwrap();
-    pki(d.path(), "pki");
-    pki(d.path(), "other");
+    ca_init(d.path(), "pki");
+    ca_init(d.path(), "other");
     let cfg = write_config(d.path(), "pki/server.pem", "other/server.key", "");
     let out = check(&cfg);
     assert_eq!(out.status.code(), Some(64), "{}", text(&out.stderr));
@@ -80,7 +68,7 @@ fn a_key_from_another_pair_fails_check_config_and_serve_alike() {
 #[test]
 fn a_missing_certificate_file_fails_check_config() {
     let d = tempfile::tempdir().unwrap();
-    pki(d.path(), "pki");
+    ca_init(d.path(), "pki");
     let cfg = write_config(d.path(), "pki/nowhere.pem", "pki/server.key", "");
     let out = check(&cfg);
     let said = text(&out.stderr);
@@ -95,7 +83,7 @@ fn a_missing_certificate_file_fails_check_config() {
 #[test]
 fn out_of_range_values_fail_check_config_naming_the_key() {
     let d = tempfile::tempdir().unwrap();
-    pki(d.path(), "pki");
+    ca_init(d.path(), "pki");
     for (line, key) in [
         (
             "max_concurrent_tasks = 2305843009213693952",
@@ -123,7 +111,7 @@ fn out_of_range_values_fail_check_config_naming_the_key() {
 #[test]
 fn a_task_program_that_is_not_installed_is_a_warning() {
     let d = tempfile::tempdir().unwrap();
-    pki(d.path(), "pki");
+    ca_init(d.path(), "pki");
     let cfg = write_config(
         d.path(),
         "pki/server.pem",

@@ -107,26 +107,12 @@ fn sighup_reloads_the_catalog_and_refuses_a_broken_config() {
     assert!(status.success(), "{status:?}");
 }
 
-/// `updraftd ca init` into `dir/NAME`; returns the CA fingerprint it printed.
-fn ca_init(dir: &std::path::Path, name: &str) -> String {
-    let out = common::updraftd(&[
-        "ca",
-        "init",
-        "--dir",
-        dir.join(name).to_str().unwrap(),
-        "--name",
-        "localhost",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 #[test]
 fn sighup_swaps_the_tls_files_for_new_connections() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let old_fp = ca_init(dir, "pki");
-    let new_fp = ca_init(dir, "newpki");
+    let old_fp = common::ca_init(dir, "pki");
+    let new_fp = common::ca_init(dir, "newpki");
     let (daemon, addr) = common::start_daemon(dir, "");
     let cfg = dir.join("daemon.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();

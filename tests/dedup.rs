@@ -254,31 +254,6 @@ async fn output_over_max_result_is_not_kept_so_a_retry_runs_again() {
     ep.close(0u32.into(), b"");
 }
 
-/// Opens a task stream announcing `input_len` bytes and sends only `part` of them,
-/// leaving the stream open like an agent whose link is cut mid-upload.
-async fn send_part(
-    conn: &quinn::Connection,
-    id: &str,
-    input_len: usize,
-    part: &[u8],
-) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
-    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
-    let mut buf = BytesMut::new();
-    RequestHeader {
-        id: id.into(),
-        task: "counted".into(),
-        args: vec![],
-        input_len: Some(input_len as u64),
-    }
-    .to_frame()
-    .encode(&mut buf);
-    buf.put_slice(part);
-    send.write_all(&buf)
-        .await
-        .expect("sending part of the input");
-    (send, FrameReader::new(recv))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_cut_short_runs_nothing_so_the_retry_runs_once() {
     // `counted` notes its run before it reads any input, so a start shows at once.
@@ -287,7 +262,14 @@ async fn an_upload_cut_short_runs_nothing_so_the_retry_runs_once() {
     let small = noise(3000, 5);
     let ep = endpoint();
     let conn = d.connect(&ep, &agent).await;
-    let (_send, mut first) = send_part(&conn, "e1", small.len(), &small[..1000]).await;
+    let (_send, mut first) = open_task(
+        &conn,
+        "e1",
+        "counted",
+        Some(small.len() as u64),
+        &small[..1000],
+    )
+    .await;
     assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
     conn.close(0u32.into(), b"link lost");
     d.wait_log("agent went away while sending the task's input; nothing ran");
@@ -303,7 +285,14 @@ async fn an_upload_cut_short_runs_nothing_so_the_retry_runs_once() {
     // An input over hold_input streams into the task as it arrives: it has started
     // before the upload ends.
     let big = noise(64 * 1024, 6);
-    let (mut send, mut reader) = send_part(&conn2, "e2", big.len(), &big[..16 * 1024]).await;
+    let (mut send, mut reader) = open_task(
+        &conn2,
+        "e2",
+        "counted",
+        Some(big.len() as u64),
+        &big[..16 * 1024],
+    )
+    .await;
     assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     d.wait_runs(2);
     send.write_all(&big[16 * 1024..]).await.unwrap();

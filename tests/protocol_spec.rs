@@ -46,16 +46,7 @@ timeout = "120s"
         ),
     )
     .unwrap();
-    let mut cmd = std::process::Command::new(bin("updraftd"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    let daemon = Proc::spawn("updraftd", cmd);
-    let addr = wait_for("the daemon to listen", Duration::from_secs(20), || {
-        let log = daemon.log();
-        let line = log.lines().find(|l| l.contains("updraftd serving"))?;
-        let at = line.find("listen=")? + "listen=".len();
-        Some(line[at..].split_whitespace().next()?.to_string())
-    });
-    (daemon, addr)
+    serve_daemon(&cfg, "the daemon")
 }
 
 /// Client config with the agent certificate `make_pki` issued (`board-1`).

@@ -7,13 +7,12 @@
 
 mod common;
 
-use bytes::{BufMut, BytesMut};
 use common::wire::*;
 use common::*;
 use std::io::Write;
 use std::time::{Duration, Instant};
 use updraft_shared::protocol::{
-    ErrorCode, LoadReport, ReplyHeader, RequestHeader, RESET_ABANDONED, STOP_CANCELLED, STOP_INPUT,
+    ErrorCode, LoadReport, ReplyHeader, RESET_ABANDONED, STOP_CANCELLED, STOP_INPUT,
 };
 use updraft_shared::wire::FrameReader;
 
@@ -57,31 +56,6 @@ impl Daemon {
     }
 }
 
-/// Opens a task stream and sends the request (without `input_len`) and `input`,
-/// leaving the input open.
-async fn open_task(
-    conn: &quinn::Connection,
-    id: &str,
-    task: &str,
-    input: &[u8],
-) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
-    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
-    let mut buf = BytesMut::new();
-    RequestHeader {
-        id: id.into(),
-        task: task.into(),
-        args: vec![],
-        input_len: None,
-    }
-    .to_frame()
-    .encode(&mut buf);
-    buf.put_slice(input);
-    send.write_all(&buf)
-        .await
-        .expect("sending request and input");
-    (send, FrameReader::new(recv))
-}
-
 /// Reads load reports until one satisfies `want`.
 async fn wait_load(
     loads: &mut FrameReader<quinn::RecvStream>,
@@ -112,14 +86,14 @@ async fn held_upload_holds_no_slot_and_is_timed_apart() {
     let conn = d.connect("board-1").await;
     let mut loads = FrameReader::new(conn.accept_uni().await.unwrap());
 
-    let (mut send, mut slow) = open_task(&conn, "slow-upload", "echo", b"first half, ").await;
+    let (mut send, mut slow) = open_task(&conn, "slow-upload", "echo", None, b"first half, ").await;
     assert_eq!(read_reply(&mut slow, WAIT).await, ReplyHeader::Accepted);
     let upload_began = Instant::now();
     let load = wait_load(&mut loads, "one upload", |l| l.uploading == 1).await;
     assert_eq!((load.running, load.queued, load.capacity), (0, 0, 1));
 
     // The one slot is free for a task whose input is here.
-    let (mut quick_send, mut quick) = open_task(&conn, "quick", "echo", b"hi").await;
+    let (mut quick_send, mut quick) = open_task(&conn, "quick", "echo", None, b"hi").await;
     quick_send.finish().unwrap();
     assert_eq!(read_reply(&mut quick, WAIT).await, ReplyHeader::Accepted);
     let (out, trailer) = read_result(&mut quick, WAIT).await;
@@ -154,11 +128,11 @@ async fn uploads_per_agent_are_bounded() {
     let conn = d.connect("board-1").await;
     let mut open = Vec::new();
     for id in ["u1", "u2"] {
-        let (send, mut reader) = open_task(&conn, id, "echo", b"part").await;
+        let (send, mut reader) = open_task(&conn, id, "echo", None, b"part").await;
         assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
         open.push((send, reader));
     }
-    let (_third_send, mut third) = open_task(&conn, "u3", "echo", b"part").await;
+    let (_third_send, mut third) = open_task(&conn, "u3", "echo", None, b"part").await;
     match read_reply(&mut third, WAIT).await {
         ReplyHeader::Rejected { code, message } => {
             assert_eq!(code, ErrorCode::Busy);
@@ -169,7 +143,7 @@ async fn uploads_per_agent_are_bounded() {
     }
     // Another agent, even on its own connection, has its own bound.
     let other = d.connect("board-2").await;
-    let (mut s, mut r) = open_task(&other, "v1", "echo", b"x").await;
+    let (mut s, mut r) = open_task(&other, "v1", "echo", None, b"x").await;
     s.finish().unwrap();
     assert_eq!(read_reply(&mut r, WAIT).await, ReplyHeader::Accepted);
     assert_eq!(read_result(&mut r, WAIT).await.0, b"x");
@@ -177,7 +151,7 @@ async fn uploads_per_agent_are_bounded() {
     let (mut send, mut reader) = open.remove(0);
     send.finish().unwrap();
     assert_eq!(read_result(&mut reader, WAIT).await.0, b"part");
-    let (mut s, mut r) = open_task(&conn, "u4", "echo", b"y").await;
+    let (mut s, mut r) = open_task(&conn, "u4", "echo", None, b"y").await;
     s.finish().unwrap();
     assert_eq!(read_reply(&mut r, WAIT).await, ReplyHeader::Accepted);
     assert_eq!(read_result(&mut r, WAIT).await.0, b"y");
@@ -190,7 +164,7 @@ async fn uploads_per_agent_are_bounded() {
 async fn max_input_counts_every_held_byte() {
     let d = Daemon::start("");
     let conn = d.connect("board-1").await;
-    let (send, mut reader) = open_task(&conn, "big", "small", &noise(100 * 1024, 7)).await;
+    let (send, mut reader) = open_task(&conn, "big", "small", None, &noise(100 * 1024, 7)).await;
     assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     // The input is never finished: only the limit can end this.
     let (out, trailer) = read_result(&mut reader, Duration::from_secs(10)).await;
@@ -214,7 +188,8 @@ async fn reset_during_held_upload_gets_internal_trailer() {
         runs.display()
     ));
     let conn = d.connect("board-1").await;
-    let (mut send, mut reader) = open_task(&conn, "cut", "counted", b"a small input, cut").await;
+    let (mut send, mut reader) =
+        open_task(&conn, "cut", "counted", None, b"a small input, cut").await;
     assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     send.reset(RESET_ABANDONED.into()).unwrap();
     let (out, trailer) = read_result(&mut reader, WAIT).await;
@@ -223,7 +198,7 @@ async fn reset_during_held_upload_gets_internal_trailer() {
     assert!(trailer.message.contains("reset"), "{trailer:?}");
     assert!(!runs.exists(), "the task ran on a cut-off input");
     // Not remembered: the retry runs on its whole input.
-    let (mut send, mut reader) = open_task(&conn, "cut", "counted", b"whole").await;
+    let (mut send, mut reader) = open_task(&conn, "cut", "counted", None, b"whole").await;
     send.finish().unwrap();
     assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     let (out, trailer) = read_result(&mut reader, WAIT).await;
@@ -253,7 +228,7 @@ async fn cancel_spares_a_run_a_retry_waits_for() {
     let conn = d.connect("board-1").await;
 
     // Alone: cancelled, killed.
-    let (mut send, mut alone) = open_task(&conn, "alone", "gated", b"x").await;
+    let (mut send, mut alone) = open_task(&conn, "alone", "gated", None, b"x").await;
     send.finish().unwrap();
     assert_eq!(read_reply(&mut alone, WAIT).await, ReplyHeader::Accepted);
     wait_for("the first run", WAIT, || (count() == 1).then_some(()));
@@ -264,11 +239,11 @@ async fn cancel_spares_a_run_a_retry_waits_for() {
     });
 
     // Joined: the retry keeps it going.
-    let (mut send, mut first) = open_task(&conn, "joined", "gated", b"kept").await;
+    let (mut send, mut first) = open_task(&conn, "joined", "gated", None, b"kept").await;
     send.finish().unwrap();
     assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
     wait_for("the second run", WAIT, || (count() == 2).then_some(()));
-    let (mut send, mut retry) = open_task(&conn, "joined", "gated", b"kept").await;
+    let (mut send, mut retry) = open_task(&conn, "joined", "gated", None, b"kept").await;
     let _ = send.finish();
     assert_eq!(read_reply(&mut retry, WAIT).await, ReplyHeader::Accepted);
     wait_for("the retry to join the run", WAIT, || {

@@ -257,6 +257,44 @@ pub fn make_pki(dir: &Path) {
     );
 }
 
+/// `updraftd serve --config cfg`, and the address it listens on once it says so
+/// (`what` names it in a timeout).
+pub fn serve_daemon(cfg: &Path, what: &str) -> (Proc, String) {
+    let mut cmd = Command::new(bin("updraftd"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+    let daemon = Proc::spawn("updraftd", cmd);
+    let addr = wait_for(
+        &format!("{what} to listen"),
+        Duration::from_secs(20),
+        || {
+            let log = daemon.log();
+            let line = log.lines().find(|l| l.contains("updraftd serving"))?;
+            let at = line.find("listen=")? + "listen=".len();
+            Some(line[at..].split_whitespace().next()?.to_string())
+        },
+    );
+    (daemon, addr)
+}
+
+/// `updraftd ca init --dir dir/NAME --name localhost`; returns the CA fingerprint it
+/// printed.
+pub fn ca_init(dir: &Path, name: &str) -> String {
+    let out = updraftd(&[
+        "ca",
+        "init",
+        "--dir",
+        dir.join(name).to_str().unwrap(),
+        "--name",
+        "localhost",
+    ]);
+    assert!(
+        out.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 pub fn start_daemon(dir: &Path, extra: &str) -> (Proc, String) {
     let cfg = dir.join("daemon.toml");
     std::fs::write(
@@ -266,16 +304,7 @@ pub fn start_daemon(dir: &Path, extra: &str) -> (Proc, String) {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(bin("updraftd"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    let daemon = Proc::spawn("updraftd", cmd);
-    let addr = wait_for("the daemon to listen", Duration::from_secs(20), || {
-        let log = daemon.log();
-        let line = log.lines().find(|l| l.contains("updraftd serving"))?;
-        let at = line.find("listen=")? + "listen=".len();
-        Some(line[at..].split_whitespace().next()?.to_string())
-    });
-    (daemon, addr)
+    serve_daemon(&cfg, "the daemon")
 }
 
 pub fn start_agent(dir: &Path, daemon_addr: &str, extra: &str) -> (Proc, PathBuf) {
@@ -478,20 +507,7 @@ pub fn start_daemon_named(dir: &Path, name: &str, listen: &str, extra: &str) -> 
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(bin("updraftd"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    let daemon = Proc::spawn("updraftd", cmd);
-    let addr = wait_for(
-        &format!("daemon {name} to listen"),
-        Duration::from_secs(20),
-        || {
-            let log = daemon.log();
-            let line = log.lines().find(|l| l.contains("updraftd serving"))?;
-            let at = line.find("listen=")? + "listen=".len();
-            Some(line[at..].split_whitespace().next()?.to_string())
-        },
-    );
-    (daemon, addr)
+    serve_daemon(&cfg, &format!("daemon {name}"))
 }
 
 /// Like [`start_agent`] with one `[[cloud]]` entry per address, in that order.

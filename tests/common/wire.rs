@@ -1,12 +1,13 @@
 //! A hand-built `updraft/1` client for the wire-level tests: agent certificates signed
 //! by the test CA, and frame readers with a bounded wait.
 
+use bytes::{BufMut, BytesMut};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair};
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use updraft_shared::protocol::{Frame, FrameKind, ReplyHeader, Trailer};
+use updraft_shared::protocol::{Frame, FrameKind, ReplyHeader, RequestHeader, Trailer};
 use updraft_shared::wire::FrameReader;
 
 /// A client config for `updraft/1` with a fresh certificate naming agent `cn`, signed
@@ -73,4 +74,30 @@ pub async fn read_result(
             other => panic!("unexpected {other:?} frame"),
         }
     }
+}
+
+/// Opens a task stream and sends the Request (`input_len` as given) and `input`,
+/// leaving the input open: the caller finishes, resets or abandons it.
+pub async fn open_task(
+    conn: &quinn::Connection,
+    id: &str,
+    task: &str,
+    input_len: Option<u64>,
+    input: &[u8],
+) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
+    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
+    let mut buf = BytesMut::new();
+    RequestHeader {
+        id: id.into(),
+        task: task.into(),
+        args: vec![],
+        input_len,
+    }
+    .to_frame()
+    .encode(&mut buf);
+    buf.put_slice(input);
+    send.write_all(&buf)
+        .await
+        .expect("sending the request and input");
+    (send, FrameReader::new(recv))
 }
