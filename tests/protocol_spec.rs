@@ -81,6 +81,15 @@ async fn connect(ep: &quinn::Endpoint, addr: &str, cfg: quinn::ClientConfig) -> 
         .expect("handshake")
 }
 
+/// The daemon's load report stream on `conn`.
+async fn load_stream(conn: &quinn::Connection) -> FrameReader<quinn::RecvStream> {
+    let recv = tokio::time::timeout(WAIT, conn.accept_uni())
+        .await
+        .expect("the load stream within the wait")
+        .unwrap();
+    FrameReader::new(recv)
+}
+
 /// The next frame on `reader`, within the wait.
 async fn next_frame(reader: &mut FrameReader<quinn::RecvStream>) -> Option<Frame> {
     tokio::time::timeout(WAIT, reader.next())
@@ -188,11 +197,7 @@ async fn one_load_report_at_connect_and_the_next_only_an_interval_later() {
     let (_daemon, addr) = start(dir.path());
     let ep = endpoint();
     let conn = connect(&ep, &addr, agent_config(dir.path())).await;
-    let recv = tokio::time::timeout(WAIT, conn.accept_uni())
-        .await
-        .expect("the load stream within the wait")
-        .unwrap();
-    let mut loads = FrameReader::new(recv);
+    let mut loads = load_stream(&conn).await;
     let first = next_frame(&mut loads).await.expect("a load report");
     let first = LoadReport::from_frame(&first).unwrap();
     assert_eq!((first.running, first.draining), (0, false), "{first:?}");
@@ -232,11 +237,7 @@ async fn a_draining_daemon_closes_new_connections_with_close_draining() {
     let (mut daemon, addr) = start(dir.path());
     let ep = endpoint();
     let conn = connect(&ep, &addr, agent_config(dir.path())).await;
-    let recv = tokio::time::timeout(WAIT, conn.accept_uni())
-        .await
-        .expect("the load stream within the wait")
-        .unwrap();
-    let mut loads = FrameReader::new(recv);
+    let mut loads = load_stream(&conn).await;
 
     // A task in flight keeps the drain open until the test opens the gate.
     let gated = RequestHeader {
