@@ -316,7 +316,7 @@ mod tests {
         };
         assert_eq!(r.count("n", None, 4, 1, 8).unwrap(), 4);
         let m = r
-            .count("n", Some(1usize << 61), 4, 1, 1024)
+            .count("n", Some(usize::MAX), 4, 1, 1024)
             .unwrap_err()
             .to_string();
         assert!(
