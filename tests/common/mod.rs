@@ -18,7 +18,14 @@ use std::time::{Duration, Instant};
 /// call builds `updraftd` and `updraft-agent` (a no-op when they are fresh) with the
 /// same cargo, profile and target directory as this test: the tests always run the
 /// binaries of the code under test, never stale ones.
+///
+/// `UPDRAFT_TEST_AGENT`, when set, names the `updraft-agent` to run instead: an agent
+/// cross-built for a board (tests/cross_agent.rs).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(agent) = std::env::var_os("UPDRAFT_TEST_AGENT").filter(|_| name == "updraft-agent")
+    {
+        return PathBuf::from(agent);
+    }
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
