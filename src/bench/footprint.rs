@@ -4,6 +4,10 @@
 //!
 //! The agent and the daemon are the real binaries (by default the `board` build next
 //! to this one, else the build this binary belongs to), on loopback.
+//!
+//! `--agent` may name an agent built for another machine (`scripts/cross.sh`): the kernel
+//! runs it through qemu-user (binfmt_misc), so its size is the board's but its memory and
+//! CPU include the emulator's and are marked indicative only.
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -94,6 +98,34 @@ fn default_agent() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// The machine an ELF binary is built for, from its header.
+fn elf_machine(path: &Path) -> anyhow::Result<&'static str> {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if &head[..4] != b"\x7fELF" {
+        bail!("{} is not an ELF program", path.display());
+    }
+    Ok(match u16::from_le_bytes([head[18], head[19]]) {
+        0x3e => "x86_64",
+        0xb7 => "aarch64",
+        0x28 => "arm",
+        _ => "another machine",
+    })
+}
+
+/// This program's machine, as [`elf_machine`] names it.
+fn host_machine() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "x86_64",
+        "aarch64" => "aarch64",
+        "arm" => "arm",
+        _ => "another machine",
+    }
+}
+
 fn wait_for_line(log: &Path, needle: &str) -> anyhow::Result<String> {
     let start = Instant::now();
     while start.elapsed() < START_LIMIT {
@@ -115,6 +147,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Some(p) => p,
         None => default_agent()?,
     };
+    let machine = elf_machine(&agent_bin)?;
+    let emulated = machine != host_machine();
+    if emulated && std::env::var_os("QEMU_LD_PREFIX").is_none() {
+        bail!(
+            "{} is built for {machine}: run it under qemu-user with its libraries, e.g. \
+             eval \"$(scripts/cross.sh --env aarch64-unknown-linux-gnu)\" first (or the armv7 triple)",
+            agent_bin.display()
+        );
+    }
     let dir = tempfile::tempdir()?;
     let pki = Pki::create(&dir.path().join("pki"))?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -209,6 +250,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({
                 "agent_binary": agent_bin.display().to_string(),
+                "agent_machine": machine,
+                "emulated": emulated,
                 "binary_mib": mib(size),
                 "idle_rss_mib": kib_mib(idle.rss_kib),
                 "load_hwm_mib": kib_mib(loaded.hwm_kib),
@@ -223,7 +266,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!("updraft bench footprint: {}", agent_bin.display());
+    println!(
+        "updraft bench footprint: {} ({machine})",
+        agent_bin.display()
+    );
+    if emulated {
+        println!(
+            "under qemu-user: RSS and CPU include the emulator and are indicative only; the size is the board's"
+        );
+    }
     println!("{:<28}{:>10}   goal", "", "");
     println!(
         "{:<28}{:>7.2} MiB   <= 6 MiB",
