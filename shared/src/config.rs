@@ -85,6 +85,23 @@ impl Ranges<'_> {
         Ok(v)
     }
 
+    /// A count of things held in memory (slots, queue places, connections), written as
+    /// any u64 and checked against `min..=max` before it becomes a `usize`: read as a
+    /// `usize` itself, a value past 4 294 967 295 would fail to parse on a 32-bit
+    /// board instead of being refused with its range as on a 64-bit one.
+    pub fn count_usize(
+        &self,
+        key: &str,
+        value: Option<u64>,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let v = self.count(key, value, wide(default), wide(min), wide(max))?;
+        Ok(usize::try_from(v).expect("at most `max`, which is a usize"))
+    }
+
     /// A duration (or `default`) if it lies in `min..=max`.
     pub fn duration(
         &self,
@@ -316,7 +333,7 @@ mod tests {
         };
         assert_eq!(r.count("n", None, 4, 1, 8).unwrap(), 4);
         let m = r
-            .count("n", Some(1usize << 61), 4, 1, 1024)
+            .count("n", Some(1u64 << 61), 4, 1, 1024)
             .unwrap_err()
             .to_string();
         assert!(
@@ -333,6 +350,30 @@ mod tests {
             m.contains("link.keep_alive") && m.contains("10ms to 1m"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn byte_sizes_past_4_gib_are_checked_whole() {
+        // Byte sizes are u64 on every target: on a 32-bit board, narrowed to usize
+        // before the check, 5 GiB would read as 1 GiB and 4 GiB as 0.
+        const FIVE_GIB: u64 = 5 << 30;
+        let r = Ranges {
+            path: Path::new("/etc/u.toml"),
+        };
+        let size = |n: u64| Some(crate::units::ByteSize(n));
+        let max_bytes = r.bytes("journal.max_bytes", size(FIVE_GIB), 0, 64 << 10, 1 << 40);
+        assert_eq!(max_bytes.unwrap(), 5_368_709_120);
+        for (n, shown) in [(FIVE_GIB, "5368709120"), (4 << 30, "4294967296")] {
+            let m = r
+                .bytes("spool_memory", size(n), 1 << 20, 0, 1 << 30)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                m.contains(&format!("spool_memory: {shown} bytes is out of range")),
+                "{m}"
+            );
+        }
+        assert_eq!(check_count(FIVE_GIB, TASK_BYTES), Ok(FIVE_GIB));
     }
 
     #[test]
