@@ -450,7 +450,7 @@ mod tests {
         );
         let t = Trailer::from_frame(&f).unwrap();
         assert_eq!((t.input_bytes, t.output_bytes), (FIVE_GIB, FIVE_GIB + 1));
-        for bad in ["18446744073709551616", "5368709120.0", "-1"] {
+        for bad in ["18446744073709551616", "5368709120.0", "5e9", "-1"] {
             let json = format!(r#"{{"id":"a","task":"t","input_len":{bad}}}"#);
             let f = Frame::new(FrameKind::Request, json.into_bytes());
             assert!(
