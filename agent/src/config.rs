@@ -360,8 +360,7 @@ impl AgentConfig {
         };
         let max_local_queue =
             r.count_usize("max_local_queue", file.max_local_queue, 64, 0, 65_536)?;
-        let spool_memory =
-            r.bytes("spool_memory", file.spool_memory, 1 << 20, 0, 1 << 30)? as usize;
+        let spool_memory = r.bytes_usize("spool_memory", file.spool_memory, 1 << 20, 0, 1 << 30)?;
         if let Some(level) = &file.log_level {
             updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
         }
@@ -464,13 +463,13 @@ fn link_config(r: &Ranges, l: LinkFile) -> Result<LinkConfig, ConfigError> {
             ms(10),
             DAY,
         )?,
-        replay_buffer: r.bytes(
+        replay_buffer: r.bytes_usize(
             "link.replay_buffer",
             l.replay_buffer,
             d.replay_buffer as u64,
             0,
             1 << 30,
-        )? as usize,
+        )?,
         failover_wait: r.duration(
             "link.failover_wait",
             l.failover_wait,

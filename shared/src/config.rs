@@ -85,6 +85,26 @@ impl Ranges<'_> {
         Ok(v)
     }
 
+    /// A size in bytes held in memory (a buffer), checked in u64 against `min..=max`
+    /// like [`Ranges::bytes`], then made a `usize` without truncation: a value that
+    /// passes the range but not this target's address space is refused too.
+    pub fn bytes_usize(
+        &self,
+        key: &str,
+        value: Option<crate::units::ByteSize>,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<usize, ConfigError> {
+        let v = self.bytes(key, value, default, min, max)?;
+        usize::try_from(v).map_err(|_| {
+            self.invalid(
+                key,
+                format!("{v} bytes is more than this machine can hold in memory"),
+            )
+        })
+    }
+
     /// A count of things held in memory (slots, queue places, connections), written as
     /// any u64 and checked against `min..=max` before it becomes a `usize`: read as a
     /// `usize` itself, a value past 4 294 967 295 would fail to parse on a 32-bit
@@ -353,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn byte_sizes_past_4_gib_are_checked_whole() {
+    fn sizes_and_counts_past_4_gib_are_checked_whole() {
         // Byte sizes are u64 on every target: on a 32-bit board, narrowed to usize
         // before the check, 5 GiB would read as 1 GiB and 4 GiB as 0.
         const FIVE_GIB: u64 = 5 << 30;
@@ -374,6 +394,28 @@ mod tests {
             );
         }
         assert_eq!(check_count(FIVE_GIB, TASK_BYTES), Ok(FIVE_GIB));
+        // A buffer size: range-checked whole, then refused where no usize holds it.
+        let m = r
+            .bytes_usize("spool_memory", size(FIVE_GIB), 1 << 20, 0, 1 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("5368709120 bytes is out of range"), "{m}");
+        let held = r.bytes_usize("k", size(FIVE_GIB), 0, 0, 1 << 40);
+        match usize::try_from(FIVE_GIB) {
+            Ok(n) => assert_eq!(held.unwrap(), n),
+            Err(_) => {
+                let m = held.unwrap_err().to_string();
+                assert!(m.contains("k: 5368709120 bytes is more than"), "{m}");
+            }
+        }
+        let m = r
+            .count_usize("n", Some((1 << 32) + 1), 4, 1, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("n: 4294967297 is out of range: use 1 to 1024"),
+            "{m}"
+        );
     }
 
     #[test]
