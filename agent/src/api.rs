@@ -467,11 +467,7 @@ async fn submit(
         sub.args.push(a.to_string());
     }
     check_where(agent, name, sub.where_)?;
-    sub.input_len = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    sub.input_len = input_len(req.headers());
     let mut input = RequestBody::new(req.into_body(), agent.config().api.body_stall_timeout);
     let body_failed = input.failed.clone();
     let body_error = move || {
@@ -503,6 +499,17 @@ async fn submit(
         return Err(e);
     }
     Ok(finished_reply(finished?).await)
+}
+
+/// The request's `Content-Length`, when the client sent one: the task's input length,
+/// a u64 on every target (5 GiB stays 5368709120 on a 32-bit board).
+fn input_len(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Reads and discards what is left of a request body (up to [`DRAIN_LIMIT`] bytes or
@@ -633,4 +640,18 @@ async fn task_output(agent: &Agent, id: &str, query: &str) -> Result<Reply, Task
         h.insert(H_ERROR_CODE, header_value(code));
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::input_len;
+    use hyper::header::{HeaderValue, CONTENT_LENGTH};
+
+    #[test]
+    fn a_content_length_past_4_gib_is_the_input_len() {
+        let mut headers = hyper::HeaderMap::new();
+        assert_eq!(input_len(&headers), None);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("5368709120"));
+        assert_eq!(input_len(&headers), Some(5_368_709_120));
+    }
 }

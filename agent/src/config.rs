@@ -27,10 +27,11 @@ pub struct AgentFile {
     pub log_level: Option<String>,
     /// Agent state (certificates, spooled output). Default `/var/lib/updraft`.
     pub state_dir: Option<PathBuf>,
-    /// Tasks run on the board at once. Default: the number of CPUs.
-    pub max_local_concurrency: Option<usize>,
+    /// Tasks run on the board at once. Default: the number of CPUs. (Counts are read
+    /// as u64 and range-checked before they become a usize, on every target.)
+    pub max_local_concurrency: Option<u64>,
     /// Local tasks waiting for a slot before new ones get `busy`. Default 64.
-    pub max_local_queue: Option<usize>,
+    pub max_local_queue: Option<u64>,
     /// Output kept in memory per task before it spills to a file in `state_dir`. Default 1MiB.
     pub spool_memory: Option<ByteSize>,
     /// Daemons to offload to, in order of preference when equally loaded.
@@ -121,7 +122,7 @@ pub struct JournalFile {
     /// How long a result is kept after its output was first fetched. Default 1h.
     pub fetched_ttl: Option<HumanDuration>,
     /// Detached tasks in progress at once (running, or offloaded). Default 16.
-    pub max_running: Option<usize>,
+    pub max_running: Option<u64>,
     /// Starts of one task before it is failed: a task whose run keeps taking the agent
     /// down must not crash-loop it. Default 5.
     pub max_attempts: Option<u32>,
@@ -143,7 +144,7 @@ pub struct SignalsFile {
 pub struct ApiFile {
     /// Connections open at once; past it a new connection gets `503 busy` and is
     /// closed. Default 128, range 1 to 1024.
-    pub max_connections: Option<usize>,
+    pub max_connections: Option<u64>,
     /// Time a client has to send a request's headers, and the longest an open
     /// connection may sit idle between requests. Default 10s, range 100ms to 5m.
     pub header_timeout: Option<HumanDuration>,
@@ -326,7 +327,7 @@ impl AgentConfig {
         }
         let r = updraft_shared::config::Ranges { path };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let slots = r.count(
+        let slots = r.count_usize(
             "max_local_concurrency",
             file.max_local_concurrency,
             cpus.min(MAX_LOCAL_SLOTS),
@@ -357,9 +358,9 @@ impl AgentConfig {
                 3650 * DAY,
             )?),
         };
-        let max_local_queue = r.count("max_local_queue", file.max_local_queue, 64, 0, 65_536)?;
-        let spool_memory =
-            r.bytes("spool_memory", file.spool_memory, 1 << 20, 0, 1 << 30)? as usize;
+        let max_local_queue =
+            r.count_usize("max_local_queue", file.max_local_queue, 64, 0, 65_536)?;
+        let spool_memory = r.bytes_usize("spool_memory", file.spool_memory, 1 << 20, 0, 1 << 30)?;
         if let Some(level) = &file.log_level {
             updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
         }
@@ -462,13 +463,13 @@ fn link_config(r: &Ranges, l: LinkFile) -> Result<LinkConfig, ConfigError> {
             ms(10),
             DAY,
         )?,
-        replay_buffer: r.bytes(
+        replay_buffer: r.bytes_usize(
             "link.replay_buffer",
             l.replay_buffer,
             d.replay_buffer as u64,
             0,
             1 << 30,
-        )? as usize,
+        )?,
         failover_wait: r.duration(
             "link.failover_wait",
             l.failover_wait,
@@ -524,7 +525,7 @@ fn journal_config(r: &Ranges, j: JournalFile) -> Result<JournalConfig, ConfigErr
                 365 * DAY,
             )?,
         },
-        max_running: r.count(
+        max_running: r.count_usize(
             "journal.max_running",
             j.max_running,
             d.max_running,
@@ -546,7 +547,7 @@ fn api_config(r: &Ranges, a: ApiFile) -> Result<ApiConfig, ConfigError> {
     let d = ApiConfig::default();
     let ms = Duration::from_millis;
     Ok(ApiConfig {
-        max_connections: r.count(
+        max_connections: r.count_usize(
             "api.max_connections",
             a.max_connections,
             d.max_connections,
@@ -778,6 +779,56 @@ mod tests {
         let c = parse("[api]\nmax_connections = 8\nheader_timeout = \"1s\"").unwrap();
         assert_eq!(c.api.max_connections, 8);
         assert_eq!(c.api.header_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn sizes_and_counts_past_4_gib_read_as_on_64_bit() {
+        // Byte sizes are u64 and counts are read as u64 on every target, so a 32-bit
+        // board neither truncates them (5 GiB to 1 GiB, 4 GiB to 0, 2^32 + 1 slots to
+        // 1) nor fails to parse them; each gets the same value or range error.
+        const FIVE_GIB: u64 = 5 << 30;
+        for text in [
+            "[journal]\nmax_bytes = \"5GiB\"",
+            "[journal]\nmax_bytes = 5368709120",
+        ] {
+            let c = parse(text).unwrap();
+            assert_eq!(c.journal.limits.max_bytes, FIVE_GIB, "{text}");
+        }
+        let c = parse("[tasks.big]\nbuiltin = \"sha256\"\nmax_input = \"5GiB\"").unwrap();
+        assert_eq!(c.catalog.get("big").unwrap().max_input, FIVE_GIB);
+        for (text, says) in [
+            (
+                "spool_memory = \"5GiB\"",
+                "spool_memory: 5368709120 bytes is out of range: use 0 to 1073741824 bytes",
+            ),
+            (
+                "spool_memory = \"4GiB\"",
+                "spool_memory: 4294967296 bytes is out of range",
+            ),
+            (
+                "[link]\nreplay_buffer = \"5GiB\"",
+                "link.replay_buffer: 5368709120 bytes is out of range",
+            ),
+            (
+                "max_local_concurrency = 4294967297",
+                "max_local_concurrency: 4294967297 is out of range: use 1 to 1024",
+            ),
+            (
+                "max_local_queue = 4294967296",
+                "max_local_queue: 4294967296 is out of range: use 0 to 65536",
+            ),
+            (
+                "[journal]\nmax_running = 4294967297",
+                "journal.max_running: 4294967297 is out of range",
+            ),
+            (
+                "[api]\nmax_connections = 4294967297",
+                "api.max_connections: 4294967297 is out of range",
+            ),
+        ] {
+            let m = parse(text).unwrap_err().to_string();
+            assert!(m.contains(says), "{text}: {m}");
+        }
     }
 
     #[test]

@@ -425,6 +425,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_body_past_4_gib_announces_its_whole_length() {
+        // What `run --input FILE` sends as Content-Length: u64 on every target.
+        let (_tx, body) = ChannelBody::new(Some(5 << 30));
+        assert_eq!(body.size_hint().exact(), Some(5_368_709_120));
+    }
+
+    #[test]
     fn query_round_trip() {
         let q = format!(
             "where=cloud&arg={}&arg={}",

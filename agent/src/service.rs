@@ -1195,31 +1195,7 @@ impl Agent {
                 metrics::gauge(&mut out, name, help, v);
             }
         }
-        let usage = self.journal.usage();
-        for (name, help, value) in [
-            (
-                "updraft_agent_journal_tasks",
-                "Detached tasks held in the journal, finished or not.",
-                usage.tasks,
-            ),
-            (
-                "updraft_agent_journal_unfinished",
-                "Detached tasks queued or running.",
-                usage.unfinished,
-            ),
-            (
-                "updraft_agent_journal_bytes",
-                "Bytes the journal holds, against [journal] max_bytes.",
-                usage.bytes,
-            ),
-            (
-                "updraft_agent_journal_max_bytes",
-                "[journal] max_bytes.",
-                usage.max_bytes,
-            ),
-        ] {
-            metrics::gauge(&mut out, name, help, value);
-        }
+        journal_metrics(&mut out, &self.journal.usage());
         metrics::header(
             &mut out,
             "updraft_agent_cloud_connected",
@@ -1332,6 +1308,35 @@ fn row_finish(row: &TaskRow) -> Finish {
 }
 
 /// The journal's figures for `status`.
+/// The journal's gauges, for `/metrics`. Its figures are u64 on every target, so a
+/// journal past 4 GiB shows as such on a 32-bit board too.
+fn journal_metrics(out: &mut String, usage: &journal::Usage) {
+    for (name, help, value) in [
+        (
+            "updraft_agent_journal_tasks",
+            "Detached tasks held in the journal, finished or not.",
+            usage.tasks,
+        ),
+        (
+            "updraft_agent_journal_unfinished",
+            "Detached tasks queued or running.",
+            usage.unfinished,
+        ),
+        (
+            "updraft_agent_journal_bytes",
+            "Bytes the journal holds, against [journal] max_bytes.",
+            usage.bytes,
+        ),
+        (
+            "updraft_agent_journal_max_bytes",
+            "[journal] max_bytes.",
+            usage.max_bytes,
+        ),
+    ] {
+        metrics::gauge(out, name, help, value);
+    }
+}
+
 fn journal_json(u: &journal::Usage) -> serde_json::Value {
     serde_json::json!({
         "tasks": u.tasks,
@@ -1696,7 +1701,30 @@ async fn reload_on_sighup(agent: Arc<Agent>, stop: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::losses;
+    use super::{journal, journal_json, journal_metrics, losses};
+
+    #[test]
+    fn journal_figures_past_4_gib_show_whole() {
+        // u64 end to end: a 32-bit board must not show 5 GiB as 1 GiB.
+        let usage = journal::Usage {
+            tasks: 3,
+            unfinished: 1,
+            bytes: (5 << 30) + 1,
+            max_bytes: 6 << 30,
+        };
+        let mut out = String::new();
+        journal_metrics(&mut out, &usage);
+        for line in [
+            "updraft_agent_journal_bytes 5368709121",
+            "updraft_agent_journal_max_bytes 6442450944",
+            "updraft_agent_journal_tasks 3",
+        ] {
+            assert!(out.lines().any(|l| l == line), "no `{line}` in {out}");
+        }
+        let json = journal_json(&usage);
+        assert_eq!(json["bytes"].as_u64(), Some(5_368_709_121), "{json}");
+        assert_eq!(json["max_bytes"].as_u64(), Some(6_442_450_944), "{json}");
+    }
 
     #[test]
     fn losses_say_a_repeated_attempt_once_with_its_count() {

@@ -421,6 +421,39 @@ mod tests {
     }
 
     #[test]
+    fn input_lengths_past_4_gib_are_measured_whole() {
+        // Compared in u64 on every target. Narrowed to 32 bits, 5 GiB would be 1 GiB
+        // and pass a 1 GiB max_input, and 4 GiB would be 0 and pass any.
+        const FIVE_GIB: u64 = 5 << 30;
+        let c = catalog(
+            "[tasks.one]\nbuiltin = \"sha256\"\nmax_input = \"1GiB\"\n\
+             [tasks.five]\nbuiltin = \"sha256\"\nmax_input = \"5GiB\"\n\
+             [tasks.small]\nbuiltin = \"sha256\"",
+        )
+        .unwrap();
+        assert_eq!(c.get("five").unwrap().max_input, 5_368_709_120);
+        let refusal = c
+            .admit("one", vec![], Some(FIVE_GIB), Caller::Local)
+            .unwrap_err();
+        assert_eq!(refusal.code, ErrorCode::TooLarge);
+        assert_eq!(
+            refusal.message,
+            "input of 5368709120 bytes is over task `one`'s max_input of 1073741824 bytes"
+        );
+        let refusal = c
+            .admit("small", vec![], Some(4 << 30), Caller::Local)
+            .unwrap_err();
+        assert!(refusal.message.contains("4294967296 bytes"), "{refusal:?}");
+        assert!(c
+            .admit("five", vec![], Some(FIVE_GIB), Caller::Local)
+            .is_ok());
+        let refusal = c
+            .admit("five", vec![], Some(FIVE_GIB + 1), Caller::Local)
+            .unwrap_err();
+        assert!(refusal.message.contains("5368709121 bytes"), "{refusal:?}");
+    }
+
+    #[test]
     fn allowed_agents_checked_for_remote_callers() {
         let c = catalog("[tasks.e]\nbuiltin = \"echo\"\nallowed_agents = [\"board-1\"]").unwrap();
         let good = AuthenticatedPeer::for_tests("board-1");

@@ -85,6 +85,43 @@ impl Ranges<'_> {
         Ok(v)
     }
 
+    /// A size in bytes held in memory (a buffer), checked in u64 against `min..=max`
+    /// like [`Ranges::bytes`], then made a `usize` without truncation: a value that
+    /// passes the range but not this target's address space is refused too.
+    pub fn bytes_usize(
+        &self,
+        key: &str,
+        value: Option<crate::units::ByteSize>,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<usize, ConfigError> {
+        let v = self.bytes(key, value, default, min, max)?;
+        usize::try_from(v).map_err(|_| {
+            self.invalid(
+                key,
+                format!("{v} bytes is more than this machine can hold in memory"),
+            )
+        })
+    }
+
+    /// A count of things held in memory (slots, queue places, connections), written as
+    /// any u64 and checked against `min..=max` before it becomes a `usize`: read as a
+    /// `usize` itself, a value past 4 294 967 295 would fail to parse on a 32-bit
+    /// board instead of being refused with its range as on a 64-bit one.
+    pub fn count_usize(
+        &self,
+        key: &str,
+        value: Option<u64>,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ConfigError> {
+        let wide = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let v = self.count(key, value, wide(default), wide(min), wide(max))?;
+        Ok(usize::try_from(v).expect("at most `max`, which is a usize"))
+    }
+
     /// A duration (or `default`) if it lies in `min..=max`.
     pub fn duration(
         &self,
@@ -316,7 +353,7 @@ mod tests {
         };
         assert_eq!(r.count("n", None, 4, 1, 8).unwrap(), 4);
         let m = r
-            .count("n", Some(usize::MAX), 4, 1, 1024)
+            .count("n", Some(1u64 << 61), 4, 1, 1024)
             .unwrap_err()
             .to_string();
         assert!(
@@ -331,6 +368,52 @@ mod tests {
             .to_string();
         assert!(
             m.contains("link.keep_alive") && m.contains("10ms to 1m"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn sizes_and_counts_past_4_gib_are_checked_whole() {
+        // Byte sizes are u64 on every target: on a 32-bit board, narrowed to usize
+        // before the check, 5 GiB would read as 1 GiB and 4 GiB as 0.
+        const FIVE_GIB: u64 = 5 << 30;
+        let r = Ranges {
+            path: Path::new("/etc/u.toml"),
+        };
+        let size = |n: u64| Some(crate::units::ByteSize(n));
+        let max_bytes = r.bytes("journal.max_bytes", size(FIVE_GIB), 0, 64 << 10, 1 << 40);
+        assert_eq!(max_bytes.unwrap(), 5_368_709_120);
+        for (n, shown) in [(FIVE_GIB, "5368709120"), (4 << 30, "4294967296")] {
+            let m = r
+                .bytes("spool_memory", size(n), 1 << 20, 0, 1 << 30)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                m.contains(&format!("spool_memory: {shown} bytes is out of range")),
+                "{m}"
+            );
+        }
+        assert_eq!(check_count(FIVE_GIB, TASK_BYTES), Ok(FIVE_GIB));
+        // A buffer size: range-checked whole, then refused where no usize holds it.
+        let m = r
+            .bytes_usize("spool_memory", size(FIVE_GIB), 1 << 20, 0, 1 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("5368709120 bytes is out of range"), "{m}");
+        let held = r.bytes_usize("k", size(FIVE_GIB), 0, 0, 1 << 40);
+        match usize::try_from(FIVE_GIB) {
+            Ok(n) => assert_eq!(held.unwrap(), n),
+            Err(_) => {
+                let m = held.unwrap_err().to_string();
+                assert!(m.contains("k: 5368709120 bytes is more than"), "{m}");
+            }
+        }
+        let m = r
+            .count_usize("n", Some((1 << 32) + 1), 4, 1, 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("n: 4294967297 is out of range: use 1 to 1024"),
             "{m}"
         );
     }

@@ -166,6 +166,18 @@ mod tests {
     }
 
     #[test]
+    fn byte_figures_past_4_gib_render_whole() {
+        // u64 on every target: a counter or gauge of bytes must not wrap at 4 GiB on
+        // a 32-bit board.
+        const FIVE_GIB: u64 = 5 << 30;
+        let mut out = String::new();
+        counter(&mut out, "x_bytes_total", "Bytes.", FIVE_GIB);
+        gauge(&mut out, "x_bytes", "Bytes.", FIVE_GIB);
+        assert!(out.contains("\nx_bytes_total 5368709120\n"), "{out}");
+        assert!(out.contains("\nx_bytes 5368709120\n"), "{out}");
+    }
+
+    #[test]
     fn empty_labels_are_left_out_and_values_escaped() {
         assert_eq!(
             labels(&[("placement", ""), ("task", "a\"b\\c\nd")]),

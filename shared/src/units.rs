@@ -75,4 +75,19 @@ mod tests {
         assert!(parse_size("16 parsecs").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
     }
+
+    #[test]
+    fn sizes_past_4_gib_stay_whole() {
+        // u64 on every target: a 32-bit board must not read 5 GiB as 1 GiB.
+        assert_eq!(parse_size("5GiB").unwrap(), 5_368_709_120);
+        assert_eq!(parse_size("5368709120").unwrap(), 5_368_709_120);
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        #[derive(Deserialize)]
+        struct F {
+            text: ByteSize,
+            int: ByteSize,
+        }
+        let f: F = toml::from_str("text = \"5GiB\"\nint = 5368709120").unwrap();
+        assert_eq!((f.text.0, f.int.0), (5_368_709_120, 5_368_709_120));
+    }
 }

@@ -420,6 +420,50 @@ mod tests {
     }
 
     #[test]
+    fn lengths_past_4_gib_cross_the_wire_whole() {
+        // u64 on every target: a 32-bit peer must read 5 GiB as 5 GiB, not as 1 GiB
+        // (5 GiB modulo 2^32), and must refuse what no u64 holds.
+        const FIVE_GIB: u64 = 5 << 30;
+        let f = Frame::new(
+            FrameKind::Request,
+            &br#"{"id":"a","task":"t","input_len":5368709120}"#[..],
+        );
+        assert_eq!(
+            RequestHeader::from_frame(&f).unwrap().input_len,
+            Some(FIVE_GIB)
+        );
+        for len in [FIVE_GIB, u64::MAX] {
+            let req = RequestHeader {
+                id: "a".into(),
+                task: "t".into(),
+                args: vec![],
+                input_len: Some(len),
+            };
+            let frame = req.to_frame();
+            let text = std::str::from_utf8(&frame.payload).unwrap();
+            assert!(text.contains(&format!("\"input_len\":{len}")), "{text}");
+            assert_eq!(RequestHeader::from_frame(&frame).unwrap(), req);
+        }
+        let f = Frame::new(
+            FrameKind::Trailer,
+            &br#"{"exit_code":0,"input_bytes":5368709120,"output_bytes":5368709121}"#[..],
+        );
+        let t = Trailer::from_frame(&f).unwrap();
+        assert_eq!((t.input_bytes, t.output_bytes), (FIVE_GIB, FIVE_GIB + 1));
+        for bad in ["18446744073709551616", "5368709120.0", "5e9", "-1"] {
+            let json = format!(r#"{{"id":"a","task":"t","input_len":{bad}}}"#);
+            let f = Frame::new(FrameKind::Request, json.into_bytes());
+            assert!(
+                matches!(
+                    RequestHeader::from_frame(&f),
+                    Err(DecodeError::BadMessage { .. })
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn a_trailer_may_miss_any_field_even_inside_timings() {
         for json in [
             &b"{}"[..],
