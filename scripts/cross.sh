@@ -69,12 +69,14 @@ toolchain() {
       die "could not fetch the toolchain (log: $home/fetch-$SUITE.log)"
     touch "$root/.complete"
   fi
-  cat >"$root/rustc" <<EOF
+  for tool in rustc rustdoc; do
+    cat >"$root/$tool" <<EOF
 #!/bin/sh
-# Debian $SUITE's rustc, run through its own loader and libraries (see scripts/cross.sh).
-exec "$root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu" "$root/usr/bin/rustc" --sysroot "$root/usr" "\$@"
+# Debian $SUITE's $tool, run through its own loader and libraries (see scripts/cross.sh).
+exec "$root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu" "$root/usr/bin/$tool" --sysroot "$root/usr" "\$@"
 EOF
-  chmod +x "$root/rustc"
+    chmod +x "$root/$tool"
+  done
   "$root/rustc" -vV >/dev/null || die "the fetched rustc does not run: remove $root and try again"
 }
 
@@ -114,6 +116,7 @@ environment() {
   local lower="${triple//-/_}"
   cat <<EOF
 export RUSTC="$root/rustc"
+export RUSTDOC="$root/rustdoc"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cross}"
 export CARGO_TARGET_${upper}_LINKER="$gnu-gcc"
 export CARGO_TARGET_${upper}_RUNNER="$qemu -L $prefix"
