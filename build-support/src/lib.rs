@@ -81,11 +81,14 @@ fn profile_dir(out: &Path) -> std::io::Result<PathBuf> {
 }
 
 /// Writes `bin`'s man page and its bash, zsh and fish completions, made from `cmd`, to
-/// `PROFILE/man/BIN.1.gz` and `PROFILE/completions/{BIN.bash,_BIN,BIN.fish}` (see
-/// [`profile_dir`]). The page is one page: the command's options, then every
-/// subcommand's synopsis, description and options. Gzipped here at the maximum level,
-/// as Debian wants man pages, because cargo-deb leaves files from the target dir as
-/// they are.
+/// `PROFILE/man/BIN` (gzipped) and `PROFILE/completions/{bash,zsh,fish}/BIN` (see
+/// [`profile_dir`]). Each file is named after the binary because cargo-deb counts an
+/// asset in the target dir as this package's own build product only when its file name
+/// is one of the package's binaries; any other name makes it build the whole workspace
+/// (`--workspace`), features unified across all packages, into the agent. The page is
+/// one page: the command's options, then every subcommand's synopsis, description and
+/// options. Gzipped here at the maximum level, as Debian wants man pages, because
+/// cargo-deb leaves files from the target dir as they are.
 pub fn write_docs(cmd: clap::Command) -> std::io::Result<()> {
     let mut cmd = cmd.disable_help_subcommand(true);
     cmd.build();
@@ -94,16 +97,15 @@ pub fn write_docs(cmd: clap::Command) -> std::io::Result<()> {
     let page = man_page(&cmd)?;
     let mut gz = flate2::GzBuilder::new().write(Vec::new(), flate2::Compression::best());
     gz.write_all(&page)?;
-    write_file(&dir.join("man").join(format!("{bin}.1.gz")), &gz.finish()?)?;
-    let completions = dir.join("completions");
-    for (shell, file) in [
-        (clap_complete::Shell::Bash, format!("{bin}.bash")),
-        (clap_complete::Shell::Zsh, format!("_{bin}")),
-        (clap_complete::Shell::Fish, format!("{bin}.fish")),
+    write_file(&dir.join("man").join(&bin), &gz.finish()?)?;
+    for (shell, name) in [
+        (clap_complete::Shell::Bash, "bash"),
+        (clap_complete::Shell::Zsh, "zsh"),
+        (clap_complete::Shell::Fish, "fish"),
     ] {
         let mut text = Vec::new();
         clap_complete::generate(shell, &mut cmd.clone(), &bin, &mut text);
-        write_file(&completions.join(file), &text)?;
+        write_file(&dir.join("completions").join(name).join(&bin), &text)?;
     }
     Ok(())
 }
