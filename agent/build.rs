@@ -5,12 +5,9 @@
 
 #[allow(dead_code)]
 mod cli {
-    // What src/cli/args.rs takes from its parent module. Value parsers play no part in
-    // the page or the completions, so a stand-in type does here.
+    // What src/cli/args.rs takes from its parent module. Only the values `--where`
+    // accepts matter to the page and the completions, not what they parse into.
     type Where = String;
-    fn parse_where(s: &str) -> Result<Where, String> {
-        Ok(s.to_string())
-    }
     const VERSION: &str = env!("CARGO_PKG_VERSION");
     pub mod args {
         include!("src/cli/args.rs");

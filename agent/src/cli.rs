@@ -113,10 +113,6 @@ pub fn policy_check(file: &std::path::Path) -> u8 {
     }
 }
 
-fn parse_where(s: &str) -> Result<Where, String> {
-    s.parse()
-}
-
 impl Cli {
     /// Moves `--socket`/`--config` given before the command into the command, or
     /// says why the command has no use for them: a flag that would do nothing is an
@@ -575,5 +571,43 @@ fn print_status(v: &serde_json::Value) {
             d["outcome"].as_str().unwrap_or("?"),
             d["reason"].as_str().unwrap_or("")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn where_takes_the_three_places_and_names_them_when_wrong() {
+        let cli = Cli::try_parse_from(["updraft-agent", "run", "sha", "--where", "cloud"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run {
+                where_: Some(Where::Cloud),
+                ..
+            }
+        ));
+        let e = Cli::try_parse_from(["updraft-agent", "run", "sha", "--where", "moon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`moon`") || e.contains("'moon'"),
+            "names the value: {e}"
+        );
+        // The values are declared, so shell completions offer them.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_id() == "where_")
+            .unwrap();
+        let values: Vec<String> = arg
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        assert_eq!(values, ["auto", "local", "cloud"]);
     }
 }
