@@ -2,8 +2,7 @@
 // names from the parent module, so the build script can include this file to write the
 // man page and shell completions (see build.rs) without linking them into the binary.
 
-use super::{Where, VERSION};
-use clap::builder::{PossibleValuesParser, TypedValueParser};
+use super::{parse_where, Where, VERSION};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -98,7 +97,7 @@ pub enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
         /// Where to run: auto, local or cloud (local/cloud: no fallback).
-        #[arg(long = "where", value_name = "WHERE", value_parser = where_values())]
+        #[arg(long = "where", value_name = "WHERE", value_parser = parse_where)]
         where_: Option<Where>,
         /// Return at once and print only the task id.
         #[arg(long)]
@@ -168,9 +167,4 @@ pub enum PolicyCommand {
         #[command(flatten)]
         at: ClientArgs,
     },
-}
-
-/// `--where`: the values are declared (so shells complete them), then parsed as [`Where`].
-fn where_values() -> impl TypedValueParser<Value = Where> {
-    PossibleValuesParser::new(["auto", "local", "cloud"]).try_map(|s| s.parse::<Where>())
 }
