@@ -5,9 +5,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// What `--version` prints after the name, as `updraft-agent` and `updraftd` do: the
+/// package version and the git commit (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("UPDRAFT_COMMIT"),
+    ")"
+);
+
 /// Updraft demo and benchmarks.
 #[derive(Debug, Parser)]
-#[command(name = "updraft", version, about)]
+#[command(name = "updraft", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

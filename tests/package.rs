@@ -1,8 +1,10 @@
 //! The `.deb` packages: built by `cargo deb`, unpacked into a scratch root, checked
-//! that everything lands where the units expect, and passed through lintian.
+//! that everything lands where the units expect, that the man page renders and the
+//! shell completions are where the shells look, and passed through lintian.
 //!
-//! Needs `cargo-deb`, `dpkg-deb`, `systemd-sysusers` and `lintian`. Without cargo-deb the test says so
-//! and passes, unless `UPDRAFT_PACKAGE_TEST=require` (as `.ci/run` sets).
+//! Needs `cargo-deb`, `dpkg-deb`, `systemd-sysusers`, `lintian`, `man` and `bash`.
+//! Without cargo-deb the test says so and passes, unless `UPDRAFT_PACKAGE_TEST=require`
+//! (as `.ci/run` sets).
 
 mod common;
 
@@ -201,6 +203,8 @@ fn debs_install_into_a_scratch_root_where_the_units_expect_and_lintian_finds_no_
             assert!(out.contains("ok") || out.contains("rule"), "{out}");
         }
 
+        check_man_page_and_completions(p, &root, &binary);
+
         // lintian: no errors.
         let o = Command::new("lintian")
             .arg("--no-tag-display-limit")
@@ -213,6 +217,100 @@ fn debs_install_into_a_scratch_root_where_the_units_expect_and_lintian_finds_no_
             errors.is_empty(),
             "{}: lintian errors:\n{report}",
             p.deb_name
+        );
+        // Nor any word about the man page: missing (no-manual-page), badly compressed,
+        // or groff's complaints.
+        let man: Vec<&str> = report
+            .lines()
+            .filter(|l| {
+                l.contains("manual-page") || l.contains("groff") || l.contains("usr/share/man/")
+            })
+            .collect();
+        assert!(
+            man.is_empty(),
+            "{}: lintian on the man page:\n{report}",
+            p.deb_name
+        );
+    }
+}
+
+/// The subcommands `BINARY --help` lists (without `help`).
+fn subcommands(binary: &Path) -> Vec<String> {
+    let help = run(Command::new(binary).arg("--help"));
+    let list: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect();
+    assert!(!list.is_empty(), "no commands in --help: {help}");
+    list
+}
+
+/// The man page renders (no groff warnings) and covers every subcommand; the bash, zsh
+/// and fish completions are where each shell looks for a package's completions.
+fn check_man_page_and_completions(p: &Package, root: &Path, binary: &Path) {
+    let bin = p.binary;
+    let page = root.join(format!("usr/share/man/man1/{bin}.1.gz"));
+    assert!(page.is_file(), "{bin}: no {}", page.display());
+    // man-db renders it as plain text when stdout is no terminal.
+    let o = Command::new("man")
+        .args(["--warnings", "-E", "UTF-8", "-l"])
+        .arg(&page)
+        .env("MANWIDTH", "100")
+        .output()
+        .expect("man runs (package man-db)");
+    assert!(o.status.success(), "man -l {}: {o:?}", page.display());
+    assert!(
+        o.stderr.is_empty(),
+        "{bin}: man page warnings: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let plain = String::from_utf8_lossy(&o.stdout);
+    assert!(plain.contains("NAME") && plain.contains(bin), "{plain}");
+    assert!(
+        plain.contains(&format!("{bin} {}", env!("CARGO_PKG_VERSION"))),
+        "{plain}"
+    );
+    for sub in subcommands(binary) {
+        assert!(
+            plain.contains(&format!("{bin} {sub}")),
+            "{bin}: the man page has no `{bin} {sub}`:\n{plain}"
+        );
+    }
+
+    let bash = root.join(format!("usr/share/bash-completion/completions/{bin}"));
+    let zsh = root.join(format!("usr/share/zsh/vendor-completions/_{bin}"));
+    let fish = root.join(format!("usr/share/fish/vendor_completions.d/{bin}.fish"));
+    for f in [&bash, &zsh, &fish] {
+        let text =
+            std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{bin}: {}: {e}", f.display()));
+        for sub in subcommands(binary) {
+            assert!(text.contains(&sub), "{}: no `{sub}`", f.display());
+        }
+    }
+    run(Command::new("bash").arg("-n").arg(&bash));
+    assert!(
+        std::fs::read_to_string(&zsh)
+            .unwrap()
+            .starts_with(&format!("#compdef {bin}")),
+        "{} is a zsh completion function",
+        zsh.display()
+    );
+    // Bash finds the completion when the command is completed.
+    let probe = format!(
+        "source {}; COMP_WORDS=({bin} ''); COMP_CWORD=1; COMP_LINE='{bin} '; COMP_POINT=${{#COMP_LINE}}; \
+         $(complete -p {bin} | sed -E 's/.*-F ([^ ]+).*/\\1/') {bin} '' {bin}; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        bash.display()
+    );
+    let words = run(Command::new("bash").arg("-c").arg(&probe));
+    for sub in subcommands(binary) {
+        assert!(
+            words.lines().any(|w| w == sub),
+            "bash completes `{bin} ` without `{sub}`: {words}"
         );
     }
 }

@@ -4,10 +4,21 @@
 use crate::client::{body_bytes, Client, RunRequest};
 use crate::http::{header_text_decode, BodyInput, ChannelBody};
 use crate::placement::Where;
-use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use tokio::io::AsyncWriteExt;
 use updraft_shared::exec::Input;
+
+mod args;
+pub use args::{Cli, ClientArgs, Command, ConfigArg, PolicyCommand};
+
+/// What `--version` prints after the name: the package version and the git commit the
+/// binary was built from (`unknown` when built outside a checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("UPDRAFT_COMMIT"),
+    ")"
+);
 
 /// Exit code when Updraft could not run the task at all (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: u8 = 69;
@@ -15,169 +26,6 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 pub const EXIT_TIMED_OUT: u8 = 124;
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
-
-/// Updraft edge agent: runs tasks on this board or offloads them to the cloud.
-#[derive(Debug, Parser)]
-#[command(name = "updraft-agent", version, about)]
-pub struct Cli {
-    /// The agent's API socket, for the client commands (run, result, status, policy
-    /// explain); may also follow the command.
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
-    /// Config file, for serve, check-config, enroll, and the client commands (which
-    /// read its `socket`); may also follow the command.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// `--config` of the commands that read the agent's config.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ConfigArg {
-    /// Config file. Default /etc/updraft/agent.toml.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
-
-/// Where a client command finds the agent.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct ClientArgs {
-    /// The agent's API socket.
-    #[arg(long, conflicts_with = "config")]
-    pub socket: Option<PathBuf>,
-    /// Config file whose `socket` to use.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
-
-/// `updraft-agent` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the agent service until SIGTERM/SIGINT.
-    Serve {
-        /// Config.
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Check the config as `serve` would, without serving: agent.toml, the TLS
-    /// files (loaded, and the key matched to the certificate), the policy file.
-    /// Binds no socket and opens no journal. Exit 0 when all is well, 64 otherwise.
-    CheckConfig {
-        /// Config.
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Join a daemon: make a key here, send a certificate request with a one-time
-    /// token over TLS pinned to the CA fingerprint, and store key, certificate and CA
-    /// where `serve` finds them (`[tls]` paths, default in state_dir).
-    Enroll {
-        /// The daemon, `host:port`.
-        #[arg(long)]
-        server: String,
-        /// The name the daemon's certificate must have. Default: server_name of the
-        /// [[cloud]] entry with this address in the config, else the host of --server.
-        #[arg(long)]
-        server_name: Option<String>,
-        /// The token `updraftd token create` printed.
-        #[arg(long)]
-        token: String,
-        /// The CA fingerprint `updraftd ca init` printed (SHA-256, hex).
-        #[arg(long = "ca-sha256")]
-        ca_sha256: String,
-        /// The agent id to ask for. Default: agent_id in the config, else the host name.
-        #[arg(long)]
-        agent_id: Option<String>,
-        /// Replace a certificate that is still valid.
-        #[arg(long)]
-        force: bool,
-        /// Config.
-        #[command(flatten)]
-        config: ConfigArg,
-    },
-    /// Run a task and print its output; exits with the task's exit code.
-    Run {
-        /// Task name from the catalog.
-        task: String,
-        /// Input file, or `-` for stdin. Default: no input.
-        #[arg(long)]
-        input: Option<PathBuf>,
-        /// Output file, or `-` for stdout (default).
-        #[arg(long)]
-        output: Option<PathBuf>,
-        /// Where to run: auto, local or cloud (local/cloud: no fallback).
-        #[arg(long = "where", value_parser = parse_where)]
-        where_: Option<Where>,
-        /// Return at once and print only the task id.
-        #[arg(long)]
-        detach: bool,
-        /// Print where the task ran and why, on stderr.
-        #[arg(long)]
-        explain: bool,
-        /// Where the agent is.
-        #[command(flatten)]
-        at: ClientArgs,
-        /// Extra arguments for the task (needs allow_args = true).
-        #[arg(last = true)]
-        args: Vec<String>,
-    },
-    /// Print a detached task's output; exits with its exit code.
-    Result {
-        /// Task id printed by `run --detach`.
-        id: String,
-        /// Wait until the task has finished.
-        #[arg(long)]
-        wait: bool,
-        /// Then delete the task and its output from the agent's journal, freeing its
-        /// space now instead of the journal's fetched_ttl after this fetch.
-        #[arg(long)]
-        delete: bool,
-        /// Where the agent is.
-        #[command(flatten)]
-        at: ClientArgs,
-    },
-    /// Show the agent's state: daemons, local load, recent decisions.
-    Status {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-        /// Where the agent is.
-        #[command(flatten)]
-        at: ClientArgs,
-    },
-    /// Policy commands.
-    Policy {
-        /// What to do with the policy.
-        #[command(subcommand)]
-        command: PolicyCommand,
-    },
-}
-
-/// `updraft-agent policy ...`
-#[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
-    /// Check a policy file before deploying it: prints its rules, or the error with
-    /// file:line:column. Needs no running agent.
-    Check {
-        /// The policy file.
-        file: PathBuf,
-    },
-    /// Ask the running agent where a task would run now, and why.
-    Explain {
-        /// Task name.
-        task: String,
-        /// Assume an input of this many bytes.
-        #[arg(long)]
-        input_bytes: Option<u64>,
-        /// Print JSON (with every signal) instead of one line.
-        #[arg(long)]
-        json: bool,
-        /// Where the agent is.
-        #[command(flatten)]
-        at: ClientArgs,
-    },
-}
 
 /// `check-config`: what `serve` checks before it binds anything: the config (already
 /// loaded by the caller), the TLS files (read, the key matched to the certificate, the
@@ -263,10 +111,6 @@ pub fn policy_check(file: &std::path::Path) -> u8 {
             EXIT_BAD_CONFIG
         }
     }
-}
-
-fn parse_where(s: &str) -> Result<Where, String> {
-    s.parse()
 }
 
 impl Cli {
@@ -411,6 +255,12 @@ async fn copy_body(
     }
     out.flush().await?;
     Ok(())
+}
+
+/// `--where`. A function, not clap's possible-values parser, which costs the board
+/// binary 4 KB; build.rs declares the values for the completions and the man page.
+fn parse_where(s: &str) -> Result<Where, String> {
+    s.parse()
 }
 
 /// Runs a client command; returns the process exit code.
@@ -727,5 +577,45 @@ fn print_status(v: &serde_json::Value) {
             d["outcome"].as_str().unwrap_or("?"),
             d["reason"].as_str().unwrap_or("")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn where_takes_the_three_places_and_the_completions_offer_them() {
+        let cli = Cli::try_parse_from(["updraft-agent", "run", "sha", "--where", "cloud"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run {
+                where_: Some(Where::Cloud),
+                ..
+            }
+        ));
+        let e = Cli::try_parse_from(["updraft-agent", "run", "sha", "--where", "moon"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("auto, local or cloud, not `moon`"), "{e}");
+        // build.rs wrote the completions into the profile's directory, OUT_DIR's
+        // PROFILE/build/PACKAGE-HASH/out.
+        let profile = std::path::Path::new(env!("OUT_DIR"))
+            .ancestors()
+            .nth(3)
+            .unwrap();
+        let bash = std::fs::read_to_string(profile.join("completions/bash/updraft-agent")).unwrap();
+        let offered = bash
+            .split("--where)")
+            .nth(1)
+            .and_then(|rest| rest.split("compgen -W \"").nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no --where values in the bash completion:\n{bash}"));
+        let offered: Vec<&str> = offered.split_whitespace().collect();
+        assert_eq!(offered, ["auto", "local", "cloud"]);
+        for v in offered {
+            assert!(v.parse::<Where>().is_ok(), "{v} is offered but refused");
+        }
     }
 }

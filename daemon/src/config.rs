@@ -16,8 +16,9 @@ use crate::recent::{
     DEFAULT_REMEMBER,
 };
 
-/// Where `updraftd` looks for its config when none is given.
-pub const DEFAULT_CONFIG: &str = "/etc/updraft/daemon.toml";
+/// Where `updraftd` looks for its config when none is given (defined with the command
+/// line, whose help and man page show it).
+pub use crate::cli::DEFAULT_CONFIG;
 /// Environment prefix for overrides: `UPDRAFTD__LISTEN=...`.
 pub const ENV_PREFIX: &str = "UPDRAFTD";
 /// Default of `max_uploads_per_agent`: a burst of small tasks from one agent passes

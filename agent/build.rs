@@ -1,0 +1,35 @@
+//! Stamps the git commit into `--version`, and writes the man page and the bash, zsh
+//! and fish completions from the clap definition (src/cli/args.rs) into the target
+//! profile's directory, where the `.deb`'s assets find them (see
+//! updraft-build-support).
+
+#[allow(dead_code)]
+mod cli {
+    // What src/cli/args.rs takes from its parent module. What values parse into plays
+    // no part in the page or the completions.
+    type Where = String;
+    fn parse_where(s: &str) -> Result<Where, String> {
+        Ok(s.to_string())
+    }
+    const VERSION: &str = env!("CARGO_PKG_VERSION");
+    pub mod args {
+        include!("src/cli/args.rs");
+    }
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/cli/args.rs");
+    // clap takes `&'static str` here; the build script ends right after.
+    let version: &'static str = updraft_build_support::commit_env().leak();
+    let cmd = <cli::args::Cli as clap::CommandFactory>::command()
+        .version(version)
+        // The binary parses `--where` with a plain function (smaller); the page and the
+        // completions name its values (a unit test in src/cli.rs checks they parse).
+        .mut_subcommand("run", |run| {
+            run.mut_arg("where_", |a| a.value_parser(["auto", "local", "cloud"]))
+        });
+    if let Err(e) = updraft_build_support::write_docs(cmd) {
+        println!("cargo:warning=man page and completions not written: {e}");
+    }
+}

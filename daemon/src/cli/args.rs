@@ -1,0 +1,111 @@
+// The `updraftd` command line as clap sees it: only clap and std here, and names from
+// the parent module, so the build script can include this file to write the man page
+// and shell completions (see build.rs) without linking them into the binary.
+
+use super::{parse_lifetime, parse_ttl, VERSION};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where `updraftd` looks for its config when none is given.
+pub const DEFAULT_CONFIG: &str = "/etc/updraft/daemon.toml";
+
+/// Updraft cloud daemon: runs tasks that edge agents offload to it.
+#[derive(Debug, Parser)]
+#[command(name = "updraftd", version = VERSION, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `updraftd` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve agents over QUIC until SIGTERM/SIGINT, then drain.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Certificate authority commands.
+    Ca {
+        /// What to do with the CA.
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Certificate commands.
+    Cert {
+        /// What to do with certificates.
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+    /// Enrollment token commands.
+    Token {
+        /// What to do with tokens.
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Validate a config file and exit (0 = valid).
+    CheckConfig {
+        /// Config file.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// `updraftd ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create DIR/ca.pem ca.key server.pem server.key and print the CA fingerprint.
+    Init {
+        /// Directory for the files.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Host names or IPs agents will use for this daemon (repeatable, or several values).
+        #[arg(long = "name", required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
+}
+
+/// `updraftd cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue an agent certificate: OUT/agent.pem and OUT/agent.key.
+    Issue {
+        /// The agent's id (becomes the certificate's common name).
+        #[arg(long)]
+        agent_id: String,
+        /// Directory for agent.pem and agent.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "/etc/updraft")]
+        ca_dir: PathBuf,
+        /// Certificate lifetime, e.g. "365d", "90d" (1s to 3650d).
+        #[arg(long, default_value = "365d", value_parser = parse_lifetime)]
+        valid_for: Duration,
+        /// The daemon's state_dir: record the certificate there as the agent id's
+        /// current one, so an unbound token cannot take the id while it is valid.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+/// `updraftd token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a one-time token an agent enrolls with (`updraft-agent enroll --token`).
+    /// Prints the token on stdout and the enroll command on stderr.
+    Create {
+        /// How long the token works, e.g. "1h", "30m", "7d" (1s to 365d).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// Only this agent id may enroll with the token.
+        #[arg(long)]
+        agent_id: Option<String>,
+        /// The daemon's config file (its state_dir holds the tokens).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
