@@ -3,6 +3,8 @@
 //! client for the agent's socket, and bounded waiting helpers.
 #![allow(dead_code)]
 
+pub mod deb;
+pub mod readme;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read, Write};
