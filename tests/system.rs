@@ -21,8 +21,8 @@
 //! test build, as tests/package.rs does), with what the README leaves to the operator
 //! supplied: `$EDITOR` makes the edit the comment beside it describes, the example
 //! token and fingerprint (`5f0c...e1`, `d8c1...0dbf`) become the ones printed, and
-//! `$USER` is a user made for the walk; from `usermod -aG updraft "$USER"` on, commands
-//! run as that user. `#   stdout:`/`#   stderr:` comments are checked as in
+//! the user README adds to group `updraft` (`alice`) is made beforehand; from
+//! `usermod -aG updraft alice` on, commands run as alice. `#   stdout:`/`#   stderr:` comments are checked as in
 //! tests/readme.rs, and `# log: "TEXT"` after `systemctl start UNIT` is looked for in
 //! the unit's journal. The guest is named `board-1` and resolves `cloud.example.com` to
 //! itself: it is the cloud machine and the board at once.
@@ -178,6 +178,7 @@ fn rootfs() -> PathBuf {
     }
     std::fs::create_dir_all(&cache)
         .unwrap_or_else(|e| panic!("creating the rootfs cache {}: {e}", cache.display()));
+    remove_abandoned(&cache);
     let partial = cache.join(format!("{SUITE}-{hash}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     let started = Instant::now();
@@ -206,6 +207,22 @@ fn rootfs() -> PathBuf {
     }
     eprintln!("system test: rootfs made in {:.0?}", started.elapsed());
     dir
+}
+
+/// Removes half-made rootfs trees (`*.partial-PID`) of runs that were killed.
+fn remove_abandoned(cache: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((_, pid)) = name.rsplit_once(".partial-") else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -573,7 +590,7 @@ fn write_share(dir: &Path) {
 struct Walk {
     fingerprint: Option<String>,
     token: Option<String>,
-    /// Set once `usermod -aG updraft "$USER"` ran: later commands are that user's.
+    /// Set once `usermod -aG updraft alice` ran: later commands are alice's.
     as_user: bool,
 }
 
@@ -648,8 +665,7 @@ fn walk_install_section(guest: &Guest, debs: &[String; 2]) {
 fn run_step(guest: &Guest, walk: &mut Walk, line: &str, stdout: &[String], stderr: &[String]) {
     let cmd = walk.substitute(line);
     let user = walk.as_user.then_some(USER);
-    // `$USER` in a root command is the user the walk gives access to.
-    let out = guest.run(user, &[("USER", USER)], &cmd);
+    let out = guest.run(user, &[], &cmd);
     let who = user.unwrap_or("root");
     assert!(
         out.ok(),
@@ -687,6 +703,11 @@ fn run_step(guest: &Guest, walk: &mut Walk, line: &str, stdout: &[String], stder
     } else if line.contains("token create") {
         walk.token = Some(out.stdout.trim().to_string());
     } else if line.contains("usermod -aG updraft") {
+        assert_eq!(
+            words.get(3).copied(),
+            Some(USER),
+            "README: `{line}`: the walk made the user {USER}"
+        );
         walk.as_user = true;
     } else if let ["systemctl", "start", unit, ..] = words.as_slice() {
         started_notify(guest, unit);
