@@ -19,8 +19,8 @@
 //! The walk: README's sh blocks in "Install from .deb" are run command by command as
 //! root in the guest (the build block excepted: the packages are built here from the
 //! test build, as tests/package.rs does), with what the README leaves to the operator
-//! supplied: `$EDITOR` makes the edit the comment beside it describes, the example
-//! token and fingerprint (`5f0c...e1`, `d8c1...0dbf`) become the ones printed, and
+//! supplied: `$EDITOR` makes the edit the comment beside it describes, `<token>` and
+//! `<fingerprint>` become what `token create` and `ca init` printed, and
 //! the user README adds to group `updraft` (`alice`) is made beforehand; from
 //! `usermod -aG updraft alice` on, commands run as alice. `#   stdout:`/`#   stderr:` comments are checked as in
 //! tests/readme.rs, and `# log: "TEXT"` after `systemctl start UNIT` is looked for in
@@ -233,28 +233,26 @@ fn write_share(dir: &Path) {
 struct Walk {
     fingerprint: Option<String>,
     token: Option<String>,
+    /// The enroll command `token create` printed for the board.
+    enroll: Option<String>,
     /// Set once `usermod -aG updraft alice` ran: later commands are alice's.
     as_user: bool,
 }
 
 impl Walk {
-    /// The README line with the example token and fingerprint replaced by real ones.
+    /// The README line with `<token>` and `<fingerprint>` replaced by what
+    /// `token create` and `ca init` printed.
     fn substitute(&self, line: &str) -> String {
-        let mut words: Vec<String> = line.split(' ').map(str::to_string).collect();
-        for i in 1..words.len() {
-            if !words[i].contains("...") {
-                continue;
-            }
-            let value = match words[i - 1].as_str() {
-                "--token" => self.token.as_ref(),
-                "--ca-sha256" => self.fingerprint.as_ref(),
-                _ => None,
-            };
-            if let Some(v) = value {
-                words[i] = v.clone();
+        let mut line = line.to_string();
+        for (k, v) in [
+            ("<token>", &self.token),
+            ("<fingerprint>", &self.fingerprint),
+        ] {
+            if let Some(v) = v {
+                line = line.replace(k, v);
             }
         }
-        words.join(" ")
+        line
     }
 }
 
@@ -307,6 +305,13 @@ fn walk_install_section(guest: &Guest, debs: &[String; 2]) {
 
 fn run_step(guest: &Guest, walk: &mut Walk, line: &str, stdout: &[String], stderr: &[String]) {
     let cmd = walk.substitute(line);
+    if cmd.starts_with("updraft-agent enroll ") {
+        assert_eq!(
+            Some(cmd.trim()),
+            walk.enroll.as_deref(),
+            "README's enroll line is the one `token create` prints"
+        );
+    }
     let user = walk.as_user.then_some(USER);
     let out = guest.run(user, &cmd);
     let who = user.unwrap_or("root");
@@ -345,6 +350,12 @@ fn run_step(guest: &Guest, walk: &mut Walk, line: &str, stdout: &[String], stder
         walk.fingerprint = Some(out.stdout.trim().to_string());
     } else if line.contains("token create") {
         walk.token = Some(out.stdout.trim().to_string());
+        walk.enroll = out
+            .stderr
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("updraft-agent enroll "))
+            .map(str::to_string);
     } else if line.contains("usermod -aG updraft") {
         assert_eq!(
             words.get(3).copied(),
