@@ -607,8 +607,8 @@ fn restart_resumes_detached(guest: &Guest) {
     assert_eq!(out.trim(), "finished on the board");
 }
 
-/// `systemctl stop updraftd` with a cloud task running: the task finishes and its
-/// result reaches the board.
+/// `systemctl stop updraftd` with a cloud task running: the status says it drains,
+/// the task finishes and its result reaches the board.
 fn stop_drains(guest: &Guest) {
     guest.ok(
         "a cloud task in the background",
@@ -620,7 +620,21 @@ fn stop_drains(guest: &Guest) {
         Duration::from_secs(30),
         "pgrep -fx 'sleep 5.02'",
     );
-    guest.ok("stop the daemon", "systemctl stop updraftd");
+    guest.ok("stop the daemon", "systemctl stop --no-block updraftd");
+    let status = guest.wait_until(
+        "the daemon's draining status",
+        Duration::from_secs(10),
+        "systemctl show -p StatusText --value updraftd | grep '^draining: '",
+    );
+    assert_eq!(
+        status.trim(),
+        "draining: finishing 1 running and 0 queued tasks"
+    );
+    guest.wait_until(
+        "the daemon to stop",
+        Duration::from_secs(60),
+        "systemctl is-active -q updraftd; [ $? -ne 0 ]",
+    );
     let out = guest.wait_until(
         "the drained task's result",
         Duration::from_secs(30),
