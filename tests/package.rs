@@ -8,10 +8,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use common::bin;
+use common::deb::{build_deb, have_cargo_deb};
 
 struct Package {
     /// The Cargo package.
@@ -50,41 +50,6 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn have_cargo_deb() -> bool {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let found = Command::new(cargo)
-        .args(["deb", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert_ne!(
-            std::env::var("UPDRAFT_PACKAGE_TEST").as_deref(),
-            Ok("require"),
-            "cargo-deb is required here: cargo install cargo-deb"
-        );
-        eprintln!("cargo-deb is not installed (cargo install cargo-deb); .deb check skipped");
-    }
-    found
-}
-
-/// Builds the package from the test build's binaries (already built by [`bin`]).
-fn build_deb(p: &Package, out: &Path) -> PathBuf {
-    bin(p.binary);
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let stdout = run(Command::new(cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["deb", "-p", p.crate_name, "--no-build", "--profile", "dev"])
-        .arg("--output")
-        .arg(out));
-    let deb = stdout
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.ends_with(".deb"))
-        .unwrap_or_else(|| panic!("cargo deb printed no .deb path: {stdout}"));
-    PathBuf::from(deb)
-}
-
 /// `Key=value` lines of a unit.
 fn unit_values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
     unit.lines()
@@ -94,12 +59,12 @@ fn unit_values<'a>(unit: &'a str, key: &str) -> Vec<&'a str> {
 
 #[test]
 fn debs_install_into_a_scratch_root_where_the_units_expect_and_lintian_finds_no_error() {
-    if !have_cargo_deb() {
+    if !have_cargo_deb("UPDRAFT_PACKAGE_TEST") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     for p in &PACKAGES {
-        let deb = build_deb(p, dir.path());
+        let deb = build_deb(p.crate_name, p.binary, dir.path());
         let root = dir.path().join(format!("root-{}", p.deb_name));
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
         let control = dir.path().join(format!("control-{}", p.deb_name));

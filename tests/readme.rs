@@ -17,23 +17,11 @@
 
 mod common;
 
+use common::readme::{commands, matches, Step};
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-
-/// One step of the walk.
-#[derive(Debug)]
-enum Step {
-    /// Write this text to this (README) path.
-    File { path: String, text: String },
-    /// Run this command; its output lines must match the patterns.
-    Run {
-        line: String,
-        stdout: Vec<String>,
-        stderr: Vec<String>,
-    },
-}
 
 /// The steps of README's "Five-minute setup", in order.
 fn steps(readme: &str) -> Vec<Step> {
@@ -82,63 +70,6 @@ fn steps(readme: &str) -> Vec<Step> {
         }
     }
     out
-}
-
-/// The commands of one sh block, with their expected-output comments.
-fn commands(body: &[&str]) -> Vec<Step> {
-    let mut out: Vec<Step> = Vec::new();
-    let mut pending = String::new();
-    for raw in body {
-        let line = raw.trim();
-        if let Some(comment) = line.strip_prefix('#') {
-            let comment = comment.trim();
-            let expect = comment
-                .strip_prefix("stdout:")
-                .map(|p| (true, p))
-                .or_else(|| comment.strip_prefix("stderr:").map(|p| (false, p)));
-            if let (Some((is_stdout, pattern)), Some(Step::Run { stdout, stderr, .. })) =
-                (expect, out.last_mut())
-            {
-                let list = if is_stdout { stdout } else { stderr };
-                list.push(pattern.trim().to_string());
-            }
-            continue;
-        }
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(cont) = line.strip_suffix('\\') {
-            pending.push_str(cont);
-            pending.push(' ');
-            continue;
-        }
-        pending.push_str(line);
-        out.push(Step::Run {
-            line: std::mem::take(&mut pending),
-            stdout: Vec::new(),
-            stderr: Vec::new(),
-        });
-    }
-    out
-}
-
-/// Whether `text` matches `pattern`, where `...` stands for any text.
-fn matches(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split("...").collect();
-    let (first, rest) = parts.split_first().expect("split yields one part");
-    let Some(mut tail) = text.strip_prefix(first) else {
-        return false;
-    };
-    for (i, part) in rest.iter().enumerate() {
-        if i + 1 == rest.len() {
-            return tail.ends_with(part);
-        }
-        match tail.find(part) {
-            Some(at) => tail = &tail[at + part.len()..],
-            None => return false,
-        }
-    }
-    tail.is_empty()
 }
 
 /// The walk's substitutions, longest first so `/var/lib/updraftd` is not taken for

@@ -1473,10 +1473,15 @@ pub async fn run(
         daemons = agent.config.clouds.len(),
         "updraft-agent serving"
     );
-    updraft_shared::notify::ready();
+    updraft_shared::notify::ready(&format!(
+        "serving on {}: agent {}, {} daemons configured",
+        agent.config.socket.display(),
+        agent.agent_id(),
+        agent.config.clouds.len()
+    ));
     updraft_shared::notify::spawn_watchdog();
     let served = crate::api::serve(agent.clone(), listener, shutdown).await;
-    updraft_shared::notify::stopping();
+    updraft_shared::notify::stopping("stopping: finishing the requests in progress");
     stop.cancel();
     // Detached runs stop where they are; the journal still has them, so the next start
     // resumes them.

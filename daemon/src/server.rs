@@ -303,13 +303,13 @@ pub async fn run(
         }
         None => None,
     };
-    info!(
-        listen = %endpoint.local_addr()?,
-        tasks = shared.catalog().names().collect::<Vec<_>>().join(","),
-        slots = shared.config.max_concurrent_tasks,
-        "updraftd serving"
-    );
-    updraft_shared::notify::ready();
+    let listen = endpoint.local_addr()?;
+    let tasks = shared.catalog().names().collect::<Vec<_>>().join(",");
+    let slots = shared.config.max_concurrent_tasks;
+    info!(%listen, tasks, slots, "updraftd serving");
+    updraft_shared::notify::ready(&format!(
+        "serving on {listen}: tasks {tasks}; {slots} run at once"
+    ));
     updraft_shared::notify::spawn_watchdog();
 
     // Connections are accepted until the end of the drain, so that one arriving while
@@ -323,8 +323,11 @@ pub async fn run(
     }
 
     // Drain.
-    updraft_shared::notify::stopping();
     let running = shared.executor.load();
+    updraft_shared::notify::stopping(&format!(
+        "draining: finishing {} running and {} queued tasks",
+        running.running, running.queued
+    ));
     info!(
         running = running.running,
         queued = running.queued,

@@ -1,5 +1,7 @@
-//! Logging set-up shared by both services: `tracing` to stderr, and no timestamps when
-//! running under systemd, whose journal stamps every line already.
+//! Logging set-up shared by both services: `tracing` to stderr. Under systemd's journal
+//! lines carry no timestamp (the journal stamps every line already) and start with
+//! their syslog priority (`<4>` for a warning), which the journal keeps as the entry's
+//! level.
 //!
 //! The level comes from an environment variable (e.g. `UPDRAFTD_LOG=debug`) when it is
 //! set, else from `log_level` in the config file once that is loaded
@@ -38,14 +40,50 @@ pub fn init(env_var: &str) {
     }
     if under_journal {
         install!(builder
-            .without_time()
-            .with_ansi(false)
+            .event_format(JournalLevel(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_ansi(false)
+            ))
             .with_filter_reloading());
     } else {
         use std::io::IsTerminal;
         install!(builder
             .with_ansi(std::io::stderr().is_terminal())
             .with_filter_reloading());
+    }
+}
+
+/// Starts each line with the `<N>` syslog priority of its level, which journald takes
+/// as the entry's priority (and strips), so `journalctl -p warning` shows warnings and
+/// errors only; without it every line would be logged at the stream's default, info.
+struct JournalLevel<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for JournalLevel<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// The syslog priority journald files a line of this level under.
+fn syslog_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        _ => 7,
     }
 }
 
@@ -156,6 +194,43 @@ mod tests {
             stderr.contains("test-service panicked at") && stderr.contains("boom in a task"),
             "{stderr}"
         );
+    }
+
+    /// Under journald each line starts with its level's syslog priority, and carries
+    /// no timestamp of its own (the journal stamps it).
+    #[test]
+    fn journal_lines_start_with_their_priority_and_have_no_time() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .event_format(super::JournalLevel(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_target(false)
+                    .with_ansi(false),
+            ))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!("e");
+            tracing::warn!("w");
+            tracing::info!("i");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, ["<3>ERROR e", "<4> WARN w", "<6> INFO i"], "{text}");
     }
 
     #[test]

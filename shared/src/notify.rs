@@ -4,14 +4,15 @@
 use sd_notify::NotifyState;
 use std::time::Duration;
 
-/// Tells systemd start-up is done.
-pub fn ready() {
-    let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+/// Tells systemd start-up is done, with a one-line status for `systemctl status`
+/// (`StatusText`), e.g. what the service serves on.
+pub fn ready(status: &str) {
+    let _ = sd_notify::notify(false, &[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
-/// Tells systemd we are shutting down.
-pub fn stopping() {
-    let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+/// Tells systemd we are shutting down, and what the stop is waiting for.
+pub fn stopping(status: &str) {
+    let _ = sd_notify::notify(false, &[NotifyState::Stopping, NotifyState::Status(status)]);
 }
 
 /// Pings the watchdog at half its period from the calling runtime, for as long as the

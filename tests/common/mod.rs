@@ -3,6 +3,8 @@
 //! client for the agent's socket, and bounded waiting helpers.
 #![allow(dead_code)]
 
+pub mod deb;
+pub mod readme;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,6 +37,29 @@ pub fn bin(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // cargo test sets CARGO_MANIFEST_DIR, CARGO_PKG_NAME... for the test; ring's
+        // build tracks them, so passing them on would make this build and the next
+        // plain `cargo build` or `cargo test` each rebuild ring and all above it.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            let per_crate = [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+                || [
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                ]
+                .contains(&k.as_ref());
+            if per_crate {
+                cmd.env_remove(&key);
+            }
+        }
         cmd.args([
             "build",
             "--bins",
