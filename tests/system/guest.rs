@@ -209,7 +209,9 @@ impl Guest {
         let deadline = Instant::now() + Duration::from_secs(120);
         let out = loop {
             let out = self.sh("timeout 120 systemctl is-system-running --wait");
-            if !out.stdout.trim().is_empty() || Instant::now() > deadline {
+            // "offline" (or nothing) until the guest's manager answers on its bus.
+            let state = out.stdout.trim();
+            if !(state.is_empty() || state == "offline") || Instant::now() > deadline {
                 break out;
             }
             std::thread::sleep(Duration::from_millis(50));
