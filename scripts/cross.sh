@@ -87,7 +87,10 @@ binfmt() {
   [ -e "$dir/$1" ] && return
   [ -e "$dir/register" ] || mount -t binfmt_misc binfmt_misc "$dir" 2>/dev/null ||
     die "cannot mount $dir (as root: mount -t binfmt_misc binfmt_misc $dir)"
-  update-binfmts --enable "$1" >/dev/null 2>&1 || [ -e "$dir/$1" ] ||
+  update-binfmts --enable "$1" >/dev/null 2>&1 || true
+  # systemd-binfmt's file for it is the very line the kernel takes.
+  [ -e "$dir/$1" ] || cat "/usr/lib/binfmt.d/$1.conf" >"$dir/register" 2>/dev/null || true
+  [ -e "$dir/$1" ] ||
     die "cannot register $1 with binfmt_misc (as root: update-binfmts --enable $1)"
 }
 
