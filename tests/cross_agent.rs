@@ -12,7 +12,6 @@ mod common;
 
 use common::*;
 use nix::sys::signal::Signal;
-use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -60,15 +59,6 @@ fn elf_machine(path: &Path) -> String {
     }
 }
 
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn json(r: &HttpReply) -> Value {
-    serde_json::from_slice(&r.body)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
-}
-
 #[test]
 fn sha256_on_the_board_and_in_the_cloud_matches_sha256sum() {
     if arm_agent().is_none() {
@@ -92,27 +82,7 @@ fn sha256_on_the_board_and_in_the_cloud_matches_sha256sum() {
         std::fs::write(&input, noise(len, len as u64 + 3)).unwrap();
         let want = sha256sum_direct(&input);
         for side in ["local", "cloud"] {
-            let output = dir.join(format!("{name}.{side}"));
-            let o = c.run(
-                &[
-                    "sha",
-                    "--where",
-                    side,
-                    "--explain",
-                    "--input",
-                    input.to_str().unwrap(),
-                    "--output",
-                    output.to_str().unwrap(),
-                ],
-                None,
-            );
-            assert!(o.status.success(), "{name} {side}: {}", stderr(&o));
-            assert!(stderr(&o).starts_with(side), "{name}: {}", stderr(&o));
-            assert_eq!(
-                std::fs::read(&output).unwrap(),
-                want,
-                "{name} ({len} bytes) {side}: output differs from sha256sum"
-            );
+            c.sha_checked(side, &input, &dir.join(format!("{name}.{side}")), &want);
         }
     }
 }
@@ -128,7 +98,7 @@ fn a_detached_task_outlives_kill_9_of_the_agent() {
     let want = sha256sum_direct(&c.dir.path().join("input"));
     let r = http(&c.socket, "POST", "/v1/tasks/sha?detach=true", &input).unwrap();
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let id = json(&r)["id"].as_str().unwrap().to_string();
+    let id = r.json()["id"].as_str().unwrap().to_string();
     c.agent.signal(Signal::SIGKILL);
     c.agent.wait_exit(WAIT);
 
@@ -140,7 +110,7 @@ fn a_detached_task_outlives_kill_9_of_the_agent() {
     });
     let r = http(&socket, "GET", &format!("/v1/tasks/{id}?wait=true"), b"").unwrap();
     assert_eq!(
-        json(&r)["state"],
+        r.json()["state"],
         "done",
         "{}",
         String::from_utf8_lossy(&r.body)
@@ -197,7 +167,7 @@ fn enroll_with_a_token_then_offload() {
     let socket = dir.join("agent.sock");
     wait_for("the enrolled agent to connect", WAIT, || {
         let r = http(&socket, "GET", "/v1/status", b"").ok()?;
-        (json(&r)["clouds"][0]["connected"] == true).then_some(())
+        (r.json()["clouds"][0]["connected"] == true).then_some(())
     });
     let r = http(&socket, "POST", "/v1/tasks/echo?where=cloud", b"from arm").unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));

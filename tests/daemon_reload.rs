@@ -4,13 +4,9 @@
 
 mod common;
 
-use common::{make_pki, Cluster};
+use common::{make_pki, stderr, Cluster};
 use nix::sys::signal::Signal;
 use std::time::Duration;
-
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Sends SIGHUP and waits for the `n`th reload log line containing `marker`.
 fn hangup(c: &Cluster, marker: &str, n: usize) -> String {

@@ -6,10 +6,6 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 #[test]
 fn sha256_matches_the_command_run_directly_both_ways_and_memory_stays_flat() {
     let c = Cluster::start();
@@ -40,27 +36,7 @@ fn sha256_matches_the_command_run_directly_both_ways_and_memory_stays_flat() {
         let input = dir.join(name);
         let want = sha256sum_direct(&input);
         for side in ["cloud", "local"] {
-            let out_file = dir.join(format!("{name}.{side}.out"));
-            let o = c.run(
-                &[
-                    "sha",
-                    "--where",
-                    side,
-                    "--explain",
-                    "--input",
-                    input.to_str().unwrap(),
-                    "--output",
-                    out_file.to_str().unwrap(),
-                ],
-                None,
-            );
-            assert!(o.status.success(), "{name} {side}: {}", stderr(&o));
-            assert!(
-                stderr(&o).starts_with(side),
-                "--explain names the side: {}",
-                stderr(&o)
-            );
-            assert_eq!(std::fs::read(&out_file).unwrap(), want, "{name} via {side}");
+            c.sha_checked(side, &input, &dir.join(format!("{name}.{side}.out")), &want);
         }
         // Through stdin and stdout as well (unknown length, streamed).
         if name != "big" {

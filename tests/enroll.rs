@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{bin, http, start_daemon, updraftd, wait_for, Proc, AGENT_TASKS};
+use common::{bin, http, start_daemon, stderr, updraftd, wait_for, Proc, AGENT_TASKS};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
@@ -72,10 +72,6 @@ fn enroll(cfg: &Path, daemon: &str, token: &str, fingerprint: &str, force: bool)
         cmd.arg("--force");
     }
     cmd.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn start_agent(cfg: &Path) -> Proc {

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{bin, start_daemon, updraftd, wait_for, Proc, AGENT_TASKS};
+use common::{bin, start_daemon, stderr, updraftd, wait_for, Proc, AGENT_TASKS};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
@@ -32,10 +32,6 @@ fn token(dir: &Path, agent_id: Option<&str>) -> String {
     let out = updraftd(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A board: `dir/NAME/agent.toml` with its own state_dir, asking for `agent_id`, with

@@ -33,11 +33,6 @@ fn serving_agent(dir: &Path, extra: &str) -> (Proc, PathBuf) {
     (agent, socket)
 }
 
-fn json(r: &HttpReply) -> Value {
-    serde_json::from_slice(&r.body)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&r.body)))
-}
-
 /// Submits a detached task and returns its id.
 fn detach(socket: &Path, task_and_query: &str, input: &[u8]) -> String {
     let r = http(
@@ -48,13 +43,13 @@ fn detach(socket: &Path, task_and_query: &str, input: &[u8]) -> String {
     )
     .unwrap();
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    json(&r)["id"].as_str().unwrap().to_string()
+    r.json()["id"].as_str().unwrap().to_string()
 }
 
 fn task_state(socket: &Path, id: &str) -> Value {
     let r = http(socket, "GET", &format!("/v1/tasks/{id}"), b"").unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    json(&r)
+    r.json()
 }
 
 #[test]
@@ -182,7 +177,7 @@ fn restart(agent: Proc, dir: &Path, extra: &str) -> (Proc, PathBuf) {
 fn assert_storage_full(socket: &Path, id: &str) {
     let r = http(socket, "GET", &format!("/v1/tasks/{id}?wait=true"), b"").unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let state = json(&r);
+    let state = r.json();
     assert_eq!(state["state"], "failed", "{state}");
     assert_eq!(state["error"]["code"], "storage_full", "{state}");
     let message = state["error"]["message"].as_str().unwrap();
@@ -265,11 +260,11 @@ fn delete_frees_a_finished_task_and_result_delete_prints_it_first() {
     let (_agent, socket) = serving_agent(dir.path(), "");
     let id = detach(&socket, "echo?where=local", b"first result");
     let r = http(&socket, "GET", &format!("/v1/tasks/{id}?wait=true"), b"").unwrap();
-    assert_eq!(json(&r)["state"], "done");
+    assert_eq!(r.json()["state"], "done");
 
     let r = http(&socket, "DELETE", &format!("/v1/tasks/{id}"), b"").unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(json(&r)["deleted"], true);
+    assert_eq!(r.json()["deleted"], true);
     for (method, path) in [
         ("GET", format!("/v1/tasks/{id}")),
         ("GET", format!("/v1/tasks/{id}/output")),
@@ -285,7 +280,7 @@ fn delete_frees_a_finished_task_and_result_delete_prints_it_first() {
     let r = http(&socket, "DELETE", &format!("/v1/tasks/{queued}"), b"").unwrap();
     assert_eq!(r.status, 409, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("updraft-error-code"), Some("not_ready"));
-    let message = json(&r)["error"].as_str().unwrap().to_string();
+    let message = r.json()["error"].as_str().unwrap().to_string();
     assert!(message.contains("still queued"), "{message}");
     assert_eq!(task_state(&socket, &queued)["state"], "queued");
 
@@ -307,7 +302,7 @@ fn delete_frees_a_finished_task_and_result_delete_prints_it_first() {
     assert_eq!(r.status, 404);
     let r = http(&socket, "GET", "/v1/status", b"").unwrap();
     assert_eq!(
-        json(&r)["journal"]["tasks"],
+        r.json()["journal"]["tasks"],
         1,
         "only the queued task is left"
     );

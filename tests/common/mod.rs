@@ -397,6 +397,36 @@ impl Cluster {
         Ok(serde_json::from_slice(&r.body).expect("status is JSON"))
     }
 
+    /// `sha --where SIDE --explain` from `input` into `output`: it succeeds, `--explain`
+    /// names the side, and the output is `want` (what `sha256sum` gave for the input).
+    pub fn sha_checked(&self, side: &str, input: &Path, output: &Path, want: &[u8]) {
+        let o = self.run(
+            &[
+                "sha",
+                "--where",
+                side,
+                "--explain",
+                "--input",
+                input.to_str().unwrap(),
+                "--output",
+                output.to_str().unwrap(),
+            ],
+            None,
+        );
+        let what = format!("{} via {side}", input.display());
+        assert!(o.status.success(), "{what}: {}", stderr(&o));
+        assert!(
+            stderr(&o).starts_with(side),
+            "{what}: --explain names the side: {}",
+            stderr(&o)
+        );
+        assert_eq!(
+            std::fs::read(output).unwrap(),
+            want,
+            "{what}: output differs from sha256sum"
+        );
+    }
+
     /// Runs `updraft-agent run` against this agent.
     pub fn run(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(bin("updraft-agent"));
@@ -427,12 +457,23 @@ pub struct HttpReply {
 }
 
 impl HttpReply {
+    /// The body as JSON; panics with the body when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// A finished command's stderr, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// A plain HTTP/1.1 request over the Unix socket, written and parsed by hand.
