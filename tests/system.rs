@@ -650,13 +650,18 @@ fn stop_drains(guest: &Guest) {
     start_daemon(guest);
 }
 
-fn start_daemon(guest: &Guest) {
-    guest.ok("start the daemon", "systemctl start updraftd");
+/// Waits until the agent reports its daemon connected.
+fn wait_connected(guest: &Guest, what: &str) {
     guest.wait_until(
-        "the agent to reconnect",
+        what,
         Duration::from_secs(60),
         "updraft-agent status --json | grep -q '\"connected\":true'",
     );
+}
+
+fn start_daemon(guest: &Guest) {
+    guest.ok("start the daemon", "systemctl start updraftd");
+    wait_connected(guest, "the agent to reconnect");
 }
 
 /// A task's child and `setsid` grandchild are gone when the task ends (on the board
@@ -721,11 +726,7 @@ fn containment(guest: &Guest) {
         "! pgrep -fx 'sleep (4444|4545)'",
     );
     guest.ok("start the agent", "systemctl start updraft-agent");
-    guest.wait_until(
-        "the agent to connect",
-        Duration::from_secs(60),
-        "updraft-agent status --json | grep -q '\"connected\":true'",
-    );
+    wait_connected(guest, "the agent to connect");
 }
 
 /// README's drop-in, through `systemctl edit updraftd` (in a pseudo-terminal from
@@ -742,11 +743,7 @@ fn drop_in(guest: &Guest) {
              && systemctl restart updraftd"
         ),
     );
-    guest.wait_until(
-        "the agent to reconnect",
-        Duration::from_secs(60),
-        "updraft-agent status --json | grep -q '\"connected\":true'",
-    );
+    wait_connected(guest, "the agent to reconnect");
     let out = guest.ok(
         "the task the drop-in allows",
         "updraft-agent run scratch --where cloud",
