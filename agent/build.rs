@@ -18,18 +18,11 @@ mod cli {
 }
 
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/cli/args.rs");
-    // clap takes `&'static str` here; the build script ends right after.
-    let version: &'static str = updraft_build_support::commit_env().leak();
     let cmd = <cli::args::Cli as clap::CommandFactory>::command()
-        .version(version)
         // The binary parses `--where` with a plain function (smaller); the page and the
         // completions name its values (a unit test in src/cli.rs checks they parse).
         .mut_subcommand("run", |run| {
             run.mut_arg("where_", |a| a.value_parser(["auto", "local", "cloud"]))
         });
-    if let Err(e) = updraft_build_support::write_docs(cmd) {
-        println!("cargo:warning=man page and completions not written: {e}");
-    }
+    updraft_build_support::stamp_and_document(cmd);
 }

@@ -21,12 +21,5 @@ mod cli {
 }
 
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/cli/args.rs");
-    // clap takes `&'static str` here; the build script ends right after.
-    let version: &'static str = updraft_build_support::commit_env().leak();
-    let cmd = <cli::args::Cli as clap::CommandFactory>::command().version(version);
-    if let Err(e) = updraft_build_support::write_docs(cmd) {
-        println!("cargo:warning=man page and completions not written: {e}");
-    }
+    updraft_build_support::stamp_and_document(<cli::args::Cli as clap::CommandFactory>::command());
 }

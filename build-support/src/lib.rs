@@ -80,6 +80,20 @@ fn profile_dir(out: &Path) -> std::io::Result<PathBuf> {
         })
 }
 
+/// A service's build script: stamps the git commit into `--version` ([`commit_env`]),
+/// and writes the man page and completions from `cmd`, its clap definition included
+/// from `src/cli/args.rs`, with that version ([`write_docs`]). A failure to write them
+/// is a build warning, not an error: the binary does not need them.
+pub fn stamp_and_document(cmd: clap::Command) {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/cli/args.rs");
+    // clap takes `&'static str` here; the build script ends right after.
+    let version: &'static str = commit_env().leak();
+    if let Err(e) = write_docs(cmd.version(version)) {
+        println!("cargo:warning=man page and completions not written: {e}");
+    }
+}
+
 /// Writes `bin`'s man page and its bash, zsh and fish completions, made from `cmd`, to
 /// `PROFILE/man/BIN` (gzipped) and `PROFILE/completions/{bash,zsh,fish}/BIN` (see
 /// [`profile_dir`]). Each file is named after the binary because cargo-deb counts an
