@@ -20,7 +20,7 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(120);
 
 /// The ARM agent under test, or `None` (after saying why) when none was given.
-fn arm_agent() -> Option<String> {
+fn arm_agent() -> Option<&'static str> {
     let Ok(path) = std::env::var("UPDRAFT_TEST_AGENT") else {
         assert_ne!(
             std::env::var("UPDRAFT_CROSS_TEST").as_deref(),
@@ -30,33 +30,13 @@ fn arm_agent() -> Option<String> {
         eprintln!("UPDRAFT_TEST_AGENT is not set: the ARM agent test is skipped");
         return None;
     };
-    let machine = elf_machine(Path::new(&path));
+    let machine = updraft::bench::footprint::elf_machine(Path::new(&path)).unwrap();
     assert!(
         machine == "aarch64" || machine == "arm",
         "{path} is built for {machine}, not for an ARM board"
     );
     eprintln!("testing the {machine} agent {path}");
     Some(machine)
-}
-
-/// The ELF header's machine field, named.
-fn elf_machine(path: &Path) -> String {
-    let head = std::fs::read(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .take(20)
-        .collect::<Vec<u8>>();
-    assert!(
-        head.starts_with(b"\x7fELF"),
-        "{} is not ELF",
-        path.display()
-    );
-    match u16::from_le_bytes([head[18], head[19]]) {
-        0xb7 => "aarch64".into(),
-        0x28 => "arm".into(),
-        0x3e => "x86_64".into(),
-        other => format!("machine {other:#x}"),
-    }
 }
 
 #[test]

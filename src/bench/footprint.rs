@@ -99,7 +99,7 @@ fn default_agent() -> anyhow::Result<PathBuf> {
 }
 
 /// The machine an ELF binary is built for, from its header.
-fn elf_machine(path: &Path) -> anyhow::Result<&'static str> {
+pub fn elf_machine(path: &Path) -> anyhow::Result<&'static str> {
     use std::io::Read;
     let mut head = [0u8; 20];
     std::fs::File::open(path)
@@ -114,16 +114,6 @@ fn elf_machine(path: &Path) -> anyhow::Result<&'static str> {
         0x28 => "arm",
         _ => "another machine",
     })
-}
-
-/// This program's machine, as [`elf_machine`] names it.
-fn host_machine() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "x86_64",
-        "aarch64" => "aarch64",
-        "arm" => "arm",
-        _ => "another machine",
-    }
 }
 
 fn wait_for_line(log: &Path, needle: &str) -> anyhow::Result<String> {
@@ -148,7 +138,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         None => default_agent()?,
     };
     let machine = elf_machine(&agent_bin)?;
-    let emulated = machine != host_machine();
+    let emulated = machine != elf_machine(&std::env::current_exe()?)?;
     if emulated && std::env::var_os("QEMU_LD_PREFIX").is_none() {
         bail!(
             "{} is built for {machine}: run it under qemu-user with its libraries, e.g. \
