@@ -6,12 +6,11 @@
 
 mod common;
 
-use bytes::{BufMut, BytesMut};
 use common::wire::*;
 use common::*;
 use std::path::PathBuf;
 use std::time::Duration;
-use updraft_shared::protocol::{ErrorCode, ReplyHeader, RequestHeader, Trailer};
+use updraft_shared::protocol::{ErrorCode, ReplyHeader, Trailer};
 use updraft_shared::wire::FrameReader;
 
 /// Longest any single wait in these tests may take before it counts as a hang.
@@ -113,17 +112,8 @@ async fn send_task(
     input: &[u8],
 ) -> FrameReader<quinn::RecvStream> {
     let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
-    let mut buf = BytesMut::new();
-    RequestHeader {
-        id: id.into(),
-        task: task.into(),
-        args: vec![],
-        input_len: Some(input.len() as u64),
-    }
-    .to_frame()
-    .encode(&mut buf);
-    buf.put_slice(input);
-    let _ = send.write_all(&buf).await;
+    let bytes = request_bytes(id, task, Some(input.len() as u64), input);
+    let _ = send.write_all(&bytes).await;
     let _ = send.finish();
     FrameReader::new(recv)
 }

@@ -76,16 +76,9 @@ pub async fn read_result(
     }
 }
 
-/// Opens a task stream and sends the Request (`input_len` as given) and `input`,
-/// leaving the input open: the caller finishes, resets or abandons it.
-pub async fn open_task(
-    conn: &quinn::Connection,
-    id: &str,
-    task: &str,
-    input_len: Option<u64>,
-    input: &[u8],
-) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
-    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
+/// A task stream's opening bytes: the Request frame (`input_len` as given, no args)
+/// followed by `input`.
+pub fn request_bytes(id: &str, task: &str, input_len: Option<u64>, input: &[u8]) -> BytesMut {
     let mut buf = BytesMut::new();
     RequestHeader {
         id: id.into(),
@@ -96,7 +89,20 @@ pub async fn open_task(
     .to_frame()
     .encode(&mut buf);
     buf.put_slice(input);
-    send.write_all(&buf)
+    buf
+}
+
+/// Opens a task stream and sends the Request (`input_len` as given) and `input`,
+/// leaving the input open: the caller finishes, resets or abandons it.
+pub async fn open_task(
+    conn: &quinn::Connection,
+    id: &str,
+    task: &str,
+    input_len: Option<u64>,
+    input: &[u8],
+) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
+    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
+    send.write_all(&request_bytes(id, task, input_len, input))
         .await
         .expect("sending the request and input");
     (send, FrameReader::new(recv))
