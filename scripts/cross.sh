@@ -67,17 +67,17 @@ toolchain() {
       =arm64:libstd-rust-web-dev =armhf:libstd-rust-web-dev \
       --skip gcc libc-dev binutils c-compiler clang >"$home/fetch-$SUITE.log" ||
       die "could not fetch the toolchain (log: $home/fetch-$SUITE.log)"
-    touch "$root/.complete"
-  fi
-  for tool in rustc rustdoc; do
-    cat >"$root/$tool" <<EOF
+    for tool in rustc rustdoc; do
+      cat >"$root/$tool" <<EOF
 #!/bin/sh
 # Debian $SUITE's $tool, run through its own loader and libraries (see scripts/cross.sh).
 exec "$root/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" --library-path "$root/usr/lib/x86_64-linux-gnu" "$root/usr/bin/$tool" --sysroot "$root/usr" "\$@"
 EOF
-    chmod +x "$root/$tool"
-  done
-  "$root/rustc" -vV >/dev/null || die "the fetched rustc does not run: remove $root and try again"
+      chmod +x "$root/$tool"
+    done
+    "$root/rustc" -vV >/dev/null || die "the fetched rustc does not run: remove $root and try again"
+    touch "$root/.complete"
+  fi
 }
 
 # Lets the kernel start ARM programs through qemu (binfmt_misc), so that an ARM program
