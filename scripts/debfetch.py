@@ -90,6 +90,14 @@ def deps(fields):
             yield re.split(r"[\s(:]", first, maxsplit=1)[0]
 
 
+def wanted_item(word):
+    """`[=]ARCH:PACKAGE` as (arch, package, taken alone)."""
+    arch, sep, name = word.lstrip("=").partition(":")
+    if not (arch and sep and name):
+        fail(f"'{word}': name a package as ARCH:PACKAGE, e.g. amd64:rustc-web")
+    return arch, name, word.startswith("=")
+
+
 def main():
     args = sys.argv[1:]
     skip = set()
@@ -103,8 +111,7 @@ def main():
     os.makedirs(root, exist_ok=True)
     release = verified_release(root, suite)
     indexes = {}
-    todo = [(w.lstrip("="), w.startswith("=")) for w in wanted]
-    todo = [(*w.split(":", 1), alone) for w, alone in todo]
+    todo = [wanted_item(w) for w in wanted]
     done = set()
     while todo:
         arch, name, alone = todo.pop()
