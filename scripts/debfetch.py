@@ -108,10 +108,10 @@ def main():
     if len(args) < 3:
         fail(__doc__.strip().splitlines()[2].strip())
     root, suite, wanted = args[0], args[1], args[2:]
+    todo = [wanted_item(w) for w in wanted]
     os.makedirs(root, exist_ok=True)
     release = verified_release(root, suite)
     indexes = {}
-    todo = [wanted_item(w) for w in wanted]
     done = set()
     while todo:
         arch, name, alone = todo.pop()
