@@ -40,12 +40,7 @@ pub fn init(env_var: &str) {
     }
     if under_journal {
         install!(builder
-            .event_format(JournalLevel(
-                tracing_subscriber::fmt::format()
-                    .without_time()
-                    .with_target(false)
-                    .with_ansi(false)
-            ))
+            .event_format(journal_format())
             .with_filter_reloading());
     } else {
         use std::io::IsTerminal;
@@ -75,6 +70,18 @@ where
         write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
         self.0.format_event(ctx, writer, event)
     }
+}
+
+/// How a line looks under journald: its priority, no time, no target, no colour.
+fn journal_format(
+) -> JournalLevel<tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>>
+{
+    JournalLevel(
+        tracing_subscriber::fmt::format()
+            .without_time()
+            .with_target(false)
+            .with_ansi(false),
+    )
 }
 
 /// The syslog priority journald files a line of this level under.
@@ -216,12 +223,7 @@ mod tests {
         let out = buf.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || out.clone())
-            .event_format(super::JournalLevel(
-                tracing_subscriber::fmt::format()
-                    .without_time()
-                    .with_target(false)
-                    .with_ansi(false),
-            ))
+            .event_format(super::journal_format())
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             tracing::error!("e");
