@@ -699,7 +699,8 @@ fn containment(guest: &Guest) {
     let cgroup = guest.ok("its cgroup", &format!("cat /proc/{}/cgroup", pid.trim()));
     assert!(
         cgroup.contains("/system.slice/updraft-agent.service/updraft-task-"),
-        "a task's processes are in a cgroup of their own: {cgroup}"
+        "a task's processes are in a cgroup of their own: {cgroup}\n{}",
+        guest.journals()
     );
     guest.ok(
         "the submitter goes away",
