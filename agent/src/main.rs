@@ -10,6 +10,8 @@ const EXIT_USAGE: u8 = 64;
 use updraft_agent::config::{AgentConfig, DEFAULT_CONFIG};
 
 fn main() -> ExitCode {
+    // First: a task's entry into its cgroup never reaches the rest.
+    updraft_shared::contain::task_entry();
     updraft_shared::logging::exit_on_panic("updraft-agent");
     let mut cli = Cli::parse();
     if let Err(e) = cli.normalize() {

@@ -13,6 +13,8 @@ use updraft_daemon::issued::{Issued, IssuedCert};
 const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // First: a task's entry into its cgroup never reaches the rest.
+    updraft_shared::contain::task_entry();
     updraft_shared::logging::exit_on_panic("updraftd");
     let cli = Cli::parse();
     updraft_shared::logging::init("UPDRAFTD_LOG");

@@ -249,15 +249,101 @@ pub(crate) struct TaskGuard {
     cgroup: Option<PathBuf>,
 }
 
-/// Spawns `cmd` (which must start its own process group) as a contained task.
-pub(crate) fn spawn(
-    cmd: &mut tokio::process::Command,
-) -> io::Result<(tokio::process::Child, TaskGuard)> {
+/// `argv[1]` by which a service runs itself as a task's entry: see [`task_entry`].
+const ENTRY_ARG: &str = "__updraft-task-entry";
+/// How a service runs itself: set by [`task_entry`] in a binary that honours
+/// [`ENTRY_ARG`].
+static ENTRY_EXE: OnceLock<PathBuf> = OnceLock::new();
+
+/// Call first in `main`. Started as `<self> __updraft-task-entry <cgroup.procs>
+/// <program> [args]`, this process moves itself into the task cgroup and then becomes
+/// `program` (same pid, environment, working directory, descriptors and process
+/// group), so the program starts inside its cgroup and nothing it forks, however
+/// early, starts outside. Never returns then: a program that cannot be executed is one
+/// line on stderr and exit status 127. Otherwise it returns at once, and tasks are
+/// started this way from now on when they get cgroups.
+pub fn task_entry() {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(ENTRY_ARG)) {
+        let exe = Path::new("/proc/self/exe");
+        if exe.exists() {
+            let _ = ENTRY_EXE.set(exe.to_path_buf());
+        }
+        return;
+    }
+    let (Some(procs), Some(program)) = (args.next(), args.next()) else {
+        eprintln!("updraft: {ENTRY_ARG} needs a cgroup.procs path and a program");
+        std::process::exit(127);
+    };
+    // If this fails the service moves this process from outside (and logs why).
+    let _ = std::fs::write(&procs, "0");
+    let err = std::process::Command::new(&program).args(args).exec();
+    eprintln!(
+        "updraft: cannot execute {}: {err}",
+        Path::new(&program).display()
+    );
+    std::process::exit(127);
+}
+
+/// A task about to start: its containment id and, where available, its cgroup.
+/// Dropped without [`spawn`], it removes the cgroup it made.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    id: u64,
+    cgroup: Option<PathBuf>,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            let _ = std::fs::remove_dir(cg);
+        }
+    }
+}
+
+/// The command that runs `program` as a contained task: the program itself, or, when
+/// the task gets a cgroup and this binary honours [`task_entry`], this binary entering
+/// the cgroup first. Set the arguments, environment and stdio on it, start it with its
+/// own process group, then pass both to [`spawn`].
+pub(crate) fn command(program: &Path) -> io::Result<(tokio::process::Command, Prepared)> {
     let id = NEXT_TASK.fetch_add(1, Ordering::Relaxed);
     let cgroup = match current() {
         Some(Containment::Cgroup(dir)) => make_cgroup(dir, id),
         _ => None,
     };
+    let prepared = Prepared { id, cgroup };
+    let cmd = match (&prepared.cgroup, ENTRY_EXE.get()) {
+        (Some(cg), Some(exe)) => {
+            // What the entry can only report as exit status 127 is found here first.
+            check_executable(program)?;
+            let mut cmd = tokio::process::Command::new(exe);
+            cmd.arg(ENTRY_ARG).arg(cg.join("cgroup.procs")).arg(program);
+            cmd
+        }
+        _ => tokio::process::Command::new(program),
+    };
+    Ok((cmd, prepared))
+}
+
+/// The errors exec(2) gives for a path that is missing, not a file or not executable.
+fn check_executable(program: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(program)?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+    }
+    Ok(())
+}
+
+/// Spawns `cmd` from [`command`] (which must start its own process group) as a
+/// contained task.
+pub(crate) fn spawn(
+    cmd: &mut tokio::process::Command,
+    mut prepared: Prepared,
+) -> io::Result<(tokio::process::Child, TaskGuard)> {
+    let id = prepared.id;
+    let cgroup = prepared.cgroup.take();
     // Held across the spawn so the reaper never sees the new leader unregistered.
     let mut reg = registry();
     let child = match cmd.spawn() {
@@ -304,8 +390,9 @@ fn make_cgroup(dir: &Path, id: u64) -> Option<PathBuf> {
     }
 }
 
-/// Moves the leader, and any descendants it already has (it may have forked between
-/// exec and this move), into the cgroup. Forks from here on land in the cgroup.
+/// Moves the leader, and any descendants it already has, into the cgroup: a fallback
+/// for a leader that did not move itself (see [`task_entry`]). Forks from here on land
+/// in the cgroup.
 fn enter_cgroup(cg: &Path, leader: i32) {
     let procs = cg.join("cgroup.procs");
     if let Err(e) = std::fs::write(&procs, leader.to_string()) {

@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of stderr kept for error reports: enough for a stack trace's last lines.
@@ -603,7 +602,11 @@ async fn run_command<I: Input, O: Output>(
             dir: work_root.to_path_buf(),
             source,
         })?;
-    let mut cmd = Command::new(&program);
+    let spawn_error = |source| ExecError::Spawn {
+        program: argv[0].clone(),
+        source,
+    };
+    let (mut cmd, prepared) = crate::contain::command(&program).map_err(spawn_error)?;
     cmd.args(&argv[1..])
         .args(task.args())
         .env_clear()
@@ -617,11 +620,7 @@ async fn run_command<I: Input, O: Output>(
         .kill_on_drop(true);
     // Dropping the guard, on every way out of this function (the caller's future
     // dropped included), kills everything the task started.
-    let (mut child, guard) =
-        crate::contain::spawn(&mut cmd).map_err(|source| ExecError::Spawn {
-            program: argv[0].clone(),
-            source,
-        })?;
+    let (mut child, guard) = crate::contain::spawn(&mut cmd, prepared).map_err(spawn_error)?;
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
