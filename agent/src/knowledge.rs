@@ -8,7 +8,7 @@
 use crate::config::AgentConfig;
 use crate::placement::{self, CloudView, Placement, Where};
 use crate::policy::PolicyHolder;
-use crate::signals::{BoardSampler, BoardSignals, CpuQuota, LinkMeter};
+use crate::signals::{BoardSampler, BoardSignals, CpuQuota};
 use crate::uplink::{Chosen, Uplink};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use updraft_shared::catalog::TaskSpec;
 use updraft_shared::exec::Load;
 use updraft_shared::policy::cost::{self, CloudRun, Conditions, CostModel, LocalRun};
+use updraft_shared::policy::link::{LinkEstimate, Rate};
 use updraft_shared::policy::{Signals, TaskInfo};
 use updraft_shared::protocol::Trailer;
 
@@ -37,8 +38,25 @@ pub struct Decided {
     pub signals: Signals,
     /// CPU share a local run would get (for teaching the cost model afterwards).
     pub cpu_share: f64,
-    /// The bandwidth figure used for the chosen daemon.
+    /// The uplink figure used for the chosen daemon.
     pub bandwidth_mbps: Option<f64>,
+}
+
+/// What placement knows of one daemon's link now: each direction's estimate, `None`
+/// while no transfer or probe has measured it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkNow {
+    /// Board to daemon.
+    pub up: Option<Rate>,
+    /// Daemon to board.
+    pub down: Option<Rate>,
+}
+
+impl LinkNow {
+    /// True when both directions are measured and sure enough to decide on.
+    pub fn is_sure(&self) -> bool {
+        self.up.is_some_and(|r| r.is_sure()) && self.down.is_some_and(|r| r.is_sure())
+    }
 }
 
 /// Signals, policy and estimates.
@@ -51,7 +69,8 @@ pub struct Knowledge {
     /// This process's cgroup CPU quota files, read at every decision (host-wide CPU
     /// figures cannot show a quota).
     quota: Option<CpuQuota>,
-    links: Mutex<HashMap<String, (LinkMeter, Option<f64>)>>,
+    /// Each daemon's link, by address, from its tasks' transfers and link probes.
+    links: Mutex<HashMap<String, LinkEstimate>>,
     estimates: PathBuf,
     dirty: AtomicBool,
     last_persist: Mutex<Instant>,
@@ -64,11 +83,19 @@ impl Knowledge {
         let policy = PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
         let params = policy.auto_params();
         let estimates = config.state_dir.join(ESTIMATES_FILE);
+        // The link estimate's age goes on from when the file was written.
+        let since_saved = std::fs::metadata(&estimates)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
         let cost = match std::fs::read(&estimates) {
             Ok(bytes) => match serde_json::from_slice(&bytes)
                 .map_err(|e| e.to_string())
-                .and_then(|v| CostModel::restore(&v, params.clone()).map_err(|e| e.to_string()))
-            {
+                .and_then(|v| {
+                    CostModel::restore(&v, params.clone(), Instant::now(), since_saved)
+                        .map_err(|e| e.to_string())
+                }) {
                 Ok(m) => {
                     info!(path = %estimates.display(), tasks = m.len(), "estimates restored");
                     m
@@ -117,20 +144,25 @@ impl Knowledge {
         *self.board.lock().expect("board lock")
     }
 
-    /// The chosen daemon's bandwidth figure: its meter's, or, until a sampling tick has
-    /// seen this connection (up to one interval after it came up), what the meter
-    /// itself reports for a connection that has not carried enough to measure: the
-    /// congestion window over the RTT. Without it the first decisions after the agent
-    /// starts fell to the cost model's 10 Mbit/s default, and sent large inputs over
-    /// slow links.
-    fn bandwidth_of(&self, chosen: &Chosen) -> Option<f64> {
-        let metered = self
-            .links
-            .lock()
-            .expect("links lock")
-            .get(chosen.link.address())
-            .and_then(|(_, bw)| *bw);
-        metered.or_else(|| LinkMeter::default().update(&chosen.conn, Duration::from_secs(1)))
+    /// What is known of the link to the daemon at `address` now.
+    pub fn link(&self, address: &str) -> LinkNow {
+        let now = Instant::now();
+        let links = self.links.lock().expect("links lock");
+        let l = links.get(address).copied().unwrap_or(LinkEstimate::COLD);
+        LinkNow {
+            up: l.up.get(now),
+            down: l.down.get(now),
+        }
+    }
+
+    /// Learns from a link probe of the daemon at `address`: bytes each way and the
+    /// seconds the stream moved them.
+    pub fn record_probe(&self, address: &str, up: (u64, f64), down: (u64, f64)) {
+        let now = Instant::now();
+        let mut links = self.links.lock().expect("links lock");
+        let l = links.entry(address.to_string()).or_default();
+        l.up.record(up.0, up.1, now);
+        l.down.record(down.0, down.1, now);
     }
 
     /// The signals as placement sees them for a task with `input_bytes`.
@@ -150,7 +182,7 @@ impl Knowledge {
             charging: b.power.charging,
             on_battery: b.power.on_battery,
             rtt_ms: chosen.map(|c| c.conn.rtt().as_secs_f64() * 1000.0),
-            bandwidth_mbps: chosen.and_then(|c| self.bandwidth_of(c)),
+            bandwidth_mbps: chosen.and_then(|c| Some(self.link(c.link.address()).up?.mbps)),
             cloud_connected: Some(chosen.is_some()),
             cloud_queue: chosen.map(|c| f64::from(c.link.busy(&c.load))),
             local_queue: Some((local.running + local.queued) as f64),
@@ -181,7 +213,10 @@ impl Knowledge {
         let cpu_share = limit.map_or(cpu_share, |limit| {
             cpu_share.min(limit).max(cost::MIN_CPU_SHARE)
         });
-        let bandwidth_mbps = signals.bandwidth_mbps;
+        let link = chosen
+            .map(|c| self.link(c.link.address()))
+            .unwrap_or_default();
+        let bandwidth_mbps = link.up.map(|r| r.mbps);
         let cloud = chosen.map(|c| CloudView {
             address: c.link.address().to_string(),
             busy: c.link.busy(&c.load),
@@ -216,7 +251,17 @@ impl Knowledge {
                         local_run,
                     ),
                     rtt: chosen.map(|c| c.conn.rtt()),
-                    bandwidth_mbps,
+                    // A direction not measured yet borrows the other's; neither measured:
+                    // the model's own estimate (from earlier runs, persisted), else a guess.
+                    bandwidth_mbps: link.up.or(link.down).map(|r| r.mbps),
+                    download_mbps: link.down.or(link.up).map(|r| r.mbps),
+                    bandwidth_sd: match (link.up, link.down) {
+                        (Some(u), Some(d)) => u.sd.max(d.sd),
+                        (Some(r), None) | (None, Some(r)) => {
+                            r.sd.max(updraft_shared::policy::link::PRIOR_SD)
+                        }
+                        (None, None) => updraft_shared::policy::link::PRIOR_SD,
+                    },
                     cloud_queue_wait: chosen.map_or(Duration::ZERO, |c| {
                         cost::queue_wait(
                             c.load.running,
@@ -261,37 +306,42 @@ impl Knowledge {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Teaches the cost model a cloud run that ended with an exit code.
+    /// Teaches the cost model a cloud run on the daemon at `address` that ended with an
+    /// exit code: first that daemon's link (the run's transfer), then the run itself,
+    /// relative to the link as just learnt.
     pub fn record_cloud(
         &self,
         task: &str,
+        address: &str,
         total: Duration,
         rtt: Option<Duration>,
-        bandwidth_mbps: Option<f64>,
         trailer: &Trailer,
     ) {
-        let sample = CloudRun::from_trailer(total, rtt, bandwidth_mbps, trailer);
+        let now = Instant::now();
+        let mut sample = CloudRun::from_trailer(total, rtt, None, trailer);
+        let updated = {
+            let mut links = self.links.lock().expect("links lock");
+            let l = links.entry(address.to_string()).or_default();
+            if let Some(secs) = sample.transfer_secs() {
+                l.record_transfer(sample.input_bytes, sample.output_bytes, secs, now);
+            }
+            *l
+        };
+        let (up, down) = (updated.up.get(now), updated.down.get(now));
+        sample.bandwidth_mbps = up.or(down).map(|r| r.mbps);
+        sample.download_mbps = down.or(up).map(|r| r.mbps);
         self.cost
             .lock()
             .expect("cost lock")
-            .record_cloud(task, &sample, Instant::now());
+            .record_cloud(task, &sample, now);
         self.dirty.store(true, Ordering::Relaxed);
     }
 
     /// One sampling round: board signals, link throughput, policy observation, policy
     /// file check, and (now and then) persisting the estimates.
-    pub fn tick(&self, uplink: &Uplink, local: Load, interval: Duration) {
+    pub fn tick(&self, uplink: &Uplink, local: Load) {
         let board = self.sampler.lock().expect("sampler lock").sample();
         *self.board.lock().expect("board lock") = board;
-        {
-            let mut links = self.links.lock().expect("links lock");
-            for (address, conn) in uplink.connections() {
-                let entry = links
-                    .entry(address)
-                    .or_insert_with(|| (LinkMeter::default(), None));
-                entry.1 = entry.0.update(&conn, interval);
-            }
-        }
         let chosen = uplink.pick();
         let signals = self.signals(chosen.as_ref(), local, None);
         self.policy.observe(&signals, Instant::now());
@@ -310,7 +360,11 @@ impl Knowledge {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return;
         }
-        let snapshot = self.cost.lock().expect("cost lock").snapshot();
+        let snapshot = self
+            .cost
+            .lock()
+            .expect("cost lock")
+            .snapshot(Instant::now());
         let tmp = self.estimates.with_extension("json.tmp");
         let written = serde_json::to_vec(&snapshot)
             .map_err(std::io::Error::other)
@@ -322,9 +376,35 @@ impl Knowledge {
         }
     }
 
-    /// For `status`: the cost model's task count and learnt link bandwidth.
+    /// For `status`: the cost model's task count and learnt link bandwidth, and each
+    /// daemon's link estimate with its uncertainty and age.
     pub fn estimates_summary(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let rate = |r: Option<Rate>| match r {
+            None => serde_json::json!("unmeasured"),
+            Some(r) => serde_json::json!({
+                "mbps": (r.mbps * 100.0).round() / 100.0,
+                "uncertainty_pct": ((r.sd.exp() - 1.0) * 100.0).round(),
+                "age_s": r.age.as_secs(),
+                "samples": r.samples,
+            }),
+        };
+        let links: serde_json::Map<String, serde_json::Value> = self
+            .links
+            .lock()
+            .expect("links lock")
+            .iter()
+            .map(|(address, l)| {
+                let v =
+                    serde_json::json!({ "up": rate(l.up.get(now)), "down": rate(l.down.get(now)) });
+                (address.clone(), v)
+            })
+            .collect();
         let m = self.cost.lock().expect("cost lock");
-        serde_json::json!({ "tasks": m.len(), "observed_bandwidth_mbps": m.observed_bandwidth_mbps() })
+        serde_json::json!({
+            "tasks": m.len(),
+            "observed_bandwidth_mbps": m.observed_bandwidth_mbps(),
+            "links": links,
+        })
     }
 }

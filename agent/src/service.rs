@@ -417,9 +417,9 @@ impl Agent {
                                 if trailer.exit_code.is_some() {
                                     self.knowledge.record_cloud(
                                         &sub.task,
+                                        c.link.address(),
                                         offload_started.elapsed(),
                                         Some(c.conn.rtt()),
-                                        decided.bandwidth_mbps,
                                         &trailer,
                                     );
                                 }
@@ -1516,7 +1516,7 @@ async fn sample_loop(agent: Arc<Agent>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => agent.knowledge.tick(&agent.uplink, agent.executor.load(), interval),
+            _ = tick.tick() => agent.knowledge.tick(&agent.uplink, agent.executor.load()),
             () = stop.cancelled() => return,
         }
     }

@@ -1189,6 +1189,7 @@ fn decision_cost() -> anyhow::Result<DecisionCost> {
             daemon_run: ms(41),
             rtt: Some(ms(10)),
             bandwidth_mbps: Some(80.0),
+            download_mbps: Some(80.0),
             input_bytes: 7,
             output_bytes: 40,
         };
@@ -1223,6 +1224,8 @@ fn decision_cost() -> anyhow::Result<DecisionCost> {
         local_queue_wait: Duration::ZERO,
         rtt: Some(ms(11)),
         bandwidth_mbps: Some(78.0),
+        download_mbps: Some(78.0),
+        bandwidth_sd: 0.2,
         cloud_queue_wait: Duration::ZERO,
         cloud_available: true,
         on_battery: false,

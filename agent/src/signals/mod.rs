@@ -1,13 +1,14 @@
 //! Samplers for the live signals placement uses: the board (CPU, load, memory,
-//! temperature from sysinfo; battery and AC from power_supply) and the link (RTT and
-//! throughput from each QUIC connection's statistics).
+//! temperature from sysinfo; battery and AC from power_supply). The link's RTT is the
+//! QUIC connection's; its throughput is estimated from real transfers (see
+//! `updraft_shared::policy::link` and [`crate::knowledge`]), never from an idle
+//! connection's congestion window.
 //!
 //! Sampling runs on one cheap timer (default 1 s); decisions read the latest snapshot.
 
 pub mod power;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Weight of a new CPU sample in the smoothed CPU percentage: about a 3-sample memory,
 /// so one busy second does not flip a rule but a sustained load shows within seconds.
@@ -192,45 +193,6 @@ impl BoardSampler {
                 .reduce(f64::max);
         }
         out
-    }
-}
-
-/// An estimate of one QUIC connection's capacity, from its statistics.
-///
-/// Bytes moved in a sampling interval only bound the capacity from below (a 1 MiB
-/// transfer that took 5 ms of a 1 s interval says "at least 8 Mbit/s", not "8 Mbit/s"),
-/// and so does the congestion window over the RTT. The meter therefore reports the
-/// larger of the two lower bounds: the highest interval rate seen, decaying slowly so a
-/// link that got slower is noticed, and cwnd / RTT now.
-#[derive(Debug, Default)]
-pub struct LinkMeter {
-    last_bytes: Option<u64>,
-    peak_mbps: Option<f64>,
-}
-
-/// Below this many bytes moved in one sample interval, the interval says nothing
-/// about the link's capacity (the link was idle, not slow).
-const LINK_METER_MIN_BYTES: u64 = 64 * 1024;
-/// Per-sample decay of the peak rate: it halves in about 70 samples (70 s at the
-/// default 1 s interval) unless traffic shows the link still that fast.
-const LINK_METER_DECAY: f64 = 0.99;
-
-impl LinkMeter {
-    /// Updates from the connection's counters; returns the estimate in Mbit/s.
-    pub fn update(&mut self, conn: &quinn::Connection, interval: Duration) -> Option<f64> {
-        let stats = conn.stats();
-        let bytes = stats.udp_tx.bytes + stats.udp_rx.bytes;
-        let moved = self.last_bytes.map(|b| bytes.saturating_sub(b));
-        self.last_bytes = Some(bytes);
-        let mut peak = self.peak_mbps.map(|p| p * LINK_METER_DECAY);
-        if let Some(moved) = moved.filter(|m| *m >= LINK_METER_MIN_BYTES) {
-            let mbps = moved as f64 * 8.0 / interval.as_secs_f64().max(1e-3) / 1e6;
-            peak = Some(peak.map_or(mbps, |p| p.max(mbps)));
-        }
-        self.peak_mbps = peak;
-        let rtt = stats.path.rtt.as_secs_f64().max(1e-4);
-        let window = stats.path.cwnd as f64 * 8.0 / rtt / 1e6;
-        Some(peak.map_or(window, |p| p.max(window)))
     }
 }
 

@@ -5,8 +5,9 @@
 //!
 //! - **local** = local queue wait + run, where run = (CPU-seconds the task needs at a
 //!   full core) ÷ (share of a core available to it now);
-//! - **cloud** = RTT + transfer (input up and output down at the link's bandwidth, plus a
-//!   per-task correction learned from observed totals) + daemon queue wait + daemon run.
+//! - **cloud** = RTT + transfer (input up at the uplink's rate, output down at the
+//!   downlink's, plus a per-task correction learned from observed totals) + daemon queue
+//!   wait + daemon run.
 //!
 //! On battery each side also costs energy — CPU-seconds × `cpu_watts` on the board, bytes
 //! moved × `radio_joules_per_mb` for the cloud — turned into seconds by `energy_weight`.
@@ -19,18 +20,38 @@
 //! fitted in 0..=2) once inputs vary by more than ~10 %, so one task with small and large
 //! inputs predicts both well; with constant inputs it is a plain average.
 //!
-//! **Exploration.** The model only measures the side it runs, so it re-samples the other
-//! side now and then. A side never measured is tried as soon as its prior is within 2× of
-//! the chosen side (the first run of a task goes to the cloud when it is reachable, unless
-//! moving its data alone would take over [`FIRST_RUN_CLOUD_LIMIT`]); after
-//! that, a side that is stale — last sampled over [`CostParams::stale_after`] ago, fewer
-//! than [`FRESH_SAMPLES`] samples, not sampled since a restart, or its last sample far off
-//! its estimate — is chosen with probability `explore_rate × (chosen score ÷ its score)`.
-//! Scaling by the ratio bounds the expected cost of exploring to `explore_rate` × the
-//! chosen side's cost, however bad the other side looks. Only learnt parts go stale (run
-//! times, per-task overhead): RTT, bandwidth, CPU share and queues are measured live, so a
-//! side that would lose even if its learnt parts were zero (e.g. the cloud when RTT +
-//! upload alone exceed the local run) is not explored at all.
+//! **Exploration.** The model only measures the side it runs, so it must try the other
+//! side now and then, and every try that loses costs time. Each side's estimate carries
+//! its uncertainty: the link's rates (see [`super::link`]: unknown, aging, or changed),
+//! and run times (unmeasured, few samples). Exploring is *optimism under uncertainty*:
+//! the other side is tried only when its **optimistic** score — transfer at the upper
+//! end of the link estimate ([`EXPLORE_SD`] standard deviations), run time at the lower
+//! end of its noise — beats the chosen side; what the live signals alone guarantee
+//! (RTT, queues) is never discounted. Then, in order:
+//! - **link unsure**: the link's rate is unknown or stale (sd over
+//!   [`super::link::SURE_SD`]) and moving the task's data is a large part of the cloud's
+//!   cost: one cloud run measures it (the agent's link probe usually does first);
+//! - **unmeasured**: a side never measured is tried once its prior is within
+//!   [`UNMEASURED_TRY_FACTOR`] of the chosen side (the first run of a task goes to the
+//!   cloud when it is reachable, unless moving its data alone would take over
+//!   [`FIRST_RUN_CLOUD_LIMIT`]);
+//! - **guard**: after [`GUARD_RUNS`] runs in a row on one side, the other is sampled
+//!   once; each such sample doubles the streak needed for the next (up to
+//!   [`GUARD_RUNS`] × 2^[`GUARD_MAX_LEVEL`]), so a wrong estimate of the side not taken
+//!   cannot lock it out, and the cost of checking grows only logarithmically with the
+//!   number of runs;
+//! - **stale**: a side last sampled over [`CostParams::stale_after`] ago, with fewer
+//!   than [`FRESH_SAMPLES`] samples, not sampled since a restart, or whose last sample
+//!   was far off its estimate, is chosen with probability `explore_rate × (chosen score
+//!   ÷ its score)`, which bounds the expected cost to `explore_rate` × the chosen side's.
+//!   A run-time estimate's uncertainty grows with its age as a link's does, so a side
+//!   3× worse than the chosen one becomes plausible again after about 10 minutes
+//!   without a sample, one 10× worse after about 45.
+//!
+//! Each try is bounded: the optimistic score must beat the chosen side, so a side whose
+//! live parts alone (RTT + the optimistic transfer + queue) lose is not tried; and once
+//! measured, a side's uncertainty shrinks, so exploring stops when the estimates are
+//! sure. The reason says `exploring: ...` and why.
 //!
 //! No clock, randomness or files here: callers pass `now`, a uniform random draw in
 //! `[0, 1)`, and persist [`CostModel::snapshot`] themselves (in `state_dir`).
@@ -51,7 +72,8 @@
 //! - A task is single-threaded and CPU-bound on the board: its speed is proportional to
 //!   the CPU share it gets, and it burns one core while running (the energy term). I/O-bound
 //!   tasks are predicted pessimistically on a busy board, which errs toward the cloud.
-//! - One bandwidth figure serves both directions (use the slower, usually the uplink).
+//! - Transfer time is bytes over the direction's rate; a slow-start or per-request cost
+//!   the rate does not explain is the per-task correction.
 //! - Radio energy is proportional to bytes moved; idle listening while waiting is ignored.
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +82,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::link::{self, LinkEstimate, PRIOR_SD};
 use super::Place;
 use crate::catalog::valid_task_name;
 use crate::protocol::Trailer;
@@ -98,7 +121,25 @@ pub const FIRST_RUN_CLOUD_LIMIT: Duration = Duration::from_millis(100);
 
 /// Cloud runs moving fewer bytes than this are not bandwidth samples: their transfer time
 /// is dominated by round trips and congestion-window growth, not by the link's rate.
-pub const MIN_BANDWIDTH_SAMPLE_BYTES: u64 = 64 * 1024;
+pub const MIN_BANDWIDTH_SAMPLE_BYTES: u64 = link::MIN_SAMPLE_BYTES;
+
+/// How many standard deviations of optimism exploration allows (see the module doc).
+pub const EXPLORE_SD: f64 = 2.0;
+
+/// Noise of one measured run time (natural log, 1 sd): the optimistic end of a measured
+/// side is its estimate × exp(−[`EXPLORE_SD`] × this ÷ √samples).
+const RUN_SD: f64 = 0.35;
+
+/// Runs in a row on one side after which the guard samples the other (if its optimistic
+/// score beats the chosen side).
+pub const GUARD_RUNS: u32 = 8;
+
+/// The guard's streak doubles with each guard sample, up to [`GUARD_RUNS`] × 2^this.
+pub const GUARD_MAX_LEVEL: u8 = 6;
+
+/// Transfer counts as "a large part" of the cloud's cost (for the link-unsure rule) from
+/// this share of its predicted finish time.
+const DATA_HEAVY_SHARE: f64 = 0.25;
 
 /// Link bandwidth assumed when neither the agent nor the model has a figure: a modest
 /// uplink (Wi-Fi or LTE at the edge). Per-task corrections absorb the error for the
@@ -259,9 +300,17 @@ pub struct Conditions {
     pub local_queue_wait: Duration,
     /// Smoothed RTT to the daemon that would take the task.
     pub rtt: Option<Duration>,
-    /// Throughput to that daemon, megabits per second. `None`: the model's own
-    /// [`CostModel::observed_bandwidth_mbps`], else [`DEFAULT_BANDWIDTH_MBPS`].
+    /// Throughput to that daemon (task input, board to cloud), megabits per second.
+    /// `None`: the model's own estimate ([`CostModel::observed_bandwidth_mbps`]), else
+    /// [`DEFAULT_BANDWIDTH_MBPS`], with their uncertainty.
     pub bandwidth_mbps: Option<f64>,
+    /// Throughput from that daemon (task output), megabits per second; `None`: the same
+    /// as `bandwidth_mbps`.
+    pub download_mbps: Option<f64>,
+    /// Uncertainty of the two figures above: standard deviation of their natural
+    /// logarithm (0: trusted as exact; [`link::PRIOR_SD`] for a guess; see
+    /// [`link::Rate::sd`]). A NaN or negative value counts as a guess.
+    pub bandwidth_sd: f64,
     /// Expected wait for a slot on that daemon (see [`queue_wait`]).
     pub cloud_queue_wait: Duration,
     /// A daemon is connected and not draining.
@@ -278,6 +327,8 @@ impl Default for Conditions {
             local_queue_wait: Duration::ZERO,
             rtt: None,
             bandwidth_mbps: None,
+            download_mbps: None,
+            bandwidth_sd: 0.0,
             cloud_queue_wait: Duration::ZERO,
             cloud_available: false,
             on_battery: false,
@@ -351,9 +402,12 @@ pub struct CloudRun {
     /// The connection's smoothed RTT during the run; pass it whenever known, as the
     /// per-task correction learnt otherwise includes it.
     pub rtt: Option<Duration>,
-    /// The bandwidth figure the agent had for the connection (what it passes as
-    /// [`Conditions::bandwidth_mbps`]), so the per-task correction is relative to it.
+    /// The uplink figure the agent has for the connection *after* learning from this
+    /// run (what it will pass as [`Conditions::bandwidth_mbps`]), so the per-task
+    /// correction is relative to it. `None`: the model's own, likewise updated first.
     pub bandwidth_mbps: Option<f64>,
+    /// Likewise for the downlink ([`Conditions::download_mbps`]).
+    pub download_mbps: Option<f64>,
     /// Bytes sent as input.
     pub input_bytes: u64,
     /// Bytes received as output.
@@ -375,9 +429,27 @@ impl CloudRun {
             daemon_run: Duration::from_micros(trailer.timings.run_us),
             rtt,
             bandwidth_mbps,
+            download_mbps: None,
             input_bytes: trailer.input_bytes,
             output_bytes: trailer.output_bytes,
         }
+    }
+}
+
+impl CloudRun {
+    /// The network share of the run: the agent's total less the daemon's queue and run
+    /// time, and at least the daemon's input time whatever the clocks say.
+    pub fn network_secs(&self) -> f64 {
+        (self.total.as_secs_f64() - self.daemon_queue.as_secs_f64() - self.daemon_run.as_secs_f64())
+            .max(self.daemon_input.as_secs_f64())
+    }
+
+    /// The time the run's bytes took to cross: its network share less one RTT; `None`
+    /// when nothing is left.
+    pub fn transfer_secs(&self) -> Option<f64> {
+        let rtt = self.rtt.map_or(0.0, |r| r.as_secs_f64());
+        let net = self.network_secs();
+        (net > rtt).then_some(net - rtt)
     }
 }
 
@@ -555,6 +627,26 @@ fn sanitize_share(share: f64) -> f64 {
     }
 }
 
+/// The factor a side's run time may be below its estimate at the optimistic end: its
+/// noise shrinks with the samples taken and grows with the estimate's age (as a link's
+/// does, [`link::DRIFT_PER_SEC`]; one restored from disk counts as [`RESTORED_AGE`]
+/// old); a side never measured is a prior off by up to [`UNMEASURED_TRY_FACTOR`].
+fn run_optimism(side: &SideStats, now: Instant) -> f64 {
+    let n = side.fit.n;
+    if n == 0 {
+        return 1.0 / UNMEASURED_TRY_FACTOR;
+    }
+    let age = side
+        .at
+        .map_or(RESTORED_AGE, |at| now.saturating_duration_since(at));
+    let var =
+        RUN_SD * RUN_SD / f64::from(n.min(FRESH_SAMPLES)) + link::DRIFT_PER_SEC * age.as_secs_f64();
+    (-EXPLORE_SD * var.sqrt()).exp()
+}
+
+/// Age assumed for a run-time estimate restored from disk.
+const RESTORED_AGE: Duration = Duration::from_secs(600);
+
 /// What the model knows about one side of one task.
 #[derive(Debug, Clone, Copy)]
 struct SideStats {
@@ -623,6 +715,11 @@ struct TaskStats {
     overhead: Avg,
     /// Recency for eviction: the model's record counter at the last sample.
     touch: u64,
+    /// The side of the latest runs and how many in a row (for the guard).
+    streak: (Option<Side>, u32),
+    /// Guard samples taken: the streak that triggers the next is
+    /// [`GUARD_RUNS`] × 2^this.
+    guard_level: u8,
 }
 
 impl TaskStats {
@@ -632,7 +729,28 @@ impl TaskStats {
         output: Fit::EMPTY,
         overhead: Avg::EMPTY,
         touch: 0,
+        streak: (None, 0),
+        guard_level: 0,
     };
+
+    /// Runs in a row on one side that make the guard sample the other.
+    fn guard_streak(&self) -> u32 {
+        GUARD_RUNS << self.guard_level.min(GUARD_MAX_LEVEL)
+    }
+
+    /// Notes a run on `side`: a run after a streak long enough for the guard on the
+    /// other side raises the guard's level.
+    fn note_run(&mut self, side: Side) {
+        match self.streak {
+            (Some(s), n) if s == side => self.streak.1 = n.saturating_add(1),
+            (_, n) => {
+                if n >= self.guard_streak() {
+                    self.guard_level = (self.guard_level + 1).min(GUARD_MAX_LEVEL);
+                }
+                self.streak = (Some(side), 1);
+            }
+        }
+    }
 
     /// Run-time estimates (local at a full core, cloud), seconds, at `lx`; a side with
     /// no samples borrows the other's through the speed ratio, and 0 if neither has any.
@@ -657,9 +775,14 @@ struct Est {
     run: f64,
     energy: f64,
     score: f64,
-    /// The score with every learnt part (run, overhead, CPU energy) taken as zero: what
-    /// the live signals alone guarantee this side costs.
+    /// The score with every learnt part (run, overhead, CPU energy) taken as zero and
+    /// the transfer at the optimistic end of the link estimate: what this side costs at
+    /// the very least.
     floor: f64,
+    /// The score at the optimistic end of every uncertain part (see the module doc).
+    optimistic: f64,
+    /// The transfer is a large part of the cost and the link's rate is not sure.
+    link_unsure: bool,
     samples: u32,
 }
 
@@ -687,8 +810,23 @@ enum Why {
     CloudUnavailable,
     FirstRun,
     Measure,
+    /// The link's rate is not sure: its sd, and its age (`None`: never measured).
+    LinkUnsure(f64, Option<Duration>),
+    /// Runs in a row on the other side.
+    Guard(u32),
     Explore(Stale, f64),
     Cheaper,
+}
+
+/// The link figures a prediction uses: bytes per second each way, and the sd of their
+/// logarithm.
+#[derive(Debug, Clone, Copy)]
+struct LinkFig {
+    up: f64,
+    down: f64,
+    sd: f64,
+    /// Time since the estimate's last sample; `None` when it is a guess.
+    age: Option<Duration>,
 }
 
 /// The automatic placement cost model: per-task estimates, link estimates, decisions.
@@ -697,8 +835,9 @@ enum Why {
 pub struct CostModel {
     params: CostParams,
     tasks: HashMap<String, TaskStats>,
-    /// ln(seconds per byte) over the link, from cloud runs moving enough bytes.
-    link: Avg,
+    /// The link, from cloud runs moving enough bytes: the prior when the caller has no
+    /// figure of its own.
+    link: LinkEstimate,
     /// ln(local run at a full core ÷ cloud run), over tasks measured on both sides.
     speed: Avg,
     /// ln(daemon run), over all tasks: a daemon queue's service time.
@@ -713,7 +852,7 @@ impl CostModel {
         CostModel {
             params: params.sanitized(),
             tasks: HashMap::new(),
-            link: Avg::EMPTY,
+            link: LinkEstimate::COLD,
             speed: Avg::EMPTY,
             cloud_run: Avg::EMPTY,
             clock: 0,
@@ -755,7 +894,13 @@ impl CostModel {
     /// daemon run − RTT). A lower bound of the link's rate, since that span includes
     /// protocol overhead; use it when the agent has no better figure.
     pub fn observed_bandwidth_mbps(&self) -> Option<f64> {
-        self.link.get().map(|l| 8e-6 / l.exp())
+        let up = self.link.up;
+        (up.n > 0).then(|| up.mean.exp() * 8e-6)
+    }
+
+    /// The link the model learnt from cloud runs, both ways, with uncertainty and age.
+    pub fn observed_link(&self) -> LinkEstimate {
+        self.link
     }
 
     /// Expected local run time of `task` at `cpu_share` (for summing the local queue).
@@ -799,11 +944,41 @@ impl CostModel {
         }
     }
 
-    fn bandwidth(&self, given: Option<f64>) -> f64 {
-        given
-            .filter(|b| b.is_finite() && *b > 0.0)
-            .or_else(|| self.observed_bandwidth_mbps())
-            .unwrap_or(DEFAULT_BANDWIDTH_MBPS)
+    /// The link figures for a prediction or a sample: the caller's when it has them,
+    /// else the model's own estimate (up and down each falling back on the other), else
+    /// [`DEFAULT_BANDWIDTH_MBPS`] as a guess.
+    fn link_fig(&self, up: Option<f64>, down: Option<f64>, sd: f64, now: Instant) -> LinkFig {
+        let valid = |b: &f64| b.is_finite() && *b > 0.0;
+        let bps = |mbps: f64| mbps * 1e6 / 8.0;
+        if let Some(up) = up.filter(valid) {
+            let down = down.filter(valid).unwrap_or(up);
+            let sd = if sd.is_finite() && sd >= 0.0 {
+                sd
+            } else {
+                PRIOR_SD
+            };
+            return LinkFig {
+                up: bps(up),
+                down: bps(down),
+                sd,
+                age: Some(Duration::ZERO),
+            };
+        }
+        let (up, down) = (self.link.up.get(now), self.link.down.get(now));
+        match (up.or(down), down.or(up)) {
+            (Some(u), Some(d)) => LinkFig {
+                up: bps(u.mbps),
+                down: bps(d.mbps),
+                sd: u.sd.max(d.sd),
+                age: Some(u.age.min(d.age)),
+            },
+            _ => LinkFig {
+                up: bps(DEFAULT_BANDWIDTH_MBPS),
+                down: bps(DEFAULT_BANDWIDTH_MBPS),
+                sd: PRIOR_SD,
+                age: None,
+            },
+        }
     }
 
     /// Decides where to run `task` with `input_bytes` (`None`: its typical input) under
@@ -824,19 +999,24 @@ impl CostModel {
         let energy_weight = if c.on_battery { p.energy_weight } else { 0.0 };
         let share = sanitize_share(c.cpu_share);
 
+        let queue = c.local_queue_wait.as_secs_f64();
         let mut local = Est {
             rtt: 0.0,
             transfer: 0.0,
-            queue: c.local_queue_wait.as_secs_f64(),
+            queue,
             run: local_full / share,
             // CPU-bound: it burns `local_full` core-seconds whatever its share.
             energy: p.cpu_watts * local_full,
             score: 0.0,
-            floor: c.local_queue_wait.as_secs_f64(),
+            floor: queue,
+            optimistic: 0.0,
+            link_unsure: false,
             samples: s.local.fit.n,
         };
         local.score = local.finish() + energy_weight * local.energy;
+        local.optimistic = queue + (local.score - queue) * run_optimism(&s.local, now);
 
+        let link = self.link_fig(c.bandwidth_mbps, c.download_mbps, c.bandwidth_sd, now);
         let cloud = c.cloud_available.then(|| {
             let input = exp_bytes(lx);
             let output = if s.output.n > 0 {
@@ -844,9 +1024,9 @@ impl CostModel {
             } else {
                 0.0
             };
-            let bytes_per_sec = self.bandwidth(c.bandwidth_mbps) * 1e6 / 8.0;
             let overhead = s.overhead.get().unwrap_or(0.0);
-            let raw_transfer = (input + output) / bytes_per_sec;
+            let raw_transfer = input / link.up + output / link.down;
+            let hopeful_transfer = raw_transfer * (-EXPLORE_SD * link.sd).exp();
             let mut e = Est {
                 rtt: c.rtt.map_or(0.0, |r| r.as_secs_f64()),
                 transfer: (raw_transfer + overhead).max(0.0),
@@ -855,57 +1035,34 @@ impl CostModel {
                 energy: p.radio_joules_per_mb * (input + output) / 1e6,
                 score: 0.0,
                 floor: 0.0,
+                optimistic: 0.0,
+                link_unsure: false,
                 samples: s.cloud.fit.n,
             };
             e.score = e.finish() + energy_weight * e.energy;
-            e.floor = e.rtt + raw_transfer + e.queue + energy_weight * e.energy;
+            let live = e.rtt + e.queue + energy_weight * e.energy;
+            e.floor = live + hopeful_transfer;
+            e.optimistic = live
+                + (hopeful_transfer + overhead).max(0.0)
+                + cloud_run * run_optimism(&s.cloud, now);
+            e.link_unsure =
+                link.sd > link::SURE_SD && raw_transfer >= DATA_HEAVY_SHARE * e.finish();
             e
         });
 
         let (choice, why) = match &cloud {
             None => (Side::Local, Why::CloudUnavailable),
             Some(cl) if s.local.fit.n == 0 && s.cloud.fit.n == 0 => {
-                if cl.floor < FIRST_RUN_CLOUD_LIMIT.as_secs_f64() {
+                // What the live signals say at the estimate's mean (not its hopeful end:
+                // a first run sent over a link nobody measured is a bet on a guess).
+                let floor = cl.rtt + cl.queue + cl.transfer + energy_weight * cl.energy;
+                if floor < FIRST_RUN_CLOUD_LIMIT.as_secs_f64() {
                     (Side::Cloud, Why::FirstRun)
                 } else {
                     (Side::Local, Why::FirstRun)
                 }
             }
-            Some(cl) => {
-                let cheaper = if cl.score < local.score {
-                    Side::Cloud
-                } else {
-                    Side::Local
-                };
-                let (best, other, other_stats) = match cheaper {
-                    Side::Local => (&local, cl, &s.cloud),
-                    Side::Cloud => (cl, &local, &s.local),
-                };
-                let stale = other_stats.staleness(now, p.stale_after);
-                match stale {
-                    // Live signals alone make it lose: nothing to learn there now.
-                    _ if other.floor >= best.score => (cheaper, Why::Cheaper),
-                    Some(Stale::Unmeasured)
-                        if other.score <= UNMEASURED_TRY_FACTOR * best.score =>
-                    {
-                        (cheaper.other(), Why::Measure)
-                    }
-                    Some(stale) => {
-                        let ratio = if other.score > 0.0 {
-                            (best.score / other.score).min(1.0)
-                        } else {
-                            1.0
-                        };
-                        let prob = p.explore_rate * ratio;
-                        if draw < prob {
-                            (cheaper.other(), Why::Explore(stale, prob))
-                        } else {
-                            (cheaper, Why::Cheaper)
-                        }
-                    }
-                    None => (cheaper, Why::Cheaper),
-                }
-            }
+            Some(cl) => self.choose(s, &local, cl, &link, now, draw),
         };
 
         let reason = self.reason(choice, why, &local, cloud.as_ref(), share, c.on_battery);
@@ -913,8 +1070,63 @@ impl CostModel {
             choice,
             local: local.cost(),
             cloud: cloud.as_ref().map(Est::cost),
-            explore: matches!(why, Why::FirstRun | Why::Measure | Why::Explore(..)),
+            explore: !matches!(why, Why::CloudUnavailable | Why::Cheaper),
             reason,
+        }
+    }
+
+    /// The choice between two available sides, exploring as the module doc says.
+    fn choose(
+        &self,
+        s: &TaskStats,
+        local: &Est,
+        cloud: &Est,
+        link: &LinkFig,
+        now: Instant,
+        draw: f64,
+    ) -> (Side, Why) {
+        let cheaper = if cloud.score < local.score {
+            Side::Cloud
+        } else {
+            Side::Local
+        };
+        let (best, other, other_stats) = match cheaper {
+            Side::Local => (local, cloud, &s.cloud),
+            Side::Cloud => (cloud, local, &s.local),
+        };
+        // What the live signals guarantee makes it lose: nothing to learn there now.
+        if other.floor >= best.score {
+            return (cheaper, Why::Cheaper);
+        }
+        let plausible = other.optimistic < best.score;
+        if cheaper == Side::Local && other.link_unsure && plausible {
+            return (Side::Cloud, Why::LinkUnsure(link.sd, link.age));
+        }
+        let stale = other_stats.staleness(now, self.params.stale_after);
+        if stale == Some(Stale::Unmeasured) && other.score <= UNMEASURED_TRY_FACTOR * best.score {
+            return (cheaper.other(), Why::Measure);
+        }
+        match s.streak {
+            (Some(side), n) if side == cheaper && n >= s.guard_streak() && plausible => {
+                return (cheaper.other(), Why::Guard(n));
+            }
+            _ => {}
+        }
+        match stale {
+            Some(stale) if plausible => {
+                let ratio = if other.score > 0.0 {
+                    (best.score / other.score).min(1.0)
+                } else {
+                    1.0
+                };
+                let prob = self.params.explore_rate * ratio;
+                if draw < prob {
+                    (cheaper.other(), Why::Explore(stale, prob))
+                } else {
+                    (cheaper, Why::Cheaper)
+                }
+            }
+            _ => (cheaper, Why::Cheaper),
         }
     }
 
@@ -949,19 +1161,49 @@ impl CostModel {
                     push_amount(&mut out, cl.floor);
                     out.push(')');
                 }
-                _ => out.push_str("cloud (first run: measuring the cloud first)"),
+                _ => out.push_str("cloud (exploring: first run, measuring the cloud first)"),
             },
-            Why::Measure | Why::Explore(..) | Why::Cheaper => {
-                if let Why::Measure = why {
-                    let _ = write!(
-                        out,
-                        "{c} to measure it (no {c} run yet): ",
-                        c = choice.as_str()
-                    );
-                } else if let Why::Explore(stale, prob) = why {
-                    let _ = write!(out, "{} to re-sample it (", choice.as_str());
-                    push_stale(&mut out, stale);
-                    let _ = write!(out, ", p {:.1}%): ", prob * 100.0);
+            Why::Measure
+            | Why::LinkUnsure(..)
+            | Why::Guard(_)
+            | Why::Explore(..)
+            | Why::Cheaper => {
+                let c = choice.as_str();
+                match why {
+                    Why::Measure => {
+                        let _ = write!(out, "{c} (exploring: no {c} run yet): ");
+                    }
+                    Why::LinkUnsure(sd, age) => {
+                        out.push_str("cloud (exploring: link speed ");
+                        match age {
+                            None => out.push_str("unmeasured"),
+                            Some(age) => {
+                                let _ = write!(
+                                    out,
+                                    "uncertain, ±{:.0}% at {} s old",
+                                    (sd.exp() - 1.0) * 100.0,
+                                    age.as_secs()
+                                );
+                            }
+                        }
+                        out.push_str(", transfer could be ");
+                        let hopeful = chosen.transfer * (-EXPLORE_SD * sd).exp();
+                        push_amount(&mut out, hopeful);
+                        out.push_str("): ");
+                    }
+                    Why::Guard(n) => {
+                        let _ = write!(
+                            out,
+                            "{c} (exploring: {n} runs in a row on the {o}, {c} could be faster): ",
+                            o = choice.other().as_str()
+                        );
+                    }
+                    Why::Explore(stale, prob) => {
+                        let _ = write!(out, "{c} (exploring: ");
+                        push_stale(&mut out, stale);
+                        let _ = write!(out, ", p {:.1}%): ", prob * 100.0);
+                    }
+                    _ => {}
                 }
                 push_side(&mut out, choice, chosen, share, energy);
                 if let Some(other) = other {
@@ -989,6 +1231,7 @@ impl CostModel {
         let s = self.entry(task);
         s.local.record(lx, ln_secs(full), w, now);
         s.output.update(lx, ln_bytes(run.output_bytes as f64), w);
+        s.note_run(Side::Local);
         self.learn_speed(task, lx);
     }
 
@@ -999,20 +1242,23 @@ impl CostModel {
         let daemon_run = run.daemon_run.as_secs_f64();
         let rtt = run.rtt.map_or(0.0, |r| r.as_secs_f64());
         // The network share: rtt, transfer (the daemon's input time included) and
-        // per-task overhead. At least the input time the daemon saw, whatever clocks say.
-        let net = (run.total.as_secs_f64() - run.daemon_queue.as_secs_f64() - daemon_run)
-            .max(run.daemon_input.as_secs_f64());
-        let bytes = run.input_bytes.saturating_add(run.output_bytes);
-        if bytes >= MIN_BANDWIDTH_SAMPLE_BYTES && net > rtt {
-            self.link.update(((net - rtt) / bytes as f64).ln(), w);
+        // per-task overhead.
+        let net = run.network_secs();
+        if let Some(secs) = run.transfer_secs() {
+            self.link
+                .record_transfer(run.input_bytes, run.output_bytes, secs, now);
         }
-        let bytes_per_sec = self.bandwidth(run.bandwidth_mbps) * 1e6 / 8.0;
-        let overhead = net - rtt - bytes as f64 / bytes_per_sec;
+        // Relative to the link figures as they are now, this run learnt: what they do
+        // not explain (slow start, per-request costs) is the task's own correction.
+        let fig = self.link_fig(run.bandwidth_mbps, run.download_mbps, 0.0, now);
+        let transfer = run.input_bytes as f64 / fig.up + run.output_bytes as f64 / fig.down;
+        let overhead = net - rtt - transfer;
         self.cloud_run.update(ln_secs(daemon_run), w);
         let s = self.entry(task);
         s.cloud.record(lx, ln_secs(daemon_run), w, now);
         s.output.update(lx, ln_bytes(run.output_bytes as f64), w);
         s.overhead.update(overhead, w);
+        s.note_run(Side::Cloud);
         self.learn_speed(task, lx);
     }
 
@@ -1058,10 +1304,13 @@ impl CostModel {
         s
     }
 
-    /// Everything learnt, as versioned JSON for `state_dir`. Sample times are not kept:
-    /// after a restore every estimate is stale, so each side is re-sampled (at the
-    /// exploration rate) before being trusted as fresh.
-    pub fn snapshot(&self) -> serde_json::Value {
+    /// Everything learnt, as versioned JSON for `state_dir`, taken at `now`. Run-time
+    /// sample times are not kept: after a restore every run estimate is stale, so each
+    /// side is re-sampled (at the exploration rate) before being trusted as fresh. The
+    /// link estimate keeps its age (`link_age_secs`, up and down), so its uncertainty
+    /// goes on growing across a restart.
+    pub fn snapshot(&self, now: Instant) -> serde_json::Value {
+        let age = |r: &link::RateEstimate| r.get(now).map_or(0, |r| r.age.as_secs());
         let tasks: BTreeMap<&str, TaskSnap> = self
             .tasks
             .iter()
@@ -1079,6 +1328,7 @@ impl CostModel {
         serde_json::json!({
             "version": SNAPSHOT_VERSION,
             "link": self.link,
+            "link_age_secs": [age(&self.link.up), age(&self.link.down)],
             "speed": self.speed,
             "cloud_run": self.cloud_run,
             "tasks": tasks,
@@ -1088,8 +1338,15 @@ impl CostModel {
     /// A model from a [`CostModel::snapshot`]. Tolerant within a version: unknown fields
     /// are ignored, a task entry that is malformed or badly named is dropped, and at
     /// most [`MAX_TASKS`] (the most recently measured) are kept. Tasks no longer in the
-    /// catalog are kept too; drop them with [`CostModel::retain_tasks`].
-    pub fn restore(value: &serde_json::Value, params: CostParams) -> Result<Self, RestoreError> {
+    /// catalog are kept too; drop them with [`CostModel::retain_tasks`]. `since_saved`
+    /// is the time since the snapshot was taken (e.g. from the file's modification
+    /// time): the link estimate's age at the snapshot plus this is its age at `now`.
+    pub fn restore(
+        value: &serde_json::Value,
+        params: CostParams,
+        now: Instant,
+        since_saved: Duration,
+    ) -> Result<Self, RestoreError> {
         let version = value
             .get("version")
             .ok_or_else(|| RestoreError::Malformed("no `version`".to_string()))?
@@ -1106,7 +1363,20 @@ impl CostModel {
                 .unwrap_or(Avg::EMPTY)
         };
         let mut model = CostModel::new(params);
-        model.link = avg("link");
+        let ages: [u64; 2] = value
+            .get("link_age_secs")
+            .and_then(|v| serde_json::from_value(v.clone()).ok())
+            .unwrap_or([0, 0]);
+        let link = value
+            .get("link")
+            .and_then(|v| serde_json::from_value::<LinkEstimate>(v.clone()).ok())
+            .filter(LinkEstimate::is_valid)
+            .unwrap_or(LinkEstimate::COLD);
+        let ago = |secs: u64| Duration::from_secs(secs).saturating_add(since_saved);
+        model.link = LinkEstimate {
+            up: link.up.aged(now, ago(ages[0])),
+            down: link.down.aged(now, ago(ages[1])),
+        };
         model.speed = avg("speed");
         model.cloud_run = avg("cloud_run");
         let mut kept: Vec<(String, TaskStats)> = Vec::new();
@@ -1132,6 +1402,7 @@ impl CostModel {
                     output: snap.output,
                     overhead: snap.overhead,
                     touch: snap.touch,
+                    ..TaskStats::EMPTY
                 };
                 kept.push((name.clone(), stats));
             }
@@ -1279,6 +1550,7 @@ mod tests {
             daemon_run: run,
             rtt: Some(rtt),
             bandwidth_mbps: Some(mbps),
+            download_mbps: None,
             input_bytes: input,
             output_bytes: output,
         }
@@ -1520,7 +1792,7 @@ mod tests {
                     let p = m.predict("t", None, &c, now, draw);
                     if p.explore {
                         assert_eq!(p.choice, Side::Local);
-                        assert!(p.reason.starts_with("auto: local to re-sample it ("));
+                        assert!(p.reason.starts_with("auto: local (exploring: "));
                     }
                     p.explore
                 })
@@ -1539,7 +1811,7 @@ mod tests {
         let p = m.predict("t", None, &c, later, 0.0);
         assert!(
             p.reason
-                .starts_with("auto: local to re-sample it (estimate 61 s old, p 3.0%): "),
+                .starts_with("auto: local (exploring: estimate 61 s old, p 3.0%): "),
             "{}",
             p.reason
         );
@@ -1555,7 +1827,204 @@ mod tests {
         // A sample far off its estimate makes the side stale at once.
         m.record_local("t", &local_run(ms(20), 1.0, 100, 100), later);
         let p = m.predict("t", None, &c, later, 0.0);
-        assert!(p.reason.contains("(last sample far off"), "{}", p.reason);
+        assert!(
+            p.reason.contains("(exploring: last sample far off"),
+            "{}",
+            p.reason
+        );
+    }
+
+    /// Decisions over `secs` seconds, one a second, in a world where local takes
+    /// `local_ms` and the cloud `cloud_ms` (all of it run, 1 Mbit/s reported exactly);
+    /// `draw` for every decision. Returns the decisions that explored.
+    fn explorations(local_ms: u64, cloud_ms: u64, secs: u64, draw: f64) -> Vec<String> {
+        let t0 = Instant::now();
+        let mut m = model();
+        let c = Conditions {
+            bandwidth_sd: 0.0,
+            ..online(0, 1.0)
+        };
+        let mut now = teach(
+            &mut m,
+            "t",
+            t0,
+            3,
+            local_run(ms(local_ms), 1.0, 10, 10),
+            cloud_run(ms(cloud_ms), ms(0), 1.0, 10, 10),
+        );
+        let mut explored = Vec::new();
+        for _ in 0..secs {
+            now += Duration::from_secs(1);
+            let p = m.predict("t", None, &c, now, draw);
+            match p.choice {
+                Side::Local => m.record_local("t", &local_run(ms(local_ms), 1.0, 10, 10), now),
+                Side::Cloud => {
+                    m.record_cloud("t", &cloud_run(ms(cloud_ms), ms(0), 1.0, 10, 10), now)
+                }
+            }
+            if p.explore {
+                explored.push(p.reason);
+            }
+        }
+        explored
+    }
+
+    #[test]
+    fn exploring_a_side_that_is_surely_worse_is_rare_and_bounded() {
+        // 3× worse: re-sampled only once its estimate is old enough to be doubted
+        // (about 9 minutes; by the guard or a draw, whichever comes first).
+        let over_hour = explorations(100, 300, 3600, 0.0);
+        assert!(
+            (2..=8).contains(&over_hour.len()),
+            "{} explorations: {over_hour:#?}",
+            over_hour.len()
+        );
+        assert!(
+            over_hour
+                .iter()
+                .all(|r| r.starts_with("auto: cloud (exploring: ")),
+            "{over_hour:#?}"
+        );
+        // 20× worse: at most once an hour.
+        let far = explorations(100, 2000, 3600, 0.0);
+        assert!(far.len() <= 1, "{far:#?}");
+        // Sure and fresh (re-measured every few minutes by the schedule above): the
+        // first ten minutes after three samples explore nothing.
+        assert!(explorations(100, 300, 500, 0.0).is_empty());
+        // Without lucky draws, the guard alone re-samples it as rarely.
+        let guarded = explorations(100, 300, 3600, 0.999);
+        assert!(
+            (1..=over_hour.len()).contains(&guarded.len()),
+            "{guarded:#?}"
+        );
+    }
+
+    #[test]
+    fn the_guard_samples_a_plausible_side_on_a_doubling_schedule() {
+        // Cloud 120 ms vs local 100 ms: close enough to doubt, never picked by the
+        // (high) draws. The guard samples it after 8, 16, 32, ... local runs in a row.
+        let guarded = explorations(100, 120, 2000, 0.999);
+        assert!(!guarded.is_empty());
+        assert!(
+            guarded
+                .iter()
+                .all(|r| r.starts_with("auto: cloud (exploring: ")
+                    && r.contains("runs in a row on the local, cloud could be faster")),
+            "{guarded:#?}"
+        );
+        // Bounded: about log2(2000 / 8) samples, not a fixed fraction of 2000.
+        assert!(
+            guarded.len() <= 9,
+            "{} guard samples: {guarded:#?}",
+            guarded.len()
+        );
+        let first: Vec<&str> = guarded
+            .iter()
+            .map(|r| &r[..r.find(" runs").unwrap()])
+            .collect();
+        assert_eq!(
+            first[..3],
+            [
+                "auto: cloud (exploring: 8",
+                "auto: cloud (exploring: 16",
+                "auto: cloud (exploring: 32"
+            ]
+        );
+        // A side that really is better is found by the first guard sample and kept.
+        let t0 = Instant::now();
+        let mut m = model();
+        let c = online(0, 1.0);
+        let mut now = teach(
+            &mut m,
+            "t",
+            t0,
+            3,
+            local_run(ms(100), 1.0, 10, 10),
+            cloud_run(ms(120), ms(0), 1.0, 10, 10),
+        );
+        let mut sides = Vec::new();
+        for _ in 0..40 {
+            now += Duration::from_secs(1);
+            let p = m.predict("t", None, &c, now, 0.999);
+            match p.choice {
+                Side::Local => m.record_local("t", &local_run(ms(100), 1.0, 10, 10), now),
+                // The cloud got faster since it was last measured.
+                Side::Cloud => m.record_cloud("t", &cloud_run(ms(40), ms(0), 1.0, 10, 10), now),
+            }
+            sides.push(p.choice);
+        }
+        let first_cloud = sides.iter().position(|s| *s == Side::Cloud).unwrap();
+        assert!(first_cloud <= GUARD_RUNS as usize, "{sides:?}");
+        assert!(
+            sides[first_cloud + 2..].iter().all(|s| *s == Side::Cloud),
+            "{sides:?}"
+        );
+    }
+
+    #[test]
+    fn an_unmeasured_link_is_explored_once_and_then_trusted() {
+        // The lock-out: a 30 MB input, local 19 s at 30 % cpu, the cloud never
+        // tried and no link figure (a 10 Mbit/s guess says 24 s of transfer).
+        let t0 = Instant::now();
+        let mut m = model();
+        let big = 30_000_000;
+        for i in 0..3 {
+            m.record_local(
+                "xz",
+                &local_run(ms(19_000), 0.3, big, big / 4),
+                t0 + Duration::from_secs(i),
+            );
+        }
+        let c = Conditions {
+            cpu_share: 0.3,
+            bandwidth_mbps: None,
+            ..online(20, 0.0)
+        };
+        let now = t0 + Duration::from_secs(10);
+        let p = m.predict("xz", Some(big), &c, now, 0.999);
+        assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
+        assert!(p.explore);
+        assert!(
+            p.reason
+                .starts_with("auto: cloud (exploring: link speed unmeasured, transfer could be "),
+            "{}",
+            p.reason
+        );
+        // The cloud run shows a 25 Mbit/s link each way and a 5.7 s run.
+        let transfer = (big + big / 4) as f64 * 8.0 / 25e6;
+        let run = CloudRun {
+            total: ms(20) + ms(5_700) + Duration::from_secs_f64(transfer),
+            daemon_queue: Duration::ZERO,
+            daemon_input: Duration::ZERO,
+            daemon_run: ms(5_700),
+            rtt: Some(ms(20)),
+            bandwidth_mbps: None,
+            download_mbps: None,
+            input_bytes: big,
+            output_bytes: big / 4,
+        };
+        m.record_cloud("xz", &run, now);
+        let link = m.observed_link().up.get(now).unwrap();
+        assert!((link.mbps - 25.0).abs() < 0.5, "{link:?}");
+        assert!(link.is_sure(), "{link:?}");
+        // Now the cloud wins on its merits, and the link is not explored again.
+        for i in 1..20 {
+            let p = m.predict("xz", Some(big), &c, now + Duration::from_secs(i), 0.999);
+            assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
+            assert!(!p.explore, "{}", p.reason);
+        }
+        // A link that is unsure but does not matter (a tiny input) is not explored.
+        let mut m = model();
+        for i in 0..3 {
+            m.record_local(
+                "tiny",
+                &local_run(ms(5), 1.0, 100, 32),
+                t0 + Duration::from_secs(i),
+            );
+        }
+        let p = m.predict("tiny", Some(100), &online(200, 0.0), now, 0.999);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
+        assert!(!p.explore, "{}", p.reason);
     }
 
     #[test]
@@ -1568,7 +2037,7 @@ mod tests {
         assert!(p.explore);
         assert_eq!(
             p.reason,
-            "auto: cloud (first run: measuring the cloud first)"
+            "auto: cloud (exploring: first run, measuring the cloud first)"
         );
         assert_eq!(p.local.samples, 0);
 
@@ -1593,7 +2062,7 @@ mod tests {
         assert!(p.explore);
         assert!(
             p.reason.starts_with(
-                "auto: local to measure it (no local run yet): local ~60 ms (run 60 at 50% cpu"
+                "auto: local (exploring: no local run yet): local ~60 ms (run 60 at 50% cpu"
             ),
             "{}",
             p.reason
@@ -1739,6 +2208,7 @@ mod tests {
             daemon_run: ms(100),
             rtt: Some(ms(50)),
             bandwidth_mbps: None,
+            download_mbps: None,
             input_bytes: 1_000_000,
             output_bytes: 1_000_000,
         };
@@ -1831,11 +2301,11 @@ mod tests {
             cloud_run(ms(20), ms(10), 100.0, 5000, 100),
         );
         m.record_cloud("b", &cloud_run(ms(7), ms(10), 100.0, 200_000, 10), now);
-        let snap = m.snapshot();
+        let snap = m.snapshot(t0);
         assert_eq!(snap["version"], 1);
-        let r = CostModel::restore(&snap, CostParams::default()).unwrap();
+        let r = CostModel::restore(&snap, CostParams::default(), t0, Duration::ZERO).unwrap();
         assert_eq!(r.len(), 2);
-        assert_eq!(r.snapshot(), snap);
+        assert_eq!(r.snapshot(t0), snap);
         let c = online(10, 100.0);
         for task in ["a", "b"] {
             let before = m.predict(task, None, &c, now, 0.99);
@@ -1846,7 +2316,7 @@ mod tests {
         // Through text, as it is stored (floats may come back an ulp off).
         let text = serde_json::to_string(&snap).unwrap();
         let back: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let t = CostModel::restore(&back, CostParams::default()).unwrap();
+        let t = CostModel::restore(&back, CostParams::default(), t0, Duration::ZERO).unwrap();
         for task in ["a", "b"] {
             let before = m.predict(task, None, &c, now, 0.99);
             let after = t.predict(task, None, &c, now, 0.99);
@@ -1871,18 +2341,23 @@ mod tests {
         odd["tasks"]["c"] = serde_json::json!({"local": "nonsense"});
         odd["tasks"]["d"] = serde_json::json!({"future_field": 1});
         odd["extra"] = serde_json::json!(true);
-        let r = CostModel::restore(&odd, CostParams::default()).unwrap();
+        let r = CostModel::restore(&odd, CostParams::default(), t0, Duration::ZERO).unwrap();
         assert!(r.knows("a") && r.knows("b") && r.knows("d"));
         assert!(!r.knows("c") && !r.knows("bad name!"));
         // Wrong version or shape: an error, and the caller starts afresh.
         let mut v2 = snap.clone();
         v2["version"] = serde_json::json!(2);
         assert_eq!(
-            CostModel::restore(&v2, CostParams::default()).unwrap_err(),
+            CostModel::restore(&v2, CostParams::default(), t0, Duration::ZERO).unwrap_err(),
             RestoreError::Version(2)
         );
         assert!(matches!(
-            CostModel::restore(&serde_json::json!([1, 2]), CostParams::default()),
+            CostModel::restore(
+                &serde_json::json!([1, 2]),
+                CostParams::default(),
+                t0,
+                Duration::ZERO
+            ),
             Err(RestoreError::Malformed(_))
         ));
     }
@@ -1905,11 +2380,11 @@ mod tests {
         assert!(m.knows(&format!("t{}", MAX_TASKS + 9)));
 
         // Restore keeps the most recent MAX_TASKS too.
-        let mut snap = m.snapshot();
+        let mut snap = m.snapshot(t0);
         for i in 0..20 {
             snap["tasks"][format!("old{i}")] = serde_json::json!({"touch": 0});
         }
-        let r = CostModel::restore(&snap, CostParams::default()).unwrap();
+        let r = CostModel::restore(&snap, CostParams::default(), t0, Duration::ZERO).unwrap();
         assert_eq!(r.len(), MAX_TASKS);
         assert!(!r.knows("old0"));
         m.retain_tasks(|name| name == "t0");
@@ -2051,6 +2526,7 @@ mod tests {
                             daemon_run: Duration::from_secs_f64(w.cloud_run_ms * noise_c / 1e3),
                             rtt: c.rtt,
                             bandwidth_mbps: c.bandwidth_mbps,
+                            download_mbps: None,
                             input_bytes: w.input,
                             output_bytes: w.output,
                         };

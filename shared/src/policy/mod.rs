@@ -6,6 +6,7 @@
 
 pub mod cost;
 pub mod eval;
+pub mod link;
 pub mod rules;
 
 /// A snapshot of what the agent knows about the board, the link and the task at the
