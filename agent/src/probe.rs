@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 pub use updraft_shared::probe::ProbeBudget;
 use updraft_shared::probe::{Arrivals, Measured};
 use updraft_shared::protocol::frame::DATA_CHUNK;
-use updraft_shared::protocol::{ErrorCode, FrameKind, ProbeReply, ProbeRequest, ReplyHeader};
+use updraft_shared::protocol::{
+    ErrorCode, FrameKind, ProbeReply, ProbeRequest, ReplyHeader, RESET_ABANDONED,
+};
 use updraft_shared::wire::{write_frame, FrameReader, WireError};
 
 /// Longest one probe may take, from opening its stream to the last downloaded byte.
@@ -113,7 +115,7 @@ pub async fn probe(
     });
     if let (Err(_), Some((send, recv))) = (&result, stream.as_mut()) {
         // Tell the daemon at once instead of leaving it to its own timeout.
-        let _ = send.reset(0u32.into());
+        let _ = send.reset(RESET_ABANDONED.into());
         let _ = recv.get_mut().stop(0u32.into());
     }
     let (up, down) = result?;
