@@ -1,5 +1,5 @@
 //! The link probe against the real `updraftd` process: the agent's `probe()` gets the
-//! byte counts it asked for, timed; an over-cap probe is refused before any payload is
+//! byte counts it asked for, timed, without taking a task slot; an over-cap probe is refused before any payload is
 //! read; each connection's probes stay within the daemon's `probe_budget`; and what a
 //! daemon that does not know probes answers, which the agent reads as "unsupported".
 
@@ -11,7 +11,8 @@ use common::*;
 use std::time::Duration;
 use updraft_agent::probe::{probe, ProbeError};
 use updraft_shared::protocol::{
-    ErrorCode, Frame, FrameKind, ProbeReply, ProbeRequest, ReplyHeader, MAX_PROBE_BYTES, STOP_INPUT,
+    ErrorCode, Frame, FrameKind, LoadReport, ProbeReply, ProbeRequest, ReplyHeader,
+    MAX_PROBE_BYTES, STOP_INPUT,
 };
 use updraft_shared::wire::FrameReader;
 
@@ -80,6 +81,44 @@ async fn a_probe_moves_the_bytes_asked_for_each_way_and_times_them() {
     assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
     let (out, trailer) = read_result(&mut reader, WAIT).await;
     assert_eq!((out.as_slice(), trailer.exit_code), (&b"hi"[..], Some(0)));
+}
+
+/// A probe takes no task slot: with the daemon's one slot held by a running task (and
+/// no queue), a probe is still measured while another task is refused `busy`.
+#[tokio::test]
+async fn a_probe_takes_no_task_slot() {
+    let d =
+        Daemon::start("max_concurrent_tasks = 1\nmax_queued_tasks = 0\n[dedup]\nhold_input = 0\n");
+    let conn = d.connect("board-1").await;
+    let mut loads = FrameReader::new(conn.accept_uni().await.unwrap());
+    // Its input streams into the running task and stays open: the slot stays taken.
+    let (mut send, mut running) = open_task(&conn, "holds-the-slot", "sha", None, b"x").await;
+    assert_eq!(read_reply(&mut running, WAIT).await, ReplyHeader::Accepted);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, loads.next())
+            .await
+            .expect("a load report with the slot taken")
+            .unwrap()
+            .unwrap();
+        if LoadReport::from_frame(&frame).unwrap().running == 1 {
+            break;
+        }
+    }
+    let (mut other, mut refused) = open_task(&conn, "no-slot", "echo", None, b"").await;
+    other.finish().unwrap();
+    assert!(matches!(
+        read_reply(&mut refused, WAIT).await,
+        ReplyHeader::Rejected {
+            code: ErrorCode::Busy,
+            ..
+        }
+    ));
+    let sample = probe(&conn, 64 << 10, 64 << 10).await.unwrap();
+    assert_eq!((sample.up.bytes, sample.down.bytes), (64 << 10, 64 << 10));
+    send.finish().unwrap();
+    let (_, trailer) = read_result(&mut running, WAIT).await;
+    assert_eq!(trailer.exit_code, Some(0));
 }
 
 /// A Probe frame asking for more than 1 MiB is answered `bad_request` at once: the

@@ -99,7 +99,7 @@ pub async fn serve(
             return;
         }
     };
-    let (request, _slot) = admitted;
+    let (request, slot) = admitted;
     let received = tokio::time::timeout(PROBE_TIMEOUT, receive(leftover, &mut recv, request.up))
         .await
         .unwrap_or_else(|_| {
@@ -135,6 +135,8 @@ pub async fn serve(
         let _ = send.reset(0u32.into());
         return;
     }
+    // Everything is sent: the next probe may start as soon as the agent has read it.
+    drop(slot);
     // Keep the stream until the agent has the payload (or the time is up).
     let _ = tokio::time::timeout(PROBE_TIMEOUT, send.stopped()).await;
     debug!(agent, up = request.up, down = request.down, "probe served");
