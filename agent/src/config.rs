@@ -108,6 +108,14 @@ pub struct LinkFile {
     /// connection mid-task, before it fails with `cloud_failed` (detached tasks wait on).
     /// Default 10s.
     pub failover_wait: Option<HumanDuration>,
+    /// Measure the link with small probes over the live connection when its estimate
+    /// is unknown or stale. `false` never probes (metered links). Default true.
+    pub probe: Option<bool>,
+    /// Probe bytes (both directions together) the agent may spend an hour, per daemon.
+    /// Default 16MiB, range 32KiB to 1GiB and at least twice `probe_bytes`.
+    pub probe_budget: Option<ByteSize>,
+    /// Payload bytes each way of one probe. Default 256KiB, range 16KiB to 1MiB.
+    pub probe_bytes: Option<ByteSize>,
 }
 
 /// `[journal]` as written: the SQLite store of detached tasks in `state_dir`.
@@ -208,6 +216,12 @@ pub struct LinkConfig {
     pub replay_buffer: usize,
     /// Wait for a daemon after a mid-task loss, for tasks that must run in the cloud.
     pub failover_wait: Duration,
+    /// Link probes allowed (`[link] probe`); false on metered links.
+    pub probe: bool,
+    /// Probe bytes, both directions together, allowed an hour per daemon.
+    pub probe_budget: u64,
+    /// Payload bytes each way of one probe.
+    pub probe_bytes: u32,
 }
 
 /// `[journal]`, validated.
@@ -246,6 +260,9 @@ impl Default for LinkConfig {
             reconnect_max: Duration::from_secs(30),
             replay_buffer: 1 << 20,
             failover_wait: Duration::from_secs(10),
+            probe: true,
+            probe_budget: 16 << 20,
+            probe_bytes: 256 << 10,
         }
     }
 }
@@ -414,6 +431,8 @@ const DAY: Duration = Duration::from_secs(86_400);
 /// Largest `max_local_concurrency` (and `[journal] max_running`): far more than any
 /// board has cores, far below what a semaphore can hold.
 pub const MAX_LOCAL_SLOTS: usize = 1024;
+/// Least `[link] probe_bytes`: a smaller probe would measure little but latency.
+pub const MIN_PROBE_BYTES: u64 = 16 << 10;
 
 /// `[link]`, each key within its range; `keep_alive` below `idle_timeout`,
 /// `reconnect_min` at most `reconnect_max`.
@@ -477,6 +496,21 @@ fn link_config(r: &Ranges, l: LinkFile) -> Result<LinkConfig, ConfigError> {
             Duration::ZERO,
             HOUR,
         )?,
+        probe: l.probe.unwrap_or(d.probe),
+        probe_budget: r.bytes(
+            "link.probe_budget",
+            l.probe_budget,
+            d.probe_budget,
+            2 * MIN_PROBE_BYTES,
+            1 << 30,
+        )?,
+        probe_bytes: r.bytes(
+            "link.probe_bytes",
+            l.probe_bytes,
+            d.probe_bytes.into(),
+            MIN_PROBE_BYTES,
+            updraft_shared::protocol::MAX_PROBE_BYTES.into(),
+        )? as u32,
     };
     let invalid = |key: &str, reason: &str| ConfigError::Invalid {
         path: r.path.to_path_buf(),
@@ -487,6 +521,12 @@ fn link_config(r: &Ranges, l: LinkFile) -> Result<LinkConfig, ConfigError> {
         return Err(invalid(
             "link.keep_alive",
             "must be shorter than link.idle_timeout",
+        ));
+    }
+    if link.probe_budget < 2 * u64::from(link.probe_bytes) {
+        return Err(invalid(
+            "link.probe_budget",
+            "must be at least twice link.probe_bytes (one probe sends and receives link.probe_bytes)",
         ));
     }
     if link.reconnect_min > link.reconnect_max {
@@ -712,6 +752,29 @@ mod tests {
         assert_eq!(c.tls_cert, Path::new("/var/lib/updraft/agent.pem"));
         let c = parse("[[cloud]]\naddress = \"[::1]:4433\"").unwrap();
         assert_eq!(c.clouds[0].server_name, "::1");
+        assert!(c.link.probe);
+        assert_eq!(c.link.probe_budget, 16 << 20);
+        assert_eq!(c.link.probe_bytes, 256 << 10);
+    }
+
+    #[test]
+    fn link_probe_keys() {
+        let c = parse("[link]\nprobe = false\nprobe_budget = \"1MiB\"\nprobe_bytes = \"64KiB\"")
+            .unwrap();
+        assert!(!c.link.probe);
+        assert_eq!(c.link.probe_budget, 1 << 20);
+        assert_eq!(c.link.probe_bytes, 64 << 10);
+        let m = parse("[link]\nprobe_budget = \"256KiB\"\nprobe_bytes = \"256KiB\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            m.contains("link.probe_budget") && m.contains("twice link.probe_bytes"),
+            "{m}"
+        );
+        let m = parse("[link]\nprobe = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("probe"), "{m}");
     }
 
     #[test]
@@ -755,6 +818,11 @@ mod tests {
                 "tasks.e.max_input",
             ),
             ("[link]\nfailover_wait = \"30d\"", "link.failover_wait"),
+            ("[link]\nprobe_budget = 0", "link.probe_budget"),
+            ("[link]\nprobe_budget = \"2GiB\"", "link.probe_budget"),
+            ("[link]\nprobe_bytes = \"1KiB\"", "link.probe_bytes"),
+            ("[link]\nprobe_bytes = \"2MiB\"", "link.probe_bytes"),
+            ("[link]\nprobe_bytes = \"5GiB\"", "link.probe_bytes"),
             (
                 "[signals]\nsample_interval = \"0s\"",
                 "signals.sample_interval",

@@ -4,6 +4,7 @@
 //! runs on the board through the shared executor or crosses QUIC through [`uplink`]
 //! to a daemon, and its result flows back the same way. [`service`] wires the parts
 //! and owns shutdown; [`client`] and [`cli`] are the command-line side of the socket.
+//! [`probe`] measures the link with small timed transfers.
 //! [`enroll`] joins a daemon with a one-time token and keeps the certificate renewed.
 #![forbid(unsafe_code)]
 
@@ -17,6 +18,7 @@ pub mod journal;
 pub mod knowledge;
 pub mod placement;
 pub mod policy;
+pub mod probe;
 pub mod service;
 pub mod signals;
 pub mod spool;

@@ -28,6 +28,9 @@ pub const DEFAULT_MAX_UPLOADS_PER_AGENT: u32 = 64;
 /// Most of `max_uploads_per_agent`: each upload may hold up to `[dedup] hold_input`
 /// in memory, and 4096 of the default 1 MiB are already 4 GiB for one agent.
 pub const MAX_UPLOADS_PER_AGENT: u32 = 4096;
+/// Default of `probe_budget`: four times an agent's default, so an agent that probes
+/// within its own budget is never refused.
+pub const DEFAULT_PROBE_BUDGET: u64 = 64 << 20;
 
 /// `daemon.toml` as written.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -56,6 +59,9 @@ pub struct DaemonFile {
     /// Tasks one agent (all its connections) may have receiving a held input at once;
     /// more get `busy`. 1..=4096, default 64.
     pub max_uploads_per_agent: Option<u32>,
+    /// Link probe bytes (both directions) one agent connection may use an hour; a
+    /// probe past it gets `busy`, and 0 refuses every probe. Default 64MiB.
+    pub probe_budget: Option<ByteSize>,
     /// TLS material.
     #[serde(default)]
     pub tls: TlsFile,
@@ -152,6 +158,8 @@ pub mod range {
     pub const DEDUP_BYTES: (u64, u64) = (0, 16 << 30);
     /// `[dedup] hold_input`.
     pub const HOLD_INPUT: (u64, u64) = (0, 64 << 20);
+    /// `probe_budget`.
+    pub const PROBE_BUDGET: (u64, u64) = (0, 4 << 30);
 }
 
 use updraft_shared::config::check_task_ranges;
@@ -184,6 +192,8 @@ pub struct DaemonConfig {
     pub max_streams_per_connection: u32,
     /// Held inputs one agent may be sending at once.
     pub max_uploads_per_agent: u32,
+    /// Link probe bytes an hour per connection.
+    pub probe_budget: u64,
     /// CA certificate path.
     pub tls_ca: PathBuf,
     /// Certificate path.
@@ -293,6 +303,11 @@ impl DaemonConfig {
             uploads.into(),
             (1, MAX_UPLOADS_PER_AGENT.into()),
         )?;
+        let probe_budget = count(
+            "probe_budget",
+            file.probe_budget.map_or(DEFAULT_PROBE_BUDGET, |b| b.0),
+            range::PROBE_BUDGET,
+        )?;
         let catalog = Catalog::from_files(file.tasks)
             .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
         check_task_ranges(&catalog).map_err(|(key, e)| invalid(&key, e))?;
@@ -379,6 +394,7 @@ impl DaemonConfig {
             idle_timeout,
             max_streams_per_connection: streams,
             max_uploads_per_agent: uploads,
+            probe_budget,
             tls_ca,
             tls_ca_key,
             cert_lifetime,
@@ -439,6 +455,8 @@ mod tests {
         assert!(c.catalog.get("e").is_some());
         assert!(c.max_queued_tasks >= c.max_concurrent_tasks);
         assert_eq!(c.dedup, DedupLimits::default());
+        assert_eq!(c.probe_budget, DEFAULT_PROBE_BUDGET);
+        assert_eq!(parse("probe_budget = 0").unwrap().probe_budget, 0);
         let c =
             parse("[tls]\nca = \"/srv/pki/ca.pem\"\n[enroll]\ncert_lifetime = \"30d\"").unwrap();
         assert_eq!(c.tls_ca_key, Path::new("/srv/pki/ca.key"));
@@ -521,6 +539,8 @@ mod tests {
             ("log_level = \"loud[\"", "log_level"),
             ("max_uploads_per_agent = 0", "max_uploads_per_agent"),
             ("max_uploads_per_agent = 4097", "max_uploads_per_agent"),
+            ("probe_budget = \"5GiB\"", "probe_budget"),
+            ("probe_budget = \"lots\"", "probe_budget"),
             ("[dedup]\nmax_result = \"lots\"", "max_result"),
             (
                 "[dedup]\nmax_result = \"2MiB\"\nmax_memory = \"1MiB\"",

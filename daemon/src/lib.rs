@@ -4,6 +4,7 @@
 //! - [`server`]: the QUIC accept loop, per-connection and per-task handlers, drain.
 //! - [`recent`]: the memory of recent task ids that answers retries with the first result.
 //! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
+//! - [`probe`]: link probes: an agent's small timed transfers, bounded per connection.
 //! - [`pki`]: `ca init`, `cert issue`, and signing agents' certificate requests.
 //! - [`enroll`]: one-time tokens, enrollment and renewal of agent certificates.
 //! - [`issued`]: the certificates issued per agent id, and the revoked ones.
@@ -17,6 +18,7 @@ pub mod enroll;
 pub mod issued;
 pub mod metrics;
 pub mod pki;
+pub mod probe;
 pub mod recent;
 pub mod reload;
 pub mod server;

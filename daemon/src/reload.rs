@@ -159,6 +159,7 @@ pub fn needs_restart(started: &DaemonConfig, new: &DaemonConfig) -> Vec<&'static
         started.load_report_interval != new.load_report_interval,
     );
     check("[dedup]", started.dedup != new.dedup);
+    check("probe_budget", started.probe_budget != new.probe_budget);
     keys
 }
 

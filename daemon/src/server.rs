@@ -416,13 +416,17 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     info!(%remote, agent = peer.agent_id(), "agent connected");
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let reporter = tokio::spawn(report_load(conn.clone(), shared.clone()));
+    let probes = Arc::new(crate::probe::ProbeGate::new(
+        shared.config.probe_budget,
+        Instant::now(),
+    ));
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                let (shared2, peer) = (shared.clone(), peer.clone());
+                let (shared2, peer, probes) = (shared.clone(), peer.clone(), probes.clone());
                 shared
                     .tasks
-                    .spawn(async move { handle_task(send, recv, &peer, &shared2).await });
+                    .spawn(async move { handle_task(send, recv, &peer, &shared2, &probes).await });
             }
             Err(e) => {
                 debug!(%remote, agent = peer.agent_id(), error = %e, "connection ended");
@@ -477,10 +481,16 @@ async fn handle_task(
     recv: quinn::RecvStream,
     peer: &AuthenticatedPeer,
     shared: &Shared,
+    probes: &crate::probe::ProbeGate,
 ) {
     let agent = peer.agent_id();
     let mut reader = FrameReader::new(recv);
     let header = match tokio::time::timeout(HEADER_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(frame))) if frame.kind == FrameKind::Probe => {
+            let draining = *shared.draining.borrow();
+            crate::probe::serve(send, reader, &frame, probes, draining, agent).await;
+            return;
+        }
         Ok(Ok(Some(frame))) if frame.kind == FrameKind::CertRequest => {
             // A renewal: the stream carries a certificate request instead of a task.
             let (recv, _) = reader.into_parts();

@@ -10,6 +10,7 @@
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
 //! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
+//! - [`probe`]: the link probe's byte budget and payload timing (pure).
 //! - [`policy`]: the policy file, its evaluator and the cost model (pure).
 //! - [`files`]: crash-safe writes of certificates, keys and tokens.
 //! - [`logging`], [`signals`]: service plumbing.
@@ -25,6 +26,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod policy;
+pub mod probe;
 pub mod protocol;
 pub mod signals;
 pub mod tls;

@@ -60,6 +60,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self.inner
     }
 
+    /// Takes out whatever was read past the last frame, leaving the stream to be read
+    /// directly (raw bytes after a header frame).
+    pub fn take_buffered(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+
     /// Gives back the stream and whatever was read past the last frame.
     pub fn into_parts(self) -> (R, Bytes) {
         (self.inner, self.buf.freeze())

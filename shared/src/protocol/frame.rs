@@ -40,6 +40,12 @@ pub enum FrameKind {
     CertRequest = 6,
     /// Daemon → agent, the answer to a [`FrameKind::CertRequest`]: JSON [`super::CertReply`].
     CertReply = 7,
+    /// Agent → daemon, first frame of a link probe stream: JSON [`super::ProbeRequest`];
+    /// the upload payload follows as raw stream bytes.
+    Probe = 8,
+    /// Daemon → agent, the answer to a [`FrameKind::Probe`]: JSON [`super::ProbeReply`];
+    /// the download payload follows as raw stream bytes.
+    ProbeReply = 9,
 }
 
 impl FrameKind {
@@ -52,6 +58,8 @@ impl FrameKind {
             5 => Self::Load,
             6 => Self::CertRequest,
             7 => Self::CertReply,
+            8 => Self::Probe,
+            9 => Self::ProbeReply,
             _ => return None,
         })
     }
@@ -214,7 +222,7 @@ mod tests {
 
     #[test]
     fn unknown_kind() {
-        let mut buf = BytesMut::from(&[9u8, 0, 0, 0, 0][..]);
-        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::UnknownKind(9)));
+        let mut buf = BytesMut::from(&[10u8, 0, 0, 0, 0][..]);
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::UnknownKind(10)));
     }
 }

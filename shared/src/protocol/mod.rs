@@ -8,7 +8,8 @@ pub mod msg;
 
 pub use frame::{DecodeError, Frame, FrameKind};
 pub use msg::{
-    CertReply, CertRequest, ErrorCode, LoadReport, ReplyHeader, RequestHeader, Timings, Trailer,
+    CertReply, CertRequest, ErrorCode, LoadReport, ProbeReply, ProbeRequest, ReplyHeader,
+    RequestHeader, Timings, Trailer, MAX_PROBE_BYTES,
 };
 
 /// ALPN protocol name both sides must offer.

@@ -282,6 +282,62 @@ pub enum CertReply {
     },
 }
 
+/// Most payload bytes a link probe may ask to send or to receive, each way.
+pub const MAX_PROBE_BYTES: u32 = 1024 * 1024;
+
+/// First frame of a link probe stream, agent → daemon: `up` raw payload bytes follow
+/// it, then the agent finishes its send side; the daemon answers with a
+/// [`ProbeReply`] and, when it measured, `down` raw payload bytes and FIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    /// Payload bytes the agent sends after this frame, at most [`MAX_PROBE_BYTES`].
+    pub up: u32,
+    /// Payload bytes the agent asks the daemon to send after its reply, at most
+    /// [`MAX_PROBE_BYTES`].
+    pub down: u32,
+}
+
+impl ProbeRequest {
+    /// Checks both sizes against [`MAX_PROBE_BYTES`]; the daemon calls this before it
+    /// reads any payload.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, n) in [("up", self.up), ("down", self.down)] {
+            if n > MAX_PROBE_BYTES {
+                return Err(format!(
+                    "probe `{name}` of {n} bytes is over the limit of {MAX_PROBE_BYTES} bytes"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's answer to a [`ProbeRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ProbeReply {
+    /// The upload arrived whole; `down` payload bytes and FIN follow.
+    Measured {
+        /// Payload bytes received (the request's `up`).
+        received_bytes: u64,
+        /// Microseconds from the arrival of the first payload byte to that of the
+        /// last (0 when fewer than two reads brought it).
+        received_us: u64,
+        /// Payload bytes that arrived after the tail began: the tail begins when the
+        /// read that brought the payload to half of `up` or more arrived.
+        tail_bytes: u64,
+        /// Microseconds from the start of the tail to the arrival of the last byte.
+        tail_us: u64,
+    },
+    /// Refused; nothing follows but FIN.
+    Rejected {
+        /// `bad_request`, `busy`, `draining` or `timed_out`.
+        code: ErrorCode,
+        /// Operator-readable reason.
+        message: String,
+    },
+}
+
 fn encode_json<T: Serialize>(kind: FrameKind, msg: &T) -> Frame {
     let payload = serde_json::to_vec(msg).expect("protocol messages always serialize");
     assert!(
@@ -392,6 +448,8 @@ json_message!(Trailer, FrameKind::Trailer, "trailer");
 json_message!(LoadReport, FrameKind::Load, "load report");
 json_message!(CertRequest, FrameKind::CertRequest, "certificate request");
 json_message!(CertReply, FrameKind::CertReply, "certificate reply");
+json_message!(ProbeRequest, FrameKind::Probe, "probe request");
+json_message!(ProbeReply, FrameKind::ProbeReply, "probe reply");
 
 #[cfg(test)]
 mod tests {
@@ -566,7 +624,7 @@ mod tests {
 
     /// Each JSON message kind with a payload that must parse, an array of the same
     /// fields in order, and an optional field sent as `null`.
-    fn every_kind() -> [(FrameKind, &'static str, &'static str, &'static str); 6] {
+    fn every_kind() -> [(FrameKind, &'static str, &'static str, &'static str); 8] {
         [
             (
                 FrameKind::Request,
@@ -604,6 +662,18 @@ mod tests {
                 r#"["issued","c","a"]"#,
                 r#"{"status":"rejected","code":"bad_token","message":null}"#,
             ),
+            (
+                FrameKind::Probe,
+                r#"{"up":4,"down":8}"#,
+                r#"[4,8]"#,
+                r#"{"up":4,"down":8,"future":null}"#,
+            ),
+            (
+                FrameKind::ProbeReply,
+                r#"{"status":"measured","received_bytes":4,"received_us":9,"tail_bytes":2,"tail_us":3}"#,
+                r#"["measured",4,9,2,3]"#,
+                r#"{"status":"rejected","code":"busy","message":null}"#,
+            ),
         ]
     }
 
@@ -617,6 +687,8 @@ mod tests {
             FrameKind::Load => LoadReport::from_frame(&f).map(drop),
             FrameKind::CertRequest => CertRequest::from_frame(&f).map(drop),
             FrameKind::CertReply => CertReply::from_frame(&f).map(drop),
+            FrameKind::Probe => ProbeRequest::from_frame(&f).map(drop),
+            FrameKind::ProbeReply => ProbeReply::from_frame(&f).map(drop),
             FrameKind::Data => unreachable!("data frames are not JSON"),
         }
     }
@@ -688,6 +760,68 @@ mod tests {
         let message = bounded_message("x".repeat(MAX_MESSAGE_LEN + 1));
         assert_eq!(message.len(), MAX_MESSAGE_LEN);
         assert!(message.ends_with("..."));
+    }
+
+    #[test]
+    fn probe_messages_round_trip_and_bound_sizes() {
+        let req = ProbeRequest {
+            up: 256 << 10,
+            down: MAX_PROBE_BYTES,
+        };
+        assert_eq!(
+            std::str::from_utf8(&req.to_frame().payload).unwrap(),
+            r#"{"up":262144,"down":1048576}"#
+        );
+        assert_eq!(ProbeRequest::from_frame(&req.to_frame()).unwrap(), req);
+        req.validate().unwrap();
+        let over = ProbeRequest {
+            up: MAX_PROBE_BYTES + 1,
+            down: 0,
+        };
+        assert!(over.validate().unwrap_err().contains("probe `up`"));
+        let over = ProbeRequest {
+            up: 0,
+            down: u32::MAX,
+        };
+        assert!(over.validate().unwrap_err().contains("probe `down`"));
+        // Both sizes are required, and neither may leave the u32 range.
+        for bad in [
+            r#"{"up":1}"#,
+            r#"{"down":1}"#,
+            r#"{"up":-1,"down":1}"#,
+            r#"{"up":4294967296,"down":1}"#,
+            r#"{"up":1.5,"down":1}"#,
+        ] {
+            let f = Frame::new(FrameKind::Probe, bad.as_bytes().to_vec());
+            assert!(ProbeRequest::from_frame(&f).is_err(), "{bad}");
+        }
+        let measured = ProbeReply::Measured {
+            received_bytes: 4,
+            received_us: 9,
+            tail_bytes: 2,
+            tail_us: 3,
+        };
+        assert_eq!(
+            ProbeReply::from_frame(&measured.to_frame()).unwrap(),
+            measured
+        );
+        let busy = ProbeReply::Rejected {
+            code: ErrorCode::Busy,
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&busy).unwrap(),
+            r#"{"status":"rejected","code":"busy","message":"x"}"#
+        );
+        // A task Reply is not a probe reply (an older daemon answers a probe with one).
+        let reply = ReplyHeader::Rejected {
+            code: ErrorCode::BadRequest,
+            message: "unknown frame kind 8".into(),
+        };
+        assert!(matches!(
+            ProbeReply::from_frame(&reply.to_frame()),
+            Err(DecodeError::Unexpected { .. })
+        ));
     }
 
     #[test]
