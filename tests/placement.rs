@@ -214,3 +214,60 @@ fn estimates_survive_an_agent_restart() {
     c.wait_connected();
     assert!(c.status().unwrap()["estimates"]["tasks"].as_u64().unwrap() >= 1);
 }
+
+/// The link is measured from real transfers only: before any data has crossed, `status`
+/// says so (no figure from the idle connection); cloud runs that move data give each
+/// daemon a rate with its uncertainty, age and samples; the model's own estimate is
+/// saved with its age and restored.
+#[test]
+fn link_estimates_come_from_transfers_and_are_saved_with_their_age() {
+    let agent_extra = "[link]\naccept_timeout = \"1s\"\nprobe = false\n";
+    let mut c = Cluster::start_with("", agent_extra);
+    let status = c.status().unwrap();
+    let links = &status["estimates"]["links"];
+    let cold = links
+        .as_object()
+        .map(|m| {
+            m.values()
+                .all(|l| l["up"] == "unmeasured" && l["down"] == "unmeasured")
+        })
+        .unwrap_or(true);
+    assert!(cold, "nothing has crossed yet: {status:#}");
+    assert!(status["signals"]["bandwidth_mbps"].is_null(), "{status:#}");
+
+    let input = noise(1 << 20, 3);
+    for _ in 0..2 {
+        let o = c.run(&["sha", "--where", "cloud", "--input", "-"], Some(&input));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let status = c.status().unwrap();
+    let (_, link) = status["estimates"]["links"]
+        .as_object()
+        .and_then(|m| m.iter().next())
+        .unwrap_or_else(|| panic!("a link estimate: {status:#}"));
+    let up = &link["up"];
+    assert_eq!(up["samples"].as_u64(), Some(2), "{status:#}");
+    assert!(up["mbps"].as_f64().unwrap() > 0.0, "{status:#}");
+    assert!(up["uncertainty_pct"].as_f64().unwrap() > 0.0, "{status:#}");
+    assert!(up["age_s"].as_u64().is_some(), "{status:#}");
+    assert_eq!(link["down"], "unmeasured", "32 bytes came down: {status:#}");
+    assert!(status["signals"]["bandwidth_mbps"].as_f64().unwrap() > 0.0);
+
+    c.agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(c.agent.wait_exit(Duration::from_secs(20)).success());
+    let saved = std::fs::read(c.dir.path().join("astate/estimates.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    assert!(saved["link"]["up"]["n"].as_u64().unwrap() >= 2, "{saved:#}");
+    assert!(saved["link_age_secs"].is_array(), "{saved:#}");
+    let (agent, _) = start_agent(c.dir.path(), &c.daemon_addr, agent_extra);
+    c.agent = agent;
+    c.wait_connected();
+    let status = c.status().unwrap();
+    assert!(
+        status["estimates"]["observed_bandwidth_mbps"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{status:#}"
+    );
+}

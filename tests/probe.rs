@@ -208,3 +208,24 @@ async fn an_unknown_first_frame_gets_a_task_reply() {
         }
     ));
 }
+
+/// The agent measures a link nobody has measured with a probe of its own, as soon as it
+/// is connected and before any task has moved data; `status` shows the rate each way.
+#[test]
+fn the_agent_probes_a_new_link_on_its_own() {
+    let c = Cluster::start_with("", "[link]\nprobe_bytes = \"128KiB\"\n");
+    let link = wait_for("the agent to probe its new link", WAIT, || {
+        let status = c.status().ok()?;
+        let (_, link) = status["estimates"]["links"].as_object()?.iter().next()?;
+        let measured = |d: &str| link[d]["samples"].as_u64().is_some_and(|n| n >= 1);
+        (measured("up") && measured("down")).then(|| link.clone())
+    });
+    for d in ["up", "down"] {
+        assert!(link[d]["mbps"].as_f64().unwrap() > 0.0, "{link:#}");
+    }
+    let status = c.status().unwrap();
+    assert!(
+        status["signals"]["bandwidth_mbps"].as_f64().unwrap() > 0.0,
+        "{status:#}"
+    );
+}

@@ -29,6 +29,11 @@ pub const ESTIMATES_FILE: &str = "estimates.json";
 /// little learning, rarely enough to spare a board's flash.
 pub const PERSIST_EVERY: Duration = Duration::from_secs(30);
 
+/// A link whose estimate is no longer sure is probed only while tasks that move this
+/// much data have been placed this recently: an idle or tiny-task board does not spend
+/// its budget.
+pub const DATA_HEAVY_RECENT: Duration = Duration::from_secs(600);
+
 /// A placement decision with what it was based on.
 #[derive(Debug, Clone)]
 pub struct Decided {
@@ -71,6 +76,8 @@ pub struct Knowledge {
     quota: Option<CpuQuota>,
     /// Each daemon's link, by address, from its tasks' transfers and link probes.
     links: Mutex<HashMap<String, LinkEstimate>>,
+    /// When a task whose input is large enough to be a rate sample was last placed.
+    data_heavy: Mutex<Option<Instant>>,
     estimates: PathBuf,
     dirty: AtomicBool,
     last_persist: Mutex<Instant>,
@@ -118,6 +125,7 @@ impl Knowledge {
             sampler: Mutex::new(sampler),
             quota: CpuQuota::locate(),
             links: Mutex::default(),
+            data_heavy: Mutex::default(),
             estimates,
             dirty: AtomicBool::new(false),
             last_persist: Mutex::new(Instant::now()),
@@ -155,14 +163,34 @@ impl Knowledge {
         }
     }
 
-    /// Learns from a link probe of the daemon at `address`: bytes each way and the
-    /// seconds the stream moved them.
-    pub fn record_probe(&self, address: &str, up: (u64, f64), down: (u64, f64)) {
+    /// Learns from a link probe of the daemon at `address`: each way's rate in bytes
+    /// per second, where the probe could time it.
+    pub fn record_probe(&self, address: &str, up: Option<f64>, down: Option<f64>) {
         let now = Instant::now();
         let mut links = self.links.lock().expect("links lock");
         let l = links.entry(address.to_string()).or_default();
-        l.up.record(up.0, up.1, now);
-        l.down.record(down.0, down.1, now);
+        if let Some(up) = up {
+            l.up.record_rate(up, now);
+        }
+        if let Some(down) = down {
+            l.down.record_rate(down, now);
+        }
+    }
+
+    /// Why the link to `address` should be measured now, if it should: a direction
+    /// never measured, or an estimate no longer sure while tasks that move data are
+    /// being placed ([`DATA_HEAVY_RECENT`]).
+    pub fn link_needs_probe(&self, address: &str) -> Option<&'static str> {
+        let link = self.link(address);
+        if link.up.is_none() || link.down.is_none() {
+            return Some("unmeasured");
+        }
+        let recent = self
+            .data_heavy
+            .lock()
+            .expect("data-heavy lock")
+            .is_some_and(|at| at.elapsed() < DATA_HEAVY_RECENT);
+        (!link.is_sure() && recent).then_some("estimate no longer sure")
     }
 
     /// The signals as placement sees them for a task with `input_bytes`.
@@ -200,6 +228,9 @@ impl Knowledge {
         input_bytes: Option<u64>,
     ) -> Decided {
         let now = Instant::now();
+        if input_bytes.is_some_and(|b| b >= updraft_shared::policy::link::MIN_SAMPLE_BYTES) {
+            *self.data_heavy.lock().expect("data-heavy lock") = Some(now);
+        }
         let signals = self.signals(chosen, local, input_bytes);
         let board = self.board();
         let cpu_share = cost::available_cpu_share(

@@ -309,3 +309,180 @@ mod tests {
         assert_eq!(at_once.bytes_per_sec(), None);
     }
 }
+
+/// Least time between two probes of one link, whatever the estimate says: a probe
+/// that could not make it sure (a link that varies that much) is not repeated at once.
+pub const PROBE_GAP: Duration = Duration::from_secs(30);
+
+/// After a refusal or a failure, the link is not probed again for this long.
+pub const PROBE_BACKOFF: Duration = Duration::from_secs(120);
+
+/// When to probe each daemon's link: one probe at a time per link, at most one per
+/// [`PROBE_GAP`], within `[link] probe_budget` per daemon, never on a connection whose
+/// daemon does not support probes. Whether a link needs one is the caller's (see
+/// `Knowledge::link_needs_probe`).
+#[derive(Debug)]
+pub struct Prober {
+    per_hour: u64,
+    bytes: u32,
+    links: std::sync::Mutex<std::collections::HashMap<String, ProbeState>>,
+}
+
+/// One link's probing state.
+#[derive(Debug, Clone)]
+struct ProbeState {
+    budget: ProbeBudget,
+    in_flight: bool,
+    /// The connection (its `stable_id`) whose daemon answered "unsupported".
+    unsupported: Option<usize>,
+    /// Not before this.
+    next: Option<std::time::Instant>,
+}
+
+impl ProbeState {
+    fn new(per_hour: u64, now: std::time::Instant) -> Self {
+        ProbeState {
+            budget: ProbeBudget::new(per_hour, now),
+            in_flight: false,
+            unsupported: None,
+            next: None,
+        }
+    }
+}
+
+/// A probe the caller should run now (see [`Prober::begin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// Bytes each way.
+    pub bytes: u32,
+}
+
+impl Prober {
+    /// A prober for `[link]` (`None` with `probe = false`).
+    pub fn new(link: &crate::config::LinkConfig) -> Option<Self> {
+        link.probe.then(|| Prober {
+            per_hour: link.probe_budget,
+            bytes: link.probe_bytes,
+            links: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Whether to probe the link at `address` over connection `conn_id` now; if so, the
+    /// budget is charged and the link marked busy until [`Prober::end`].
+    pub fn begin(&self, address: &str, conn_id: usize, now: std::time::Instant) -> Option<Ticket> {
+        let mut links = self.links.lock().expect("prober lock");
+        let state = links
+            .entry(address.to_string())
+            .or_insert_with(|| ProbeState::new(self.per_hour, now));
+        if state.in_flight
+            || state.unsupported == Some(conn_id)
+            || state.next.is_some_and(|next| now < next)
+        {
+            return None;
+        }
+        let spend = u64::from(self.bytes) * 2;
+        if !state.budget.try_spend(spend, now) {
+            return None;
+        }
+        state.in_flight = true;
+        Some(Ticket { bytes: self.bytes })
+    }
+
+    /// Records how the probe of `address` over `conn_id` ended.
+    pub fn end(
+        &self,
+        address: &str,
+        conn_id: usize,
+        result: &Result<ProbeSample, ProbeError>,
+        now: std::time::Instant,
+    ) {
+        let mut links = self.links.lock().expect("prober lock");
+        let state = links
+            .entry(address.to_string())
+            .or_insert_with(|| ProbeState::new(self.per_hour, now));
+        state.in_flight = false;
+        state.next = Some(
+            now + match result {
+                Ok(_) => PROBE_GAP,
+                Err(_) => PROBE_BACKOFF,
+            },
+        );
+        if let Err(ProbeError::Unsupported(_)) = result {
+            state.unsupported = Some(conn_id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod prober_tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn link(probe: bool, budget: u64, bytes: u32) -> crate::config::LinkConfig {
+        crate::config::LinkConfig {
+            probe,
+            probe_budget: budget,
+            probe_bytes: bytes,
+            ..crate::config::LinkConfig::default()
+        }
+    }
+
+    fn sample() -> ProbeSample {
+        let t = Transfer {
+            bytes: 1,
+            secs: 1.0,
+            tail_bytes: 0,
+            tail_secs: 0.0,
+        };
+        ProbeSample {
+            up: t,
+            down: t,
+            elapsed: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn probes_are_spaced_bounded_by_the_budget_and_stop_where_unsupported() {
+        let t0 = Instant::now();
+        assert!(
+            Prober::new(&link(false, 1 << 20, 1 << 16)).is_none(),
+            "probe = false"
+        );
+        // A budget of four probes an hour.
+        let p = Prober::new(&link(true, 8 << 16, 1 << 16)).unwrap();
+        let ticket = p
+            .begin("d:1", 7, t0)
+            .expect("a cold link is probed at once");
+        assert_eq!(ticket.bytes, 1 << 16);
+        assert_eq!(p.begin("d:1", 7, t0), None, "one at a time");
+        p.end("d:1", 7, &Ok(sample()), t0);
+        assert_eq!(
+            p.begin("d:1", 7, t0 + PROBE_GAP / 2),
+            None,
+            "not again so soon"
+        );
+        let mut t = t0;
+        let mut probes = 1;
+        for _ in 0..100 {
+            t += PROBE_GAP;
+            if p.begin("d:1", 7, t).is_some() {
+                probes += 1;
+                p.end("d:1", 7, &Ok(sample()), t);
+            }
+        }
+        // 50 minutes: the budget (4 an hour, refilling) bounds it, not the gap.
+        assert!((4..=8).contains(&probes), "{probes} probes");
+        // A daemon without probes is not asked again on that connection; a new
+        // connection (say, after an upgrade) is.
+        let p = Prober::new(&link(true, 1 << 30, 1 << 16)).unwrap();
+        p.begin("d:2", 1, t0).unwrap();
+        p.end("d:2", 1, &Err(ProbeError::Unsupported("old".into())), t0);
+        let later = t0 + PROBE_BACKOFF * 2;
+        assert_eq!(p.begin("d:2", 1, later), None);
+        assert!(p.begin("d:2", 2, later).is_some());
+        // A refusal backs off.
+        p.end("d:2", 2, &Err(ProbeError::Failed("lost".into())), later);
+        assert_eq!(p.begin("d:2", 2, later + PROBE_GAP), None);
+        assert!(p.begin("d:2", 2, later + PROBE_BACKOFF).is_some());
+    }
+}

@@ -152,6 +152,8 @@ pub struct Agent {
     executor: Executor,
     uplink: Uplink,
     knowledge: Knowledge,
+    /// Link probes (`None` with `[link] probe = false`).
+    prober: Option<crate::probe::Prober>,
     started: Instant,
     recent: Mutex<VecDeque<Decision>>,
     counters: Mutex<Counters>,
@@ -208,6 +210,7 @@ impl Agent {
         let cert_files = crate::enroll::CertFiles::of(&config);
         Ok(Arc::new(Self {
             knowledge,
+            prober: crate::probe::Prober::new(&config.link),
             agent_id,
             catalog: config.catalog.clone(),
             executor: Executor::new(config.max_local_concurrency, config.max_local_queue, work),
@@ -1516,9 +1519,49 @@ async fn sample_loop(agent: Arc<Agent>, stop: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => agent.knowledge.tick(&agent.uplink, agent.executor.load()),
+            _ = tick.tick() => {
+                agent.knowledge.tick(&agent.uplink, agent.executor.load());
+                probe_links(&agent);
+            }
             () = stop.cancelled() => return,
         }
+    }
+}
+
+/// Starts a link probe of each daemon whose link estimate needs one, as the prober
+/// allows (`[link] probe`, `probe_budget`, `probe_bytes`).
+fn probe_links(agent: &Arc<Agent>) {
+    let Some(prober) = agent.prober.as_ref() else {
+        return;
+    };
+    for (address, conn) in agent.uplink.connections() {
+        let Some(why) = agent.knowledge.link_needs_probe(&address) else {
+            continue;
+        };
+        let Some(ticket) = prober.begin(&address, conn.stable_id(), Instant::now()) else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let result = crate::probe::probe(&conn, ticket.bytes, ticket.bytes).await;
+            match &result {
+                Ok(s) => {
+                    let (up, down) = (s.up.bytes_per_sec(), s.down.bytes_per_sec());
+                    let mbps = |r: Option<f64>| {
+                        r.map_or("untimed".to_string(), |r| format!("{:.1} Mbit/s", r * 8e-6))
+                    };
+                    tracing::debug!(daemon = %address, why, up = %mbps(up), down = %mbps(down), "link probe");
+                    agent.knowledge.record_probe(&address, up, down);
+                }
+                Err(crate::probe::ProbeError::Unsupported(_)) => {
+                    info!(daemon = %address, "the daemon does not support link probes; the link is measured from task transfers only");
+                }
+                Err(e) => tracing::debug!(daemon = %address, "link probe: {e}"),
+            }
+            if let Some(prober) = agent.prober.as_ref() {
+                prober.end(&address, conn.stable_id(), &result, Instant::now());
+            }
+        });
     }
 }
 

@@ -119,6 +119,16 @@ impl RateEstimate {
         true
     }
 
+    /// Adds a measured rate in bytes per second (a link probe's, timed over the part of
+    /// its transfer that was not slow start); ignored unless a positive number.
+    pub fn record_rate(&mut self, bytes_per_sec: f64, now: Instant) -> bool {
+        if !(bytes_per_sec.is_finite() && bytes_per_sec > 0.0) {
+            return false;
+        }
+        self.record_log(bytes_per_sec.ln(), now);
+        true
+    }
+
     /// Adds a sample given as ln(bytes per second).
     fn record_log(&mut self, y: f64, now: Instant) {
         let r = SAMPLE_SD * SAMPLE_SD;
