@@ -36,7 +36,7 @@ use std::fmt::Write as _;
 /// Most scenarios one run generates.
 const MAX_SCENARIOS: usize = 200;
 /// Tasks per scenario, inclusive.
-const TASKS: (usize, usize) = (40, 56);
+const TASKS: (usize, usize) = (48, 64);
 /// Work of a `burn` class at a full core, ms (log-uniform).
 const BURN_MS: (f64, f64) = (20.0, 400.0);
 /// A `burn` task's work around its class's, ×/÷ up to this (log-uniform, clamped).
