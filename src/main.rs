@@ -39,6 +39,16 @@ enum Command {
         /// placement: print every auto task's placement and reason on stderr.
         #[arg(long)]
         trace: bool,
+        /// placement: instead of the named scenarios, run N (1-200) scenarios generated
+        /// from --seed: random task mixes (burn, xz, gzip, sha256sum, sha256), inputs of
+        /// 4 KiB-4 MiB, links of 5-100 Mbit/s and 5-300 ms, board CPU 10-100 %, and 1-2
+        /// mid-run changes of CPU, link or battery; reports auto/oracle p50/p95/max.
+        #[arg(long, value_name = "N")]
+        random: Option<usize>,
+        /// placement: seed of the --random scenarios (default 1); the same seed draws the
+        /// same scenarios.
+        #[arg(long, value_name = "S")]
+        seed: Option<u64>,
         /// faults: agents, each its own process.
         #[arg(long, default_value_t = 3)]
         agents: usize,
@@ -134,12 +144,16 @@ fn main() -> ExitCode {
                 json,
                 scenarios,
                 trace,
+                random,
+                seed,
                 ..
             } => {
                 updraft::bench::placement::run(updraft::bench::placement::Options {
                     json,
                     scenarios,
                     trace,
+                    random,
+                    seed,
                 })
                 .await
             }
