@@ -32,9 +32,8 @@
 //!   [`super::link::SURE_SD`]) and moving the task's data is a large part of the cloud's
 //!   cost: one cloud run measures it (the agent's link probe usually does first);
 //! - **unmeasured**: a side never measured is tried once its prior is within
-//!   [`UNMEASURED_TRY_FACTOR`] of the chosen side (the first run of a task goes to the
-//!   cloud when it is reachable, unless moving its data alone would take over
-//!   [`FIRST_RUN_CLOUD_LIMIT`]);
+//!   [`UNMEASURED_TRY_FACTOR`] of the chosen side (the first run of a task goes where a
+//!   typical task of this agent would finish first, see [`FIRST_RUN_PRIOR`]);
 //! - **guard**: after [`GUARD_RUNS`] runs in a row on one side, the other is sampled
 //!   once; each such sample doubles the streak needed for the next (up to
 //!   [`GUARD_RUNS`] × 2^[`GUARD_MAX_LEVEL`]), so a wrong estimate of the side not taken
@@ -111,13 +110,14 @@ pub const UNMEASURED_TRY_FACTOR: f64 = 2.0;
 /// quickly instead of after `stale_after`.
 pub const SURPRISE_FACTOR: f64 = 2.0;
 
-/// The first run of a task goes to the cloud (to learn the remote side without loading
-/// the board) unless the live signals alone — RTT + transfer at the known bandwidth +
-/// daemon queue — already exceed this; then it runs on the board first. Edge tasks worth
-/// offloading run for tens of milliseconds to seconds, so 100 ms of pure overhead before
-/// the task even starts makes a first cloud run a poor bet (measured: over a 150 ms RTT
-/// link a 40 ms task's first cloud run cost 200 ms); guessing wrong costs one run.
-pub const FIRST_RUN_CLOUD_LIMIT: Duration = Duration::from_millis(100);
+/// A task never measured on either side is assumed to take what tasks measured on this
+/// agent typically take at a full core (the geometric mean of their local runs, or of
+/// their cloud runs × the speed ratio); before any task was measured, this. Its first
+/// run goes where that typical task would finish first: the board at the CPU share
+/// available now, or the cloud after RTT + transfer + queue. Guessing wrong costs one
+/// run; on a board with cores to spare a first run stays local, on a throttled one with
+/// a near daemon it is offloaded.
+pub const FIRST_RUN_PRIOR: Duration = Duration::from_millis(50);
 
 /// Cloud runs moving fewer bytes than this are not bandwidth samples: their transfer time
 /// is dominated by round trips and congestion-window growth, not by the link's rate.
@@ -808,7 +808,8 @@ impl Est {
 #[derive(Debug, Clone, Copy)]
 enum Why {
     CloudUnavailable,
-    FirstRun,
+    /// What a typical task would take on the board and in the cloud, seconds.
+    FirstRun(f64, f64),
     Measure,
     /// The link's rate is not sure: its sd, and its age (`None`: never measured).
     LinkUnsure(f64, Option<Duration>),
@@ -842,6 +843,8 @@ pub struct CostModel {
     speed: Avg,
     /// ln(daemon run), over all tasks: a daemon queue's service time.
     cloud_run: Avg,
+    /// ln(local run at a full core), over all tasks: the prior of a task never measured.
+    local_run: Avg,
     /// Counts records, for least-recently-measured eviction.
     clock: u64,
 }
@@ -855,6 +858,7 @@ impl CostModel {
             link: LinkEstimate::COLD,
             speed: Avg::EMPTY,
             cloud_run: Avg::EMPTY,
+            local_run: Avg::EMPTY,
             clock: 0,
         }
     }
@@ -927,6 +931,16 @@ impl CostModel {
     /// [`queue_wait`] for a daemon's queue of other agents' tasks.
     pub fn typical_cloud_run(&self) -> Option<Duration> {
         self.cloud_run.get().map(|l| to_duration(l.exp()))
+    }
+
+    /// What a task never measured is assumed to take at a full core (see
+    /// [`FIRST_RUN_PRIOR`]), seconds.
+    fn typical_local_full(&self) -> f64 {
+        self.local_run
+            .get()
+            .map(f64::exp)
+            .or_else(|| self.cloud_run.get().map(|l| l.exp() * self.speed_ratio()))
+            .unwrap_or(FIRST_RUN_PRIOR.as_secs_f64())
     }
 
     /// Board run time at a full core ÷ cloud run time, learnt over tasks measured on both
@@ -1053,14 +1067,17 @@ impl CostModel {
         let (choice, why) = match &cloud {
             None => (Side::Local, Why::CloudUnavailable),
             Some(cl) if s.local.fit.n == 0 && s.cloud.fit.n == 0 => {
-                // What the live signals say at the estimate's mean (not its hopeful end:
-                // a first run sent over a link nobody measured is a bet on a guess).
-                let floor = cl.rtt + cl.queue + cl.transfer + energy_weight * cl.energy;
-                if floor < FIRST_RUN_CLOUD_LIMIT.as_secs_f64() {
-                    (Side::Cloud, Why::FirstRun)
+                // A typical task of this agent, both ways; the link at its estimate's
+                // mean (a first run sent over a link nobody measured is a bet on a guess).
+                let typical = self.typical_local_full();
+                let on_board = local.queue + typical / share;
+                let in_cloud = cl.rtt + cl.queue + cl.transfer + typical / self.speed_ratio();
+                let side = if in_cloud < on_board {
+                    Side::Cloud
                 } else {
-                    (Side::Local, Why::FirstRun)
-                }
+                    Side::Local
+                };
+                (side, Why::FirstRun(on_board, in_cloud))
             }
             Some(cl) => self.choose(s, &local, cl, &link, now, draw),
         };
@@ -1155,14 +1172,17 @@ impl CostModel {
                     push_side(&mut out, Side::Local, local, share, energy);
                 }
             }
-            Why::FirstRun => match (choice, cloud) {
-                (Side::Local, Some(cl)) => {
-                    out.push_str("local (first run: moving its data to the cloud alone takes ");
-                    push_amount(&mut out, cl.floor);
-                    out.push(')');
-                }
-                _ => out.push_str("cloud (exploring: first run, measuring the cloud first)"),
-            },
+            Why::FirstRun(on_board, in_cloud) => {
+                let _ = write!(
+                    out,
+                    "{} (exploring: first run; a typical task here takes ~",
+                    choice.as_str()
+                );
+                push_amount(&mut out, on_board);
+                out.push_str(" on the board now, ~");
+                push_amount(&mut out, in_cloud);
+                out.push_str(" in the cloud)");
+            }
             Why::Measure
             | Why::LinkUnsure(..)
             | Why::Guard(_)
@@ -1216,7 +1236,7 @@ impl CostModel {
                 }
             }
         }
-        if energy && !matches!(why, Why::FirstRun) && (cloud.is_some() || local.samples > 0) {
+        if energy && !matches!(why, Why::FirstRun(..)) && (cloud.is_some() || local.samples > 0) {
             out.push_str("; on battery, 1 J = ");
             push_amount(&mut out, self.params.energy_weight);
         }
@@ -1228,6 +1248,7 @@ impl CostModel {
         let w = self.params.smoothing;
         let lx = ln_bytes(run.input_bytes as f64);
         let full = run.run.as_secs_f64() * sanitize_share(run.cpu_share);
+        self.local_run.update(ln_secs(full), w);
         let s = self.entry(task);
         s.local.record(lx, ln_secs(full), w, now);
         s.output.update(lx, ln_bytes(run.output_bytes as f64), w);
@@ -1331,6 +1352,7 @@ impl CostModel {
             "link_age_secs": [age(&self.link.up), age(&self.link.down)],
             "speed": self.speed,
             "cloud_run": self.cloud_run,
+            "local_run": self.local_run,
             "tasks": tasks,
         })
     }
@@ -1379,6 +1401,7 @@ impl CostModel {
         };
         model.speed = avg("speed");
         model.cloud_run = avg("cloud_run");
+        model.local_run = avg("local_run");
         let mut kept: Vec<(String, TaskStats)> = Vec::new();
         if let Some(tasks) = value.get("tasks").and_then(|t| t.as_object()) {
             for (name, v) in tasks {
@@ -2028,19 +2051,71 @@ mod tests {
     }
 
     #[test]
-    fn unknown_task_goes_to_cloud_first_then_local_is_measured() {
-        let mut m = model();
+    fn an_unknown_task_runs_first_where_a_typical_one_would_finish_first() {
         let t0 = Instant::now();
-        let c = online(10, 100.0);
-        let p = m.predict("new", Some(1000), &c, t0, 0.99);
-        assert_eq!(p.choice, Side::Cloud);
+        // Nothing measured yet: a typical task is 50 ms at a full core. An idle board
+        // (50 ms) beats the cloud (10 ms away, 50 ms of run): the first run stays local.
+        let p = model().predict("new", Some(1000), &online(10, 100.0), t0, 0.99);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
         assert!(p.explore);
         assert_eq!(
             p.reason,
-            "auto: cloud (exploring: first run, measuring the cloud first)"
+            "auto: local (exploring: first run; a typical task here takes ~50 ms on the board now, ~60 ms in the cloud)"
         );
-        assert_eq!(p.local.samples, 0);
+        // A board at a quarter of a core takes 200 ms: the first run is offloaded.
+        let throttled = Conditions {
+            cpu_share: 0.25,
+            ..online(10, 100.0)
+        };
+        let p = model().predict("new", Some(1000), &throttled, t0, 0.99);
+        assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
+        assert!(
+            p.reason.starts_with("auto: cloud (exploring: first run; "),
+            "{}",
+            p.reason
+        );
+        // Unless moving its data takes longer than the board would (4 MB at 8 Mbit/s).
+        let slow_link = Conditions {
+            cpu_share: 0.25,
+            ..online(10, 8.0)
+        };
+        let p = model().predict("new", Some(4_000_000), &slow_link, t0, 0.99);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
+        // Or the round trip alone does: 300 ms.
+        let far = Conditions {
+            cpu_share: 0.25,
+            ..online(300, 100.0)
+        };
+        let p = model().predict("new", Some(1000), &far, t0, 0.99);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
+        // What the agent has measured of other tasks is the typical task: tiny ones keep
+        // even a throttled board's first runs local, long ones send them out.
+        let mut tiny = model();
+        tiny.record_local("other", &local_run(ms(2), 0.25, 100, 10), t0);
+        let p = tiny.predict("new", Some(1000), &throttled, t0, 0.99);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
+        let mut long = model();
+        long.record_local("other", &local_run(ms(800), 1.0, 100, 10), t0);
+        let p = long.predict("new", Some(1000), &online(150, 100.0), t0, 0.99);
+        assert_eq!(p.choice, Side::Local, "an idle board: {}", p.reason);
+        let p = long.predict(
+            "new",
+            Some(1000),
+            &Conditions {
+                cpu_share: 0.5,
+                ..online(150, 100.0)
+            },
+            t0,
+            0.99,
+        );
+        assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
+    }
 
+    #[test]
+    fn after_a_first_cloud_run_local_is_measured() {
+        let mut m = model();
+        let t0 = Instant::now();
+        let c = online(10, 100.0);
         m.record_cloud("new", &cloud_run(ms(30), ms(10), 100.0, 1000, 10), t0);
         // Local's prior (the cloud's run at the default speed ratio) looks cheaper.
         let p = m.predict("new", Some(1000), &c, t0, 0.99);
@@ -2070,27 +2145,6 @@ mod tests {
         // Once measured both ways, the measurements decide.
         m.record_local("new", &local_run(ms(90), 1.0, 1000, 10), t0);
         let p = m.predict("new", Some(1000), &c, t0, 0.99);
-        assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
-
-        // Unless moving the data alone would take too long.
-        let p = model().predict("new", Some(4_000_000), &online(10, 8.0), t0, 0.99);
-        assert_eq!(p.choice, Side::Local);
-        assert!(p.explore);
-        assert_eq!(
-            p.reason,
-            "auto: local (first run: moving its data to the cloud alone takes 4010 ms)"
-        );
-
-        // Or the round trip alone is longer than a typical edge task: 150 ms RTT.
-        let p = model().predict("new", Some(1000), &online(150, 100.0), t0, 0.99);
-        assert_eq!(p.choice, Side::Local, "{}", p.reason);
-        assert!(
-            p.reason.starts_with("auto: local (first run: "),
-            "{}",
-            p.reason
-        );
-        // A 50 ms RTT still measures the cloud first.
-        let p = model().predict("new", Some(1000), &online(50, 100.0), t0, 0.99);
         assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
 
         // Without a cloud, the first run is local.
