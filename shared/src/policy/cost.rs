@@ -112,12 +112,15 @@ pub const SURPRISE_FACTOR: f64 = 2.0;
 
 /// A task never measured on either side is assumed to take what tasks measured on this
 /// agent typically take at a full core (the geometric mean of their local runs, or of
-/// their cloud runs × the speed ratio); before any task was measured, this. Its first
-/// run goes where that typical task would finish first: the board at the CPU share
-/// available now, or the cloud after RTT + transfer + queue. Guessing wrong costs one
-/// run; on a board with cores to spare a first run stays local, on a throttled one with
-/// a near daemon it is offloaded.
-pub const FIRST_RUN_PRIOR: Duration = Duration::from_millis(50);
+/// their cloud runs × the speed ratio); before any task was measured, this: a small
+/// task. Its first run goes where that typical task would finish first: the board at
+/// the CPU share available now, or the cloud after RTT + transfer + queue. Guessing
+/// wrong costs one run either way, but not the same: a first cloud run of a task that
+/// takes milliseconds on the board costs a round trip, many times the task, while a
+/// first local run of a long task costs at most 1/share of it, so with nothing known
+/// the guess is small and the first run stays on the board unless the board is
+/// throttled and the daemon near.
+pub const FIRST_RUN_PRIOR: Duration = Duration::from_millis(10);
 
 /// Cloud runs moving fewer bytes than this are not bandwidth samples: their transfer time
 /// is dominated by round trips and congestion-window growth, not by the link's rate.
@@ -2053,16 +2056,16 @@ mod tests {
     #[test]
     fn an_unknown_task_runs_first_where_a_typical_one_would_finish_first() {
         let t0 = Instant::now();
-        // Nothing measured yet: a typical task is 50 ms at a full core. An idle board
-        // (50 ms) beats the cloud (10 ms away, 50 ms of run): the first run stays local.
+        // Nothing measured yet: a typical task is 10 ms at a full core. An idle board
+        // (10 ms) beats the cloud (10 ms away, 10 ms of run): the first run stays local.
         let p = model().predict("new", Some(1000), &online(10, 100.0), t0, 0.99);
         assert_eq!(p.choice, Side::Local, "{}", p.reason);
         assert!(p.explore);
         assert_eq!(
             p.reason,
-            "auto: local (exploring: first run; a typical task here takes ~50 ms on the board now, ~60 ms in the cloud)"
+            "auto: local (exploring: first run; a typical task here takes ~10 ms on the board now, ~20 ms in the cloud)"
         );
-        // A board at a quarter of a core takes 200 ms: the first run is offloaded.
+        // A board at a quarter of a core takes 40 ms: the first run is offloaded.
         let throttled = Conditions {
             cpu_share: 0.25,
             ..online(10, 100.0)
