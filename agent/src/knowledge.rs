@@ -78,6 +78,10 @@ pub struct Knowledge {
     links: Mutex<HashMap<String, LinkEstimate>>,
     /// When a task whose input is large enough to be a rate sample was last placed.
     data_heavy: Mutex<Option<Instant>>,
+    /// `[link] probe`: links not known are measured by probes, not by tasks.
+    probes: bool,
+    /// Woken when a decision found its link not sure: probe now, not at the next tick.
+    pub probe_wanted: tokio::sync::Notify,
     estimates: PathBuf,
     dirty: AtomicBool,
     last_persist: Mutex<Instant>,
@@ -126,6 +130,8 @@ impl Knowledge {
             quota: CpuQuota::locate(),
             links: Mutex::default(),
             data_heavy: Mutex::default(),
+            probes: config.link.probe,
+            probe_wanted: tokio::sync::Notify::new(),
             estimates,
             dirty: AtomicBool::new(false),
             last_persist: Mutex::new(Instant::now()),
@@ -247,6 +253,10 @@ impl Knowledge {
         let link = chosen
             .map(|c| self.link(c.link.address()))
             .unwrap_or_default();
+        let link_probing = self.probes && chosen.is_some() && !link.is_sure();
+        if link_probing {
+            self.probe_wanted.notify_one();
+        }
         let bandwidth_mbps = link.up.map(|r| r.mbps);
         let cloud = chosen.map(|c| CloudView {
             address: c.link.address().to_string(),
@@ -293,6 +303,7 @@ impl Knowledge {
                         }
                         (None, None) => updraft_shared::policy::link::PRIOR_SD,
                     },
+                    link_probing,
                     cloud_queue_wait: chosen.map_or(Duration::ZERO, |c| {
                         cost::queue_wait(
                             c.load.running,

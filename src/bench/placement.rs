@@ -1309,6 +1309,7 @@ fn decision_cost() -> anyhow::Result<DecisionCost> {
         bandwidth_mbps: Some(78.0),
         download_mbps: Some(78.0),
         bandwidth_sd: 0.2,
+        link_probing: false,
         cloud_queue_wait: Duration::ZERO,
         cloud_available: true,
         on_battery: false,

@@ -29,8 +29,9 @@
 //! end of its noise — beats the chosen side; what the live signals alone guarantee
 //! (RTT, queues) is never discounted. Then, in order:
 //! - **link unsure**: the link's rate is unknown or stale (sd over
-//!   [`super::link::SURE_SD`]) and moving the task's data is a large part of the cloud's
-//!   cost: one cloud run measures it (the agent's link probe usually does first);
+//!   [`super::link::SURE_SD`]), no link probe is coming ([`Conditions::link_probing`]),
+//!   and moving the task's data — enough bytes to be a rate sample — is a large part of
+//!   the cloud's cost: one cloud run measures it;
 //! - **unmeasured**: a side never measured is tried once its prior is within
 //!   [`UNMEASURED_TRY_FACTOR`] of the chosen side (the first run of a task goes where a
 //!   typical task of this agent would finish first, see [`FIRST_RUN_PRIOR`]);
@@ -314,6 +315,9 @@ pub struct Conditions {
     /// logarithm (0: trusted as exact; [`link::PRIOR_SD`] for a guess; see
     /// [`link::Rate::sd`]). A NaN or negative value counts as a guess.
     pub bandwidth_sd: f64,
+    /// A link probe will measure the link shortly (the caller probes links it does not
+    /// know): no task is sent to the cloud just to measure the link.
+    pub link_probing: bool,
     /// Expected wait for a slot on that daemon (see [`queue_wait`]).
     pub cloud_queue_wait: Duration,
     /// A daemon is connected and not draining.
@@ -332,6 +336,7 @@ impl Default for Conditions {
             bandwidth_mbps: None,
             download_mbps: None,
             bandwidth_sd: 0.0,
+            link_probing: false,
             cloud_queue_wait: Duration::ZERO,
             cloud_available: false,
             on_battery: false,
@@ -1062,8 +1067,12 @@ impl CostModel {
             e.optimistic = live
                 + (hopeful_transfer + overhead).max(0.0)
                 + cloud_run * run_optimism(&s.cloud, now);
-            e.link_unsure =
-                link.sd > link::SURE_SD && raw_transfer >= DATA_HEAVY_SHARE * e.finish();
+            // Only a run that moves enough bytes to be a rate sample teaches the link, and
+            // only when no probe is about to.
+            e.link_unsure = !c.link_probing
+                && link.sd > link::SURE_SD
+                && raw_transfer >= DATA_HEAVY_SHARE * e.finish()
+                && input + output >= MIN_BANDWIDTH_SAMPLE_BYTES as f64;
             e
         });
 
@@ -2007,6 +2016,14 @@ mod tests {
             ..online(20, 0.0)
         };
         let now = t0 + Duration::from_secs(10);
+        // With a link probe on its way, no task is sent out just to measure the link.
+        let probing = Conditions {
+            link_probing: true,
+            ..c.clone()
+        };
+        let p = m.predict("xz", Some(big), &probing, now, 0.999);
+        assert_eq!(p.choice, Side::Local, "{}", p.reason);
+        assert!(!p.explore, "{}", p.reason);
         let p = m.predict("xz", Some(big), &c, now, 0.999);
         assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
         assert!(p.explore);
