@@ -2022,8 +2022,7 @@ mod tests {
             ..c.clone()
         };
         let p = m.predict("xz", Some(big), &probing, now, 0.999);
-        assert_eq!(p.choice, Side::Local, "{}", p.reason);
-        assert!(!p.explore, "{}", p.reason);
+        assert!(!p.reason.contains("link speed"), "{}", p.reason);
         let p = m.predict("xz", Some(big), &c, now, 0.999);
         assert_eq!(p.choice, Side::Cloud, "{}", p.reason);
         assert!(p.explore);
