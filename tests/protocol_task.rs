@@ -19,43 +19,6 @@ use updraft_shared::wire::FrameReader;
 /// Longest any single wait in these tests may take before it counts as a hang.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A daemon started with `extra` config, and a QUIC endpoint to reach it.
-struct Daemon {
-    dir: tempfile::TempDir,
-    daemon: Proc,
-    addr: String,
-    endpoint: quinn::Endpoint,
-}
-
-impl Daemon {
-    fn start(extra: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        make_pki(dir.path());
-        let (daemon, addr) = start_daemon(dir.path(), extra);
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        Self {
-            dir,
-            daemon,
-            addr,
-            endpoint,
-        }
-    }
-
-    /// A connection as agent `cn`.
-    async fn connect(&self, cn: &str) -> quinn::Connection {
-        let cfg = client_config(self.dir.path(), cn);
-        tokio::time::timeout(
-            WAIT,
-            self.endpoint
-                .connect_with(cfg, self.addr.parse().unwrap(), "localhost")
-                .unwrap(),
-        )
-        .await
-        .expect("connecting within the wait limit")
-        .expect("connecting to the daemon")
-    }
-}
-
 /// Reads load reports until one satisfies `want`.
 async fn wait_load(
     loads: &mut FrameReader<quinn::RecvStream>,

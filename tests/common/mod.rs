@@ -602,3 +602,41 @@ pub fn start_agent_clouds(dir: &Path, daemon_addrs: &[&str], extra: &str) -> (Pr
     cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
     (Proc::spawn("updraft-agent", cmd), socket)
 }
+
+/// A daemon started with `extra` config, and a QUIC endpoint to reach it as any agent
+/// of the test PKI: for tests that speak the protocol's frames themselves.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub daemon: Proc,
+    pub addr: String,
+    pub endpoint: quinn::Endpoint,
+}
+
+impl Daemon {
+    pub fn start(extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path());
+        let (daemon, addr) = start_daemon(dir.path(), extra);
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        Self {
+            dir,
+            daemon,
+            addr,
+            endpoint,
+        }
+    }
+
+    /// A connection as agent `cn`, within 30 s.
+    pub async fn connect(&self, cn: &str) -> quinn::Connection {
+        let cfg = wire::client_config(self.dir.path(), cn);
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            self.endpoint
+                .connect_with(cfg, self.addr.parse().unwrap(), "localhost")
+                .unwrap(),
+        )
+        .await
+        .expect("connecting within the wait limit")
+        .expect("connecting to the daemon")
+    }
+}
