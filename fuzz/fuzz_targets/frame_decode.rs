@@ -10,8 +10,8 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use std::fmt::Debug;
-use updraft_shared::protocol::frame::MAX_HEADER_LEN;
-use updraft_shared::protocol::{
+use updraft_proto::frame::MAX_HEADER_LEN;
+use updraft_proto::{
     CertReply, CertRequest, Frame, LoadReport, ReplyHeader, RequestHeader, Trailer,
 };
 

@@ -7,8 +7,8 @@ use libfuzzer_sys::fuzz_target;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use updraft_shared::policy::eval::Evaluator;
-use updraft_shared::policy::{rules, Signals, TaskInfo};
+use updraft_proto::policy::eval::Evaluator;
+use updraft_proto::policy::{rules, Signals, TaskInfo};
 
 fuzz_target!(|text: &str| {
     match rules::parse(text, Path::new("policy.toml")) {

@@ -91,7 +91,7 @@ impl Ranges<'_> {
     pub fn bytes_usize(
         &self,
         key: &str,
-        value: Option<crate::units::ByteSize>,
+        value: Option<updraft_proto::units::ByteSize>,
         default: u64,
         min: u64,
         max: u64,
@@ -126,7 +126,7 @@ impl Ranges<'_> {
     pub fn duration(
         &self,
         key: &str,
-        value: Option<crate::units::HumanDuration>,
+        value: Option<updraft_proto::units::HumanDuration>,
         default: Duration,
         min: Duration,
         max: Duration,
@@ -139,7 +139,7 @@ impl Ranges<'_> {
     pub fn bytes(
         &self,
         key: &str,
-        value: Option<crate::units::ByteSize>,
+        value: Option<updraft_proto::units::ByteSize>,
         default: u64,
         min: u64,
         max: u64,
@@ -360,7 +360,7 @@ mod tests {
             m.starts_with("/etc/u.toml: n: ") && m.contains("1 to 1024"),
             "{m}"
         );
-        let zero = Some(crate::units::HumanDuration(Duration::ZERO));
+        let zero = Some(updraft_proto::units::HumanDuration(Duration::ZERO));
         let (min, max) = (Duration::from_millis(10), Duration::from_secs(60));
         let m = r
             .duration("link.keep_alive", zero, min, min, max)
@@ -380,7 +380,7 @@ mod tests {
         let r = Ranges {
             path: Path::new("/etc/u.toml"),
         };
-        let size = |n: u64| Some(crate::units::ByteSize(n));
+        let size = |n: u64| Some(updraft_proto::units::ByteSize(n));
         let max_bytes = r.bytes("journal.max_bytes", size(FIVE_GIB), 0, 64 << 10, 1 << 40);
         assert_eq!(max_bytes.unwrap(), 5_368_709_120);
         for (n, shown) in [(FIVE_GIB, "5368709120"), (4 << 30, "4294967296")] {

@@ -9,7 +9,6 @@
 //! its submitter going away included, everything it started is killed.
 
 use crate::catalog::{AdmittedTask, Builtin, TaskKind};
-use crate::protocol::ErrorCode;
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use std::future::Future;
@@ -21,11 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use updraft_proto::ErrorCode;
 
 /// Bytes of stderr kept for error reports: enough for a stack trace's last lines.
 pub const STDERR_TAIL: usize = 4096;
 /// Read size for a child's stdout; matches the protocol's data chunk.
-pub const READ_CHUNK: usize = crate::protocol::frame::DATA_CHUNK;
+pub const READ_CHUNK: usize = updraft_proto::frame::DATA_CHUNK;
 /// Where a command's program is looked up when it is not a path and the task's `env`
 /// sets no `PATH`: the system directories, never the service's own environment.
 pub const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
@@ -778,7 +778,7 @@ mod tests {
     async fn limits_are_enforced() {
         let (ex, _d) = exec();
         let mut f = cmd(&["cat"]);
-        f.max_input = Some(crate::units::ByteSize(4));
+        f.max_input = Some(updraft_proto::units::ByteSize(4));
         let t = task("cat", f);
         let e = ex
             .run(&t, Some(Bytes::from_static(b"hello")), Vec::new())
@@ -787,7 +787,7 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::TooLarge);
 
         let mut f = cmd(&["sh", "-c", "yes | head -c 100000"]);
-        f.max_output = Some(crate::units::ByteSize(1000));
+        f.max_output = Some(updraft_proto::units::ByteSize(1000));
         let e = ex.run(&task("yes", f), None, Vec::new()).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::OutputTooLarge);
     }

@@ -1,6 +1,7 @@
 //! `updraft-shared`: everything the agent and the daemon agree on.
 //!
-//! - [`protocol`]: the sans-IO wire format (frames, headers, trailers, load reports).
+//! - [`protocol`], [`policy`], [`probe`], [`units`]: re-exports of the pure core in
+//!   `updraft-proto` (wire format, placement policy and cost model, probe budget, units).
 //! - [`wire`]: the thin async adapter that reads those frames off a QUIC stream.
 //! - [`catalog`]: task specs from config, validated; the only place an
 //!   [`catalog::AdmittedTask`] can be built.
@@ -10,11 +11,8 @@
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
 //! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
-//! - [`probe`]: the link probe's byte budget and payload timing (pure).
-//! - [`policy`]: the policy file, its evaluator and the cost model (pure).
 //! - [`files`]: crash-safe writes of certificates, keys and tokens.
 //! - [`logging`], [`signals`]: service plumbing.
-//! - [`units`]: human-readable durations and sizes in config files.
 #![forbid(unsafe_code)]
 
 pub mod catalog;
@@ -25,10 +23,11 @@ pub mod files;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
-pub mod policy;
-pub mod probe;
-pub mod protocol;
 pub mod signals;
 pub mod tls;
-pub mod units;
 pub mod wire;
+
+// The pure core lives in `updraft-proto`; these paths keep callers that name it through
+// this crate compiling.
+pub use updraft_proto as protocol;
+pub use updraft_proto::{policy, probe, units};

@@ -158,8 +158,8 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, self.key.clone_key())?;
         cfg.alpn_protocols = vec![
-            crate::protocol::ALPN.to_vec(),
-            crate::protocol::ENROLL_ALPN.to_vec(),
+            updraft_proto::ALPN.to_vec(),
+            updraft_proto::ENROLL_ALPN.to_vec(),
         ];
         Ok(cfg)
     }
@@ -179,7 +179,7 @@ impl Identity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
-        cfg.alpn_protocols = vec![crate::protocol::ALPN.to_vec()];
+        cfg.alpn_protocols = vec![updraft_proto::ALPN.to_vec()];
         Ok(cfg)
     }
 
@@ -294,7 +294,7 @@ impl PinnedCa {
             .dangerous()
             .with_custom_certificate_verifier(self.clone())
             .with_no_client_auth();
-        cfg.alpn_protocols = vec![crate::protocol::ENROLL_ALPN.to_vec()];
+        cfg.alpn_protocols = vec![updraft_proto::ENROLL_ALPN.to_vec()];
         Ok(Arc::new(
             QuicClientConfig::try_from(cfg).map_err(|e| TlsError::PeerIdentity(e.to_string()))?,
         ))

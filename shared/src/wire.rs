@@ -1,10 +1,10 @@
-//! Async adapter from a byte stream (a QUIC stream) to [`protocol`](crate::protocol) frames.
+//! Async adapter from a byte stream (a QUIC stream) to [`protocol`](updraft_proto) frames.
 //!
 //! Kept apart from `protocol/` so the codec stays sans-IO.
 
-use crate::protocol::{DecodeError, Frame};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
+use updraft_proto::{DecodeError, Frame};
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +102,7 @@ impl crate::exec::Input for StreamInput {
         }
         match self
             .recv
-            .read_chunk(crate::protocol::frame::DATA_CHUNK, true)
+            .read_chunk(updraft_proto::frame::DATA_CHUNK, true)
             .await
         {
             Ok(Some(chunk)) => Ok(Some(chunk.bytes)),
@@ -127,14 +127,12 @@ impl<'a> DataFrameOutput<'a> {
 
 impl crate::exec::Output for DataFrameOutput<'_> {
     async fn write(&mut self, mut chunk: Bytes) -> std::io::Result<()> {
-        use crate::protocol::frame::DATA_CHUNK;
-        use crate::protocol::FrameKind;
+        use updraft_proto::frame::DATA_CHUNK;
+        use updraft_proto::FrameKind;
         while !chunk.is_empty() {
             let part = chunk.split_to(chunk.len().min(DATA_CHUNK));
-            let prelude = Bytes::copy_from_slice(&crate::protocol::Frame::prelude(
-                FrameKind::Data,
-                part.len(),
-            ));
+            let prelude =
+                Bytes::copy_from_slice(&updraft_proto::Frame::prelude(FrameKind::Data, part.len()));
             self.send
                 .write_all_chunks(&mut [prelude, part])
                 .await
@@ -149,8 +147,7 @@ pub async fn write_frame(
     send: &mut quinn::SendStream,
     frame: &Frame,
 ) -> Result<(), quinn::WriteError> {
-    let mut buf =
-        BytesMut::with_capacity(crate::protocol::frame::PRELUDE_LEN + frame.payload.len());
+    let mut buf = BytesMut::with_capacity(updraft_proto::frame::PRELUDE_LEN + frame.payload.len());
     frame.encode(&mut buf);
     send.write_all_chunks(&mut [buf.freeze()]).await
 }

@@ -46,7 +46,7 @@ impl RequestHeader {
         {
             return Err("task id may contain only letters, digits, '-' and '_'".into());
         }
-        if !crate::catalog::valid_task_name(&self.task) {
+        if !crate::name::valid_task_name(&self.task) {
             return Err("task name must be 1..=64 characters of a-z, 0-9, '-', '_', '.'".into());
         }
         if self.args.len() > MAX_ARGS {

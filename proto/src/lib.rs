@@ -1,10 +1,20 @@
-//! The Updraft wire protocol, sans IO: frames in [`frame`], the messages they carry in [`msg`].
+//! Updraft's pure core: the wire protocol (frames in [`frame`], the messages they carry in
+//! [`msg`]), task names ([`name`]), the placement policy and cost model ([`policy`]), the
+//! link probe's budget and timing ([`probe`]), and config units ([`units`]).
 //!
-//! Nothing here touches a socket, a file or the clock; `docs/PROTOCOL.md` is the prose
-//! version of this module and the two must agree.
+//! Nothing here touches a socket, a file or the clock: callers pass bytes, text, signal
+//! snapshots and `now`, so every decision can be replayed in a test. The crate depends on
+//! no async runtime, and Cargo keeps it that way. `docs/PROTOCOL.md` is the prose version
+//! of [`frame`] and [`msg`] and the two must agree.
+#![forbid(unsafe_code)]
 
 pub mod frame;
 pub mod msg;
+pub mod name;
+pub mod policy;
+pub mod probe;
+pub mod spec;
+pub mod units;
 
 pub use frame::{DecodeError, Frame, FrameKind};
 pub use msg::{

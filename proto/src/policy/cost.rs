@@ -62,7 +62,7 @@
 //!   `cpu_percent`, the core count and the load average.
 //! - Queue waits: [`queue_wait`] from slot counts and a mean service time
 //!   ([`CostModel::expected_local_run`] for the agent's own queue,
-//!   [`CostModel::typical_cloud_run`] for a daemon's [`LoadReport`](crate::protocol::LoadReport)).
+//!   [`CostModel::typical_cloud_run`] for a daemon's [`LoadReport`](crate::LoadReport)).
 //! - After every run that ended with an exit code (success or not): [`CostModel::record_local`]
 //!   with the wall time and the share available at its start, or [`CostModel::record_cloud`]
 //!   with the agent-side total and the trailer's timings ([`CloudRun::from_trailer`]).
@@ -84,8 +84,8 @@ use serde::{Deserialize, Serialize};
 
 use super::link::{self, LinkEstimate, PRIOR_SD};
 use super::Place;
-use crate::catalog::valid_task_name;
-use crate::protocol::Trailer;
+use crate::name::valid_task_name;
+use crate::Trailer;
 
 /// Most tasks the model keeps statistics for; the least recently measured is evicted.
 /// Catalogs hold tens of tasks: this bounds memory (~200 B a task) and the snapshot
@@ -2327,7 +2327,7 @@ mod tests {
             exit_code: Some(0),
             input_bytes: 1_000_000,
             output_bytes: 1_000_000,
-            timings: crate::protocol::Timings {
+            timings: crate::Timings {
                 queue_us: 0,
                 run_us: 100_000,
                 input_us: 1_000_000,
