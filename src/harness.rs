@@ -1,5 +1,5 @@
 //! Start a real daemon and a real agent in this process, on loopback, with throwaway
-//! certificates: what the demo, the benchmarks and the tests build on.
+//! certificates: what the demo and the benchmarks build on.
 
 use anyhow::Context;
 use std::net::SocketAddr;
