@@ -12,9 +12,11 @@
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
 //! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
 //! - [`files`]: crash-safe writes of certificates, keys and tokens.
+//! - [`accept`]: the accept loop both services' stream listeners share.
 //! - [`logging`], [`signals`]: service plumbing.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 pub mod catalog;
 pub mod config;
 pub mod contain;
