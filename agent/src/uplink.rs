@@ -1162,6 +1162,45 @@ mod tests {
         assert_eq!(r.next_wait(NO_JITTER), Duration::from_millis(200));
     }
 
+    #[test]
+    fn the_first_answer_decides_whether_the_task_may_run_elsewhere() {
+        let answer = |reply| match read_answer(reply) {
+            Ok(()) => "accepted".to_string(),
+            Err(Refusal::NotStarted {
+                code,
+                reason,
+                reset,
+            }) => format!("not started {code:?} reset={reset}: {reason}"),
+            Err(Refusal::Unsure(reason)) => format!("unsure: {reason}"),
+        };
+        assert_eq!(
+            answer(Ok(Some(ReplyHeader::Accepted.to_frame()))),
+            "accepted"
+        );
+        let busy = ReplyHeader::Rejected {
+            code: ErrorCode::Busy,
+            message: "all slots taken".into(),
+        };
+        assert_eq!(
+            answer(Ok(Some(busy.to_frame()))),
+            "not started Some(Busy) reset=false: all slots taken"
+        );
+        assert_eq!(
+            answer(Ok(None)),
+            "not started None reset=false: daemon closed the stream without answering"
+        );
+        // A daemon that misbehaves is not left waiting for the rest of the input.
+        let garbage = Frame::new(FrameKind::Reply, &b"{"[..]);
+        assert!(answer(Ok(Some(garbage)))
+            .starts_with("not started None reset=true: daemon misbehaved: "));
+        // The request may have reached the daemon: the task is not known not to run.
+        let lost = WireError::Io(std::io::ErrorKind::ConnectionReset.into());
+        assert_eq!(
+            answer(Err(lost)),
+            "unsure: connection failed before the daemon answered: transport: connection reset"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_wait_gives_up_at_its_deadline() {
         let changed = Notify::new();
