@@ -1,10 +1,12 @@
-//! The `updraft-agent` command line: `serve`, and the client commands that talk to a
-//! running agent over its socket.
+//! The `updraft-agent` command line: what each command does once `main` has parsed
+//! it and loaded the config: `serve`, `check-config`, `enroll`, `policy check`, and the
+//! client commands that talk to a running agent over its socket.
 
 use crate::client::{body_bytes, Client, RunRequest};
+use crate::config::AgentConfig;
 use crate::http::{header_text_decode, BodyInput, ChannelBody};
 use crate::placement::Where;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
 use updraft_shared::exec::Input;
 
@@ -26,6 +28,76 @@ pub const EXIT_UNAVAILABLE: u8 = 69;
 pub const EXIT_TIMED_OUT: u8 = 124;
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_BAD_CONFIG: u8 = 64;
+
+/// How much task input is read from stdin or a file at a time: large enough that a
+/// big input costs few reads and HTTP chunks, small enough to be nothing on a board.
+const INPUT_CHUNK: usize = 64 * 1024;
+
+/// How many recent decisions `status` prints: a screenful with the daemons above it;
+/// `status --json` has them all.
+const RECENT_SHOWN: usize = 10;
+
+/// What `serve` does with a loaded config: finishes a certificate replacement a
+/// restart interrupted, loads the TLS identity, binds the socket, and runs the agent
+/// until SIGTERM or SIGINT.
+pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
+    use anyhow::Context;
+    // Before any task runs: everything a task starts must be found when it ends.
+    updraft_shared::contain::init();
+    let files = crate::enroll::CertFiles::of(&config);
+    if files
+        .finish_swap()
+        .context("finishing a certificate replacement")?
+    {
+        tracing::info!(cert = %files.cert.display(), "finished a certificate replacement a restart interrupted");
+    }
+    let identity = files.load().context(
+        "loading the agent's TLS files (enroll with `updraft-agent enroll`, or set [tls] in agent.toml)",
+    )?;
+    let listener = crate::api::bind_socket(&config.socket)?;
+    let agent = crate::service::Agent::new(config, &identity)?;
+    crate::service::run(agent, listener, updraft_shared::signals::terminated()).await
+}
+
+/// `enroll`: joins the daemon at `server` (see [`crate::enroll::enroll`]) and says
+/// where the files went; returns the exit code.
+pub async fn enroll(
+    config: &AgentConfig,
+    server: &str,
+    server_name: Option<&str>,
+    token: &str,
+    ca_sha256: &str,
+    agent_id: Option<&str>,
+    force: bool,
+) -> u8 {
+    let enrolled = crate::enroll::enroll(
+        config,
+        server,
+        server_name,
+        token,
+        ca_sha256,
+        agent_id,
+        force,
+    )
+    .await;
+    match enrolled {
+        Ok(e) => {
+            println!(
+                "enrolled as `{}`: {} (certificate, valid until {}), {}, {}; start or restart the agent to use it",
+                e.agent_id,
+                e.files.cert.display(),
+                humantime::format_rfc3339_seconds(e.not_after),
+                e.files.key.display(),
+                e.files.ca.display(),
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("updraft-agent: enroll: {e}");
+            EXIT_UNAVAILABLE
+        }
+    }
+}
 
 /// `check-config`: what `serve` checks before it binds anything: the config (already
 /// loaded by the caller), the TLS files (read, the key matched to the certificate, the
@@ -208,7 +280,7 @@ struct ReaderInput<R>(R);
 impl<R: tokio::io::AsyncRead + Unpin + Send> Input for ReaderInput<R> {
     async fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
         use tokio::io::AsyncReadExt;
-        let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+        let mut buf = bytes::BytesMut::with_capacity(INPUT_CHUNK);
         let n = self.0.read_buf(&mut buf).await?;
         Ok((n > 0).then(|| buf.freeze()))
     }
@@ -239,7 +311,7 @@ async fn error_of(resp: hyper::Response<hyper::body::Incoming>) -> (String, Stri
 /// Copies a response body to `--output` (or stdout).
 async fn copy_body(
     resp: hyper::Response<hyper::body::Incoming>,
-    output: Option<&PathBuf>,
+    output: Option<&Path>,
 ) -> anyhow::Result<()> {
     let mut body = BodyInput(resp.into_body());
     let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = match output {
@@ -263,219 +335,205 @@ fn parse_where(s: &str) -> Result<Where, String> {
     s.parse()
 }
 
-/// Runs a client command; returns the process exit code.
-pub async fn run_client(cli: Cli) -> u8 {
-    let at = match &cli.command {
-        Command::Run { at, .. }
-        | Command::Result { at, .. }
-        | Command::Status { at, .. }
-        | Command::Policy {
-            command: PolicyCommand::Explain { at, .. },
-        } => at.clone(),
-        _ => unreachable!("not a client command"),
+/// The client for the agent `at` names, or the exit code after saying why there is none.
+fn connect(at: &ClientArgs) -> Result<Client, u8> {
+    at.socket_path().map(Client::new).map_err(fail)
+}
+
+/// `policy explain TASK`: where the agent would run `task` now, and why.
+pub async fn explain(at: &ClientArgs, task: &str, input_bytes: Option<u64>, json: bool) -> u8 {
+    let client = match connect(at) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
-    let socket = match at.socket_path() {
-        Ok(s) => s,
-        Err(e) => return fail(e),
+    let mut path = format!("/v1/explain/{}", crate::http::percent_encode(task));
+    if let Some(n) = input_bytes {
+        path.push_str(&format!("?input_bytes={n}"));
+    }
+    let resp = match client.get(&path).await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{e:#}")),
     };
-    let client = Client::new(socket);
-    match cli.command {
-        Command::Serve { .. }
-        | Command::CheckConfig { .. }
-        | Command::Enroll { .. }
-        | Command::Policy {
-            command: PolicyCommand::Check { .. },
-        } => {
-            unreachable!("not a client command")
+    if !resp.status().is_success() {
+        let (code, msg) = error_of(resp).await;
+        return fail(format!("{msg} [{code}]"));
+    }
+    let body = match body_bytes(resp).await {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("the agent sent an unreadable explanation: {e}")),
+    };
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "{} ({})",
+            v["placement"].as_str().unwrap_or("?"),
+            v["reason"].as_str().unwrap_or("")
+        );
+    }
+    0
+}
+
+/// `run TASK`: submits `req` with `input` (a file, `-` for stdin, or none) and prints
+/// the output to `output` (or stdout); exits with the task's exit code, or prints the
+/// task id when detached. `explain` prints where it ran and why, on stderr.
+pub async fn run(
+    at: &ClientArgs,
+    req: RunRequest,
+    input: Option<&Path>,
+    output: Option<&Path>,
+    explain: bool,
+) -> u8 {
+    let client = match connect(at) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let body = match input {
+        None => ChannelBody::full(Vec::new()),
+        Some(p) if p.as_os_str() == "-" => {
+            ChannelBody::from_input(ReaderInput(tokio::io::stdin()), None)
         }
-        Command::Policy {
-            command:
-                PolicyCommand::Explain {
-                    task,
-                    input_bytes,
-                    json,
-                    ..
-                },
-        } => {
-            let mut path = format!("/v1/explain/{}", crate::http::percent_encode(&task));
-            if let Some(n) = input_bytes {
-                path.push_str(&format!("?input_bytes={n}"));
+        Some(p) => match tokio::fs::File::open(p).await {
+            Ok(f) => {
+                let len = f.metadata().await.ok().map(|m| m.len());
+                ChannelBody::from_input(ReaderInput(f), len)
             }
-            let resp = match client.get(&path).await {
-                Ok(r) => r,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-            if !resp.status().is_success() {
-                let (code, msg) = error_of(resp).await;
-                return fail(format!("{msg} [{code}]"));
-            }
-            let body = match body_bytes(resp).await {
-                Ok(b) => b,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-            let v: serde_json::Value = match serde_json::from_slice(&body) {
-                Ok(v) => v,
-                Err(e) => return fail(format!("the agent sent an unreadable explanation: {e}")),
-            };
-            if json {
-                println!("{v}");
-            } else {
-                println!(
-                    "{} ({})",
-                    v["placement"].as_str().unwrap_or("?"),
-                    v["reason"].as_str().unwrap_or("")
-                );
-            }
-            0
+            Err(e) => return fail(format!("cannot read input {}: {e}", p.display())),
+        },
+    };
+    let resp = match client.run(&req, body).await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    if explain {
+        if let (Some(p), Some(r)) = (
+            header(&resp, crate::api::H_PLACEMENT),
+            header(&resp, crate::api::H_REASON),
+        ) {
+            eprintln!("{p} ({r})");
         }
-        Command::Run {
-            task,
-            input,
-            output,
-            where_,
-            detach,
-            explain,
-            args,
-            ..
-        } => {
-            let body = match input.as_deref() {
-                None => ChannelBody::full(Vec::new()),
-                Some(p) if p.as_os_str() == "-" => {
-                    ChannelBody::from_input(ReaderInput(tokio::io::stdin()), None)
-                }
-                Some(p) => match tokio::fs::File::open(p).await {
-                    Ok(f) => {
-                        let len = f.metadata().await.ok().map(|m| m.len());
-                        ChannelBody::from_input(ReaderInput(f), len)
-                    }
-                    Err(e) => return fail(format!("cannot read input {}: {e}", p.display())),
-                },
-            };
-            let req = RunRequest {
-                task,
-                args,
-                where_,
-                detach,
-            };
-            let resp = match client.run(&req, body).await {
-                Ok(r) => r,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-            if explain {
-                if let (Some(p), Some(r)) = (
-                    header(&resp, crate::api::H_PLACEMENT),
-                    header(&resp, crate::api::H_REASON),
-                ) {
-                    eprintln!("{p} ({r})");
-                }
-            }
-            if !resp.status().is_success() {
-                let (code, msg) = error_of(resp).await;
-                eprintln!("updraft-agent: {msg} [{code}]");
-                return if code == "timed_out" {
-                    EXIT_TIMED_OUT
-                } else {
-                    EXIT_UNAVAILABLE
-                };
-            }
-            if detach {
-                let id = header(&resp, crate::api::H_TASK_ID)
-                    .unwrap_or_default()
-                    .to_string();
-                println!("{id}");
-                return 0;
-            }
-            finish(resp, output.as_ref()).await
-        }
-        Command::Result {
-            id, wait, delete, ..
-        } => {
-            let state = match client
-                .get(&format!(
-                    "/v1/tasks/{}?wait={wait}",
-                    crate::http::percent_encode(&id)
-                ))
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-            if !state.status().is_success() {
-                let (code, msg) = error_of(state).await;
-                return fail(format!("{msg} [{code}]"));
-            }
-            let state: serde_json::Value =
-                match body_bytes(state).await.map(|b| serde_json::from_slice(&b)) {
-                    Ok(Ok(v)) => v,
-                    _ => return fail("the agent sent an unreadable task state"),
-                };
-            if state["state"] == "running" || state["state"] == "queued" {
-                return fail(format!(
-                    "task {id} is still {} (use --wait)",
-                    state["state"].as_str().unwrap_or("running")
-                ));
-            }
-            match client
-                .get(&format!(
-                    "/v1/tasks/{}/output",
-                    crate::http::percent_encode(&id)
-                ))
-                .await
-            {
-                Ok(resp) => {
-                    let code = if let Some(e) = state.get("error").filter(|e| !e.is_null()) {
-                        eprintln!(
-                            "updraft-agent: {} [{}]",
-                            e["message"].as_str().unwrap_or("failed"),
-                            e["code"].as_str().unwrap_or("error")
-                        );
-                        if e["code"] == "timed_out" {
-                            EXIT_TIMED_OUT
-                        } else {
-                            EXIT_UNAVAILABLE
-                        }
-                    } else {
-                        match deliver(resp, None).await {
-                            Ok(code) => code,
-                            // Not printed, so not deleted.
-                            Err(code) => return code,
-                        }
-                    };
-                    if delete {
-                        if let Err(e) = delete_task(&client, &id).await {
-                            return fail(e);
-                        }
-                    }
-                    code
-                }
-                Err(e) => fail(format!("{e:#}")),
-            }
-        }
-        Command::Status { json, .. } => {
-            let resp = match client.get("/v1/status").await {
-                Ok(r) => r,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-            let body = match body_bytes(resp).await {
-                Ok(b) => b,
-                Err(e) => return fail(format!("{e:#}")),
-            };
-            if json {
-                println!("{}", String::from_utf8_lossy(&body));
-                return 0;
-            }
-            match serde_json::from_slice::<serde_json::Value>(&body) {
-                Ok(v) => {
-                    print_status(&v);
-                    0
-                }
-                Err(e) => fail(format!("the agent sent unreadable status: {e}")),
-            }
-        }
+    }
+    if !resp.status().is_success() {
+        let (code, msg) = error_of(resp).await;
+        eprintln!("updraft-agent: {msg} [{code}]");
+        return exit_for(&code);
+    }
+    if req.detach {
+        let id = header(&resp, crate::api::H_TASK_ID)
+            .unwrap_or_default()
+            .to_string();
+        println!("{id}");
+        return 0;
+    }
+    finish(resp, output).await
+}
+
+/// The exit code for a task Updraft could not finish, by its error code: `timed_out`
+/// as `timeout(1)` reports it, anything else as unavailable.
+fn exit_for(code: &str) -> u8 {
+    if code == "timed_out" {
+        EXIT_TIMED_OUT
+    } else {
+        EXIT_UNAVAILABLE
     }
 }
 
-async fn finish(resp: hyper::Response<hyper::body::Incoming>, output: Option<&PathBuf>) -> u8 {
+/// `result ID`: prints a detached task's output and exits with its exit code; with
+/// `wait`, once it has finished; with `delete`, then deletes it from the journal.
+pub async fn result(at: &ClientArgs, id: &str, wait: bool, delete: bool) -> u8 {
+    let client = match connect(at) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let state = match client
+        .get(&format!(
+            "/v1/tasks/{}?wait={wait}",
+            crate::http::percent_encode(id)
+        ))
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    if !state.status().is_success() {
+        let (code, msg) = error_of(state).await;
+        return fail(format!("{msg} [{code}]"));
+    }
+    let state: serde_json::Value = match body_bytes(state).await.map(|b| serde_json::from_slice(&b))
+    {
+        Ok(Ok(v)) => v,
+        _ => return fail("the agent sent an unreadable task state"),
+    };
+    if state["state"] == "running" || state["state"] == "queued" {
+        return fail(format!(
+            "task {id} is still {} (use --wait)",
+            state["state"].as_str().unwrap_or("running")
+        ));
+    }
+    let resp = match client
+        .get(&format!(
+            "/v1/tasks/{}/output",
+            crate::http::percent_encode(id)
+        ))
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let code = if let Some(e) = state.get("error").filter(|e| !e.is_null()) {
+        eprintln!(
+            "updraft-agent: {} [{}]",
+            e["message"].as_str().unwrap_or("failed"),
+            e["code"].as_str().unwrap_or("error")
+        );
+        exit_for(e["code"].as_str().unwrap_or_default())
+    } else {
+        match deliver(resp, None).await {
+            Ok(code) => code,
+            // Not printed, so not deleted.
+            Err(code) => return code,
+        }
+    };
+    if delete {
+        if let Err(e) = delete_task(&client, id).await {
+            return fail(e);
+        }
+    }
+    code
+}
+
+/// `status`: the agent's state as a table, or its JSON as sent.
+pub async fn status(at: &ClientArgs, json: bool) -> u8 {
+    let client = match connect(at) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let resp = match client.get("/v1/status").await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let body = match body_bytes(resp).await {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return 0;
+    }
+    match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(v) => {
+            print_status(&v);
+            0
+        }
+        Err(e) => fail(format!("the agent sent unreadable status: {e}")),
+    }
+}
+
+async fn finish(resp: hyper::Response<hyper::body::Incoming>, output: Option<&Path>) -> u8 {
     deliver(resp, output).await.unwrap_or_else(|code| code)
 }
 
@@ -497,7 +555,7 @@ async fn delete_task(client: &Client, id: &str) -> Result<(), String> {
 /// written out.
 async fn deliver(
     resp: hyper::Response<hyper::body::Incoming>,
-    output: Option<&PathBuf>,
+    output: Option<&Path>,
 ) -> Result<u8, u8> {
     let exit: Option<i32> = header(&resp, crate::api::H_EXIT_CODE).and_then(|v| v.parse().ok());
     let tail = header(&resp, crate::api::H_STDERR_TAIL).map(header_text_decode);
@@ -569,7 +627,12 @@ fn print_status(v: &serde_json::Value) {
         );
     }
     println!("recent decisions:");
-    for d in v["recent"].as_array().into_iter().flatten().take(10) {
+    for d in v["recent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .take(RECENT_SHOWN)
+    {
         println!(
             "  {:<16} {:<6} {:<10} {}",
             d["task"].as_str().unwrap_or("?"),

@@ -11,19 +11,257 @@
 //!   is finished on the next start, never left as a key that does not fit.
 
 use crate::config::AgentConfig;
-use anyhow::{anyhow, bail, Context};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use updraft_shared::files;
-use updraft_shared::protocol::{CertReply, CertRequest, FrameKind};
-use updraft_shared::tls::{self, Identity, PinnedCa};
-use updraft_shared::wire::{write_frame, FrameReader};
+use updraft_shared::protocol::{CertReply, CertRequest, ErrorCode, FrameKind};
+use updraft_shared::tls::{self, Identity, PinnedCa, TlsError};
+use updraft_shared::wire::{write_frame, FrameReader, WireError};
 
-/// How long the daemon may take to answer a certificate request.
+/// How long the daemon may take to answer the handshake, and then a certificate
+/// request: it signs one certificate, which takes milliseconds, so this covers a slow
+/// or lossy link with room for QUIC's retransmissions, yet an operator who typed a
+/// wrong address hears so within a quarter minute.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long `enroll` waits, after closing its connection, for the daemon to take the
+/// close: long enough for one round trip on a slow link, short enough that a daemon
+/// that has gone away does not hold up the command.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// An error and its causes, each after `: `, the way operators and tests have always
+/// read them.
+struct Causes<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
+}
+
+/// Why a certificate request on a daemon connection brought no certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The connection would not open a stream.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// The request could not be sent.
+    #[error(transparent)]
+    Send(#[from] quinn::WriteError),
+    /// The answer could not be read.
+    #[error(transparent)]
+    Receive(#[from] WireError),
+    /// The daemon closed the stream without an answer.
+    #[error("the daemon closed the stream without an answer")]
+    NoAnswer,
+    /// The daemon answered with a frame of another kind: it may predate enrollment.
+    #[error("the daemon answered with a {0:?} frame; it may be older than this agent")]
+    UnexpectedFrame(FrameKind),
+    /// The daemon's answer is not a valid certificate reply: the peer misbehaved.
+    #[error(transparent)]
+    Malformed(#[from] updraft_shared::protocol::DecodeError),
+    /// No answer within [`REPLY_TIMEOUT`].
+    #[error("no answer from the daemon within {REPLY_TIMEOUT:?}")]
+    TimedOut,
+    /// The daemon refused to issue a certificate.
+    #[error("refused ({code}): {message}")]
+    Refused {
+        /// Its machine-readable reason.
+        code: ErrorCode,
+        /// Its operator-readable reason.
+        message: String,
+    },
+}
+
+/// Why enrolling or renewing failed.
+///
+/// Each message is the operator's whole explanation, causes included (as `cause: its
+/// cause`), so `source()` is left empty: a report that walks the chain would say the
+/// cause twice.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// `--ca-sha256` is not a SHA-256 fingerprint.
+    #[error("--ca-sha256: {0}")]
+    Fingerprint(String),
+    /// No agent id was given and the host name could not be read.
+    #[error("cannot read the host name; set agent_id in agent.toml or pass --agent-id: {}", Causes(.0))]
+    HostName(std::io::Error),
+    /// The agent id is not one a certificate may name.
+    #[error("{0}; set agent_id in agent.toml or pass --agent-id")]
+    AgentId(String),
+    /// A certificate still valid is installed and `--force` was not given.
+    #[error(
+        "{} is already a valid certificate (for `{agent_id}`, until {}); pass --force to replace it",
+        .path.display(),
+        rfc3339(.not_after)
+    )]
+    AlreadyEnrolled {
+        /// The certificate file.
+        path: PathBuf,
+        /// The agent id it names.
+        agent_id: String,
+        /// When it expires.
+        not_after: SystemTime,
+    },
+    /// `--server` is not `host:port` (and no `--server-name` says what to verify).
+    #[error("--server `{0}` is not host:port")]
+    ServerAddress(String),
+    /// The daemon's address did not resolve.
+    #[error("cannot resolve {server}: {}", Causes(.error))]
+    Resolve {
+        /// `--server`.
+        server: String,
+        /// The resolver's error.
+        error: std::io::Error,
+    },
+    /// The daemon's name resolved to nothing.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    /// The local UDP socket could not be opened.
+    #[error("{}", Causes(.0))]
+    Socket(std::io::Error),
+    /// TLS material could not be loaded or used (the pinned client config, the
+    /// issued certificate, the renewed identity).
+    #[error("{}", Causes(.0))]
+    Tls(TlsError),
+    /// quinn refused to start the connection.
+    #[error("cannot connect to {server}: {error}")]
+    Connect {
+        /// `--server`.
+        server: String,
+        /// quinn's reason.
+        error: quinn::ConnectError,
+    },
+    /// The handshake got no answer within [`REPLY_TIMEOUT`].
+    #[error("no answer from {0} within {REPLY_TIMEOUT:?}: is updraftd listening there, and UDP let through?")]
+    Unreachable(String),
+    /// The daemon has the pinned CA but its certificate does not name the host we
+    /// verified it as; nothing was sent.
+    #[error(
+        "the daemon at {server} has the pinned CA, but its certificate does not name `{name}`: it names {}. Pass --server-name with one of those, or set server_name for address \"{server}\" in [[cloud]] of agent.toml; nothing was sent",
+        names_or_none(.names)
+    )]
+    WrongName {
+        /// `--server`.
+        server: String,
+        /// The name it was verified as.
+        name: String,
+        /// The names its certificate carries.
+        names: Vec<String>,
+    },
+    /// The daemon's CA is not the pinned one: a wrong address, or someone else's
+    /// daemon; nothing was sent.
+    #[error(
+        "the daemon at {server} is not the one you meant: its CA has fingerprint {} but --ca-sha256 says {pinned}; nothing was sent. Check the fingerprint `updraftd ca init` printed",
+        .seen.join(" or ")
+    )]
+    WrongCa {
+        /// `--server`.
+        server: String,
+        /// The fingerprints the daemon offered.
+        seen: Vec<String>,
+        /// `--ca-sha256` as given.
+        pinned: String,
+    },
+    /// The TLS handshake failed for another reason.
+    #[error("TLS handshake with {server} (as `{name}`) failed: {error}")]
+    Handshake {
+        /// `--server`.
+        server: String,
+        /// The name it was verified as.
+        name: String,
+        /// quinn's reason.
+        error: quinn::ConnectionError,
+    },
+    /// A key could not be generated.
+    #[error("cannot generate a key: {}", Causes(.0))]
+    KeyGen(rcgen::Error),
+    /// The certificate request could not be made.
+    #[error("cannot make a certificate request: {}", Causes(.0))]
+    Csr(rcgen::Error),
+    /// A key or request could not be written or read as PEM.
+    #[error("{}", Causes(.0))]
+    Pem(rcgen::Error),
+    /// The daemon did not enroll this agent (`enroll`).
+    #[error("the daemon at {server} did not enroll this agent: {error}")]
+    NotEnrolled {
+        /// `--server`.
+        server: String,
+        /// Why.
+        error: RequestError,
+    },
+    /// The daemon did not renew the certificate (`renew`).
+    #[error("{}", Causes(.0))]
+    NotRenewed(RequestError),
+    /// The certificate the daemon sent is not PEM.
+    #[error("the daemon sent an unreadable certificate: {0}")]
+    CertificatePem(rustls::pki_types::pem::Error),
+    /// The certificate the daemon sent is not X.509.
+    #[error("the daemon sent an unreadable certificate: {0}")]
+    CertificateDer(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The daemon's certificate names another agent: the peer misbehaved.
+    #[error("the daemon's certificate names `{named}`, not `{agent_id}`")]
+    WrongAgent {
+        /// The id the certificate names.
+        named: String,
+        /// The id this agent asked for.
+        agent_id: String,
+    },
+    /// The daemon's certificate is for another key: the peer misbehaved.
+    #[error("the daemon's certificate is not for the key this agent made")]
+    WrongKey,
+    /// The handshake passed, yet the pin recorded no CA: a bug of ours.
+    #[error("internal: handshake verified without a CA")]
+    NoPinnedCa,
+    /// The reply's CA is not the one the daemon was verified with; nothing installed.
+    #[error("the daemon's reply carries a CA other than the pinned one; not installing")]
+    CaMismatch,
+    /// The enrolled files could not be written.
+    #[error("cannot write the certificate files next to {}: {}", .path.display(), Causes(.error))]
+    Install {
+        /// The certificate file.
+        path: PathBuf,
+        /// The file system's error.
+        error: std::io::Error,
+    },
+    /// The renewed files could not be written.
+    #[error("cannot write {}: {}", .path.display(), Causes(.error))]
+    InstallRenewed {
+        /// The certificate file.
+        path: PathBuf,
+        /// The file system's error.
+        error: std::io::Error,
+    },
+}
+
+/// A time as the operator reads it in a message.
+fn rfc3339(t: &SystemTime) -> humantime::Rfc3339Timestamp {
+    humantime::format_rfc3339_seconds(*t)
+}
+
+/// The names a certificate carries, for a message.
+fn names_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "no host at all".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+impl From<TlsError> for EnrollError {
+    fn from(e: TlsError) -> Self {
+        Self::Tls(e)
+    }
+}
 
 /// Where the agent's CA, certificate and key live.
 #[derive(Debug, Clone)]
@@ -98,31 +336,35 @@ impl CertFiles {
 }
 
 /// A fresh key and a certificate request for `agent_id`, both PEM.
-pub fn new_request(agent_id: &str) -> anyhow::Result<(String, String)> {
-    let key = KeyPair::generate().context("cannot generate a key")?;
+pub fn new_request(agent_id: &str) -> Result<(String, String), EnrollError> {
+    let key = KeyPair::generate().map_err(EnrollError::KeyGen)?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, agent_id);
     let csr = params
         .serialize_request(&key)
-        .context("cannot make a certificate request")?
-        .pem()?;
+        .map_err(EnrollError::Csr)?
+        .pem()
+        .map_err(EnrollError::Pem)?;
     Ok((key.serialize_pem(), csr))
 }
 
 /// Checks that a certificate the daemon sent names `agent_id` and carries the public
 /// key of `key_pem`, and returns when it expires.
-fn check_issued(cert_pem: &str, key_pem: &str, agent_id: &str) -> anyhow::Result<SystemTime> {
-    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
-        .map_err(|e| anyhow!("the daemon sent an unreadable certificate: {e}"))?;
+fn check_issued(cert_pem: &str, key_pem: &str, agent_id: &str) -> Result<SystemTime, EnrollError> {
+    let der =
+        CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(EnrollError::CertificatePem)?;
     let named = tls::agent_id_of(&der)?;
     if named != agent_id {
-        bail!("the daemon's certificate names `{named}`, not `{agent_id}`");
+        return Err(EnrollError::WrongAgent {
+            named,
+            agent_id: agent_id.to_string(),
+        });
     }
-    let key = KeyPair::from_pem(key_pem)?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| anyhow!("the daemon sent an unreadable certificate: {e}"))?;
+    let key = KeyPair::from_pem(key_pem).map_err(EnrollError::Pem)?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(EnrollError::CertificateDer)?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        bail!("the daemon's certificate is not for the key this agent made");
+        return Err(EnrollError::WrongKey);
     }
     Ok(tls::validity_of(&der)?.1)
 }
@@ -131,42 +373,37 @@ fn check_issued(cert_pem: &str, key_pem: &str, agent_id: &str) -> anyhow::Result
 async fn request_certificate(
     conn: &quinn::Connection,
     request: &CertRequest,
-) -> anyhow::Result<(String, String)> {
+) -> Result<(String, String), RequestError> {
     let exchange = async {
         let (mut send, recv) = conn.open_bi().await?;
         write_frame(&mut send, &request.to_frame()).await?;
         let _ = send.finish();
         let mut reader = FrameReader::new(recv);
-        let frame = reader
-            .next()
-            .await?
-            .ok_or_else(|| anyhow!("the daemon closed the stream without an answer"))?;
+        let frame = reader.next().await?.ok_or(RequestError::NoAnswer)?;
         if frame.kind != FrameKind::CertReply {
-            bail!(
-                "the daemon answered with a {:?} frame; it may be older than this agent",
-                frame.kind
-            );
+            return Err(RequestError::UnexpectedFrame(frame.kind));
         }
-        Ok::<_, anyhow::Error>(CertReply::from_frame(&frame)?)
+        Ok(CertReply::from_frame(&frame)?)
     };
     match tokio::time::timeout(REPLY_TIMEOUT, exchange).await {
-        Err(_) => bail!("no answer from the daemon within {REPLY_TIMEOUT:?}"),
+        Err(_) => Err(RequestError::TimedOut),
         Ok(Err(e)) => Err(e),
         Ok(Ok(CertReply::Issued { cert, ca })) => Ok((cert, ca)),
-        Ok(Ok(CertReply::Rejected { code, message })) => bail!("refused ({code}): {message}"),
+        Ok(Ok(CertReply::Rejected { code, message })) => {
+            Err(RequestError::Refused { code, message })
+        }
     }
 }
 
 /// This board's agent id: `--agent-id`, else `agent_id` in the config, else the host name.
-pub fn agent_id_for(config: &AgentConfig, flag: Option<&str>) -> anyhow::Result<String> {
+pub fn agent_id_for(config: &AgentConfig, flag: Option<&str>) -> Result<String, EnrollError> {
     let id = match flag.map(str::to_string).or_else(|| config.agent_id.clone()) {
         Some(id) => id,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
-            .context("cannot read the host name; set agent_id in agent.toml or pass --agent-id")?,
+            .map_err(EnrollError::HostName)?,
     };
-    tls::check_agent_id(&id)
-        .map_err(|e| anyhow!("{e}; set agent_id in agent.toml or pass --agent-id"))?;
+    tls::check_agent_id(&id).map_err(EnrollError::AgentId)?;
     Ok(id)
 }
 
@@ -187,7 +424,7 @@ pub fn server_name_for(
     config: &AgentConfig,
     server: &str,
     flag: Option<&str>,
-) -> anyhow::Result<String> {
+) -> Result<String, EnrollError> {
     if let Some(name) = flag {
         return Ok(name.to_string());
     }
@@ -197,7 +434,7 @@ pub fn server_name_for(
     let (host, _) = server
         .rsplit_once(':')
         .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-        .ok_or_else(|| anyhow!("--server `{server}` is not host:port"))?;
+        .ok_or_else(|| EnrollError::ServerAddress(server.to_string()))?;
     Ok(host
         .trim_start_matches('[')
         .trim_end_matches(']')
@@ -210,23 +447,28 @@ fn handshake_error(
     server: &str,
     name: &str,
     ca_sha256: &str,
-    e: impl std::fmt::Display,
-) -> anyhow::Error {
+    error: quinn::ConnectionError,
+) -> EnrollError {
     if let Some(names) = pin.wrong_name() {
-        return anyhow!(
-            "the daemon at {server} has the pinned CA, but its certificate does not name `{name}`: it names {}. Pass --server-name with one of those, or set server_name for address \"{server}\" in [[cloud]] of agent.toml; nothing was sent",
-            if names.is_empty() { "no host at all".to_string() } else { names.join(", ") }
-        );
+        return EnrollError::WrongName {
+            server: server.to_string(),
+            name: name.to_string(),
+            names,
+        };
     }
     let seen = pin.seen();
     if !pin.pin_offered() && !seen.is_empty() {
-        return anyhow!(
-            "the daemon at {server} is not the one you meant: its CA has fingerprint {} but --ca-sha256 says {}; nothing was sent. Check the fingerprint `updraftd ca init` printed",
-            seen.join(" or "),
-            ca_sha256
-        );
+        return EnrollError::WrongCa {
+            server: server.to_string(),
+            seen,
+            pinned: ca_sha256.to_string(),
+        };
     }
-    anyhow!("TLS handshake with {server} (as `{name}`) failed: {e}")
+    EnrollError::Handshake {
+        server: server.to_string(),
+        name: name.to_string(),
+        error,
+    }
 }
 
 /// Enrolls this board with the daemon at `server` (`host:port`), verifying it as
@@ -239,48 +481,16 @@ pub async fn enroll(
     ca_sha256: &str,
     agent_id: Option<&str>,
     force: bool,
-) -> anyhow::Result<Enrolled> {
-    let pin = PinnedCa::new(ca_sha256).map_err(|e| anyhow!("--ca-sha256: {e}"))?;
+) -> Result<Enrolled, EnrollError> {
+    let pin = PinnedCa::new(ca_sha256).map_err(EnrollError::Fingerprint)?;
     let agent_id = agent_id_for(config, agent_id)?;
     let files = CertFiles::of(config);
     files.finish_swap().ok();
     if !force {
-        if let Ok(certs) = tls::load_certs(&files.cert) {
-            if let Ok((_, not_after)) = tls::validity_of(&certs[0]) {
-                if not_after > SystemTime::now() {
-                    bail!(
-                        "{} is already a valid certificate (for `{}`, until {}); pass --force to replace it",
-                        files.cert.display(),
-                        tls::agent_id_of(&certs[0]).unwrap_or_default(),
-                        humantime::format_rfc3339_seconds(not_after)
-                    );
-                }
-            }
-        }
+        refuse_to_replace(&files)?;
     }
     let host = server_name_for(config, server, server_name)?;
-    let addr = tokio::net::lookup_host(server)
-        .await
-        .with_context(|| format!("cannot resolve {server}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{server} resolves to no address"))?;
-    let bind: std::net::SocketAddr = if addr.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()
-    .expect("literal address");
-    let endpoint = quinn::Endpoint::client(bind)?;
-    let client = quinn::ClientConfig::new(pin.quic_client()?);
-    let connecting = endpoint
-        .connect_with(client, addr, &host)
-        .map_err(|e| anyhow!("cannot connect to {server}: {e}"))?;
-    let conn = match tokio::time::timeout(REPLY_TIMEOUT, connecting).await {
-        Err(_) => bail!("no answer from {server} within {REPLY_TIMEOUT:?}: is updraftd listening there, and UDP let through?"),
-        Ok(Err(e)) => return Err(handshake_error(&pin, server, &host, ca_sha256, e)),
-        Ok(Ok(c)) => c,
-    };
+    let (endpoint, conn) = connect_pinned(&pin, server, &host, ca_sha256).await?;
     let (key_pem, csr) = new_request(&agent_id)?;
     let request = CertRequest {
         token: Some(token.trim().to_string()),
@@ -288,25 +498,23 @@ pub async fn enroll(
     };
     let answer = request_certificate(&conn, &request).await;
     conn.close(0u32.into(), b"enrolled");
-    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-    let (cert_pem, ca_pem) =
-        answer.map_err(|e| anyhow!("the daemon at {server} did not enroll this agent: {e}"))?;
+    let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+    let (cert_pem, ca_pem) = answer.map_err(|error| EnrollError::NotEnrolled {
+        server: server.to_string(),
+        error,
+    })?;
     let not_after = check_issued(&cert_pem, &key_pem, &agent_id)?;
     // The CA we verified the daemon with, not whatever the reply says.
-    let ca = pin
-        .matched()
-        .ok_or_else(|| anyhow!("internal: handshake verified without a CA"))?;
+    let ca = pin.matched().ok_or(EnrollError::NoPinnedCa)?;
     let sent_ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).ok();
     if sent_ca.as_ref() != Some(&ca) {
-        bail!("the daemon's reply carries a CA other than the pinned one; not installing");
+        return Err(EnrollError::CaMismatch);
     }
     files
         .install(&key_pem, &cert_pem, Some(&ca_pem))
-        .with_context(|| {
-            format!(
-                "cannot write the certificate files next to {}",
-                files.cert.display()
-            )
+        .map_err(|error| EnrollError::Install {
+            path: files.cert.clone(),
+            error,
         })?;
     Ok(Enrolled {
         agent_id,
@@ -315,19 +523,79 @@ pub async fn enroll(
     })
 }
 
+/// `Err` when `files` already hold a certificate that is still valid: replacing it
+/// takes `--force`.
+fn refuse_to_replace(files: &CertFiles) -> Result<(), EnrollError> {
+    let Ok(certs) = tls::load_certs(&files.cert) else {
+        return Ok(());
+    };
+    match tls::validity_of(&certs[0]) {
+        Ok((_, not_after)) if not_after > SystemTime::now() => Err(EnrollError::AlreadyEnrolled {
+            path: files.cert.clone(),
+            agent_id: tls::agent_id_of(&certs[0]).unwrap_or_default(),
+            not_after,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Connects to the daemon at `server` as `host`, trusting only the CA `pin` names.
+/// The endpoint comes back too: the caller waits on it for the close to be sent.
+async fn connect_pinned(
+    pin: &std::sync::Arc<PinnedCa>,
+    server: &str,
+    host: &str,
+    ca_sha256: &str,
+) -> Result<(quinn::Endpoint, quinn::Connection), EnrollError> {
+    let addr = tokio::net::lookup_host(server)
+        .await
+        .map_err(|error| EnrollError::Resolve {
+            server: server.to_string(),
+            error,
+        })?
+        .next()
+        .ok_or_else(|| EnrollError::NoAddress(server.to_string()))?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()
+    .expect("literal address");
+    let endpoint = quinn::Endpoint::client(bind).map_err(EnrollError::Socket)?;
+    let client = quinn::ClientConfig::new(pin.quic_client()?);
+    let connecting =
+        endpoint
+            .connect_with(client, addr, host)
+            .map_err(|error| EnrollError::Connect {
+                server: server.to_string(),
+                error,
+            })?;
+    match tokio::time::timeout(REPLY_TIMEOUT, connecting).await {
+        Err(_) => Err(EnrollError::Unreachable(server.to_string())),
+        Ok(Err(e)) => Err(handshake_error(pin, server, host, ca_sha256, e)),
+        Ok(Ok(conn)) => Ok((endpoint, conn)),
+    }
+}
+
 /// Renews the agent's certificate over `conn` (a live task connection), installs it,
 /// and returns the new identity.
 pub async fn renew(
     conn: &quinn::Connection,
     files: &CertFiles,
     agent_id: &str,
-) -> anyhow::Result<(Identity, SystemTime)> {
+) -> Result<(Identity, SystemTime), EnrollError> {
     let (key_pem, csr) = new_request(agent_id)?;
-    let (cert_pem, _ca) = request_certificate(conn, &CertRequest { token: None, csr }).await?;
+    let (cert_pem, _ca) = request_certificate(conn, &CertRequest { token: None, csr })
+        .await
+        .map_err(EnrollError::NotRenewed)?;
     let not_after = check_issued(&cert_pem, &key_pem, agent_id)?;
     files
         .install(&key_pem, &cert_pem, None)
-        .with_context(|| format!("cannot write {}", files.cert.display()))?;
+        .map_err(|error| EnrollError::InstallRenewed {
+            path: files.cert.clone(),
+            error,
+        })?;
     Ok((files.load()?, not_after))
 }
 
@@ -400,6 +668,55 @@ mod tests {
         assert!(!files.finish_swap().unwrap());
         assert_eq!(std::fs::read_to_string(&files.key).unwrap(), "new key");
         assert!(!files::sibling(&files.key, "new").exists());
+    }
+
+    #[test]
+    fn messages_read_as_operators_have_always_read_them() {
+        use updraft_shared::protocol::DecodeError;
+        let wire = || WireError::PeerMisbehaved(DecodeError::UnknownKind(9));
+        // A renewal's failure is told with all its causes.
+        assert_eq!(
+            EnrollError::NotRenewed(RequestError::Receive(wire())).to_string(),
+            "peer misbehaved: unknown frame kind 9: unknown frame kind 9"
+        );
+        // Enrolling names the daemon and tells the request's failure without its causes.
+        assert_eq!(
+            EnrollError::NotEnrolled {
+                server: "cloud:4433".into(),
+                error: RequestError::Receive(wire()),
+            }
+            .to_string(),
+            "the daemon at cloud:4433 did not enroll this agent: peer misbehaved: unknown frame kind 9"
+        );
+        let io = || std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no way");
+        assert_eq!(
+            EnrollError::Install {
+                path: "/s/agent.pem".into(),
+                error: io(),
+            }
+            .to_string(),
+            "cannot write the certificate files next to /s/agent.pem: no way"
+        );
+        assert_eq!(
+            EnrollError::Resolve {
+                server: "nowhere:1".into(),
+                error: io(),
+            }
+            .to_string(),
+            "cannot resolve nowhere:1: no way"
+        );
+        assert_eq!(
+            EnrollError::WrongName {
+                server: "10.0.0.2:4433".into(),
+                name: "10.0.0.2".into(),
+                names: vec![],
+            }
+            .to_string(),
+            "the daemon at 10.0.0.2:4433 has the pinned CA, but its certificate does not name `10.0.0.2`: it names no host at all. Pass --server-name with one of those, or set server_name for address \"10.0.0.2:4433\" in [[cloud]] of agent.toml; nothing was sent"
+        );
+        // Nothing is said twice when the error is reported with its chain.
+        let e = anyhow::Error::from(EnrollError::NotRenewed(RequestError::TimedOut));
+        assert_eq!(format!("{e:#}"), "no answer from the daemon within 15s");
     }
 
     #[test]

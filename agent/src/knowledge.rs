@@ -64,6 +64,14 @@ impl LinkNow {
     }
 }
 
+/// Why [`Knowledge::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KnowledgeError {
+    /// The policy file is broken: its path, line and column, and what is wrong.
+    #[error("{0}")]
+    Policy(String),
+}
+
 /// Signals, policy and estimates.
 #[derive(Debug)]
 pub struct Knowledge {
@@ -90,8 +98,8 @@ pub struct Knowledge {
 impl Knowledge {
     /// Loads the policy (a broken file is an error) and the saved estimates (a broken
     /// or foreign estimates file is logged and set aside: learning starts afresh).
-    pub fn load(config: &AgentConfig) -> anyhow::Result<Self> {
-        let policy = PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
+    pub fn load(config: &AgentConfig) -> Result<Self, KnowledgeError> {
+        let policy = PolicyHolder::load(&config.policy).map_err(KnowledgeError::Policy)?;
         let params = policy.auto_params();
         let estimates = config.state_dir.join(ESTIMATES_FILE);
         // The link estimate's age goes on from when the file was written.

@@ -3,11 +3,14 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use updraft_agent::cli::{Cli, Command, ConfigArg, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE};
+use updraft_agent::cli::{
+    self, Cli, Command, ConfigArg, PolicyCommand, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE,
+};
+use updraft_agent::client::RunRequest;
+use updraft_agent::config::{AgentConfig, DEFAULT_CONFIG};
 
 /// Exit code for a command line that asks for something that would do nothing (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
-use updraft_agent::config::{AgentConfig, DEFAULT_CONFIG};
 
 fn main() -> ExitCode {
     // First: a task's entry into its cgroup never reaches the rest.
@@ -28,11 +31,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    match &cli.command {
+    let code = match cli.command {
+        Command::Serve { config } => return serve(&rt, &config),
+        Command::CheckConfig { config } => return check_config(&config),
         Command::Policy {
-            command: updraft_agent::cli::PolicyCommand::Check { file },
-        } => return ExitCode::from(updraft_agent::cli::policy_check(file)),
-        Command::CheckConfig { config } => return check_config(config),
+            command: PolicyCommand::Check { file },
+        } => cli::policy_check(&file),
         Command::Enroll {
             server,
             server_name,
@@ -41,46 +45,66 @@ fn main() -> ExitCode {
             agent_id,
             force,
             config,
-        } => {
-            let config = match load_config(config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let enrolled = rt.block_on(updraft_agent::enroll::enroll(
+        } => match load_config(&config) {
+            Ok(config) => rt.block_on(cli::enroll(
                 &config,
-                server,
+                &server,
                 server_name.as_deref(),
-                token,
-                ca_sha256,
+                &token,
+                &ca_sha256,
                 agent_id.as_deref(),
-                *force,
-            ));
-            return match enrolled {
-                Ok(e) => {
-                    println!(
-                        "enrolled as `{}`: {} (certificate, valid until {}), {}, {}; start or restart the agent to use it",
-                        e.agent_id,
-                        e.files.cert.display(),
-                        humantime::format_rfc3339_seconds(e.not_after),
-                        e.files.key.display(),
-                        e.files.ca.display(),
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("updraft-agent: enroll: {e:#}");
-                    ExitCode::from(EXIT_UNAVAILABLE)
-                }
+                force,
+            )),
+            Err(code) => return code,
+        },
+        Command::Run {
+            task,
+            input,
+            output,
+            where_,
+            detach,
+            explain,
+            at,
+            args,
+        } => {
+            let req = RunRequest {
+                task,
+                args,
+                where_,
+                detach,
             };
+            rt.block_on(cli::run(
+                &at,
+                req,
+                input.as_deref(),
+                output.as_deref(),
+                explain,
+            ))
         }
-        Command::Serve { .. } => {}
-        _ => return ExitCode::from(rt.block_on(updraft_agent::cli::run_client(cli))),
-    }
-    let Command::Serve { config } = &cli.command else {
-        unreachable!("only serve is left")
+        Command::Result {
+            id,
+            wait,
+            delete,
+            at,
+        } => rt.block_on(cli::result(&at, &id, wait, delete)),
+        Command::Status { json, at } => rt.block_on(cli::status(&at, json)),
+        Command::Policy {
+            command:
+                PolicyCommand::Explain {
+                    task,
+                    input_bytes,
+                    json,
+                    at,
+                },
+        } => rt.block_on(cli::explain(&at, &task, input_bytes, json)),
     };
+    ExitCode::from(code)
+}
+
+/// `serve`: logging, the config, then the agent until SIGTERM/SIGINT.
+fn serve(rt: &tokio::runtime::Runtime, arg: &ConfigArg) -> ExitCode {
     updraft_shared::logging::init("UPDRAFT_AGENT_LOG");
-    let config = match load_config(config) {
+    let config = match load_config(arg) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -89,7 +113,7 @@ fn main() -> ExitCode {
             updraft_shared::logging::set_level(filter);
         }
     }
-    match rt.block_on(serve(config)) {
+    match rt.block_on(cli::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("updraft-agent: {e:#}");
@@ -116,7 +140,7 @@ fn check_config(arg: &ConfigArg) -> ExitCode {
         Err(code) => return code,
     };
     let path = arg.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
-    match updraft_agent::cli::check_config(&config) {
+    match cli::check_config(&config) {
         Ok(summary) => {
             println!("{}: {summary}", path.display());
             ExitCode::SUCCESS
@@ -126,23 +150,4 @@ fn check_config(arg: &ConfigArg) -> ExitCode {
             ExitCode::from(EXIT_BAD_CONFIG)
         }
     }
-}
-
-async fn serve(config: AgentConfig) -> anyhow::Result<()> {
-    use anyhow::Context;
-    // Before any task runs: everything a task starts must be found when it ends.
-    updraft_shared::contain::init();
-    let files = updraft_agent::enroll::CertFiles::of(&config);
-    if files
-        .finish_swap()
-        .context("finishing a certificate replacement")?
-    {
-        tracing::info!(cert = %files.cert.display(), "finished a certificate replacement a restart interrupted");
-    }
-    let identity = files.load().context(
-        "loading the agent's TLS files (enroll with `updraft-agent enroll`, or set [tls] in agent.toml)",
-    )?;
-    let listener = updraft_agent::api::bind_socket(&config.socket)?;
-    let agent = updraft_agent::service::Agent::new(config, &identity)?;
-    updraft_agent::service::run(agent, listener, updraft_shared::signals::terminated()).await
 }

@@ -6,18 +6,55 @@
 use crate::config::{CloudTarget, LinkConfig};
 use bytes::{Buf, Bytes};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use updraft_shared::exec::{Input, Output};
 use updraft_shared::protocol::{
-    ErrorCode, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
+    ErrorCode, Frame, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
     RESET_ABANDONED, RESET_CANCELLED, STOP_CANCELLED,
 };
-use updraft_shared::tls::Identity;
-use updraft_shared::wire::{write_frame, FrameReader};
+use updraft_shared::tls::{Identity, TlsError};
+use updraft_shared::wire::{write_frame, FrameReader, WireError};
+
+/// Streams a daemon may open to this agent at once: its load reports and link-probe
+/// answers travel on them, one or two at a time; a few spare keep a slow reader from
+/// stalling the next report, and more would only let a misbehaving daemon make the
+/// board hold buffers.
+const MAX_INCOMING_STREAMS: u32 = 4;
+
+/// A connection the daemon closes within this long of the handshake counts as a
+/// failed attempt (it refused our certificate after the handshake, say), so backoff
+/// keeps growing; one that held this long was taken, and backoff starts over. A
+/// second is far beyond the round trip in which a daemon refuses, and far below how
+/// long a real connection lasts.
+const HELD_AFTER: Duration = Duration::from_secs(1);
+
+/// Each reconnect wait is the backoff times a factor drawn from
+/// `[JITTER_LOW, JITTER_LOW + JITTER_SPAN)`: ±20 % spreads a fleet of boards that lost
+/// the same daemon at once over a window as wide as the backoff itself, so they do not
+/// reconnect in lockstep, while keeping each wait near what the operator configured.
+const JITTER_LOW: f64 = 0.8;
+/// See [`JITTER_LOW`].
+const JITTER_SPAN: f64 = 0.4;
+
+/// Why the uplink could not be set up, or take a renewed certificate.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// The identity cannot make a QUIC client configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// `[link] idle_timeout` is longer than QUIC can express.
+    #[error(transparent)]
+    IdleTimeout(#[from] quinn::VarIntBoundsExceeded),
+    /// No UDP socket could be bound for the client endpoint.
+    #[error(transparent)]
+    Socket(#[from] std::io::Error),
+}
 
 /// What is known about one daemon right now.
 #[derive(Debug, Clone, Default)]
@@ -156,13 +193,16 @@ pub struct Uplink {
     cfg: LinkConfig,
 }
 
-fn client_config(identity: &Identity, cfg: &LinkConfig) -> anyhow::Result<quinn::ClientConfig> {
+fn client_config(
+    identity: &Identity,
+    cfg: &LinkConfig,
+) -> Result<quinn::ClientConfig, UplinkError> {
     let mut client = quinn::ClientConfig::new(identity.quic_client()?);
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(cfg.keep_alive))
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(cfg.idle_timeout)?))
-        .max_concurrent_uni_streams(4u32.into())
+        .max_concurrent_uni_streams(MAX_INCOMING_STREAMS.into())
         .max_concurrent_bidi_streams(0u32.into());
     client.transport_config(Arc::new(transport));
     Ok(client)
@@ -174,7 +214,7 @@ impl Uplink {
         identity: &Identity,
         targets: Vec<CloudTarget>,
         cfg: LinkConfig,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, UplinkError> {
         let client = Arc::new(Mutex::new(client_config(identity, &cfg)?));
         let endpoint = quinn::Endpoint::client("[::]:0".parse().expect("literal address"))
             .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal address")))?;
@@ -214,7 +254,7 @@ impl Uplink {
 
     /// Uses `identity` (a renewed certificate) for every connection made from now on.
     /// Live connections, and the tasks on them, carry on with the old one.
-    pub fn set_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+    pub fn set_identity(&self, identity: &Identity) -> Result<(), UplinkError> {
         let client = client_config(identity, &self.cfg)?;
         *self.client.lock().expect("client config lock") = client;
         Ok(())
@@ -282,10 +322,9 @@ impl Uplink {
     pub async fn wait_for(&self, address: &str, timeout: Duration) -> Option<Chosen> {
         let link = self.links.iter().find(|l| l.address() == address)?;
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let changed = link.changed.notified();
+        wait_until(&[&link.changed], deadline, || {
             if let Some((conn, load)) = link.usable() {
-                return Some(Chosen {
+                return Check::Ready(Chosen {
                     link: link.clone(),
                     conn,
                     load,
@@ -293,12 +332,11 @@ impl Uplink {
             }
             if link.live().is_some() {
                 // Connected but draining: it will not take the retry.
-                return None;
+                return Check::GiveUp;
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return None;
-            }
-        }
+            Check::Wait
+        })
+        .await
     }
 
     /// Every live connection, by daemon address.
@@ -317,15 +355,47 @@ impl Uplink {
     /// Waits until some daemon is usable, up to `timeout`. True if one is.
     pub async fn wait_usable(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let waits: Vec<_> = self.links.iter().map(|l| l.changed.notified()).collect();
-            if self.pick().is_some() {
-                return true;
-            }
-            let any = futures_any(waits);
-            if tokio::time::timeout_at(deadline, any).await.is_err() {
-                return self.pick().is_some();
-            }
+        let changed: Vec<&Notify> = self.links.iter().map(|l| &l.changed).collect();
+        let usable = wait_until(&changed, deadline, || match self.pick() {
+            Some(_) => Check::Ready(()),
+            None => Check::Wait,
+        });
+        // At the deadline, one last look: a link may have come up in the same instant.
+        usable.await.is_some() || self.pick().is_some()
+    }
+}
+
+/// What a wait makes of the links' state, each time it changes.
+#[derive(Debug, PartialEq, Eq)]
+enum Check<T> {
+    /// Done: this.
+    Ready(T),
+    /// Done: what is awaited will not come (a daemon back but draining).
+    GiveUp,
+    /// Not yet: look again at the next change.
+    Wait,
+}
+
+/// Asks `check` now and after each notification of one of `changed`, until it says
+/// done or `deadline` passes (`None`). Each round's notifications are armed before
+/// `check` looks, so a change between the look and the wait is not missed.
+async fn wait_until<T>(
+    changed: &[&Notify],
+    deadline: tokio::time::Instant,
+    mut check: impl FnMut() -> Check<T>,
+) -> Option<T> {
+    loop {
+        let waits: Vec<_> = changed.iter().map(|n| n.notified()).collect();
+        match check() {
+            Check::Ready(v) => return Some(v),
+            Check::GiveUp => return None,
+            Check::Wait => {}
+        }
+        if tokio::time::timeout_at(deadline, futures_any(waits))
+            .await
+            .is_err()
+        {
+            return None;
         }
     }
 }
@@ -348,7 +418,57 @@ async fn futures_any(waits: Vec<tokio::sync::futures::Notified<'_>>) {
     .await
 }
 
-use std::future::Future;
+/// When one daemon's maintainer tries again: the backoff doubles from `[link]
+/// reconnect_min` after each failed attempt up to `reconnect_max`, and starts over once
+/// a connection holds.
+#[derive(Debug, Clone, PartialEq)]
+struct Reconnect {
+    /// The next wait, before jitter.
+    backoff: Duration,
+    /// Failed attempts in a row (connections dropped at once included).
+    failures: u32,
+    /// `[link] reconnect_min`: the first wait, and the wait after a connection held.
+    min: Duration,
+    /// `[link] reconnect_max`: the longest wait.
+    max: Duration,
+}
+
+impl Reconnect {
+    fn new(cfg: &LinkConfig) -> Self {
+        Self {
+            backoff: cfg.reconnect_min,
+            failures: 0,
+            min: cfg.reconnect_min,
+            max: cfg.reconnect_max,
+        }
+    }
+
+    /// An attempt failed; returns how many have in a row.
+    fn failed(&mut self) -> u32 {
+        self.failures += 1;
+        self.failures
+    }
+
+    /// A connection closed after `lasted`: true when it had held (see [`HELD_AFTER`]),
+    /// which starts backoff over; false when it counts as a failed attempt.
+    fn closed_after(&mut self, lasted: Duration) -> bool {
+        if lasted < HELD_AFTER {
+            self.failed();
+            return false;
+        }
+        self.failures = 0;
+        self.backoff = self.min;
+        true
+    }
+
+    /// The wait before the next attempt, for `jitter` drawn uniformly from `[0, 1)`;
+    /// the backoff doubles for the one after, up to the cap.
+    fn next_wait(&mut self, jitter: f64) -> Duration {
+        let wait = self.backoff.mul_f64(jitter * JITTER_SPAN + JITTER_LOW);
+        self.backoff = (self.backoff * 2).min(self.max);
+        wait
+    }
+}
 
 /// Keeps one daemon connected until shutdown.
 async fn maintain(
@@ -359,8 +479,12 @@ async fn maintain(
     cfg: LinkConfig,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = cfg.reconnect_min;
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new(&cfg);
+    // What every failed attempt adds to its error (why daemons refuse us, and what to do).
+    let noted = |e: String| match note.lock().expect("note lock").as_deref() {
+        Some(n) => format!("{e}; {n}"),
+        None => e,
+    };
     loop {
         let current = client.lock().expect("client config lock").clone();
         let attempt = tokio::select! {
@@ -369,28 +493,10 @@ async fn maintain(
         };
         match attempt {
             Ok(conn) => {
-                info!(
-                    daemon = link.address(),
-                    rtt_ms = conn.rtt().as_millis() as u64,
-                    "connected to daemon"
-                );
                 let connected_at = std::time::Instant::now();
-                link.set(|s| {
-                    s.conn = Some(conn.clone());
-                    s.load = None;
-                    s.last_error = None;
-                });
-                let loads = tokio::spawn(follow_load(link.clone(), conn.clone()));
-                let reason = tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => {
-                        conn.close(0u32.into(), b"agent shutting down");
-                        loads.abort();
-                        return;
-                    }
-                    e = conn.closed() => e,
+                let Some(reason) = hold(&link, &conn, &shutdown).await else {
+                    return;
                 };
-                loads.abort();
                 let why = match &reason {
                     quinn::ConnectionError::ApplicationClosed(c)
                         if c.error_code == CLOSE_DRAINING.into() =>
@@ -401,21 +507,12 @@ async fn maintain(
                 };
                 // A connection the daemon drops at once (it refused our certificate
                 // after the handshake, say) is a failed attempt: keep backing off.
-                let why = if connected_at.elapsed() < Duration::from_secs(1) {
-                    failures += 1;
-                    match note.lock().expect("note lock").as_deref() {
-                        Some(n) => format!("{why}; {n}"),
-                        None => why,
-                    }
-                } else {
-                    failures = 0;
-                    backoff = cfg.reconnect_min;
-                    why
-                };
-                if failures <= 1 {
+                let held = reconnect.closed_after(connected_at.elapsed());
+                let why = if held { why } else { noted(why) };
+                if reconnect.failures <= 1 {
                     warn!(daemon = link.address(), reason = %why, "connection to daemon lost; reconnecting");
                 } else {
-                    debug!(daemon = link.address(), reason = %why, failures, "connection to daemon lost again at once");
+                    debug!(daemon = link.address(), reason = %why, failures = reconnect.failures, "connection to daemon lost again at once");
                 }
                 link.set(|s| {
                     s.conn = None;
@@ -425,11 +522,8 @@ async fn maintain(
                 });
             }
             Err(e) => {
-                failures += 1;
-                let e = match note.lock().expect("note lock").as_deref() {
-                    Some(n) => format!("{e}; {n}"),
-                    None => e,
-                };
+                let failures = reconnect.failed();
+                let e = noted(e);
                 if failures == 1 {
                     warn!(daemon = link.address(), error = %e, "cannot connect to daemon; retrying with backoff");
                 } else {
@@ -438,15 +532,42 @@ async fn maintain(
                 link.set(|s| s.last_error = Some(e));
             }
         }
-        // Jitter keeps a fleet of boards from reconnecting in lockstep after an outage.
-        let jitter = rand::random::<f64>() * 0.4 + 0.8;
-        let wait = backoff.mul_f64(jitter);
+        let wait = reconnect.next_wait(rand::random::<f64>());
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(cfg.reconnect_max);
     }
+}
+
+/// Publishes `conn` as the link's connection and follows its load reports until it
+/// closes: returns why, or `None` at shutdown (the connection closed by us).
+async fn hold(
+    link: &Arc<Link>,
+    conn: &quinn::Connection,
+    shutdown: &CancellationToken,
+) -> Option<quinn::ConnectionError> {
+    info!(
+        daemon = link.address(),
+        rtt_ms = conn.rtt().as_millis() as u64,
+        "connected to daemon"
+    );
+    link.set(|s| {
+        s.conn = Some(conn.clone());
+        s.load = None;
+        s.last_error = None;
+    });
+    let loads = tokio::spawn(follow_load(link.clone(), conn.clone()));
+    let reason = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => {
+            conn.close(0u32.into(), b"agent shutting down");
+            None
+        }
+        e = conn.closed() => Some(e),
+    };
+    loads.abort();
+    reason
 }
 
 async fn connect(
@@ -651,11 +772,91 @@ impl Drop for TaskStream {
     }
 }
 
-/// The body of [`offload`] on an open stream.
+/// The input on its way to the daemon: what is still to send, and the copy kept for
+/// a retry.
+struct Upload {
+    /// Chunks read so far, while they fit in `replay_buffer` (all of them until the
+    /// daemon accepts: sending pauses rather than read past it).
+    replay: VecDeque<Bytes>,
+    /// Bytes in `replay`.
+    replay_len: usize,
+    /// Chunks an earlier try read, sent again on this stream before anything new.
+    to_send: VecDeque<Bytes>,
+    /// The chunk being written.
+    pending: Option<Bytes>,
+    /// The input has ended.
+    input_done: bool,
+    /// The daemon has not stopped our sending.
+    send_ok: bool,
+    /// `replay` holds every byte read so far.
+    replayable: bool,
+}
+
+impl Upload {
+    /// An upload that first sends again what an earlier try read.
+    fn new(replay: VecDeque<Bytes>) -> Self {
+        let replay_len = replay.iter().map(Bytes::len).sum();
+        let mut to_send = replay.clone();
+        let pending = to_send.pop_front();
+        Self {
+            replay,
+            replay_len,
+            to_send,
+            pending,
+            input_done: false,
+            send_ok: true,
+            replayable: true,
+        }
+    }
+
+    /// The input whole again: what was read, then `rest`.
+    fn give_back<I>(self, rest: I) -> Replay<I> {
+        Replay {
+            buffered: self.replay,
+            rest,
+        }
+    }
+}
+
+/// Why no answer came while the input was being sent.
+enum NoReply {
+    /// None within `accept_timeout`.
+    Late,
+    /// The task's input could not be read.
+    Input(std::io::Error),
+}
+
+/// What the daemon's first answer, or its absence, says when it is not "accepted".
+enum Refusal {
+    /// The daemon did not start the task; `reset` when our sending must be reset (it
+    /// misbehaved, and would otherwise wait for the rest of the input).
+    NotStarted {
+        /// The daemon's refusal code, if it refused.
+        code: Option<ErrorCode>,
+        /// Operator-readable cause.
+        reason: String,
+        /// Reset our sending before giving the input back.
+        reset: bool,
+    },
+    /// The daemon may have the task: the connection failed before it answered.
+    Unsure(String),
+}
+
+/// Why a task stopped mid-run.
+struct MidTask {
+    /// The link or the daemon failed, not the input or output here: the task may be
+    /// retried elsewhere.
+    link: bool,
+    /// Operator-readable cause.
+    reason: String,
+}
+
+/// The body of [`offload`] on an open stream: the request, the input until the daemon
+/// answers, its answer, then input and output both ways until the trailer.
 async fn exchange<I: Input, O: Output>(
     stream: &mut TaskStream,
     header: &RequestHeader,
-    mut input: Replay<I>,
+    input: Replay<I>,
     output: &mut O,
     cfg: &LinkConfig,
 ) -> Result<Trailer, OffloadError<I>> {
@@ -668,192 +869,419 @@ async fn exchange<I: Input, O: Output>(
     if let Err(e) = write_frame(send, &header.to_frame()).await {
         return not_started(None, format!("cannot send the request: {e}"), input);
     }
-    let mut replay: VecDeque<Bytes> = std::mem::take(&mut input.buffered);
-    let mut replay_len: usize = replay.iter().map(Bytes::len).sum();
-    // Chunks already replayed must be sent again on this stream first.
-    let mut to_send: VecDeque<Bytes> = replay.clone();
-    let mut pending: Option<Bytes> = to_send.pop_front();
-    let mut input_done = false;
-    let mut send_ok = true;
-    let deadline = tokio::time::Instant::now() + cfg.accept_timeout;
+    let Replay { buffered, mut rest } = input;
+    let mut up = Upload::new(buffered);
+    let reply = match await_reply(send, reader, &mut rest, &mut up, input_finished, cfg).await {
+        Ok(reply) => reply,
+        Err(NoReply::Input(e)) => {
+            let _ = send.reset(RESET_ABANDONED.into());
+            return Err(OffloadError::Failed {
+                reason: format!("reading the task's input: {e}"),
+                input: None,
+            });
+        }
+        Err(NoReply::Late) => {
+            let _ = send.reset(RESET_ABANDONED.into());
+            return Err(OffloadError::Failed {
+                reason: format!(
+                    "daemon did not accept the task within {:?}; it may still run it",
+                    cfg.accept_timeout
+                ),
+                input: Some(up.give_back(rest)),
+            });
+        }
+    };
+    if let Err(refusal) = read_answer(reply) {
+        let input = up.give_back(rest);
+        return Err(match refusal {
+            Refusal::NotStarted {
+                code,
+                reason,
+                reset,
+            } => {
+                if reset {
+                    let _ = send.reset(RESET_ABANDONED.into());
+                }
+                OffloadError::NotStarted {
+                    code,
+                    reason,
+                    input,
+                }
+            }
+            Refusal::Unsure(reason) => OffloadError::Failed {
+                reason,
+                input: Some(input),
+            },
+        });
+    }
+    // Accepted. Send the rest of the input while reading the output. What is read from
+    // the input stays in `replay` while it fits in `replay_buffer`, so a task whose
+    // connection dies mid-run can be retried with its whole input.
+    let pump = pump_input(send, &mut rest, &mut up, input_finished, cfg);
+    let outcome = relay(pump, read_output(reader, output)).await;
+    outcome.map_err(|MidTask { link, reason }| {
+        debug!("offload failed mid-task: {reason}");
+        OffloadError::Failed {
+            reason,
+            input: (link && up.replayable).then(|| up.give_back(rest)),
+        }
+    })
+}
 
-    // Phase 1: until the daemon answers.
-    let reply = loop {
+/// Sends input (replayed chunks first) until the daemon answers or `accept_timeout`
+/// passes; returns what the reader gave. Reads no more input than fits in
+/// `replay_buffer`: until the daemon accepts, every byte must stay replayable.
+async fn await_reply<I: Input>(
+    send: &mut quinn::SendStream,
+    reader: &mut FrameReader<quinn::RecvStream>,
+    rest: &mut I,
+    up: &mut Upload,
+    input_finished: &mut bool,
+    cfg: &LinkConfig,
+) -> Result<Result<Option<Frame>, WireError>, NoReply> {
+    let deadline = tokio::time::Instant::now() + cfg.accept_timeout;
+    loop {
         tokio::select! {
             biased;
-            r = reader.next() => break Ok(r),
-            () = tokio::time::sleep_until(deadline) => break Err(format!("daemon did not accept the task within {:?}", cfg.accept_timeout)),
-            r = send.write(pending.as_deref().unwrap_or(&[])), if pending.is_some() && send_ok => match r {
+            r = reader.next() => return Ok(r),
+            () = tokio::time::sleep_until(deadline) => return Err(NoReply::Late),
+            r = send.write(up.pending.as_deref().unwrap_or(&[])), if up.pending.is_some() && up.send_ok => match r {
                 Ok(n) => {
-                    let p = pending.as_mut().expect("pending is set");
+                    let p = up.pending.as_mut().expect("pending is set");
                     p.advance(n);
                     if p.is_empty() {
-                        pending = to_send.pop_front();
+                        up.pending = up.to_send.pop_front();
                     }
                 }
                 // Stopped: the daemon refused the input; its reply says why.
-                Err(_) => send_ok = false,
+                Err(_) => up.send_ok = false,
             },
-            r = input.rest.next_chunk(), if pending.is_none() && !input_done && replay_len < cfg.replay_buffer => match r {
+            r = rest.next_chunk(), if up.pending.is_none() && !up.input_done && up.replay_len < cfg.replay_buffer => match r {
                 Ok(Some(c)) => {
-                    replay_len += c.len();
-                    replay.push_back(c.clone());
-                    pending = Some(c);
+                    up.replay_len += c.len();
+                    up.replay.push_back(c.clone());
+                    up.pending = Some(c);
                 }
                 Ok(None) => {
-                    input_done = true;
+                    up.input_done = true;
                     *input_finished = true;
                     let _ = send.finish();
                 }
-                Err(e) => {
-                    let _ = send.reset(RESET_ABANDONED.into());
-                    return Err(OffloadError::Failed { reason: format!("reading the task's input: {e}"), input: None });
-                }
+                Err(e) => return Err(NoReply::Input(e)),
             },
         }
-    };
-    let give_back = |replay: VecDeque<Bytes>, input: Replay<I>| Replay {
-        buffered: replay,
-        rest: input.rest,
+    }
+}
+
+/// `Ok` when the daemon's first answer accepts the task; otherwise what it means.
+fn read_answer(reply: Result<Option<Frame>, WireError>) -> Result<(), Refusal> {
+    let not_started = |code, reason, reset| {
+        Err(Refusal::NotStarted {
+            code,
+            reason,
+            reset,
+        })
     };
     let frame = match reply {
-        Ok(Ok(Some(frame))) => frame,
-        Ok(Ok(None)) => {
+        Ok(Some(frame)) => frame,
+        Ok(None) => {
             return not_started(
                 None,
                 "daemon closed the stream without answering".into(),
-                give_back(replay, input),
+                false,
             )
         }
         // The request may have reached the daemon, and a small input is run only once it
         // is whole, so the daemon may be running the task: a retry must carry the same
         // id (and prefer this daemon) rather than treat it as never started.
-        Ok(Err(e)) => {
-            return Err(OffloadError::Failed {
-                reason: format!("connection failed before the daemon answered: {e}"),
-                input: Some(give_back(replay, input)),
-            })
-        }
-        Err(reason) => {
-            let _ = send.reset(RESET_ABANDONED.into());
-            return Err(OffloadError::Failed {
-                reason: format!("{reason}; it may still run it"),
-                input: Some(give_back(replay, input)),
-            });
+        Err(e) => {
+            return Err(Refusal::Unsure(format!(
+                "connection failed before the daemon answered: {e}"
+            )))
         }
     };
     match ReplyHeader::from_frame(&frame) {
-        Ok(ReplyHeader::Accepted) => {}
-        Ok(ReplyHeader::Rejected { code, message }) => {
-            return not_started(Some(code), message, give_back(replay, input));
-        }
-        Err(e) => {
-            let _ = send.reset(RESET_ABANDONED.into());
-            return not_started(
-                None,
-                format!("daemon misbehaved: {e}"),
-                give_back(replay, input),
-            );
+        Ok(ReplyHeader::Accepted) => Ok(()),
+        Ok(ReplyHeader::Rejected { code, message }) => not_started(Some(code), message, false),
+        Err(e) => not_started(None, format!("daemon misbehaved: {e}"), true),
+    }
+}
+
+/// Runs `pump` (the input) alongside `read` (the output) until `read` ends with the
+/// trailer or a failure; a failed `pump` ends the task too.
+async fn relay(
+    pump: impl Future<Output = Result<(), String>>,
+    read: impl Future<Output = Result<Trailer, MidTask>>,
+) -> Result<Trailer, MidTask> {
+    tokio::pin!(pump, read);
+    let mut pump_done = false;
+    loop {
+        tokio::select! {
+            r = &mut read => return r,
+            r = &mut pump, if !pump_done => {
+                pump_done = true;
+                if let Err(reason) = r {
+                    return Err(MidTask { link: false, reason });
+                }
+            }
         }
     }
-    // Phase 2: accepted. Send the rest of the input while reading the output. What is
-    // read from the input stays in `replay` while it fits in `replay_buffer`, so a task
-    // whose connection dies mid-run can be retried with its whole input.
-    let mut replayable = true;
-    let outcome = {
-        let rest = &mut input.rest;
-        let (replay, replayable) = (&mut replay, &mut replayable);
-        let pump = async {
-            if !send_ok {
+}
+
+/// Sends the rest of the input after the daemon accepted, keeping a copy in `replay`
+/// while it fits. Ends early, `Ok`, if the daemon stops reading (input over its limit,
+/// or it answers from its memory of this id): the trailer says why.
+async fn pump_input<I: Input>(
+    send: &mut quinn::SendStream,
+    rest: &mut I,
+    up: &mut Upload,
+    input_finished: &mut bool,
+    cfg: &LinkConfig,
+) -> Result<(), String> {
+    if !up.send_ok {
+        return Ok(());
+    }
+    loop {
+        if let Some(p) = up.pending.take() {
+            if send.write_chunk(p).await.is_err() {
                 return Ok(());
             }
-            let mut pending = pending;
-            loop {
-                if let Some(p) = pending.take() {
-                    if send.write_chunk(p).await.is_err() {
-                        // The daemon stopped reading (input over its limit, or it is
-                        // answering from its memory of this id); the trailer says why.
-                        return Ok(());
-                    }
-                    pending = to_send.pop_front();
-                    continue;
+            up.pending = up.to_send.pop_front();
+            continue;
+        }
+        if up.input_done {
+            *input_finished = true;
+            let _ = send.finish();
+            return Ok(());
+        }
+        match rest.next_chunk().await {
+            Ok(Some(c)) => {
+                if up.replayable && up.replay_len + c.len() <= cfg.replay_buffer {
+                    up.replay_len += c.len();
+                    up.replay.push_back(c.clone());
+                } else if up.replayable {
+                    up.replayable = false;
+                    up.replay.clear();
                 }
-                if input_done {
-                    *input_finished = true;
-                    let _ = send.finish();
-                    return Ok(());
-                }
-                match rest.next_chunk().await {
-                    Ok(Some(c)) => {
-                        if *replayable && replay_len + c.len() <= cfg.replay_buffer {
-                            replay_len += c.len();
-                            replay.push_back(c.clone());
-                        } else if *replayable {
-                            *replayable = false;
-                            replay.clear();
-                        }
-                        pending = Some(c);
-                    }
-                    Ok(None) => input_done = true,
-                    Err(e) => {
-                        let _ = send.reset(RESET_ABANDONED.into());
-                        return Err(format!("reading the task's input: {e}"));
-                    }
-                }
+                up.pending = Some(c);
             }
-        };
-        let read = async {
-            loop {
-                let frame = match reader.next().await {
-                    Ok(Some(f)) => f,
-                    Ok(None) => {
-                        return Err((
-                            true,
-                            "daemon ended the stream without a trailer".to_string(),
-                        ))
-                    }
-                    Err(e) => return Err((true, format!("connection lost mid-task: {e}"))),
-                };
-                match frame.kind {
-                    FrameKind::Data => output
-                        .write(frame.payload)
-                        .await
-                        .map_err(|e| (false, format!("delivering output: {e}")))?,
-                    FrameKind::Trailer => {
-                        return Trailer::from_frame(&frame)
-                            .map_err(|e| (true, format!("daemon misbehaved: {e}")))
-                    }
-                    other => {
-                        return Err((
-                            true,
-                            format!("daemon misbehaved: unexpected {other:?} frame"),
-                        ))
-                    }
-                }
-            }
-        };
-        tokio::pin!(pump, read);
-        let mut pump_done = false;
-        loop {
-            tokio::select! {
-                r = &mut read => break r,
-                r = &mut pump, if !pump_done => {
-                    pump_done = true;
-                    if let Err(reason) = r {
-                        break Err((false, reason));
-                    }
-                }
+            Ok(None) => up.input_done = true,
+            Err(e) => {
+                let _ = send.reset(RESET_ABANDONED.into());
+                return Err(format!("reading the task's input: {e}"));
             }
         }
-    };
-    outcome.map_err(|(link, reason)| {
-        debug!("offload failed mid-task: {reason}");
-        OffloadError::Failed {
-            reason,
-            input: (link && replayable).then(|| Replay {
-                buffered: replay,
-                rest: input.rest,
-            }),
+    }
+}
+
+/// Copies the daemon's output frames into `output` until its trailer.
+async fn read_output<O: Output>(
+    reader: &mut FrameReader<quinn::RecvStream>,
+    output: &mut O,
+) -> Result<Trailer, MidTask> {
+    let link = |reason: String| MidTask { link: true, reason };
+    loop {
+        let frame = match reader.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(link("daemon ended the stream without a trailer".into())),
+            Err(e) => return Err(link(format!("connection lost mid-task: {e}"))),
+        };
+        match frame.kind {
+            FrameKind::Data => output.write(frame.payload).await.map_err(|e| MidTask {
+                link: false,
+                reason: format!("delivering output: {e}"),
+            })?,
+            FrameKind::Trailer => {
+                return Trailer::from_frame(&frame)
+                    .map_err(|e| link(format!("daemon misbehaved: {e}")))
+            }
+            other => {
+                return Err(link(format!(
+                    "daemon misbehaved: unexpected {other:?} frame"
+                )))
+            }
         }
-    })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use tokio::time::Instant;
+
+    fn reconnect(min_ms: u64, max_ms: u64) -> Reconnect {
+        Reconnect::new(&LinkConfig {
+            reconnect_min: Duration::from_millis(min_ms),
+            reconnect_max: Duration::from_millis(max_ms),
+            ..LinkConfig::default()
+        })
+    }
+
+    /// The middle of the jitter range: the wait is the backoff itself.
+    const NO_JITTER: f64 = 0.5;
+
+    #[test]
+    fn backoff_doubles_from_min_and_stops_at_max() {
+        let mut r = reconnect(100, 1000);
+        let waits: Vec<u64> = (0..7)
+            .map(|_| r.next_wait(NO_JITTER).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    #[test]
+    fn jitter_spreads_a_wait_by_a_fifth_either_way() {
+        let wait = |jitter| reconnect(1000, 1000).next_wait(jitter);
+        assert_eq!(wait(0.0), Duration::from_millis(800));
+        assert_eq!(wait(NO_JITTER), Duration::from_millis(1000));
+        assert!(wait(0.999_999) < Duration::from_millis(1200));
+        assert!(wait(0.999_999) > Duration::from_millis(1199));
+    }
+
+    #[test]
+    fn a_connection_that_held_starts_backoff_over() {
+        let mut r = reconnect(100, 10_000);
+        assert_eq!(r.failed(), 1);
+        assert_eq!(r.failed(), 2);
+        r.next_wait(NO_JITTER);
+        r.next_wait(NO_JITTER);
+        assert!(r.closed_after(HELD_AFTER));
+        assert_eq!(r.failures, 0);
+        assert_eq!(r.next_wait(NO_JITTER), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_connection_dropped_at_once_is_a_failed_attempt() {
+        let mut r = reconnect(100, 10_000);
+        r.next_wait(NO_JITTER);
+        assert!(!r.closed_after(HELD_AFTER - Duration::from_millis(1)));
+        assert!(!r.closed_after(Duration::ZERO));
+        assert_eq!(r.failures, 2);
+        // Backoff goes on growing: the daemon that refuses us is not hammered.
+        assert_eq!(r.next_wait(NO_JITTER), Duration::from_millis(200));
+    }
+
+    #[test]
+    fn the_first_answer_decides_whether_the_task_may_run_elsewhere() {
+        let answer = |reply| match read_answer(reply) {
+            Ok(()) => "accepted".to_string(),
+            Err(Refusal::NotStarted {
+                code,
+                reason,
+                reset,
+            }) => format!("not started {code:?} reset={reset}: {reason}"),
+            Err(Refusal::Unsure(reason)) => format!("unsure: {reason}"),
+        };
+        assert_eq!(
+            answer(Ok(Some(ReplyHeader::Accepted.to_frame()))),
+            "accepted"
+        );
+        let busy = ReplyHeader::Rejected {
+            code: ErrorCode::Busy,
+            message: "all slots taken".into(),
+        };
+        assert_eq!(
+            answer(Ok(Some(busy.to_frame()))),
+            "not started Some(Busy) reset=false: all slots taken"
+        );
+        assert_eq!(
+            answer(Ok(None)),
+            "not started None reset=false: daemon closed the stream without answering"
+        );
+        // A daemon that misbehaves is not left waiting for the rest of the input.
+        let garbage = Frame::new(FrameKind::Reply, &b"{"[..]);
+        assert!(answer(Ok(Some(garbage)))
+            .starts_with("not started None reset=true: daemon misbehaved: "));
+        // The request may have reached the daemon: the task is not known not to run.
+        let lost = WireError::Io(std::io::ErrorKind::ConnectionReset.into());
+        assert_eq!(
+            answer(Err(lost)),
+            "unsure: connection failed before the daemon answered: transport: connection reset"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_gives_up_at_its_deadline() {
+        let changed = Notify::new();
+        let start = Instant::now();
+        let looks = Cell::new(0);
+        let got: Option<()> = wait_until(&[&changed], start + Duration::from_secs(5), || {
+            looks.set(looks.get() + 1);
+            Check::Wait
+        })
+        .await;
+        assert_eq!(got, None);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(
+            looks.get(),
+            1,
+            "nothing changed, so nothing to look at again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_returns_as_soon_as_a_change_makes_it_ready() {
+        let changed = Arc::new([Notify::new(), Notify::new()]);
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = Instant::now();
+        let (c, u) = (changed.clone(), up.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // A change that does not make it ready: looked at, waited on.
+            c[0].notify_waiters();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            u.store(true, std::sync::atomic::Ordering::SeqCst);
+            c[1].notify_waiters();
+        });
+        let looks = Cell::new(0);
+        let got = wait_until(
+            &[&changed[0], &changed[1]],
+            start + Duration::from_secs(60),
+            || {
+                looks.set(looks.get() + 1);
+                if up.load(std::sync::atomic::Ordering::SeqCst) {
+                    Check::Ready(7)
+                } else {
+                    Check::Wait
+                }
+            },
+        )
+        .await;
+        assert_eq!(got, Some(7));
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert_eq!(looks.get(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_while_looking_is_not_missed() {
+        let changed = Notify::new();
+        let start = Instant::now();
+        let looks = Cell::new(0);
+        let got = wait_until(&[&changed], start + Duration::from_secs(60), || {
+            looks.set(looks.get() + 1);
+            if looks.get() == 1 {
+                // The link changes after this look saw nothing and before the wait.
+                changed.notify_waiters();
+                Check::Wait
+            } else {
+                Check::Ready(())
+            }
+        })
+        .await;
+        assert_eq!(got, Some(()));
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_told_to_give_up_does_not_wait() {
+        let changed = Notify::new();
+        let start = Instant::now();
+        let got: Option<()> = wait_until(&[&changed], start + Duration::from_secs(60), || {
+            Check::GiveUp
+        })
+        .await;
+        assert_eq!(got, None);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
 }
