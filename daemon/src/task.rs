@@ -129,13 +129,12 @@ pub(crate) enum Step {
 
 /// What to do with task `id` given what the memory says of it (`lookup`), whether the
 /// daemon is `draining`, and the catalog's verdict (`admit`, asked only when the task
-/// would run and told whether the daemon is draining). A known id is answered even
-/// while draining: that costs no run.
+/// would run). A known id is answered even while draining: that costs no run.
 pub(crate) fn decide(
     lookup: Lookup,
     id: &str,
     draining: bool,
-    admit: impl FnOnce(bool) -> Result<AdmittedTask, Refusal>,
+    admit: impl FnOnce() -> Result<AdmittedTask, Refusal>,
 ) -> Step {
     let claim = match lookup {
         Lookup::Finished(record) => return Step::Replay(record),
@@ -149,14 +148,16 @@ pub(crate) fn decide(
         Lookup::Run { claim, .. } => Some(claim),
         Lookup::Untracked => None,
     };
-    match admit(draining) {
+    if draining {
+        return Step::Draining;
+    }
+    match admit() {
         Ok(task) => Step::Run(claim, task),
-        Err(refusal) if refusal.code == ErrorCode::Draining => Step::Draining,
         Err(refusal) => Step::NotAdmitted(refusal),
     }
 }
 
-/// The refusal of a task that arrives while the daemon drains.
+/// The refusal of a task that would run while the daemon drains.
 fn draining_refusal() -> Refusal {
     Refusal {
         code: ErrorCode::Draining,
@@ -210,10 +211,7 @@ async fn resolve<S: Future<Output = u64> + Unpin>(
             .recent
             .lookup(key.clone(), task, &asked.args, Instant::now());
         note(&lookup, ts);
-        let admit = |draining: bool| {
-            if draining {
-                return Err(draining_refusal());
-            }
+        let admit = || {
             let args = std::mem::take(&mut asked.args);
             let caller = Caller::Agent(asked.peer);
             let admitted = shared.catalog().admit(task, args, asked.input_len, caller);
@@ -752,6 +750,152 @@ fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recent::{DedupLimits, Recent};
+    use updraft_shared::catalog::Catalog;
+
+    /// A catalog with one task, `echo`, that takes at most 4 bytes of input.
+    fn catalog() -> Catalog {
+        let path = std::path::Path::new("/etc/updraft/daemon.toml");
+        let text = "[tasks.echo]\nbuiltin = \"echo\"\nmax_input = \"4B\"\n";
+        let file = updraft_shared::config::from_str(text, path, "UPDRAFTD_TEST_NONE").unwrap();
+        crate::config::DaemonConfig::from_file(file, path)
+            .unwrap()
+            .catalog
+    }
+
+    fn admit(input_len: u64) -> Result<AdmittedTask, Refusal> {
+        catalog().admit("echo", Vec::new(), Some(input_len), Caller::Local)
+    }
+
+    fn never() -> Result<AdmittedTask, Refusal> {
+        panic!("the catalog was asked about a task that does not run")
+    }
+
+    fn record() -> Arc<Record> {
+        Arc::new(Record {
+            output: Bytes::from_static(b"first"),
+            trailer: Trailer {
+                exit_code: Some(0),
+                ..Default::default()
+            },
+        })
+    }
+
+    #[test]
+    fn a_finished_id_is_replayed_without_admission_even_while_draining() {
+        for draining in [false, true] {
+            match decide(Lookup::Finished(record()), "t1", draining, never) {
+                Step::Replay(r) => assert_eq!(r.output, Bytes::from_static(b"first")),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_running_id_is_joined_and_the_join_gets_the_first_result() {
+        let recent = Recent::new(DedupLimits::default());
+        let now = Instant::now();
+        let key = TaskKey::raw("board-1", "t1");
+        let Lookup::Run { claim, .. } = recent.lookup(key.clone(), "echo", &[], now) else {
+            panic!("a new id is to run");
+        };
+        let lookup = recent.lookup(key, "echo", &[], now);
+        let Step::Join(waiter) = decide(lookup, "t1", true, never) else {
+            panic!("a running id is joined, even while draining");
+        };
+        let kept = Record::clone(&record());
+        claim.keep(kept.clone(), now);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        match rt.block_on(waiter.settled()) {
+            Settled::Kept(r) => assert_eq!(*r, kept),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_id_reused_for_another_task_is_refused_as_a_bad_request() {
+        let lookup = Lookup::Conflict {
+            task: "sha256".into(),
+        };
+        let Step::Conflict(refusal) = decide(lookup, "t1", false, never) else {
+            panic!("a conflict is refused");
+        };
+        assert_eq!(refusal.code, ErrorCode::BadRequest);
+        assert!(
+            refusal.message.contains("task `sha256`"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn a_new_task_is_refused_while_draining_and_its_claim_let_go() {
+        let recent = Recent::new(DedupLimits::default());
+        let now = Instant::now();
+        let key = TaskKey::raw("board-1", "t1");
+        let lookup = recent.lookup(key.clone(), "echo", &[], now);
+        assert!(matches!(decide(lookup, "t1", true, never), Step::Draining));
+        assert!(matches!(
+            decide(Lookup::Untracked, "t2", true, never),
+            Step::Draining
+        ));
+        // The refused run did not keep the id: a later try runs it.
+        let lookup = recent.lookup(key, "echo", &[], now);
+        assert!(matches!(lookup, Lookup::Run { .. }), "{lookup:?}");
+        assert_eq!(draining_refusal().code, ErrorCode::Draining);
+    }
+
+    #[test]
+    fn an_input_over_max_input_is_refused_as_too_large() {
+        match decide(Lookup::Untracked, "t1", false, || admit(5)) {
+            Step::NotAdmitted(refusal) => assert_eq!(refusal.code, ErrorCode::TooLarge),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(Lookup::Untracked, "t1", false, || admit(4)),
+            Step::Run(None, _)
+        ));
+    }
+
+    #[test]
+    fn a_task_is_refused_busy_when_slots_and_queue_are_full() {
+        let work = tempfile::tempdir().unwrap();
+        let executor = Executor::new(1, 1, work.path().join("work"));
+        let uploads = Uploads::default();
+        let first = place(&executor, &uploads, "board-1", 4, 0).unwrap();
+        assert!(matches!(first, Placement::Reserved(_)));
+        let queued = place(&executor, &uploads, "board-1", 4, 0).unwrap();
+        match place(&executor, &uploads, "board-1", 4, 0) {
+            Err(refusal) => assert_eq!(refusal.code, ErrorCode::Busy),
+            Ok(_) => panic!("a third task found a place with one slot and one queue place"),
+        }
+        drop(queued);
+        assert!(place(&executor, &uploads, "board-1", 4, 0).is_ok());
+    }
+
+    #[test]
+    fn held_inputs_are_refused_busy_past_the_agents_upload_limit() {
+        let work = tempfile::tempdir().unwrap();
+        let executor = Executor::new(4, 4, work.path().join("work"));
+        let uploads = Uploads::default();
+        let first = place(&executor, &uploads, "board-1", 1, 1024).unwrap();
+        assert!(matches!(first, Placement::Uploading(..)));
+        match place(&executor, &uploads, "board-1", 1, 1024) {
+            Err(refusal) => {
+                assert_eq!(refusal.code, ErrorCode::Busy);
+                assert!(refusal
+                    .message
+                    .contains("agent `board-1` already has 1 tasks sending"));
+            }
+            Ok(_) => panic!("a second upload of one agent passed a limit of 1"),
+        }
+        // Another agent has its own count; a finished upload frees its count.
+        assert!(place(&executor, &uploads, "board-2", 1, 1024).is_ok());
+        drop(first);
+        assert!(place(&executor, &uploads, "board-1", 1, 1024).is_ok());
+    }
 
     #[test]
     fn a_stderr_tail_that_grows_as_utf8_keeps_its_last_line() {
