@@ -21,7 +21,7 @@ use tee::{HeldInput, TeeOutput, Teed, WatchedInput};
 use tracing::{debug, info, warn};
 use updraft_shared::catalog::{AdmittedTask, Caller, Refusal};
 use updraft_shared::exec::{ExecError, Executor, Outcome, Output, Reservation, Upload};
-use updraft_shared::protocol::msg::{bounded_message, bounded_tail};
+use updraft_shared::protocol::msg::{bounded_message, bounded_tail, HeaderError};
 use updraft_shared::protocol::{
     ErrorCode, Frame, ReplyHeader, RequestHeader, Timings, Trailer, STOP_CANCELLED, STOP_INPUT,
 };
@@ -83,12 +83,23 @@ struct Asked<'a> {
     input_len: Option<u64>,
 }
 
+/// Why a stream's request header was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadHeader {
+    /// The first frame could not be read, or is not a request header.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The header decoded, but a field breaks the protocol's rules: the peer
+    /// misbehaved. Its text follows `transport: `, as this refusal has always read
+    /// on the wire and in logs (agents and scripts may match it).
+    #[error("transport: {0}")]
+    Invalid(#[from] HeaderError),
+}
+
 /// Decodes and checks a request header.
-fn read_header(frame: &Frame) -> Result<RequestHeader, WireError> {
-    let header = RequestHeader::from_frame(frame)?;
-    header
-        .validate()
-        .map_err(|reason| WireError::Io(io::Error::other(reason)))?;
+fn read_header(frame: &Frame) -> Result<RequestHeader, BadHeader> {
+    let header = RequestHeader::from_frame(frame).map_err(WireError::from)?;
+    header.validate()?;
     Ok(header)
 }
 
@@ -97,7 +108,7 @@ pub(crate) async fn refuse_header(
     mut send: quinn::SendStream,
     reader: FrameReader<quinn::RecvStream>,
     agent: &str,
-    e: impl std::fmt::Display,
+    e: BadHeader,
 ) {
     warn!(agent, error = %e, "peer misbehaved: bad request header; task refused");
     let (mut recv, _) = reader.into_parts();
@@ -779,6 +790,25 @@ mod tests {
                 ..Default::default()
             },
         })
+    }
+
+    #[test]
+    fn a_bad_header_reads_as_it_always_did() {
+        let header = RequestHeader {
+            id: "../etc".into(),
+            task: "echo".into(),
+            args: Vec::new(),
+            input_len: None,
+        };
+        let e = read_header(&header.to_frame()).unwrap_err();
+        assert!(matches!(e, BadHeader::Invalid(HeaderError::IdCharacters)));
+        assert_eq!(
+            e.to_string(),
+            "transport: task id may contain only letters, digits, '-' and '_'"
+        );
+        let e = read_header(&Trailer::default().to_frame()).unwrap_err();
+        assert!(matches!(e, BadHeader::Wire(WireError::PeerMisbehaved(_))));
+        assert!(e.to_string().starts_with("peer misbehaved: "), "{e}");
     }
 
     #[test]
