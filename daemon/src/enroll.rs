@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 use updraft_shared::protocol::msg::bounded_message;
-use updraft_shared::protocol::{CertReply, CertRequest, ErrorCode, FrameKind};
+use updraft_shared::protocol::{CertReply, CertRequest, ErrorCode, Frame, FrameKind};
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::{write_frame, FrameReader};
 
@@ -518,6 +518,26 @@ pub async fn serve_request(
         },
     };
     let (recv, _) = reader.into_parts();
+    send_reply(&mut send, recv, &reply).await;
+}
+
+/// Answers a renewal: a stream of a connected agent whose first frame, `frame`, is a
+/// certificate request.
+pub(crate) async fn serve_renewal(
+    mut send: quinn::SendStream,
+    reader: FrameReader<quinn::RecvStream>,
+    frame: &Frame,
+    peer: &AuthenticatedPeer,
+    enroller: &Enroller,
+) {
+    let (recv, _) = reader.into_parts();
+    let reply = match CertRequest::from_frame(frame) {
+        Ok(r) => enroller.renew(&r, peer, SystemTime::now()),
+        Err(e) => CertReply::Rejected {
+            code: ErrorCode::BadRequest,
+            message: bounded_message(e.to_string()),
+        },
+    };
     send_reply(&mut send, recv, &reply).await;
 }
 

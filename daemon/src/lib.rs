@@ -1,7 +1,10 @@
 //! `updraft-daemon`: the cloud side of Updraft.
 //!
 //! - [`config`]: `daemon.toml`, validated into [`config::DaemonConfig`].
-//! - [`server`]: the QUIC accept loop, per-connection and per-task handlers, drain.
+//! - [`server`]: binding, the QUIC accept loop, agent connections, load reports, drain.
+//! - `state`: what every handler of one daemon shares.
+//! - `stream`: each stream an agent opens, dispatched on its first frame.
+//! - `task`: one task stream: header, recent ids, admission, run, settle.
 //! - [`recent`]: the memory of recent task ids that answers retries with the first result.
 //! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
 //! - [`probe`]: link probes: an agent's small timed transfers, bounded per connection.
@@ -22,3 +25,6 @@ pub mod probe;
 pub mod recent;
 pub mod reload;
 pub mod server;
+pub(crate) mod state;
+pub(crate) mod stream;
+pub(crate) mod task;

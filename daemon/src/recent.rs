@@ -83,7 +83,7 @@ impl TaskKey {
     }
 
     #[cfg(test)]
-    fn raw(agent: &str, id: &str) -> Self {
+    pub(crate) fn raw(agent: &str, id: &str) -> Self {
         Self {
             agent: agent.into(),
             id: id.into(),

@@ -35,28 +35,43 @@ pub struct RequestHeader {
 
 impl RequestHeader {
     /// Checks the fields a peer controls; the daemon calls this before using them.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), HeaderError> {
         if self.id.is_empty() || self.id.len() > MAX_TASK_ID_LEN {
-            return Err(format!("task id must be 1..={MAX_TASK_ID_LEN} characters"));
+            return Err(HeaderError::IdLength);
         }
         if !self
             .id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
-            return Err("task id may contain only letters, digits, '-' and '_'".into());
+            return Err(HeaderError::IdCharacters);
         }
         if !crate::name::valid_task_name(&self.task) {
-            return Err("task name must be 1..=64 characters of a-z, 0-9, '-', '_', '.'".into());
+            return Err(HeaderError::TaskName);
         }
         if self.args.len() > MAX_ARGS {
-            return Err(format!(
-                "{} arguments, over the limit of {MAX_ARGS}",
-                self.args.len()
-            ));
+            return Err(HeaderError::TooManyArgs(self.args.len()));
         }
         Ok(())
     }
+}
+
+/// Why a [`RequestHeader`] that decoded was refused: a field breaks the protocol's
+/// rules, so the peer misbehaved. The texts travel in the daemon's rejection.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    /// The task id is empty or longer than [`MAX_TASK_ID_LEN`] bytes.
+    #[error("task id must be 1..={} characters", MAX_TASK_ID_LEN)]
+    IdLength,
+    /// The task id holds a byte other than an ASCII letter, digit, '-' or '_'.
+    #[error("task id may contain only letters, digits, '-' and '_'")]
+    IdCharacters,
+    /// The task name is not one a catalog could hold.
+    #[error("task name must be 1..=64 characters of a-z, 0-9, '-', '_', '.'")]
+    TaskName,
+    /// More arguments than [`MAX_ARGS`]; the count sent.
+    #[error("{0} arguments, over the limit of {max}", max = MAX_ARGS)]
+    TooManyArgs(usize),
 }
 
 /// Longest operator message put in a reply or trailer. Messages may quote what a peer
@@ -834,14 +849,25 @@ mod tests {
         };
         assert!(r.validate().is_ok());
         r.id = "../etc".into();
-        assert!(r.validate().is_err());
+        assert_eq!(r.validate(), Err(HeaderError::IdCharacters));
+        assert_eq!(
+            HeaderError::IdCharacters.to_string(),
+            "task id may contain only letters, digits, '-' and '_'"
+        );
         r.id = "x".repeat(65);
-        assert!(r.validate().is_err());
+        assert_eq!(r.validate(), Err(HeaderError::IdLength));
+        assert_eq!(
+            HeaderError::IdLength.to_string(),
+            format!("task id must be 1..={MAX_TASK_ID_LEN} characters")
+        );
         r.id = "ok".into();
         r.task = "a".repeat(70_000);
-        assert!(r.validate().is_err());
+        assert_eq!(r.validate(), Err(HeaderError::TaskName));
         r.task = "t".into();
         r.args = vec![String::new(); MAX_ARGS + 1];
-        assert!(r.validate().is_err());
+        assert_eq!(
+            r.validate().unwrap_err().to_string(),
+            format!("{} arguments, over the limit of {MAX_ARGS}", MAX_ARGS + 1)
+        );
     }
 }

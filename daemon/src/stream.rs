@@ -1,0 +1,49 @@
+//! One stream an agent opened: its first frame says what it is, and the stream goes to
+//! the handler for that: a task ([`crate::task`]), a link probe ([`crate::probe`]) or a
+//! certificate renewal ([`crate::enroll`]).
+
+use crate::probe::ProbeGate;
+use crate::server::HEADER_TIMEOUT;
+use crate::state::Shared;
+use crate::task;
+use updraft_shared::protocol::{ErrorCode, FrameKind, STOP_INPUT};
+use updraft_shared::tls::AuthenticatedPeer;
+use updraft_shared::wire::FrameReader;
+
+/// Reads the first frame of a stream `peer` opened (within [`HEADER_TIMEOUT`]) and
+/// serves the stream by it.
+pub(crate) async fn serve(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    peer: &AuthenticatedPeer,
+    shared: &Shared,
+    probes: &ProbeGate,
+) {
+    let agent = peer.agent_id();
+    let mut reader = FrameReader::new(recv);
+    match tokio::time::timeout(HEADER_TIMEOUT, reader.next()).await {
+        Ok(Ok(Some(frame))) => match frame.kind {
+            FrameKind::Probe => {
+                let draining = shared.is_draining();
+                crate::probe::serve(send, reader, &frame, probes, draining, agent).await;
+            }
+            FrameKind::CertRequest => {
+                let enroller = shared.enroller();
+                crate::enroll::serve_renewal(send, reader, &frame, peer, &enroller).await;
+            }
+            _ => task::serve(send, reader, &frame, peer, shared).await,
+        },
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => task::refuse_header(send, reader, agent, e.into()).await,
+        Err(_) => {
+            let (mut recv, _) = reader.into_parts();
+            let _ = recv.stop(STOP_INPUT.into());
+            task::reject(
+                &mut send,
+                ErrorCode::BadRequest,
+                format!("no request header within {HEADER_TIMEOUT:?}"),
+            )
+            .await;
+        }
+    }
+}
