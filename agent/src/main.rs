@@ -144,5 +144,6 @@ async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     )?;
     let listener = updraft_agent::api::bind_socket(&config.socket)?;
     let agent = updraft_agent::service::Agent::new(config, &identity)?;
-    updraft_agent::service::run(agent, listener, updraft_shared::signals::terminated()).await
+    updraft_agent::serve::run(agent, listener, updraft_shared::signals::terminated()).await;
+    Ok(())
 }
