@@ -8,7 +8,7 @@ use crate::placement::{Side, Where};
 use crate::service::spool_error;
 use crate::service::Agent;
 use crate::spool::Spool;
-use crate::task::{new_task_id, valid_task_id, Submission, TaskCode, TaskError};
+use crate::task::{new_task_id, valid_task_id, Finished, Submission, TaskCode, TaskError};
 use crate::uplink::OnDrop;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -277,26 +277,8 @@ impl Agent {
                     return;
                 }
                 Ok(f) => {
-                    let fin = Finish {
-                        state: if f.result.is_ok() {
-                            journal::Outcome::Done
-                        } else {
-                            journal::Outcome::Failed
-                        },
-                        placement: f.side,
-                        reason: f.reason,
-                        exit_code: f.result.as_ref().ok().map(|e| e.code),
-                        error: f
-                            .result
-                            .as_ref()
-                            .err()
-                            .map(|e| (e.code.as_str().to_string(), e.message.clone())),
-                        stderr_tail: match &f.result {
-                            Ok(e) => e.stderr_tail.clone(),
-                            Err(_) => String::new(),
-                        },
-                    };
-                    self.store_result(&row, fin, Some(f.output)).await;
+                    let (fin, output) = finish_of(f);
+                    self.store_result(&row, fin, Some(output)).await;
                     return;
                 }
             }
@@ -493,6 +475,33 @@ impl Agent {
     }
 }
 
+/// How a detached task that ran ended, as the journal stores it, and its output.
+fn finish_of(f: Finished) -> (Finish, Spool) {
+    let (state, exit_code, error, stderr_tail) = match f.result {
+        Ok(exit) => (
+            journal::Outcome::Done,
+            Some(exit.code),
+            None,
+            exit.stderr_tail,
+        ),
+        Err(e) => (
+            journal::Outcome::Failed,
+            None,
+            Some((e.code.as_str().to_string(), e.message)),
+            String::new(),
+        ),
+    };
+    let fin = Finish {
+        state,
+        placement: f.side,
+        reason: f.reason,
+        exit_code,
+        error,
+        stderr_tail,
+    };
+    (fin, f.output)
+}
+
 /// How [`store_or_fail`] left a finished detached task.
 enum Stored {
     /// As it ended, with its output (or as `journal_full`).
@@ -678,7 +687,43 @@ pub(crate) async fn dispatch_detached(
 
 #[cfg(test)]
 mod tests {
-    use super::{Chore, Chores, EXPIRE_EVERY, UNSTORED_RETRY_EVERY};
+    use super::{finish_of, journal, Chore, Chores, EXPIRE_EVERY, UNSTORED_RETRY_EVERY};
+    use crate::placement::Side;
+    use crate::spool::Spool;
+    use crate::task::{Exit, Finished, TaskCode, TaskError};
+
+    fn finished(result: Result<Exit, TaskError>) -> Finished {
+        Finished {
+            id: "0".repeat(32),
+            side: Side::Cloud,
+            reason: "where=cloud".into(),
+            result,
+            output: Spool::new("/nonexistent".into(), 16),
+        }
+    }
+
+    #[test]
+    fn a_run_is_stored_as_done_with_its_exit_or_failed_with_its_code() {
+        let (fin, _) = finish_of(finished(Ok(Exit {
+            code: 3,
+            stderr_tail: "oops".into(),
+        })));
+        assert_eq!(fin.state, journal::Outcome::Done);
+        assert_eq!((fin.exit_code, fin.error), (Some(3), None));
+        assert_eq!(
+            (fin.placement, fin.reason.as_str()),
+            (Side::Cloud, "where=cloud")
+        );
+        assert_eq!(fin.stderr_tail, "oops");
+        let (fin, _) = finish_of(finished(Err(TaskError::new(
+            TaskCode::TimedOut,
+            "too slow",
+        ))));
+        assert_eq!(fin.state, journal::Outcome::Failed);
+        assert_eq!(fin.exit_code, None);
+        assert_eq!(fin.error, Some(("timed_out".into(), "too slow".into())));
+        assert_eq!(fin.stderr_tail, "");
+    }
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]

@@ -264,7 +264,31 @@ pub fn signals_json(s: &updraft_shared::policy::Signals) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
-    use super::{journal, journal_json, journal_metrics};
+    use super::{certificate_json, journal, journal_json, journal_metrics};
+    use crate::enroll::CertFiles;
+    use crate::service::Cert;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn the_certificate_shows_its_expiry_and_renewal_as_of_now() {
+        let h = Duration::from_secs(3600);
+        let t0 = SystemTime::UNIX_EPOCH + 1000 * h;
+        let files = CertFiles {
+            ca: "/s/ca.pem".into(),
+            cert: "/s/agent.pem".into(),
+            key: "/s/agent.key".into(),
+        };
+        let cert = Cert::new(files, (t0, t0 + 90 * h), t0);
+        let json = certificate_json(&cert, Some(10 * h), t0 + 50 * h);
+        assert_eq!(json["path"], "/s/agent.pem");
+        assert_eq!(json["not_after_unix"], 1090 * 3600);
+        assert_eq!(json["expires_in_s"], 40 * 3600);
+        assert_eq!(json["expired"], false);
+        assert_eq!(json["renew_at_unix"], 1080 * 3600);
+        let json = certificate_json(&cert, None, t0 + 91 * h);
+        assert_eq!(json["expires_in_s"], 0);
+        assert_eq!(json["expired"], true);
+    }
 
     #[test]
     fn journal_figures_past_4_gib_show_whole() {
