@@ -40,10 +40,12 @@ pub const H_ERROR_CODE: &str = "updraft-error-code";
 /// Most unread request body discarded before an early reply; beyond it the
 /// connection is simply closed. Reading costs no memory, only local socket time.
 const DRAIN_LIMIT: u64 = 256 << 20;
-/// Longest time spent discarding an unread request body.
+/// Longest time spent discarding an unread request body: a local client sends 256 MiB
+/// well within it, and a stalled one must not hold the reply longer.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long shutdown waits for requests in flight before giving up on them.
+/// How long shutdown waits for requests in flight before giving up on them: half the
+/// unit's `TimeoutStopSec=60`, leaving room for the detached runs and the uplink after it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 type Reply = Response<ChannelBody>;
@@ -52,10 +54,13 @@ type Reply = Response<ChannelBody>;
 /// one with 431, which [`ApiIo`] turns into the JSON error every other refusal carries.
 pub const MAX_HEAD_BYTES: usize = 32 << 10;
 /// Longest request URI (path and query); a longer one gets `414` with the JSON error.
+/// A task name and a few dozen `arg=` fit many times over.
 pub const MAX_URI_BYTES: usize = 8 << 10;
-/// Most headers in one request.
+/// Most headers in one request: curl and HTTP libraries send under a dozen.
 pub const MAX_HEADERS: usize = 64;
-/// Longest pause between accept retries after `accept` failed (EMFILE and the like).
+/// Longest pause between accept retries after `accept` failed (EMFILE and the like):
+/// long enough not to spin on a full descriptor table, short enough that a freed
+/// descriptor is used at once.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serves the API on `listener` until `shutdown`, then waits for requests in flight.
@@ -137,6 +142,7 @@ pub async fn serve(
 struct Backoff(Option<Duration>);
 
 impl Backoff {
+    /// The first pause: a transient failure is retried almost at once.
     const FIRST: Duration = Duration::from_millis(10);
 
     fn next(&mut self) -> Duration {
@@ -160,11 +166,15 @@ struct RateLimitedWarn {
 }
 
 impl RateLimitedWarn {
+    /// At most one warning a minute: a flood of refused connections stays one line a
+    /// minute in the journal, with its count.
+    const EVERY: Duration = Duration::from_secs(60);
+
     fn warn(&mut self, say: impl FnOnce(u64)) {
         self.count += 1;
         let due = match self.last {
             None => true,
-            Some(t) => t.elapsed() >= Duration::from_secs(60),
+            Some(t) => t.elapsed() >= Self::EVERY,
         };
         if due {
             say(self.count);
@@ -178,8 +188,11 @@ impl RateLimitedWarn {
 /// the client can read the refusal: closing a Unix socket with unread data resets it,
 /// and the client would see "connection reset" instead of `503 busy`.
 const LINGERING_REFUSALS: usize = 32;
-/// How long, and how much, a refused connection is read before it is closed.
+/// How long a refused connection is read before it is closed: a local client has
+/// sent its request and read the refusal well within a second.
 const LINGER_TIME: Duration = Duration::from_secs(1);
+/// How much of a refused connection is read before it is closed: a request head and
+/// the start of a body; a client still sending past it is not listening.
 const LINGER_BYTES: usize = 64 << 10;
 
 /// Answers a connection over the limit with `503 busy` and closes it: after reading
