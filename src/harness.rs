@@ -121,7 +121,7 @@ pub struct AgentHandle {
     /// Its API socket.
     pub socket: PathBuf,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<()>,
 }
 
 impl AgentHandle {
@@ -130,7 +130,7 @@ impl AgentHandle {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        self.task.await?
+        Ok(self.task.await?)
     }
 
     /// A client for its socket.
@@ -163,10 +163,10 @@ pub async fn start_agent(
     text.push_str(&pki.agent_tls());
     let file: AgentFile = toml::from_str(&text).context("harness agent config")?;
     let config = AgentConfig::from_file(file, &state_dir.join("agent.toml"))?;
-    let listener = updraft_agent::service::bind_socket(&config.socket)?;
+    let listener = updraft_agent::serve::bind_socket(&config.socket)?;
     let agent = Agent::new(config, &pki.agent_identity()?)?;
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(updraft_agent::service::run(
+    let task = tokio::spawn(updraft_agent::serve::run(
         agent.clone(),
         listener,
         async move {

@@ -10,9 +10,12 @@
 //! documented ones (400). Connections are capped and timed out (`[api]` in agent.toml,
 //! see [`serve`]).
 
+use crate::detached::detached_not_found;
 use crate::http::{header_text, parse_query, ApiIo, ChannelBody, RequestBody};
 use crate::placement::Where;
-use crate::service::{detached_not_found, task_json, Agent, Finished, Submission, TaskError};
+use crate::service::Agent;
+use crate::status::task_json;
+use crate::task::{Finished, Submission, TaskCode, TaskError};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::future::Future;
@@ -37,10 +40,12 @@ pub const H_ERROR_CODE: &str = "updraft-error-code";
 /// Most unread request body discarded before an early reply; beyond it the
 /// connection is simply closed. Reading costs no memory, only local socket time.
 const DRAIN_LIMIT: u64 = 256 << 20;
-/// Longest time spent discarding an unread request body.
+/// Longest time spent discarding an unread request body: a local client sends 256 MiB
+/// well within it, and a stalled one must not hold the reply longer.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long shutdown waits for requests in flight before giving up on them.
+/// How long shutdown waits for requests in flight before giving up on them: half the
+/// unit's `TimeoutStopSec=60`, leaving room for the detached runs and the uplink after it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 type Reply = Response<ChannelBody>;
@@ -49,10 +54,13 @@ type Reply = Response<ChannelBody>;
 /// one with 431, which [`ApiIo`] turns into the JSON error every other refusal carries.
 pub const MAX_HEAD_BYTES: usize = 32 << 10;
 /// Longest request URI (path and query); a longer one gets `414` with the JSON error.
+/// A task name and a few dozen `arg=` fit many times over.
 pub const MAX_URI_BYTES: usize = 8 << 10;
-/// Most headers in one request.
+/// Most headers in one request: curl and HTTP libraries send under a dozen.
 pub const MAX_HEADERS: usize = 64;
-/// Longest pause between accept retries after `accept` failed (EMFILE and the like).
+/// Longest pause between accept retries after `accept` failed (EMFILE and the like):
+/// long enough not to spin on a full descriptor table, short enough that a freed
+/// descriptor is used at once.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Serves the API on `listener` until `shutdown`, then waits for requests in flight.
@@ -66,7 +74,7 @@ pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) {
     let limits = agent.config().api.clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -126,7 +134,6 @@ pub async fn serve(
     {
         warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway");
     }
-    Ok(())
 }
 
 /// Exponential pause between failing `accept` calls: 10 ms doubling to
@@ -135,6 +142,7 @@ pub async fn serve(
 struct Backoff(Option<Duration>);
 
 impl Backoff {
+    /// The first pause: a transient failure is retried almost at once.
     const FIRST: Duration = Duration::from_millis(10);
 
     fn next(&mut self) -> Duration {
@@ -158,11 +166,15 @@ struct RateLimitedWarn {
 }
 
 impl RateLimitedWarn {
+    /// At most one warning a minute: a flood of refused connections stays one line a
+    /// minute in the journal, with its count.
+    const EVERY: Duration = Duration::from_secs(60);
+
     fn warn(&mut self, say: impl FnOnce(u64)) {
         self.count += 1;
         let due = match self.last {
             None => true,
-            Some(t) => t.elapsed() >= Duration::from_secs(60),
+            Some(t) => t.elapsed() >= Self::EVERY,
         };
         if due {
             say(self.count);
@@ -176,8 +188,11 @@ impl RateLimitedWarn {
 /// the client can read the refusal: closing a Unix socket with unread data resets it,
 /// and the client would see "connection reset" instead of `503 busy`.
 const LINGERING_REFUSALS: usize = 32;
-/// How long, and how much, a refused connection is read before it is closed.
+/// How long a refused connection is read before it is closed: a local client has
+/// sent its request and read the refusal well within a second.
 const LINGER_TIME: Duration = Duration::from_secs(1);
+/// How much of a refused connection is read before it is closed: a request head and
+/// the start of a body; a client still sending past it is not listening.
 const LINGER_BYTES: usize = 64 << 10;
 
 /// Answers a connection over the limit with `503 busy` and closes it: after reading
@@ -190,11 +205,12 @@ fn refuse_busy(
 ) {
     let body = serde_json::json!({
         "error": format!("the agent's API already has {limit} connections open ([api] max_connections); try again shortly"),
-        "code": "busy",
+        "code": TaskCode::Busy.as_str(),
     })
     .to_string();
     let reply = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n{H_ERROR_CODE}: busy\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n{H_ERROR_CODE}: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        TaskCode::Busy.as_str(),
         body.len()
     );
     // The reply is small enough for the empty socket buffer of a new connection.
@@ -226,36 +242,61 @@ fn refuse_busy(
 /// serving on, refuses to remove anything that is not a socket (a misconfigured
 /// `socket` must not delete a journal or a config), and restricts access to the owner
 /// and group (mode 0660).
-pub fn bind_socket(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use anyhow::Context;
+pub fn bind_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, BindError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let io = |what: &'static str, at: &std::path::Path| {
+        let path = at.to_path_buf();
+        move |source| BindError::Io { what, path, source }
+    };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                anyhow::bail!(
-                    "{} is in use by a running agent; stop it or choose another socket",
-                    path.display()
-                );
+                return Err(BindError::InUse(path.to_path_buf()));
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            std::fs::remove_file(path).map_err(io("remove stale socket", path))?;
         }
-        Ok(m) => anyhow::bail!(
-            "{} exists and is not a socket (it is {}); refusing to replace it: set `socket` in agent.toml to a free path, or move the file away",
-            path.display(),
-            file_kind(&m)
-        ),
+        Ok(m) => {
+            return Err(BindError::NotASocket {
+                path: path.to_path_buf(),
+                kind: file_kind(&m),
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", path.display())),
+        Err(e) => return Err(io("inspect", path)(e)),
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path).map_err(io("listen on", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("cannot set permissions on {}", path.display()))?;
+        .map_err(io("set permissions on", path))?;
     Ok(listener)
+}
+
+/// Why the API socket could not be bound ([`bind_socket`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// Another agent answers on the socket.
+    #[error("{} is in use by a running agent; stop it or choose another socket", .0.display())]
+    InUse(std::path::PathBuf),
+    /// Something that is not a socket is at the path; it is left alone.
+    #[error("{} exists and is not a socket (it is {kind}); refusing to replace it: set `socket` in agent.toml to a free path, or move the file away", path.display())]
+    NotASocket {
+        /// The configured `socket`.
+        path: std::path::PathBuf,
+        /// What is there.
+        kind: &'static str,
+    },
+    /// A filesystem call failed (`cannot {what} {path}`).
+    #[error("cannot {what} {}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: std::path::PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
 }
 
 fn file_kind(m: &std::fs::Metadata) -> &'static str {
@@ -308,15 +349,15 @@ async fn route(req: Request<Incoming>, agent: Arc<Agent>) -> Reply {
             .body(ChannelBody::full(agent.metrics_text()))
             .expect("static response parts")),
         (_, ["v1", "tasks", ..] | ["v1", "status"] | ["v1", "explain", ..] | ["metrics"]) => {
-            Err(TaskError {
-                code: "method_not_allowed".into(),
-                message: format!("{} is not allowed on {path}", req.method()),
-            })
+            Err(TaskError::new(
+                TaskCode::MethodNotAllowed,
+                format!("{} is not allowed on {path}", req.method()),
+            ))
         }
-        _ => Err(TaskError {
-            code: "not_found".into(),
-            message: format!("no such endpoint: {path}"),
-        }),
+        _ => Err(TaskError::new(
+            TaskCode::NotFound,
+            format!("no such endpoint: {path}"),
+        )),
     };
     result.unwrap_or_else(|e| error_reply(&e))
 }
@@ -332,16 +373,13 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Reply {
 }
 
 fn error_reply(e: &TaskError) -> Reply {
-    let status = if e.code == "method_not_allowed" {
-        StatusCode::METHOD_NOT_ALLOWED
-    } else {
-        StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-    };
+    let status = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = json(
         status,
-        &serde_json::json!({ "error": e.message, "code": e.code }),
+        &serde_json::json!({ "error": e.message, "code": e.code.as_str() }),
     );
-    r.headers_mut().insert(H_ERROR_CODE, header_value(&e.code));
+    r.headers_mut()
+        .insert(H_ERROR_CODE, header_value(e.code.as_str()));
     r
 }
 
@@ -362,10 +400,7 @@ fn header_value(s: &str) -> hyper::header::HeaderValue {
 }
 
 fn bad_request(message: String) -> TaskError {
-    TaskError {
-        code: "bad_request".into(),
-        message,
-    }
+    TaskError::new(TaskCode::BadRequest, message)
 }
 
 /// A request's query, checked: only the names an endpoint knows, each single-valued
@@ -434,10 +469,7 @@ impl Query {
 fn check_where(agent: &Agent, task: &str, requested: Where) -> Result<(), TaskError> {
     match agent.config().catalog.get(task) {
         Some(spec) => match crate::placement::conflict(spec, requested) {
-            Some(why) => Err(TaskError {
-                code: "not_allowed".into(),
-                message: why,
-            }),
+            Some(why) => Err(TaskError::new(TaskCode::NotAllowed, why)),
             None => Ok(()),
         },
         None => Ok(()),
@@ -550,10 +582,10 @@ async fn finished_reply(f: Finished) -> Reply {
                     Some(len),
                 ),
                 Err(e) => {
-                    return error_reply(&TaskError {
-                        code: "internal".into(),
-                        message: format!("reading spooled output: {e}"),
-                    })
+                    return error_reply(&TaskError::new(
+                        TaskCode::Internal,
+                        format!("reading spooled output: {e}"),
+                    ))
                 }
             };
             let mut r = Response::builder()

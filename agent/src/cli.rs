@@ -56,7 +56,8 @@ pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     )?;
     let listener = crate::api::bind_socket(&config.socket)?;
     let agent = crate::service::Agent::new(config, &identity)?;
-    crate::service::run(agent, listener, updraft_shared::signals::terminated()).await
+    crate::serve::run(agent, listener, updraft_shared::signals::terminated()).await;
+    Ok(())
 }
 
 /// `enroll`: joins the daemon at `server` (see [`crate::enroll::enroll`]) and says

@@ -277,10 +277,11 @@ pub fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
         ),
         _ => return None,
     };
-    let body = serde_json::json!({ "error": message, "code": "bad_request" }).to_string();
+    let code = crate::task::TaskCode::BadRequest.as_str();
+    let body = serde_json::json!({ "error": message, "code": code }).to_string();
     Some(
         format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{}: bad_request\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{}: {code}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
             crate::api::H_ERROR_CODE,
             body.len()
         )

@@ -277,7 +277,7 @@ impl From<Outcome> for State {
 /// A task being accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTask {
-    /// 32 lowercase hex digits (`service::new_task_id`).
+    /// 32 lowercase hex digits (`task::new_task_id`).
     pub id: String,
     /// The catalog name.
     pub task: String,

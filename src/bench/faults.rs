@@ -833,7 +833,8 @@ pub async fn serve_agent(config: &Path) -> anyhow::Result<()> {
     let config = updraft_agent::config::AgentConfig::load(config)?;
     let identity =
         updraft_shared::tls::Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
-    let listener = updraft_agent::service::bind_socket(&config.socket)?;
+    let listener = updraft_agent::serve::bind_socket(&config.socket)?;
     let agent = updraft_agent::service::Agent::new(config, &identity)?;
-    updraft_agent::service::run(agent, listener, updraft_shared::signals::terminated()).await
+    updraft_agent::serve::run(agent, listener, updraft_shared::signals::terminated()).await;
+    Ok(())
 }
