@@ -87,15 +87,14 @@ fn local_api_with_a_plain_http_client() {
             .contains(&format!("where={side}")));
         assert_eq!(r.header("updraft-task-id").unwrap().len(), 32);
     }
-    // Auto placement goes to the connected daemon and says why.
+    // Auto placement picks a side and says why, naming the side it picked (a task never
+    // measured runs where a typical task would finish first: either side can be right).
     let r = http(&c.socket, "POST", "/v1/tasks/echo", b"hi").unwrap();
     assert_eq!((r.status, r.body.as_slice()), (200, &b"hi"[..]));
-    assert_eq!(r.header("updraft-placement"), Some("cloud"));
-    assert!(
-        r.header("updraft-reason").unwrap().contains("auto"),
-        "{:?}",
-        r.header("updraft-reason")
-    );
+    let placement = r.header("updraft-placement").unwrap();
+    assert!(["local", "cloud"].contains(&placement), "{placement}");
+    let reason = r.header("updraft-reason").unwrap();
+    assert!(reason.starts_with(&format!("auto: {placement}")), "{reason}");
     // Errors are JSON with a code.
     let r = http(&c.socket, "POST", "/v1/tasks/nope", b"").unwrap();
     assert_eq!(r.status, 404);
