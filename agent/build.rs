@@ -3,7 +3,7 @@
 //! profile's directory, where the `.deb`'s assets find them (see
 //! updraft-build-support).
 
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod cli {
     // What src/cli/args.rs takes from its parent module. What values parse into plays
     // no part in the page or the completions.

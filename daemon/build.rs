@@ -3,7 +3,7 @@
 //! profile's directory, where the `.deb`'s assets find them (see
 //! updraft-build-support).
 
-#[allow(dead_code)]
+#[allow(dead_code, unreachable_pub)]
 mod cli {
     use std::time::Duration;
     // What src/cli/args.rs takes from its parent module. Value parsers play no part in

@@ -30,10 +30,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use updraft_agent::client::{body_bytes, Client, RunRequest};
-use updraft_agent::http::{header_text_decode, ChannelBody};
-use updraft_agent::placement::Where;
-use updraft_agent::service::Agent;
-use updraft_agent::signals::power::fake;
+use updraft_agent::fake_power as fake;
+use updraft_agent::Agent;
+use updraft_agent::Where;
+use updraft_agent::{header_text_decode, ChannelBody};
 use updraft_linkem::{LinkParams, Relay};
 
 /// Names the demo gives its daemons, in the order the agent lists them. The second is
@@ -1128,9 +1128,7 @@ impl Demo {
 
     async fn drain_while_busy(&mut self, long: Job, after: Vec<Job>) {
         // Start from quiet daemons so the one that reports a running task is ours.
-        let busy = |s: &updraft_agent::uplink::LinkStatus| {
-            s.load.is_some_and(|l| l.running + l.queued > 0)
-        };
+        let busy = |s: &updraft_agent::LinkStatus| s.load.is_some_and(|l| l.running + l.queued > 0);
         if !self
             .wait_for(NOTICE_LIMIT, |a| !a.uplink().status().iter().any(busy))
             .await
@@ -1331,17 +1329,17 @@ async fn submit(client: &Client, table: &Table, job: Job) -> Row {
                 .map(str::to_string)
         };
         let ok = resp.status().is_success();
-        let place = match header(updraft_agent::api::H_PLACEMENT).as_deref() {
+        let place = match header(updraft_agent::H_PLACEMENT).as_deref() {
             Some("cloud") => Place::Cloud,
             Some("local") => Place::Local,
             _ => Place::Nowhere,
         };
-        let reason = header(updraft_agent::api::H_REASON).unwrap_or_default();
-        let exit = header(updraft_agent::api::H_EXIT_CODE).and_then(|v| v.parse::<i32>().ok());
-        let stderr = header(updraft_agent::api::H_STDERR_TAIL)
+        let reason = header(updraft_agent::H_REASON).unwrap_or_default();
+        let exit = header(updraft_agent::H_EXIT_CODE).and_then(|v| v.parse::<i32>().ok());
+        let stderr = header(updraft_agent::H_STDERR_TAIL)
             .map(|s| header_text_decode(&s))
             .unwrap_or_default();
-        let code = header(updraft_agent::api::H_ERROR_CODE);
+        let code = header(updraft_agent::H_ERROR_CODE);
         let body = body_bytes(resp).await?;
         let outcome = if ok {
             match exit {

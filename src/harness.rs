@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use updraft_agent::config::{AgentConfig, AgentFile};
-use updraft_agent::service::Agent;
+use updraft_agent::Agent;
 use updraft_daemon::config::{DaemonConfig, DaemonFile};
 use updraft_shared::tls::Identity;
 
@@ -163,16 +163,12 @@ pub async fn start_agent(
     text.push_str(&pki.agent_tls());
     let file: AgentFile = toml::from_str(&text).context("harness agent config")?;
     let config = AgentConfig::from_file(file, &state_dir.join("agent.toml"))?;
-    let listener = updraft_agent::serve::bind_socket(&config.socket)?;
+    let listener = updraft_agent::bind_socket(&config.socket)?;
     let agent = Agent::new(config, &pki.agent_identity()?)?;
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(updraft_agent::serve::run(
-        agent.clone(),
-        listener,
-        async move {
-            let _ = rx.await;
-        },
-    ));
+    let task = tokio::spawn(updraft_agent::run(agent.clone(), listener, async move {
+        let _ = rx.await;
+    }));
     Ok(AgentHandle {
         agent,
         socket,

@@ -94,7 +94,10 @@ fn local_api_with_a_plain_http_client() {
     let placement = r.header("updraft-placement").unwrap();
     assert!(["local", "cloud"].contains(&placement), "{placement}");
     let reason = r.header("updraft-reason").unwrap();
-    assert!(reason.starts_with(&format!("auto: {placement}")), "{reason}");
+    assert!(
+        reason.starts_with(&format!("auto: {placement}")),
+        "{reason}"
+    );
     // Errors are JSON with a code.
     let r = http(&c.socket, "POST", "/v1/tasks/nope", b"").unwrap();
     assert_eq!(r.status, 404);

@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use common::wire::*;
 use common::*;
 use std::time::Duration;
-use updraft_agent::probe::{probe, ProbeError};
+use updraft_agent::{probe, ProbeError};
 use updraft_shared::protocol::{
     ErrorCode, Frame, FrameKind, LoadReport, ProbeReply, ProbeRequest, ReplyHeader,
     MAX_PROBE_BYTES, STOP_INPUT,

@@ -52,12 +52,12 @@ type Reply = Response<ChannelBody>;
 
 /// Longest request head (request line and headers) accepted; hyper refuses a longer
 /// one with 431, which [`ApiIo`] turns into the JSON error every other refusal carries.
-pub const MAX_HEAD_BYTES: usize = 32 << 10;
+pub(crate) const MAX_HEAD_BYTES: usize = 32 << 10;
 /// Longest request URI (path and query); a longer one gets `414` with the JSON error.
 /// A task name and a few dozen `arg=` fit many times over.
-pub const MAX_URI_BYTES: usize = 8 << 10;
+pub(crate) const MAX_URI_BYTES: usize = 8 << 10;
 /// Most headers in one request: curl and HTTP libraries send under a dozen.
-pub const MAX_HEADERS: usize = 64;
+pub(crate) const MAX_HEADERS: usize = 64;
 /// Longest pause between accept retries after `accept` failed (EMFILE and the like):
 /// long enough not to spin on a full descriptor table, short enough that a freed
 /// descriptor is used at once.
@@ -70,7 +70,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// client has `header_timeout` to send each request's headers (and an idle
 /// connection is closed after it); a request body or a reply that makes no progress
 /// for `body_stall_timeout` ends the request.
-pub async fn serve(
+pub(crate) async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()>,

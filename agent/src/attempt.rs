@@ -12,11 +12,11 @@ use updraft_shared::protocol::ErrorCode;
 /// Retries of one task after its connection died mid-run, before it fails: enough to
 /// ride out a daemon dying and the next one failing over too, few enough that a task
 /// that brings daemons down is not passed around forever.
-pub const MAX_MID_TASK_RETRIES: usize = 3;
+pub(crate) const MAX_MID_TASK_RETRIES: usize = 3;
 
 /// One try of a task lost mid-run, for the reason text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Loss {
+pub(crate) struct Loss {
     /// The daemon it was lost on.
     pub daemon: String,
     /// Why, as the uplink said.
@@ -35,7 +35,7 @@ impl fmt::Display for Loss {
 
 /// The tries of a task lost mid-run: repeats said once, counted, joined with `; `.
 #[derive(Debug, Clone, Copy)]
-pub struct Losses<'a>(pub &'a [Loss]);
+pub(crate) struct Losses<'a>(pub &'a [Loss]);
 
 impl fmt::Display for Losses<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -73,7 +73,7 @@ impl fmt::Display for LossesPrefix<'_> {
 
 /// How one configured daemon stands, for [`NoCloud`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DaemonState {
+pub(crate) enum DaemonState {
     /// Left out: it went silent during the task's last try.
     Silent,
     /// Connected, but shutting down.
@@ -100,7 +100,7 @@ impl fmt::Display for DaemonState {
 
 /// Why no daemon can take a task now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NoCloud {
+pub(crate) enum NoCloud {
     /// There is no `[[cloud]]` in the config.
     NoneConfigured,
     /// Each configured daemon (address) and how it stands.
@@ -110,7 +110,7 @@ pub enum NoCloud {
 impl NoCloud {
     /// From the uplink's status; `avoided` is a daemon left out because it went silent
     /// during the task's last try.
-    pub fn of(status: &[LinkStatus], avoided: Option<&str>) -> Self {
+    pub(crate) fn of(status: &[LinkStatus], avoided: Option<&str>) -> Self {
         if status.is_empty() {
             return Self::NoneConfigured;
         }
@@ -157,7 +157,7 @@ impl fmt::Display for NoCloud {
 /// Why a task placed in the cloud ran on the board instead; its `Display` is the
 /// task's reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Fallback {
+pub(crate) enum Fallback {
     /// No daemon was usable when it came to it (`placed` is the placement's reason).
     NoDaemon {
         /// The placement's reason.
@@ -199,7 +199,8 @@ pub enum Fallback {
 impl Fallback {
     /// The daemon the last try went to and why it did not run the task there, when
     /// there was a try.
-    pub fn tried(&self) -> Option<(&str, &str)> {
+    #[cfg(test)]
+    pub(crate) fn tried(&self) -> Option<(&str, &str)> {
         match self {
             Self::NoDaemon { .. } => None,
             Self::Refused { daemon, why, .. }
@@ -209,7 +210,7 @@ impl Fallback {
     }
 
     /// `placed`, moved to the board for this reason.
-    pub fn apply(&self, mut placed: Placement) -> Placement {
+    pub(crate) fn apply(&self, mut placed: Placement) -> Placement {
         placed.side = Side::Local;
         placed.kind = ReasonKind::Fallback;
         placed.reason = self.to_string();
@@ -257,7 +258,7 @@ impl fmt::Display for Fallback {
 
 /// How a try to offload ended without a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The daemon did not start the task: it refused (`code`), or the connection
     /// failed or timed out first (`None`). The input is whole again.
     NotStarted {
@@ -280,7 +281,7 @@ pub enum Failure {
 
 /// Which daemon the next try goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Next {
+pub(crate) enum Next {
     /// Whichever is usable.
     #[default]
     Any,
@@ -294,7 +295,7 @@ pub enum Next {
 
 /// What to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Offload again, with the same id, as [`Attempt::next`] says.
     Offload,
     /// Run on the board instead.
@@ -307,7 +308,7 @@ pub enum Action {
 
 /// What the tries of one task so far have taught.
 #[derive(Debug, Clone, Default)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     task: String,
     lost: Vec<Loss>,
     next: Next,
@@ -315,7 +316,7 @@ pub struct Attempt {
 
 impl Attempt {
     /// Before the first try of `task`.
-    pub fn new(task: &str) -> Self {
+    pub(crate) fn new(task: &str) -> Self {
         Self {
             task: task.to_string(),
             ..Self::default()
@@ -323,12 +324,12 @@ impl Attempt {
     }
 
     /// Which daemon the next try goes to.
-    pub fn next(&self) -> &Next {
+    pub(crate) fn next(&self) -> &Next {
         &self.next
     }
 
     /// The daemon left out of the next try, if any.
-    pub fn avoided(&self) -> Option<&str> {
+    pub(crate) fn avoided(&self) -> Option<&str> {
         match &self.next {
             Next::Avoid(address) => Some(address),
             _ => None,
@@ -336,14 +337,14 @@ impl Attempt {
     }
 
     /// The tries lost mid-run so far.
-    pub fn lost(&self) -> &[Loss] {
+    pub(crate) fn lost(&self) -> &[Loss] {
         &self.lost
     }
 
     /// The placement for this try, its reason saying what earlier tries went through.
     /// `back_on_same`: the daemon the last try was lost on is usable again, so an
     /// unforced choice of the board goes back to it (it may hold the first run).
-    pub fn placed(&self, mut placed: Placement, back_on_same: bool) -> Placement {
+    pub(crate) fn placed(&self, mut placed: Placement, back_on_same: bool) -> Placement {
         if back_on_same && placed.side == Side::Local && !placed.forced {
             placed.side = Side::Cloud;
             placed.reason = format!(
@@ -358,7 +359,7 @@ impl Attempt {
     }
 
     /// The task is placed in the cloud (`placed`) but no daemon is usable.
-    pub fn without_daemon(&self, placed: &Placement, no_cloud: NoCloud) -> Action {
+    pub(crate) fn without_daemon(&self, placed: &Placement, no_cloud: NoCloud) -> Action {
         if !placed.forced {
             // Placement only picks the cloud for auto when one was usable; it may have
             // gone in between.
@@ -383,7 +384,7 @@ impl Attempt {
 
     /// A try on `daemon` ended in `failure`; `forced`: the placement allows no other
     /// side than the cloud.
-    pub fn after(&mut self, daemon: &str, forced: bool, failure: Failure) -> Action {
+    pub(crate) fn after(&mut self, daemon: &str, forced: bool, failure: Failure) -> Action {
         let daemon = daemon.to_string();
         match failure {
             Failure::NotStarted { code, why } if forced => Action::Refuse(TaskError::new(

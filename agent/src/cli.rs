@@ -56,7 +56,7 @@ pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
     )?;
     let listener = crate::api::bind_socket(&config.socket)?;
     let agent = crate::service::Agent::new(config, &identity)?;
-    crate::serve::run(agent, listener, updraft_shared::signals::terminated()).await;
+    crate::serve::run(agent, listener, updraft_shared::shutdown::terminated()).await;
     Ok(())
 }
 
@@ -124,7 +124,8 @@ pub fn check_config(config: &crate::config::AgentConfig) -> anyhow::Result<Strin
             files.cert.display()
         );
     }
-    let policy = crate::policy::PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
+    let policy =
+        crate::policy_file::PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
     let (_, not_after) = updraft_shared::tls::validity_of(&identity.chain[0])?;
     let expired = if not_after < std::time::SystemTime::now() {
         " (the certificate has EXPIRED: re-enroll with a token)"

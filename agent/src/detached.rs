@@ -19,17 +19,17 @@ use updraft_shared::exec::Input;
 
 /// Runs of one detached task lost mid-run before it is failed with `cloud_failed`: a
 /// task that keeps losing its daemon must not be passed around forever.
-pub const MAX_DETACHED_RETRIES: u32 = 10;
+pub(crate) const MAX_DETACHED_RETRIES: u32 = 10;
 /// How often a detached task that may only run in the cloud re-checks for a daemon
 /// while none is usable. It is also woken as soon as one connects, so this only
 /// bounds how long a missed wake-up can cost; 5 s is nothing next to a reconnect.
-pub const DETACHED_CLOUD_POLL: Duration = Duration::from_secs(5);
+pub(crate) const DETACHED_CLOUD_POLL: Duration = Duration::from_secs(5);
 /// How often finished detached tasks past their time-to-live are dropped: TTLs are
 /// minutes to days, so a minute late costs little, and a sweep is one small query.
-pub const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+pub(crate) const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 /// How often a failure that could not be written to the journal (a full disk) is
 /// tried again: soon after space is freed, and a failed try costs one write.
-pub const UNSTORED_RETRY_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const UNSTORED_RETRY_EVERY: Duration = Duration::from_secs(5);
 
 /// The dispatcher's housekeeping between tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -618,7 +618,7 @@ pub(crate) fn journal_error(e: journal::JournalError) -> TaskError {
 }
 
 /// The error for an id the journal does not hold.
-pub fn detached_not_found(id: &str) -> TaskError {
+pub(crate) fn detached_not_found(id: &str) -> TaskError {
     TaskError::new(
         TaskCode::NotFound,
         format!("no detached task `{id}` (finished tasks are kept for [journal] result_ttl, and for fetched_ttl after their output was fetched)"),

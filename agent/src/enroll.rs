@@ -50,7 +50,7 @@ impl std::fmt::Display for Causes<'_> {
 
 /// Why a certificate request on a daemon connection brought no certificate.
 #[derive(Debug, thiserror::Error)]
-pub enum RequestError {
+pub(crate) enum RequestError {
     /// The connection would not open a stream.
     #[error(transparent)]
     Connection(#[from] quinn::ConnectionError),
@@ -88,7 +88,7 @@ pub enum RequestError {
 /// cause`), so `source()` is left empty: a report that walks the chain would say the
 /// cause twice.
 #[derive(Debug, thiserror::Error)]
-pub enum EnrollError {
+pub(crate) enum EnrollError {
     /// `--ca-sha256` is not a SHA-256 fingerprint.
     #[error("--ca-sha256: {0}")]
     Fingerprint(String),
@@ -265,7 +265,7 @@ impl From<TlsError> for EnrollError {
 
 /// Where the agent's CA, certificate and key live.
 #[derive(Debug, Clone)]
-pub struct CertFiles {
+pub(crate) struct CertFiles {
     /// CA certificate the daemons chain to.
     pub ca: PathBuf,
     /// The agent's certificate.
@@ -276,7 +276,7 @@ pub struct CertFiles {
 
 impl CertFiles {
     /// The `[tls]` paths of a config (default: `state_dir/ca.pem agent.pem agent.key`).
-    pub fn of(config: &AgentConfig) -> Self {
+    pub(crate) fn of(config: &AgentConfig) -> Self {
         Self {
             ca: config.tls_ca.clone(),
             cert: config.tls_cert.clone(),
@@ -286,7 +286,7 @@ impl CertFiles {
 
     /// Finishes a replacement a crash interrupted. The new key is renamed into place
     /// before the new certificate, so a staged certificate means the pair is not done.
-    pub fn finish_swap(&self) -> std::io::Result<bool> {
+    pub(crate) fn finish_swap(&self) -> std::io::Result<bool> {
         let (cert_new, key_new) = (
             files::sibling(&self.cert, "new"),
             files::sibling(&self.key, "new"),
@@ -305,7 +305,7 @@ impl CertFiles {
     }
 
     /// Writes a new key and certificate (and the CA, when given) as one replacement.
-    pub fn install(
+    pub(crate) fn install(
         &self,
         key_pem: &str,
         cert_pem: &str,
@@ -330,13 +330,13 @@ impl CertFiles {
     }
 
     /// Loads the identity these files make.
-    pub fn load(&self) -> Result<Identity, tls::TlsError> {
+    pub(crate) fn load(&self) -> Result<Identity, tls::TlsError> {
         Identity::load(&self.ca, &self.cert, &self.key)
     }
 }
 
 /// A fresh key and a certificate request for `agent_id`, both PEM.
-pub fn new_request(agent_id: &str) -> Result<(String, String), EnrollError> {
+pub(crate) fn new_request(agent_id: &str) -> Result<(String, String), EnrollError> {
     let key = KeyPair::generate().map_err(EnrollError::KeyGen)?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, agent_id);
@@ -396,7 +396,10 @@ async fn request_certificate(
 }
 
 /// This board's agent id: `--agent-id`, else `agent_id` in the config, else the host name.
-pub fn agent_id_for(config: &AgentConfig, flag: Option<&str>) -> Result<String, EnrollError> {
+pub(crate) fn agent_id_for(
+    config: &AgentConfig,
+    flag: Option<&str>,
+) -> Result<String, EnrollError> {
     let id = match flag.map(str::to_string).or_else(|| config.agent_id.clone()) {
         Some(id) => id,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -409,7 +412,7 @@ pub fn agent_id_for(config: &AgentConfig, flag: Option<&str>) -> Result<String, 
 
 /// What `enroll` did.
 #[derive(Debug)]
-pub struct Enrolled {
+pub(crate) struct Enrolled {
     /// The agent id the certificate names.
     pub agent_id: String,
     /// When the certificate expires (the agent renews it before then).
@@ -420,7 +423,7 @@ pub struct Enrolled {
 
 /// The name to verify in the daemon's certificate: `--server-name`, else the
 /// `server_name` of the `[[cloud]]` entry with this address, else the host part.
-pub fn server_name_for(
+pub(crate) fn server_name_for(
     config: &AgentConfig,
     server: &str,
     flag: Option<&str>,
@@ -473,7 +476,7 @@ fn handshake_error(
 
 /// Enrolls this board with the daemon at `server` (`host:port`), verifying it as
 /// `server_name` (see [`server_name_for`]).
-pub async fn enroll(
+pub(crate) async fn enroll(
     config: &AgentConfig,
     server: &str,
     server_name: Option<&str>,
@@ -580,7 +583,7 @@ async fn connect_pinned(
 
 /// Renews the agent's certificate over `conn` (a live task connection), installs it,
 /// and returns the new identity.
-pub async fn renew(
+pub(crate) async fn renew(
     conn: &quinn::Connection,
     files: &CertFiles,
     agent_id: &str,
@@ -603,7 +606,7 @@ pub async fn renew(
 /// its end (default a third of its lifetime). A certificate that is already due when it
 /// arrives (the daemon issues ones shorter than `renew_before`) is renewed at half its
 /// remaining time instead, so renewals never spin: `issued` is when this one came.
-pub fn renew_at(
+pub(crate) fn renew_at(
     not_before: SystemTime,
     not_after: SystemTime,
     renew_before: Option<Duration>,
@@ -620,7 +623,7 @@ pub fn renew_at(
 }
 
 /// The message for an expired certificate: what to run, where.
-pub fn expired_message(files: &CertFiles, not_after: SystemTime) -> String {
+pub(crate) fn expired_message(files: &CertFiles, not_after: SystemTime) -> String {
     format!(
         "the agent certificate {} expired at {}; daemons refuse it and tasks run on the board only. To rejoin: on the daemon host run `updraftd token create`, then here `updraft-agent enroll --server HOST:PORT --token TOKEN --ca-sha256 FINGERPRINT --force` and restart the agent",
         files.cert.display(),

@@ -78,7 +78,7 @@ impl Body for ChannelBody {
 
 /// A request or response body read as task input.
 #[derive(Debug)]
-pub struct BodyInput(pub Incoming);
+pub(crate) struct BodyInput(pub Incoming);
 
 impl Input for BodyInput {
     async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
@@ -103,7 +103,7 @@ impl Input for BodyInput {
 /// malformed chunked encoding) is kept in `failed`, so the API can answer
 /// `400 bad_request` whatever the task or the daemon made of the cut input.
 #[derive(Debug)]
-pub struct RequestBody {
+pub(crate) struct RequestBody {
     body: Incoming,
     stall: std::time::Duration,
     /// The first error reading the body.
@@ -112,7 +112,7 @@ pub struct RequestBody {
 
 impl RequestBody {
     /// `body`, failing after a pause of `stall`.
-    pub fn new(body: Incoming, stall: std::time::Duration) -> Self {
+    pub(crate) fn new(body: Incoming, stall: std::time::Duration) -> Self {
         Self {
             body,
             stall,
@@ -167,7 +167,7 @@ impl Input for RequestBody {
 ///   the first slice of a vectored one), and ours always carry `updraft-error-code`,
 ///   so a task's output is never mistaken for one.
 #[derive(Debug)]
-pub struct ApiIo<S> {
+pub(crate) struct ApiIo<S> {
     inner: S,
     stall: std::time::Duration,
     write_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -177,7 +177,7 @@ pub struct ApiIo<S> {
 
 impl<S> ApiIo<S> {
     /// Wraps `inner`; writes fail after `stall` without progress.
-    pub fn new(inner: S, stall: std::time::Duration) -> Self {
+    pub(crate) fn new(inner: S, stall: std::time::Duration) -> Self {
         Self {
             inner,
             stall,
@@ -241,7 +241,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> ApiIo<S> {
 }
 
 /// The JSON reply for hyper's own bare error head in `buf`, if it is one.
-pub fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
     // Every write of every reply passes here: anything but a short head with one of
     // the three statuses hyper answers by itself is let through without a look.
     let status = buf.get(..13)?;
@@ -354,7 +354,7 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ApiIo<S> {
 }
 
 /// Decodes `%XX` and `+` in a query component.
-pub fn percent_decode(s: &str) -> Result<String, String> {
+pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -375,7 +375,7 @@ pub fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 /// Encodes a query component.
-pub fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -388,7 +388,7 @@ pub fn percent_encode(s: &str) -> String {
 }
 
 /// Splits a query string into decoded pairs.
-pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -400,7 +400,7 @@ pub fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
 
 /// Text made safe for a header value: a JSON string literal with every non-ASCII
 /// character escaped, so newlines and UTF-8 survive and nothing breaks the header.
-pub fn header_text(s: &str) -> String {
+pub(crate) fn header_text(s: &str) -> String {
     let json = serde_json::to_string(s).expect("strings serialize");
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {

@@ -63,42 +63,42 @@ use crate::placement::{Side, Where};
 
 /// `PRAGMA application_id` of every Updraft journal (`"UPDR"` in ASCII), so `file(1)`
 /// and the agent can tell a journal from any other SQLite database.
-pub const APPLICATION_ID: i32 = 0x5550_4452;
+pub(crate) const APPLICATION_ID: i32 = 0x5550_4452;
 
 /// `PRAGMA user_version`: the schema this code reads and writes. A journal with a
 /// higher number was written by a newer agent and is refused rather than misread.
-pub const SCHEMA_VERSION: i32 = 1;
+pub(crate) const SCHEMA_VERSION: i32 = 1;
 
 /// How long a statement waits for a lock held by another connection: long enough to
 /// ride out a brief reader such as `sqlite3` inspecting the file, short enough that a
 /// second agent on the same `state_dir` fails at start instead of hanging.
-pub const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Buffer for copying input and output into blobs: the memory one copy costs,
 /// independent of the task's size. SQLite writes blobs page by page, so more gains
 /// nothing.
-pub const COPY_CHUNK: usize = 64 * 1024;
+pub(crate) const COPY_CHUNK: usize = 64 * 1024;
 
 /// Chunk size of [`JournalInput`]: one protocol data frame, so input offloaded from the
 /// journal goes out without being cut up again.
-pub const INPUT_CHUNK: usize = updraft_shared::protocol::frame::DATA_CHUNK;
+pub(crate) const INPUT_CHUNK: usize = updraft_shared::protocol::frame::DATA_CHUNK;
 
 /// Largest input or output one row can hold: SQLite's default `SQLITE_MAX_LENGTH`
 /// (the bundled library's limit on any single value).
-pub const MAX_BLOB_BYTES: u64 = 1_000_000_000;
+pub(crate) const MAX_BLOB_BYTES: u64 = 1_000_000_000;
 
 /// Bytes charged per task on top of its blobs and texts, for its b-tree cells, id index
 /// entry and integers, so that a flood of empty tasks still counts against
 /// [`JournalLimits::max_bytes`].
-pub const ROW_OVERHEAD_BYTES: u64 = 512;
+pub(crate) const ROW_OVERHEAD_BYTES: u64 = 512;
 
 /// Cap on each text stored at finish (reason, error message, stderr tail): callers
 /// already bound them far lower; this keeps one record small beside `max_bytes` even
 /// when they do not.
-pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_TEXT_BYTES: usize = 64 * 1024;
 
 /// Least and most the WAL may keep at rest ([`wal_limit`]).
-pub const WAL_LIMIT_RANGE: (u64, u64) = (64 * 1024, 4 * 1024 * 1024);
+pub(crate) const WAL_LIMIT_RANGE: (u64, u64) = (64 * 1024, 4 * 1024 * 1024);
 
 /// How long the WAL may grow before it is checkpointed into the file and truncated:
 /// a sixteenth of `max_bytes`, within [`WAL_LIMIT_RANGE`]. A write adds its pages to
@@ -106,7 +106,7 @@ pub const WAL_LIMIT_RANGE: (u64, u64) = (64 * 1024, 4 * 1024 * 1024);
 /// largest size it reached; bounded like this, the files on disk stay close to
 /// `max_bytes` (see README, Delivery), at the cost of a checkpoint after each large
 /// write.
-pub fn wal_limit(max_bytes: u64) -> u64 {
+pub(crate) fn wal_limit(max_bytes: u64) -> u64 {
     (max_bytes / 16).clamp(WAL_LIMIT_RANGE.0, WAL_LIMIT_RANGE.1)
 }
 
@@ -118,7 +118,7 @@ const PAGE_BYTES: u64 = 4096;
 /// with its neighbours, so each is charged its share of a page filled with values of
 /// its size (one of 2,100 bytes takes a whole page: no second fits beside it); a
 /// larger one keeps a part there and the rest in whole overflow pages.
-pub fn stored_bytes(len: u64) -> u64 {
+pub(crate) fn stored_bytes(len: u64) -> u64 {
     // SQLite's table b-tree limits for a 4096-byte page with no reserved bytes.
     const MAX_LOCAL: u64 = PAGE_BYTES - 35;
     const MIN_LOCAL: u64 = (PAGE_BYTES - 12) * 32 / 255 - 23;
@@ -143,15 +143,15 @@ pub fn stored_bytes(len: u64) -> u64 {
 
 /// Default [`JournalLimits::max_bytes`]: sixteen tasks at the default 16 MiB
 /// `max_input`, a small share of a board's SD card.
-pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 /// Default [`JournalLimits::result_ttl`]: a client that went away overnight can still
 /// collect its result.
-pub const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const DEFAULT_RESULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Default [`JournalLimits::fetched_ttl`]: long enough to fetch again after a dropped
 /// download, short enough that collected results stop taking room.
-pub const DEFAULT_FETCHED_TTL: Duration = Duration::from_secs(60 * 60);
+pub(crate) const DEFAULT_FETCHED_TTL: Duration = Duration::from_secs(60 * 60);
 
 /// The first 16 bytes of every SQLite 3 database file.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";

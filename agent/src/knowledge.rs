@@ -7,7 +7,7 @@
 
 use crate::config::AgentConfig;
 use crate::placement::{self, CloudView, Placement, Where};
-use crate::policy::PolicyHolder;
+use crate::policy_file::PolicyHolder;
 use crate::signals::{BoardSampler, BoardSignals, CpuQuota};
 use crate::uplink::{Chosen, Uplink};
 use std::collections::HashMap;
@@ -24,15 +24,15 @@ use updraft_shared::policy::{Signals, TaskInfo};
 use updraft_shared::protocol::Trailer;
 
 /// File in `state_dir` holding the cost model's estimates.
-pub const ESTIMATES_FILE: &str = "estimates.json";
+pub(crate) const ESTIMATES_FILE: &str = "estimates.json";
 /// How often changed estimates are written out: often enough that a crash loses
 /// little learning, rarely enough to spare a board's flash.
-pub const PERSIST_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const PERSIST_EVERY: Duration = Duration::from_secs(30);
 
 /// A link whose estimate is no longer sure is probed only while tasks that move this
 /// much data have been placed this recently: an idle or tiny-task board does not spend
 /// its budget.
-pub const DATA_HEAVY_RECENT: Duration = Duration::from_secs(600);
+pub(crate) const DATA_HEAVY_RECENT: Duration = Duration::from_secs(600);
 
 /// A placement decision with what it was based on.
 #[derive(Debug, Clone)]

@@ -1,33 +1,46 @@
 //! `updraft-agent`: the edge side of Updraft.
 //!
-//! A request enters at [`api`] (HTTP on a Unix socket), is placed by [`placement`],
-//! runs on the board through the shared executor or crosses QUIC through [`uplink`]
-//! to a daemon, and its result flows back the same way. [`service`] holds the parts
-//! and performs what [`attempt`] decides after a failed offload; [`task`] is what a
-//! submitter sees. [`detached`] runs tasks through the journal, [`status`] renders
-//! `status` and `/metrics`, [`serve`] runs the background loops and owns shutdown;
-//! [`client`] and [`cli`] are the command-line side of the socket.
-//! [`probe`] measures the link with small timed transfers.
-//! [`enroll`] joins a daemon with a one-time token and keeps the certificate renewed.
+//! A request enters at the local API (HTTP on a Unix socket), is placed by the placement
+//! seam, runs on the board through the shared executor or crosses QUIC to a daemon, and
+//! its result flows back the same way. `docs/ARCHITECTURE.md` maps the modules.
+//!
+//! The public front is what the `updraft-agent` binary, the demo and the benchmarks
+//! need, and nothing else:
+//! - [`cli`] and [`config`]: the command line and `agent.toml`, for the binary.
+//! - [`client`] with [`ChannelBody`] and the `H_*` header names: a client of the local
+//!   API, for programs on the board.
+//! - [`Agent`], [`bind_socket`] and [`run`]: an agent in-process (demo, benches).
+//! - [`Uplink`] and [`offload`]: one offload without the API around it (the bench's
+//!   baseline); [`probe`]: one link probe.
+//! - [`fake_power`]: a power_supply tree in the kernel's layout, for boards without one.
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod attempt;
+mod api;
+mod attempt;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod detached;
-pub mod enroll;
-pub mod http;
-pub mod journal;
-pub mod knowledge;
-pub mod placement;
-pub mod policy;
-pub mod probe;
-pub mod serve;
-pub mod service;
-pub mod signals;
-pub mod spool;
-pub mod status;
-pub mod task;
-pub mod uplink;
+mod detached;
+mod enroll;
+mod http;
+mod journal;
+mod knowledge;
+mod placement;
+mod policy_file;
+mod probe;
+mod serve;
+mod service;
+mod signals;
+mod spool;
+mod status;
+mod task;
+mod uplink;
+
+pub use api::{H_ERROR_CODE, H_EXIT_CODE, H_PLACEMENT, H_REASON, H_STDERR_TAIL, H_TASK_ID};
+pub use http::{header_text_decode, ChannelBody};
+pub use placement::Where;
+pub use probe::{probe, ProbeError, ProbeSample};
+pub use serve::{bind_socket, run};
+pub use service::{Agent, StartError};
+pub use signals::power::fake as fake_power;
+pub use uplink::{offload, LinkStatus, OffloadError, OnDrop, Replay, Uplink};

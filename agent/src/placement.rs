@@ -33,7 +33,7 @@ impl std::str::FromStr for Where {
 
 /// The two sides: the cost model's own type, so a prediction and a placement speak
 /// the same language.
-pub use updraft_shared::policy::cost::Side;
+pub(crate) use updraft_shared::policy::cost::Side;
 
 /// What decided, for metrics: one label value per kind of reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -87,7 +87,7 @@ pub struct Placement {
 
 /// The daemon that would take the task, if any is usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloudView {
+pub(crate) struct CloudView {
     /// Its address.
     pub address: String,
     /// Running + queued there.
@@ -100,7 +100,7 @@ pub struct CloudView {
 /// operator's word that the task's data stays on the board, so no submitter may move it
 /// off (`where=cloud`); `offload = "always"` may not be pulled onto the board
 /// (`where=local`). `None` when the request is compatible.
-pub fn conflict(spec: &TaskSpec, requested: Where) -> Option<String> {
+pub(crate) fn conflict(spec: &TaskSpec, requested: Where) -> Option<String> {
     match (spec.offload, requested) {
         (Offload::Never, Where::Cloud) => Some(format!(
             "task `{}` has offload = \"never\" in the agent's config: it may not run in the cloud, whatever where= asks",
@@ -118,7 +118,7 @@ pub fn conflict(spec: &TaskSpec, requested: Where) -> Option<String> {
 /// request's `where` (a `where` that contradicts `offload` is refused earlier, by
 /// [`conflict`]), then the policy's rules and default, then the cost model.
 /// `policy` and `auto` are only called when their step is reached.
-pub fn decide(
+pub(crate) fn decide(
     spec: &TaskSpec,
     requested: Where,
     cloud: Option<&CloudView>,

@@ -5,7 +5,7 @@
 //! is false.
 
 use std::time::{Duration, Instant};
-pub use updraft_shared::probe::ProbeBudget;
+pub(crate) use updraft_shared::probe::ProbeBudget;
 use updraft_shared::probe::{Arrivals, Measured};
 use updraft_shared::protocol::frame::DATA_CHUNK;
 use updraft_shared::protocol::{
@@ -14,7 +14,7 @@ use updraft_shared::protocol::{
 use updraft_shared::wire::{write_frame, FrameReader, WireError};
 
 /// Longest one probe may take, from opening its stream to the last downloaded byte.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The upload payload: zeros (QUIC encrypts them anyway).
 static ZEROS: [u8; DATA_CHUNK] = [0; DATA_CHUNK];
@@ -312,17 +312,17 @@ mod tests {
 
 /// Least time between two probes of one link, whatever the estimate says: a probe
 /// that could not make it sure (a link that varies that much) is not repeated at once.
-pub const PROBE_GAP: Duration = Duration::from_secs(30);
+pub(crate) const PROBE_GAP: Duration = Duration::from_secs(30);
 
 /// After a refusal or a failure, the link is not probed again for this long.
-pub const PROBE_BACKOFF: Duration = Duration::from_secs(120);
+pub(crate) const PROBE_BACKOFF: Duration = Duration::from_secs(120);
 
 /// When to probe each daemon's link: one probe at a time per link, at most one per
 /// [`PROBE_GAP`], within `[link] probe_budget` per daemon, never on a connection whose
 /// daemon does not support probes. Whether a link needs one is the caller's (see
 /// `Knowledge::link_needs_probe`).
 #[derive(Debug)]
-pub struct Prober {
+pub(crate) struct Prober {
     per_hour: u64,
     bytes: u32,
     links: std::sync::Mutex<std::collections::HashMap<String, ProbeState>>,
@@ -352,14 +352,14 @@ impl ProbeState {
 
 /// A probe the caller should run now (see [`Prober::begin`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket {
+pub(crate) struct Ticket {
     /// Bytes each way.
     pub bytes: u32,
 }
 
 impl Prober {
     /// A prober for `[link]` (`None` with `probe = false`).
-    pub fn new(link: &crate::config::LinkConfig) -> Option<Self> {
+    pub(crate) fn new(link: &crate::config::LinkConfig) -> Option<Self> {
         link.probe.then(|| Prober {
             per_hour: link.probe_budget,
             bytes: link.probe_bytes,
@@ -369,7 +369,12 @@ impl Prober {
 
     /// Whether to probe the link at `address` over connection `conn_id` now; if so, the
     /// budget is charged and the link marked busy until [`Prober::end`].
-    pub fn begin(&self, address: &str, conn_id: usize, now: std::time::Instant) -> Option<Ticket> {
+    pub(crate) fn begin(
+        &self,
+        address: &str,
+        conn_id: usize,
+        now: std::time::Instant,
+    ) -> Option<Ticket> {
         let mut links = self.links.lock().expect("prober lock");
         let state = links
             .entry(address.to_string())
@@ -389,7 +394,7 @@ impl Prober {
     }
 
     /// Records how the probe of `address` over `conn_id` ended.
-    pub fn end(
+    pub(crate) fn end(
         &self,
         address: &str,
         conn_id: usize,

@@ -29,10 +29,8 @@ use updraft_shared::metrics;
 use updraft_shared::protocol::RequestHeader;
 use updraft_shared::tls::Identity;
 
-pub use crate::attempt::MAX_MID_TASK_RETRIES;
-
 /// The journal of detached tasks, in `state_dir`.
-pub const JOURNAL_FILE: &str = "journal.db";
+pub(crate) const JOURNAL_FILE: &str = "journal.db";
 
 /// Why the agent could not be built ([`Agent::new`]).
 #[derive(Debug, thiserror::Error)]
@@ -419,7 +417,7 @@ pub(crate) fn spool_error(what: &str, e: &std::io::Error) -> TaskError {
 
 /// Decisions kept for `status`: enough to show how the last minutes of a busy board
 /// were placed, few enough that memory and the JSON stay small (each holds its reason).
-pub const RECENT_DECISIONS: usize = 50;
+pub(crate) const RECENT_DECISIONS: usize = 50;
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
@@ -430,7 +428,7 @@ pub(crate) struct Counters {
 
 /// What the agent keeps of finished tasks for `status` and `/metrics`.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     pub(crate) recent: Mutex<VecDeque<Decision>>,
     pub(crate) counters: Mutex<Counters>,
     /// Finished tasks by placement, task and outcome, with latency histograms.
@@ -504,7 +502,7 @@ impl Stats {
 
 /// The agent's detached tasks: the journal and the tasks on their way through it.
 #[derive(Debug)]
-pub struct Detached {
+pub(crate) struct Detached {
     /// Accepted, running and finished tasks.
     pub(crate) journal: Arc<Journal>,
     /// Ids of detached tasks to run, to the dispatcher
@@ -521,7 +519,7 @@ pub struct Detached {
 
 impl Detached {
     /// Detached tasks kept in `journal`; none dispatched yet.
-    pub fn new(journal: Journal) -> Self {
+    pub(crate) fn new(journal: Journal) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         Self {
             journal: Arc::new(journal),
@@ -536,7 +534,7 @@ impl Detached {
 /// The certificate in use: where it lives, when it is valid, and since when it is in
 /// use (renewal is due a share of its life after that).
 #[derive(Debug)]
-pub struct Cert {
+pub(crate) struct Cert {
     /// Where the certificate and key live.
     pub(crate) files: CertFiles,
     validity: Mutex<(SystemTime, SystemTime)>,
@@ -545,7 +543,11 @@ pub struct Cert {
 
 impl Cert {
     /// The certificate at `files`, valid over `validity`, in use since `since`.
-    pub fn new(files: CertFiles, validity: (SystemTime, SystemTime), since: SystemTime) -> Self {
+    pub(crate) fn new(
+        files: CertFiles,
+        validity: (SystemTime, SystemTime),
+        since: SystemTime,
+    ) -> Self {
         Self {
             files,
             validity: Mutex::new(validity),
@@ -554,12 +556,12 @@ impl Cert {
     }
 
     /// When the certificate in use starts and stops being valid.
-    pub fn validity(&self) -> (SystemTime, SystemTime) {
+    pub(crate) fn validity(&self) -> (SystemTime, SystemTime) {
         *self.validity.lock().expect("cert lock")
     }
 
     /// When the certificate in use is due for renewal (`renew_before` from the config).
-    pub fn renew_time(&self, renew_before: Option<Duration>) -> SystemTime {
+    pub(crate) fn renew_time(&self, renew_before: Option<Duration>) -> SystemTime {
         let (not_before, not_after) = self.validity();
         let since = *self.since.lock().expect("cert lock");
         crate::enroll::renew_at(not_before, not_after, renew_before, since)

@@ -25,7 +25,7 @@ const ENOSPC: i32 = 28;
 const EDQUOT: i32 = 122;
 
 /// True when `e` says the filesystem (or the user's quota on it) is full.
-pub fn is_disk_full(e: &io::Error) -> bool {
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 

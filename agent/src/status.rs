@@ -170,7 +170,7 @@ fn certificate_json(
 }
 
 /// Where a task would run and why, as `explain` shows it.
-pub fn explain_json(task: &str, d: &Decided) -> serde_json::Value {
+pub(crate) fn explain_json(task: &str, d: &Decided) -> serde_json::Value {
     let prediction = d.placement.prediction.as_ref().map(|p| {
         serde_json::json!({
             "choice": p.choice.as_str(),
@@ -230,7 +230,7 @@ fn journal_json(u: &journal::Usage) -> serde_json::Value {
 }
 
 /// A detached task as `GET /v1/tasks/{id}` shows it.
-pub fn task_json(r: &TaskRow) -> serde_json::Value {
+pub(crate) fn task_json(r: &TaskRow) -> serde_json::Value {
     serde_json::json!({
         "id": r.id,
         "task": r.task,
@@ -248,7 +248,7 @@ pub fn task_json(r: &TaskRow) -> serde_json::Value {
 }
 
 /// Signals as JSON for `status` and `explain` (absent ones as null).
-pub fn signals_json(s: &updraft_shared::policy::Signals) -> serde_json::Value {
+pub(crate) fn signals_json(s: &updraft_shared::policy::Signals) -> serde_json::Value {
     use updraft_shared::policy::{Signal, Value};
     let mut m = serde_json::Map::new();
     for sig in Signal::ALL {

@@ -242,7 +242,7 @@ pub struct Exit {
 
 /// One decision, for `status`.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Decision {
+pub(crate) struct Decision {
     /// Task id.
     pub id: String,
     /// Task name.
@@ -262,12 +262,12 @@ pub struct Decision {
 }
 
 /// A fresh task id: 32 hex digits.
-pub fn new_task_id() -> String {
+pub(crate) fn new_task_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
 /// True for an id this agent could have made (32 lowercase hex digits).
-pub fn valid_task_id(id: &str) -> bool {
+pub(crate) fn valid_task_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 

@@ -123,7 +123,7 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
         // Before any task runs: everything a task starts must be found when it ends.
         updraft_shared::contain::init();
         let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
-        updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
+        updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated()).await
     })
 }
 

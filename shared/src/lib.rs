@@ -13,7 +13,7 @@
 //! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
 //! - [`files`]: crash-safe writes of certificates, keys and tokens.
 //! - [`accept`]: the accept loop both services' stream listeners share.
-//! - [`logging`], [`signals`]: service plumbing.
+//! - [`logging`], [`shutdown`] (SIGTERM/SIGINT): service plumbing.
 #![forbid(unsafe_code)]
 
 pub mod accept;
@@ -25,7 +25,7 @@ pub mod files;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
-pub mod signals;
+pub mod shutdown;
 pub mod tls;
 pub mod wire;
 

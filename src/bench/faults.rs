@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use updraft_agent::client::{body_bytes, Client, RunRequest};
-use updraft_agent::http::ChannelBody;
+use updraft_agent::ChannelBody;
 use updraft_linkem::{LinkParams, Relay};
 
 use crate::harness::Pki;
@@ -825,7 +825,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 pub async fn serve_daemon(config: &Path) -> anyhow::Result<()> {
     let config = updraft_daemon::config::DaemonConfig::load(config)?;
     let endpoint = updraft_daemon::server::bind(&config)?;
-    updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
+    updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated()).await
 }
 
 /// `bench-faults-agent`: `updraft-agent serve` on a config the benchmark wrote.
@@ -833,8 +833,8 @@ pub async fn serve_agent(config: &Path) -> anyhow::Result<()> {
     let config = updraft_agent::config::AgentConfig::load(config)?;
     let identity =
         updraft_shared::tls::Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key)?;
-    let listener = updraft_agent::serve::bind_socket(&config.socket)?;
-    let agent = updraft_agent::service::Agent::new(config, &identity)?;
-    updraft_agent::serve::run(agent, listener, updraft_shared::signals::terminated()).await;
+    let listener = updraft_agent::bind_socket(&config.socket)?;
+    let agent = updraft_agent::Agent::new(config, &identity)?;
+    updraft_agent::run(agent, listener, updraft_shared::shutdown::terminated()).await;
     Ok(())
 }

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use updraft_agent::client::{body_bytes, Client, RunRequest};
-use updraft_agent::http::ChannelBody;
-use updraft_agent::placement::Where;
+use updraft_agent::ChannelBody;
+use updraft_agent::Where;
 
 use crate::harness::Pki;
 

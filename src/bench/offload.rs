@@ -1,7 +1,7 @@
 //! `updraft bench offload`: what offloading costs over a warm connection.
 //!
 //! An empty `echo` task goes through the agent's real offload path
-//! ([`updraft_agent::uplink::offload`]: request header, reply, trailer, replay buffer)
+//! ([`updraft_agent::offload`]: request header, reply, trailer, replay buffer)
 //! to a real daemon in this process, beside a bare quinn stream echo (a new
 //! bidirectional stream per request, the same certificates, the same runtime) measured
 //! in the same run. Latency is taken one request at a time, throughput with
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use updraft_agent::config::{CloudTarget, LinkConfig};
-use updraft_agent::uplink::{offload, OnDrop, Replay, Uplink};
+use updraft_agent::{offload, OnDrop, Replay, Uplink};
 use updraft_shared::protocol::RequestHeader;
 
 use crate::harness::{self, Pki};
@@ -231,10 +231,10 @@ async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
     )
     .await
     .map_err(|e| match e {
-        updraft_agent::uplink::OffloadError::NotStarted { code, reason, .. } => {
+        updraft_agent::OffloadError::NotStarted { code, reason, .. } => {
             anyhow::anyhow!("offload not started ({code:?}): {reason}")
         }
-        updraft_agent::uplink::OffloadError::Failed { reason, .. } => {
+        updraft_agent::OffloadError::Failed { reason, .. } => {
             anyhow::anyhow!("offload failed: {reason}")
         }
     })?;
@@ -308,8 +308,8 @@ async fn api_latency(
     daemon_addr: SocketAddr,
 ) -> anyhow::Result<Histogram<u64>> {
     use updraft_agent::client::{body_bytes, RunRequest};
-    use updraft_agent::http::ChannelBody;
-    use updraft_agent::placement::Where;
+    use updraft_agent::ChannelBody;
+    use updraft_agent::Where;
 
     let agent_dir = dir.join("agent-state");
     std::fs::create_dir_all(&agent_dir)?;

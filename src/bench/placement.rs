@@ -58,8 +58,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use updraft_agent::client::{body_bytes, Client, RunRequest};
-use updraft_agent::http::ChannelBody;
-use updraft_agent::placement::Where;
+use updraft_agent::ChannelBody;
+use updraft_agent::Where;
 use updraft_linkem::{LinkParams, Relay, Reply};
 use updraft_shared::exec::Load;
 use updraft_shared::policy::cost::{CloudRun, Conditions, CostModel, CostParams, LocalRun};
@@ -712,7 +712,7 @@ async fn submit_task(
     strategy: Strategy,
     expected: impl Fn(&[u8]) -> bool,
 ) -> anyhow::Result<TaskRun> {
-    use updraft_agent::api::{H_EXIT_CODE, H_PLACEMENT, H_REASON};
+    use updraft_agent::{H_EXIT_CODE, H_PLACEMENT, H_REASON};
     let req = RunRequest {
         task: task.into(),
         where_: strategy.where_(),

@@ -1,7 +1,9 @@
 //! Shared fixtures for the end-to-end tests: the real `updraftd` and `updraft-agent`
 //! binaries started as child processes with throwaway certificates, a plain HTTP/1.1
 //! client for the agent's socket, and bounded waiting helpers.
-#![allow(dead_code)]
+// Each test binary includes this as `mod common` and uses a different part of it: what
+// one leaves unused is not dead, and `pub` is how the binaries see it.
+#![allow(dead_code, unreachable_pub)]
 
 pub mod deb;
 pub mod readme;

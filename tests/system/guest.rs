@@ -1,6 +1,7 @@
 //! The guest of tests/system.rs: a Debian rootfs made once with debootstrap and
 //! cached, booted with `systemd-nspawn` (systemd as PID 1), commands run in it with
 //! `nsenter`, and everything undone when it is dropped.
+#![allow(unreachable_pub)] // `pub` is how tests/system.rs sees it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -6,13 +6,13 @@
 //!
 //! Sampling runs on one cheap timer (default 1 s); decisions read the latest snapshot.
 
-pub mod power;
+pub(crate) mod power;
 
 use std::path::{Path, PathBuf};
 
 /// Weight of a new CPU sample in the smoothed CPU percentage: about a 3-sample memory,
 /// so one busy second does not flip a rule but a sustained load shows within seconds.
-pub const CPU_SMOOTHING: f64 = 0.5;
+pub(crate) const CPU_SMOOTHING: f64 = 0.5;
 
 /// What the board sampler reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -31,25 +31,13 @@ pub struct BoardSignals {
     pub cores: usize,
 }
 
-/// The CPU quota of this process's cgroup, in cores (cgroup v2 `cpu.max`, or v1
-/// `cpu.cfs_quota_us` / `cpu.cfs_period_us`); `None` when there is none or it cannot be
-/// read.
-pub fn cgroup_cpu_limit() -> Option<f64> {
-    CpuQuota::locate()?.read()
-}
-
-/// [`cgroup_cpu_limit`] for a `/proc/PID/cgroup` text and a cgroup mount root.
-pub fn cgroup_cpu_limit_in(membership: &str, root: &Path) -> Option<f64> {
-    CpuQuota::locate_in(membership, root)?.read()
-}
-
 /// This process's cgroup CPU quota, with its files held open so that reading it again
 /// costs one `pread` per file (about a microsecond) instead of path walks and opens
 /// (about ten). Placement reads it for every decision: a quota can change at any
 /// moment (an operator, a thermal governor, an orchestrator), and a one-second-old
 /// figure sends the first tasks after a change to the wrong side.
 #[derive(Debug)]
-pub struct CpuQuota {
+pub(crate) struct CpuQuota {
     /// cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD"), or v1 `cpu.cfs_quota_us`
     /// (-1 = none).
     quota: std::fs::File,
@@ -62,13 +50,13 @@ const QUOTA_TEXT_MAX: usize = 64;
 
 impl CpuQuota {
     /// The quota files of this process's cgroup, if the CPU controller is mounted.
-    pub fn locate() -> Option<Self> {
+    pub(crate) fn locate() -> Option<Self> {
         let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
         Self::locate_in(&membership, Path::new("/sys/fs/cgroup"))
     }
 
     /// [`CpuQuota::locate`] for a `/proc/PID/cgroup` text and a cgroup mount root.
-    pub fn locate_in(membership: &str, root: &Path) -> Option<Self> {
+    pub(crate) fn locate_in(membership: &str, root: &Path) -> Option<Self> {
         let open = |p: PathBuf| std::fs::File::open(p).ok();
         for line in membership.lines() {
             let mut parts = line.splitn(3, ':');
@@ -101,7 +89,7 @@ impl CpuQuota {
     }
 
     /// The quota now, in cores; `None` when unlimited or unreadable.
-    pub fn read(&self) -> Option<f64> {
+    pub(crate) fn read(&self) -> Option<f64> {
         use std::os::unix::fs::FileExt;
         let text = |f: &std::fs::File, buf: &mut [u8; QUOTA_TEXT_MAX]| -> Option<usize> {
             // Positional reads from 0 make the kernel render the file afresh.
@@ -128,7 +116,7 @@ impl CpuQuota {
 }
 
 /// Samples the board's CPU, memory, temperature and power state.
-pub struct BoardSampler {
+pub(crate) struct BoardSampler {
     /// `None` where the platform gave no system information: those signals are absent.
     sys: Option<sysinfo::System>,
     components: Option<sysinfo::Components>,
@@ -147,7 +135,7 @@ impl std::fmt::Debug for BoardSampler {
 
 impl BoardSampler {
     /// A sampler reading power state under `power_root` (normally `/sys/class/power_supply`).
-    pub fn new(power_root: PathBuf) -> Self {
+    pub(crate) fn new(power_root: PathBuf) -> Self {
         let mut sys = sysinfo::System::new().ok();
         // The first CPU reading needs a baseline to diff against.
         if let Some(s) = sys.as_mut() {
@@ -163,7 +151,7 @@ impl BoardSampler {
 
     /// Takes one sample. Call it at a steady interval: CPU usage is measured since the
     /// previous call.
-    pub fn sample(&mut self) -> BoardSignals {
+    pub(crate) fn sample(&mut self) -> BoardSignals {
         let mut out = BoardSignals {
             power: power::read(&self.power_root),
             cores: 1,
@@ -199,6 +187,10 @@ impl BoardSampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cgroup_cpu_limit_in(membership: &str, root: &Path) -> Option<f64> {
+        CpuQuota::locate_in(membership, root)?.read()
+    }
 
     #[test]
     fn cgroup_quotas_v1_and_v2() {

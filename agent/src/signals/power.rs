@@ -28,7 +28,7 @@ fn read_num(path: &Path) -> Option<f64> {
 
 /// Reads every supply under `root`. A missing root means no supplies: a board without
 /// power_supply entries has no battery signals.
-pub fn read(root: &Path) -> PowerState {
+pub(crate) fn read(root: &Path) -> PowerState {
     let Ok(entries) = std::fs::read_dir(root) else {
         return PowerState::default();
     };

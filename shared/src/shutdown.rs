@@ -1,4 +1,4 @@
-//! Process signals the services react to.
+//! Shutdown: the process signals (SIGTERM, SIGINT) that stop a service.
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn terminated() {
