@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use updraft_shared::catalog::{Catalog, TaskFile};
+use updraft_shared::config::TlsFile;
 use updraft_shared::config::{ConfigError, Ranges};
 use updraft_shared::units::{ByteSize, HumanDuration};
 
@@ -68,21 +69,6 @@ pub struct CloudFile {
     pub address: String,
     /// Name to verify in the daemon's certificate. Default: the host part of `address`.
     pub server_name: Option<String>,
-}
-
-/// `[tls]` as written.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFile {
-    /// CA certificate the daemons chain to. Default `state_dir/ca.pem`.
-    pub ca: Option<PathBuf>,
-    /// The agent's certificate. Default `state_dir/agent.pem`.
-    pub cert: Option<PathBuf>,
-    /// The agent's key. Default `state_dir/agent.key`.
-    pub key: Option<PathBuf>,
-    /// Renew the certificate over the live connection this long before it expires.
-    /// Default: a third of its lifetime (30 days of a 90-day certificate).
-    pub renew_before: Option<HumanDuration>,
 }
 
 /// `[link]` as written.
@@ -365,6 +351,9 @@ impl AgentConfig {
             Duration::from_millis(10),
             HOUR,
         )?;
+        if let Some((key, why)) = file.tls.refuse(true) {
+            return Err(invalid(key, why.to_string()));
+        }
         let renew_before = match file.tls.renew_before {
             None => None,
             Some(d) => Some(r.duration(
@@ -736,6 +725,14 @@ fn split_host(address: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_daemons_tls_key_is_refused_by_name() {
+        let m = parse("[tls]\nca_key = \"/etc/updraft/ca.key\"")
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("tls.ca_key: is read by updraftd only"), "{m}");
+    }
 
     fn parse(text: &str) -> Result<AgentConfig, ConfigError> {
         let path = Path::new("/etc/updraft/agent.toml");

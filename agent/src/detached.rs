@@ -177,7 +177,7 @@ impl Agent {
             return;
         }
         let fail = |code: TaskCode, message: String| Finish {
-            state: journal::Outcome::Failed,
+            state: journal::Ending::Failed,
             placement: Side::Local,
             reason: "not run".into(),
             exit_code: None,
@@ -479,13 +479,13 @@ impl Agent {
 fn finish_of(f: Finished) -> (Finish, Spool) {
     let (state, exit_code, error, stderr_tail) = match f.result {
         Ok(exit) => (
-            journal::Outcome::Done,
+            journal::Ending::Done,
             Some(exit.code),
             None,
             exit.stderr_tail,
         ),
         Err(e) => (
-            journal::Outcome::Failed,
+            journal::Ending::Failed,
             None,
             Some((e.code.as_str().to_string(), e.message)),
             String::new(),
@@ -561,7 +561,7 @@ fn store_or_fail(
         message.push_str(&format!("; the run itself failed: {c}: {m}"));
     }
     let failure = Finish {
-        state: journal::Outcome::Failed,
+        state: journal::Ending::Failed,
         error: Some((code.as_str().to_string(), message)),
         ..fin
     };
@@ -590,7 +590,7 @@ fn failed_row(row: &TaskRow, fin: &Finish) -> TaskRow {
 /// The [`Finish`] a failure kept in memory is written with.
 fn row_finish(row: &TaskRow) -> Finish {
     Finish {
-        state: journal::Outcome::Failed,
+        state: journal::Ending::Failed,
         placement: row.placement.unwrap_or(Side::Local),
         reason: row.reason.clone().unwrap_or_default(),
         exit_code: row.exit_code,
@@ -708,7 +708,7 @@ mod tests {
             code: 3,
             stderr_tail: "oops".into(),
         })));
-        assert_eq!(fin.state, journal::Outcome::Done);
+        assert_eq!(fin.state, journal::Ending::Done);
         assert_eq!((fin.exit_code, fin.error), (Some(3), None));
         assert_eq!(
             (fin.placement, fin.reason.as_str()),
@@ -719,7 +719,7 @@ mod tests {
             TaskCode::TimedOut,
             "too slow",
         ))));
-        assert_eq!(fin.state, journal::Outcome::Failed);
+        assert_eq!(fin.state, journal::Ending::Failed);
         assert_eq!(fin.exit_code, None);
         assert_eq!(fin.error, Some(("timed_out".into(), "too slow".into())));
         assert_eq!(fin.stderr_tail, "");

@@ -256,20 +256,20 @@ impl std::fmt::Display for State {
     }
 }
 
-/// How a run ended: the two final [`State`]s.
+/// How a run ended: the two final [`State`]s (named apart from the executor's `Outcome`, which is a run's whole result).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Ending {
     /// It produced a result (whatever its exit code).
     Done,
     /// It could not produce one.
     Failed,
 }
 
-impl From<Outcome> for State {
-    fn from(o: Outcome) -> State {
+impl From<Ending> for State {
+    fn from(o: Ending) -> State {
         match o {
-            Outcome::Done => State::Done,
-            Outcome::Failed => State::Failed,
+            Ending::Done => State::Done,
+            Ending::Failed => State::Failed,
         }
     }
 }
@@ -291,7 +291,7 @@ pub struct NewTask {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finish {
     /// Done or failed.
-    pub state: Outcome,
+    pub state: Ending,
     /// The side it ran on.
     pub placement: Side,
     /// Why that side, for operators.
@@ -355,7 +355,7 @@ pub struct TaskRow {
 
 /// Figures for `status` and `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub struct JournalUsage {
     /// Tasks held, finished or not.
     pub tasks: u64,
     /// Tasks queued or running.
@@ -1470,9 +1470,9 @@ impl Journal {
     }
 
     /// Figures for status and metrics, from memory: no query, no IO.
-    pub fn usage(&self) -> Usage {
+    pub fn usage(&self) -> JournalUsage {
         let guard = self.lock();
-        Usage {
+        JournalUsage {
             tasks: guard.tasks,
             unfinished: guard.unfinished,
             bytes: guard.held,
@@ -1709,9 +1709,9 @@ mod tests {
     fn done(output_err: Option<(&str, &str)>) -> Finish {
         Finish {
             state: if output_err.is_some() {
-                Outcome::Failed
+                Ending::Failed
             } else {
-                Outcome::Done
+                Ending::Done
             },
             placement: Side::Cloud,
             reason: "rule \"save battery\"".to_string(),
@@ -1827,7 +1827,7 @@ mod tests {
         let j = Journal::open(&path, LIMITS).unwrap();
         assert_eq!(
             j.usage(),
-            Usage {
+            JournalUsage {
                 tasks: 0,
                 unfinished: 0,
                 bytes: 0,

@@ -192,7 +192,7 @@ pub(crate) fn explain_json(task: &str, d: &Decided) -> serde_json::Value {
 
 /// The journal's gauges, for `/metrics`. Its figures are u64 on every target, so a
 /// journal past 4 GiB shows as such on a 32-bit board too.
-fn journal_metrics(out: &mut String, usage: &journal::Usage) {
+fn journal_metrics(out: &mut String, usage: &journal::JournalUsage) {
     for (name, help, value) in [
         (
             "updraft_agent_journal_tasks",
@@ -220,7 +220,7 @@ fn journal_metrics(out: &mut String, usage: &journal::Usage) {
 }
 
 /// The journal's figures for `status`.
-fn journal_json(u: &journal::Usage) -> serde_json::Value {
+fn journal_json(u: &journal::JournalUsage) -> serde_json::Value {
     serde_json::json!({
         "tasks": u.tasks,
         "unfinished": u.unfinished,
@@ -293,7 +293,7 @@ mod tests {
     #[test]
     fn journal_figures_past_4_gib_show_whole() {
         // u64 end to end: a 32-bit board must not show 5 GiB as 1 GiB.
-        let usage = journal::Usage {
+        let usage = journal::JournalUsage {
             tasks: 3,
             unfinished: 1,
             bytes: (5 << 30) + 1,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use updraft_shared::catalog::{Catalog, TaskFile, TaskKind};
 use updraft_shared::config::ConfigError;
+use updraft_shared::config::TlsFile;
 use updraft_shared::exec::DEFAULT_PATH;
 use updraft_shared::tls::{Identity, TlsError};
 use updraft_shared::units::{ByteSize, HumanDuration};
@@ -74,21 +75,6 @@ pub struct DaemonFile {
     /// The catalog of tasks this daemon will run.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskFile>,
-}
-
-/// `[tls]` as written.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFile {
-    /// CA certificate agents must chain to. Default `ca.pem` beside the config.
-    pub ca: Option<PathBuf>,
-    /// The daemon's certificate chain. Default `server.pem`.
-    pub cert: Option<PathBuf>,
-    /// The daemon's private key. Default `server.key`.
-    pub key: Option<PathBuf>,
-    /// The CA's private key, to sign agent certificates at enrollment and renewal.
-    /// Default `ca.key` beside `ca`; when it cannot be read, agents cannot enroll.
-    pub ca_key: Option<PathBuf>,
 }
 
 /// `[enroll]` as written: certificates for agents that join with a token.
@@ -373,6 +359,9 @@ impl DaemonConfig {
             crate::pki::ENROLLED_VALIDITY,
             range::CERT_LIFETIME,
         )?;
+        if let Some((key, why)) = file.tls.refuse(false) {
+            return Err(invalid(key, why.to_string()));
+        }
         let tls_ca = rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into()));
         let tls_ca_key = match file.tls.ca_key {
             Some(p) => rel(p),
@@ -500,6 +489,7 @@ mod tests {
     fn errors_name_file_and_key() {
         for (text, key) in [
             ("lisen = \"x\"", "lisen"),
+            ("[tls]\nrenew_before = \"30d\"", "tls.renew_before"),
             ("listen = \"nowhere\"", "listen"),
             ("[tasks.e]\nbuiltin = \"echo\"\ncomand = [\"x\"]", "comand"),
             ("[tasks.e]\nbuiltin = \"nope\"", "tasks.e"),

@@ -178,7 +178,7 @@ impl Counters {
 
 /// How full the memory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
+pub struct MemoryUsage {
     /// Entries, running and finished.
     pub entries: usize,
     /// Bytes held by kept results.
@@ -294,9 +294,9 @@ impl Recent {
     }
 
     /// Entries and bytes held now.
-    pub fn usage(&self) -> Usage {
+    pub fn usage(&self) -> MemoryUsage {
         let t = self.lock();
-        Usage {
+        MemoryUsage {
             entries: t.entries.len(),
             kept_bytes: t.kept_bytes,
         }

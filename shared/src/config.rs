@@ -429,3 +429,46 @@ mod tests {
         assert!(e.to_string().contains("UPDRAFT_TEST_B__BOGUS"), "{e}");
     }
 }
+
+/// `[tls]` as written, in `agent.toml` and `daemon.toml` alike: where a service's
+/// certificate, key and CA are. Defaults are each side's (README, the config tables).
+/// `ca_key` is read by the daemon only and `renew_before` by the agent only; each side
+/// refuses the other's key by name ([`TlsFile::refuse`]).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// The CA certificate peers must chain to (agent: `state_dir/ca.pem`; daemon:
+    /// `ca.pem` beside the config).
+    pub ca: Option<std::path::PathBuf>,
+    /// This service's certificate (agent: `state_dir/agent.pem`; daemon: `server.pem`).
+    pub cert: Option<std::path::PathBuf>,
+    /// This service's private key (agent: `state_dir/agent.key`; daemon: `server.key`).
+    pub key: Option<std::path::PathBuf>,
+    /// Daemon only: the CA's private key, to sign agent certificates at enrollment and
+    /// renewal. Default `ca.key` beside `ca`; when it cannot be read, agents cannot
+    /// enroll.
+    pub ca_key: Option<std::path::PathBuf>,
+    /// Agent only: renew the certificate over the live connection this long before it
+    /// expires. Default: a third of its lifetime (30 days of a 90-day certificate).
+    pub renew_before: Option<updraft_proto::units::HumanDuration>,
+}
+
+impl TlsFile {
+    /// A key set that this side (`agent` or the daemon) does not read: `(key, what to
+    /// do)`.
+    pub fn refuse(&self, agent: bool) -> Option<(&'static str, &'static str)> {
+        if agent && self.ca_key.is_some() {
+            Some((
+                "tls.ca_key",
+                "is read by updraftd only (daemon.toml): a board never holds the CA's key; remove it",
+            ))
+        } else if !agent && self.renew_before.is_some() {
+            Some((
+                "tls.renew_before",
+                "is read by updraft-agent only (agent.toml); remove it",
+            ))
+        } else {
+            None
+        }
+    }
+}
