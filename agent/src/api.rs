@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+use updraft_shared::accept::accept_loop;
 
 /// Header: the task id.
 pub const H_TASK_ID: &str = "updraft-task-id";
@@ -58,11 +59,6 @@ pub(crate) const MAX_HEAD_BYTES: usize = 32 << 10;
 pub(crate) const MAX_URI_BYTES: usize = 8 << 10;
 /// Most headers in one request: curl and HTTP libraries send under a dozen.
 pub(crate) const MAX_HEADERS: usize = 64;
-/// Longest pause between accept retries after `accept` failed (EMFILE and the like):
-/// long enough not to spin on a full descriptor table, short enough that a freed
-/// descriptor is used at once.
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
 /// Serves the API on `listener` until `shutdown`, then waits for requests in flight.
 ///
 /// At most `[api] max_connections` connections are served at once; one more is
@@ -76,7 +72,6 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = agent.config().api.clone();
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
@@ -85,76 +80,43 @@ pub(crate) async fn serve(
         .writev(false);
     let http = Arc::new(http);
     let conns = TaskTracker::new();
-    let mut backoff = Backoff::default();
     let mut refused = RateLimitedWarn::default();
     let lingering = Arc::new(tokio::sync::Semaphore::new(LINGERING_REFUSALS));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _)) => {
-                    backoff.reset();
-                    let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        refuse_busy(stream, limits.max_connections, &lingering);
-                        refused.warn(|n| warn!(limit = limits.max_connections, refused = n, "API connection limit reached ([api] max_connections); new connections get 503 busy"));
-                        continue;
-                    };
-                    let agent = agent.clone();
-                    let http = http.clone();
-                    let stall = limits.body_stall_timeout;
-                    conns.spawn(async move {
-                        let _slot = slot;
-                        let svc = hyper::service::service_fn(move |req| {
-                            let agent = agent.clone();
-                            async move { Ok::<_, std::convert::Infallible>(route(req, agent).await) }
-                        });
-                        let io = hyper_util::rt::TokioIo::new(ApiIo::new(stream, stall));
-                        if let Err(e) = http.serve_connection(io, svc).await {
-                            debug!(error = %e, "API connection ended with an error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    let pause = backoff.next();
-                    if pause == Backoff::FIRST {
-                        warn!(error = %e, "accepting on the API socket failed; retrying with backoff up to {ACCEPT_BACKOFF_MAX:?}");
-                    } else {
-                        debug!(error = %e, ?pause, "accepting on the API socket failed again");
-                    }
-                    tokio::time::sleep(pause).await;
-                }
-            },
-            () = &mut shutdown => break,
-        }
-    }
+    let serve = |stream, slot| {
+        let agent = agent.clone();
+        let http = http.clone();
+        let stall = limits.body_stall_timeout;
+        conns.spawn(async move {
+            let _slot = slot;
+            let svc = hyper::service::service_fn(move |req| {
+                let agent = agent.clone();
+                async move { Ok::<_, std::convert::Infallible>(route(req, agent).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(ApiIo::new(stream, stall));
+            if let Err(e) = http.serve_connection(io, svc).await {
+                debug!(error = %e, "API connection ended with an error");
+            }
+        });
+    };
+    let refuse = |stream| {
+        refuse_busy(stream, limits.max_connections, &lingering);
+        refused.warn(|n| warn!(limit = limits.max_connections, refused = n, "API connection limit reached ([api] max_connections); new connections get 503 busy"));
+    };
+    accept_loop(
+        &listener,
+        "the API socket",
+        limits.max_connections,
+        shutdown,
+        serve,
+        refuse,
+    )
+    .await;
     conns.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, conns.wait())
         .await
         .is_err()
     {
         warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway");
-    }
-}
-
-/// Exponential pause between failing `accept` calls: 10 ms doubling to
-/// [`ACCEPT_BACKOFF_MAX`], back to the start after a success.
-#[derive(Debug, Default)]
-struct Backoff(Option<Duration>);
-
-impl Backoff {
-    /// The first pause: a transient failure is retried almost at once.
-    const FIRST: Duration = Duration::from_millis(10);
-
-    fn next(&mut self) -> Duration {
-        let d = self
-            .0
-            .map_or(Self::FIRST, |d| (d * 2).min(ACCEPT_BACKOFF_MAX));
-        self.0 = Some(d);
-        d
-    }
-
-    fn reset(&mut self) {
-        self.0 = None;
     }
 }
 
