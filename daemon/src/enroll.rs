@@ -367,7 +367,7 @@ impl Enroller {
             message: bounded_message(message),
         };
         if let Err(e) = request.validate() {
-            return reject(ErrorCode::BadRequest, e);
+            return reject(ErrorCode::BadRequest, e.to_string());
         }
         let issuer = match &self.issuer {
             Ok(i) => i,

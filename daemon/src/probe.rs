@@ -150,7 +150,7 @@ fn admit<'g>(
 ) -> Result<(ProbeRequest, ProbeSlot<'g>), (ErrorCode, String)> {
     let bad = |e: String| (ErrorCode::BadRequest, format!("bad probe request: {e}"));
     let request = ProbeRequest::from_frame(frame).map_err(|e| bad(e.to_string()))?;
-    request.validate().map_err(bad)?;
+    request.validate().map_err(|e| bad(e.to_string()))?;
     if draining {
         return Err((
             ErrorCode::Draining,
