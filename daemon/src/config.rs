@@ -281,10 +281,11 @@ impl DaemonConfig {
                 )
             })?),
         };
-        let count =
-            |key: &str, v: u64, r: (u64, u64)| check_count(v, r).map_err(|e| invalid(key, e));
+        let count = |key: &str, v: u64, r: (u64, u64)| {
+            check_count(v, r).map_err(|e| invalid(key, e.to_string()))
+        };
         let duration = |key: &str, v: Option<HumanDuration>, default: Duration, r| {
-            check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e))
+            check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e.to_string()))
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = file
@@ -379,7 +380,8 @@ impl DaemonConfig {
             None => tls_ca.with_file_name("ca.key"),
         };
         if let Some(level) = &file.log_level {
-            updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
+            updraft_shared::logging::parse_level(level)
+                .map_err(|e| invalid("log_level", e.to_string()))?;
         }
         Ok(Self {
             log_level: file.log_level.clone(),

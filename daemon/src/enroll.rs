@@ -382,7 +382,7 @@ impl Enroller {
             None => match pki::requested_agent_id(&csr) {
                 Ok(id) => match updraft_shared::tls::check_agent_id(&id) {
                     Ok(()) => id,
-                    Err(e) => return reject(ErrorCode::BadRequest, e),
+                    Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
                 },
                 Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
             },
