@@ -1049,10 +1049,16 @@ fn read_answer(reply: Result<Option<Frame>, WireError>) -> Result<(), Refusal> {
     }
 }
 
+/// The task's own input failed while it was being sent to the daemon: not the link's
+/// fault, so the task is not retried elsewhere.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the task's input: {0}")]
+struct InputError(std::io::Error);
+
 /// Runs `pump` (the input) alongside `read` (the output) until `read` ends with the
 /// trailer or a failure; a failed `pump` ends the task too.
 async fn relay(
-    pump: impl Future<Output = Result<(), String>>,
+    pump: impl Future<Output = Result<(), InputError>>,
     read: impl Future<Output = Result<Trailer, MidTask>>,
 ) -> Result<Trailer, MidTask> {
     tokio::pin!(pump, read);
@@ -1062,8 +1068,8 @@ async fn relay(
             r = &mut read => return r,
             r = &mut pump, if !pump_done => {
                 pump_done = true;
-                if let Err(reason) = r {
-                    return Err(MidTask { link: false, reason });
+                if let Err(e) = r {
+                    return Err(MidTask { link: false, reason: e.to_string() });
                 }
             }
         }
@@ -1079,7 +1085,7 @@ async fn pump_input<I: Input>(
     up: &mut Upload,
     input_finished: &mut bool,
     cfg: &LinkConfig,
-) -> Result<(), String> {
+) -> Result<(), InputError> {
     if !up.send_ok {
         return Ok(());
     }
@@ -1110,7 +1116,7 @@ async fn pump_input<I: Input>(
             Ok(None) => up.input_done = true,
             Err(e) => {
                 let _ = send.reset(RESET_ABANDONED.into());
-                return Err(format!("reading the task's input: {e}"));
+                return Err(InputError(e));
             }
         }
     }
@@ -1151,6 +1157,15 @@ mod tests {
     use super::*;
     use std::cell::Cell;
     use tokio::time::Instant;
+
+    #[test]
+    fn an_input_error_says_it_was_the_input() {
+        let e = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            InputError(e()).to_string(),
+            "reading the task's input: disk on fire"
+        );
+    }
 
     #[test]
     fn dial_errors_name_the_daemon() {
