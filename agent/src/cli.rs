@@ -124,8 +124,7 @@ pub fn check_config(config: &crate::config::AgentConfig) -> anyhow::Result<Strin
             files.cert.display()
         );
     }
-    let policy =
-        crate::policy_file::PolicyHolder::load(&config.policy).map_err(anyhow::Error::msg)?;
+    let policy = crate::policy_file::PolicyHolder::load(&config.policy)?;
     let (_, not_after) = updraft_shared::tls::validity_of(&identity.chain[0])?;
     let expired = if not_after < std::time::SystemTime::now() {
         " (the certificate has EXPIRED: re-enroll with a token)"

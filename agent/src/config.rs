@@ -368,7 +368,8 @@ impl AgentConfig {
             r.count_usize("max_local_queue", file.max_local_queue, 64, 0, 65_536)?;
         let spool_memory = r.bytes_usize("spool_memory", file.spool_memory, 1 << 20, 0, 1 << 30)?;
         if let Some(level) = &file.log_level {
-            updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
+            updraft_shared::logging::parse_level(level)
+                .map_err(|e| invalid("log_level", e.to_string()))?;
         }
         Ok(Self {
             path: path.to_path_buf(),

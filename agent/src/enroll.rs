@@ -91,13 +91,13 @@ pub(crate) enum RequestError {
 pub(crate) enum EnrollError {
     /// `--ca-sha256` is not a SHA-256 fingerprint.
     #[error("--ca-sha256: {0}")]
-    Fingerprint(String),
+    Fingerprint(tls::FingerprintError),
     /// No agent id was given and the host name could not be read.
     #[error("cannot read the host name; set agent_id in agent.toml or pass --agent-id: {}", Causes(.0))]
     HostName(std::io::Error),
     /// The agent id is not one a certificate may name.
     #[error("{0}; set agent_id in agent.toml or pass --agent-id")]
-    AgentId(String),
+    AgentId(tls::AgentIdError),
     /// A certificate still valid is installed and `--force` was not given.
     #[error(
         "{} is already a valid certificate (for `{agent_id}`, until {}); pass --force to replace it",

@@ -353,8 +353,22 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for ApiIo<S> {
     }
 }
 
+/// Why a query string could not be decoded; the API answers 400 with this text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum QueryError {
+    /// A `%` with fewer than two characters after it.
+    #[error("truncated %-escape")]
+    Truncated,
+    /// A `%` followed by something other than two hex digits.
+    #[error("bad %-escape")]
+    BadEscape,
+    /// The decoded bytes are not UTF-8.
+    #[error("query is not UTF-8")]
+    NotUtf8,
+}
+
 /// Decodes `%XX` and `+` in a query component.
-pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
+pub(crate) fn percent_decode(s: &str) -> Result<String, QueryError> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -362,16 +376,16 @@ pub(crate) fn percent_decode(s: &str) -> Result<String, String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or("truncated %-escape")?;
-                let hex = std::str::from_utf8(hex).map_err(|_| "bad %-escape")?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad %-escape")?);
+                let hex = bytes.get(i + 1..i + 3).ok_or(QueryError::Truncated)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| QueryError::BadEscape)?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| QueryError::BadEscape)?);
                 i += 2;
             }
             b => out.push(b),
         }
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| "query is not UTF-8".to_string())
+    String::from_utf8(out).map_err(|_| QueryError::NotUtf8)
 }
 
 /// Encodes a query component.
@@ -388,7 +402,7 @@ pub(crate) fn percent_encode(s: &str) -> String {
 }
 
 /// Splits a query string into decoded pairs.
-pub(crate) fn parse_query(q: &str) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn parse_query(q: &str) -> Result<Vec<(String, String)>, QueryError> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
@@ -443,6 +457,16 @@ mod tests {
         assert_eq!(pairs[1].1, "a b&c");
         assert_eq!(pairs[2].1, "é");
         assert!(parse_query("arg=%zz").is_err());
+    }
+
+    #[test]
+    fn query_errors_keep_their_text() {
+        let text = |q: &str| parse_query(q).unwrap_err().to_string();
+        assert_eq!(text("arg=%zz"), "bad %-escape");
+        assert_eq!(text("arg=%e"), "truncated %-escape");
+        assert_eq!(text("arg=%ff"), "query is not UTF-8");
+        assert_eq!(percent_decode("%c3%a9+x"), Ok("é x".to_string()));
+        assert_eq!(percent_decode("%é"), Err(QueryError::BadEscape));
     }
 
     #[test]

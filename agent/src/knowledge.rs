@@ -69,7 +69,7 @@ impl LinkNow {
 pub enum KnowledgeError {
     /// The policy file is broken: its path, line and column, and what is wrong.
     #[error("{0}")]
-    Policy(String),
+    Policy(crate::policy_file::PolicyLoadError),
 }
 
 /// Signals, policy and estimates.

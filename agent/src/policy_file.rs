@@ -61,21 +61,45 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Why the policy file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    /// The file could not be read (other than missing, which means the default policy).
+    #[error("{}: cannot read policy file: {error}", .path.display())]
+    Read {
+        /// The policy file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// The file is not a valid policy: its path, line and column, and what is wrong.
+    #[error("{0}")]
+    Parse(rules::PolicyError),
+}
+
+/// The policy in `path` and where it came from (`file`, or `default` when there is no
+/// file).
+fn read_policy(path: &Path) -> Result<(Policy, &'static str), PolicyLoadError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => rules::parse(&text, path)
+            .map(|p| (p, "file"))
+            .map_err(PolicyLoadError::Parse),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok((Policy::default_policy(), "default"))
+        }
+        Err(error) => Err(PolicyLoadError::Read {
+            path: path.to_path_buf(),
+            error,
+        }),
+    }
+}
+
 impl PolicyHolder {
     /// Loads `path`. A missing file means the default policy (everything auto); a
     /// broken one is an error, so a service never starts with a policy it cannot read.
-    pub fn load(path: &Path) -> Result<Self, String> {
+    pub fn load(path: &Path) -> Result<Self, PolicyLoadError> {
         let seen = stamp(path);
-        let (policy, source) = match std::fs::read_to_string(path) {
-            Ok(text) => (
-                rules::parse(&text, path).map_err(|e| e.to_string())?,
-                "file",
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (Policy::default_policy(), "default")
-            }
-            Err(e) => return Err(format!("{}: cannot read policy file: {e}", path.display())),
-        };
+        let (policy, source) = read_policy(path)?;
         let status = status_of(path, &policy, source, None);
         Ok(Self {
             path: path.to_path_buf(),
@@ -89,19 +113,7 @@ impl PolicyHolder {
     /// old one stays and the error is kept for `status`. Returns the error, if any.
     pub fn reload(&self, why: &str) -> Option<String> {
         *self.seen.lock().expect("policy lock") = stamp(&self.path);
-        let loaded = match std::fs::read_to_string(&self.path) {
-            Ok(text) => rules::parse(&text, &self.path)
-                .map(|p| (p, "file"))
-                .map_err(|e| e.to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok((Policy::default_policy(), "default"))
-            }
-            Err(e) => Err(format!(
-                "{}: cannot read policy file: {e}",
-                self.path.display()
-            )),
-        };
-        match loaded {
+        match read_policy(&self.path).map_err(|e| e.to_string()) {
             Ok((policy, source)) => {
                 info!(path = %self.path.display(), rules = policy.rules().len(), why, "policy loaded");
                 *self.status.lock().expect("policy lock") =
@@ -172,5 +184,37 @@ fn status_of(
         default: policy.default_place().as_str(),
         loaded_at_unix_ms: now_ms(),
         error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("policy.toml");
+        let held = PolicyHolder::load(&missing).unwrap();
+        assert_eq!(held.status().source, "default");
+        // A directory cannot be read as a file.
+        let e = PolicyHolder::load(dir.path()).unwrap_err();
+        assert!(matches!(e, PolicyLoadError::Read { .. }), "{e:?}");
+        let os = std::fs::read_to_string(dir.path()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: cannot read policy file: {os}", dir.path().display())
+        );
+        std::fs::write(&missing, "default = \"nowhere\"\n").unwrap();
+        let e = PolicyHolder::load(&missing).unwrap_err();
+        let PolicyLoadError::Parse(parse) = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(e.to_string(), parse.to_string());
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}:1:", missing.display())),
+            "{e}"
+        );
     }
 }

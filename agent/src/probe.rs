@@ -104,7 +104,9 @@ pub async fn probe(
     down: u32,
 ) -> Result<ProbeSample, ProbeError> {
     let request = ProbeRequest { up, down };
-    request.validate().map_err(ProbeError::Failed)?;
+    request
+        .validate()
+        .map_err(|e| ProbeError::Failed(e.to_string()))?;
     let started = Instant::now();
     let mut stream = None;
     let result = tokio::time::timeout(PROBE_TIMEOUT, exchange(conn, request, &mut stream)).await;

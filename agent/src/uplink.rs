@@ -523,7 +523,7 @@ async fn maintain(
             }
             Err(e) => {
                 let failures = reconnect.failed();
-                let e = noted(e);
+                let e = noted(e.to_string());
                 if failures == 1 {
                     warn!(daemon = link.address(), error = %e, "cannot connect to daemon; retrying with backoff");
                 } else {
@@ -570,27 +570,69 @@ async fn hold(
     reason
 }
 
+/// Why a connection attempt to a daemon failed; the texts go to the log and `status`.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    /// The daemon's address could not be resolved.
+    #[error("cannot resolve {address}: {error}")]
+    Resolve {
+        /// The configured address.
+        address: String,
+        /// The resolver's error.
+        error: std::io::Error,
+    },
+    /// The address resolved to nothing.
+    #[error("{0} resolves to no address")]
+    NoAddress(String),
+    /// quinn refused to start the attempt (a bad server name, say).
+    #[error("{0}")]
+    Start(quinn::ConnectError),
+    /// The handshake failed: TLS refused on either side, or the connection was lost.
+    #[error("handshake with {address}: {error}")]
+    Handshake {
+        /// The configured address.
+        address: String,
+        /// quinn's error.
+        error: quinn::ConnectionError,
+    },
+    /// The daemon did not answer within `connect_timeout`.
+    #[error("no answer from {address} within {timeout:?}")]
+    Timeout {
+        /// The configured address.
+        address: String,
+        /// `connect_timeout`.
+        timeout: Duration,
+    },
+}
+
 async fn connect(
     endpoint: &quinn::Endpoint,
     client: &quinn::ClientConfig,
     target: &CloudTarget,
     timeout: Duration,
-) -> Result<quinn::Connection, String> {
+) -> Result<quinn::Connection, DialError> {
+    let address = || target.address.clone();
     let addr: SocketAddr = tokio::net::lookup_host(&target.address)
         .await
-        .map_err(|e| format!("cannot resolve {}: {e}", target.address))?
+        .map_err(|error| DialError::Resolve {
+            address: address(),
+            error,
+        })?
         .next()
-        .ok_or_else(|| format!("{} resolves to no address", target.address))?;
+        .ok_or_else(|| DialError::NoAddress(address()))?;
     let connecting = endpoint
         .connect_with(client.clone(), addr, &target.server_name)
-        .map_err(|e| e.to_string())?;
+        .map_err(DialError::Start)?;
     match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("handshake with {}: {e}", target.address)),
-        Err(_) => Err(format!(
-            "no answer from {} within {timeout:?}",
-            target.address
-        )),
+        Ok(Err(error)) => Err(DialError::Handshake {
+            address: address(),
+            error,
+        }),
+        Err(_) => Err(DialError::Timeout {
+            address: address(),
+            timeout,
+        }),
     }
 }
 
@@ -1007,10 +1049,16 @@ fn read_answer(reply: Result<Option<Frame>, WireError>) -> Result<(), Refusal> {
     }
 }
 
+/// The task's own input failed while it was being sent to the daemon: not the link's
+/// fault, so the task is not retried elsewhere.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the task's input: {0}")]
+struct InputError(std::io::Error);
+
 /// Runs `pump` (the input) alongside `read` (the output) until `read` ends with the
 /// trailer or a failure; a failed `pump` ends the task too.
 async fn relay(
-    pump: impl Future<Output = Result<(), String>>,
+    pump: impl Future<Output = Result<(), InputError>>,
     read: impl Future<Output = Result<Trailer, MidTask>>,
 ) -> Result<Trailer, MidTask> {
     tokio::pin!(pump, read);
@@ -1020,8 +1068,8 @@ async fn relay(
             r = &mut read => return r,
             r = &mut pump, if !pump_done => {
                 pump_done = true;
-                if let Err(reason) = r {
-                    return Err(MidTask { link: false, reason });
+                if let Err(e) = r {
+                    return Err(MidTask { link: false, reason: e.to_string() });
                 }
             }
         }
@@ -1037,7 +1085,7 @@ async fn pump_input<I: Input>(
     up: &mut Upload,
     input_finished: &mut bool,
     cfg: &LinkConfig,
-) -> Result<(), String> {
+) -> Result<(), InputError> {
     if !up.send_ok {
         return Ok(());
     }
@@ -1068,7 +1116,7 @@ async fn pump_input<I: Input>(
             Ok(None) => up.input_done = true,
             Err(e) => {
                 let _ = send.reset(RESET_ABANDONED.into());
-                return Err(format!("reading the task's input: {e}"));
+                return Err(InputError(e));
             }
         }
     }
@@ -1109,6 +1157,55 @@ mod tests {
     use super::*;
     use std::cell::Cell;
     use tokio::time::Instant;
+
+    #[test]
+    fn an_input_error_says_it_was_the_input() {
+        let e = || std::io::Error::other("disk on fire");
+        assert_eq!(
+            InputError(e()).to_string(),
+            "reading the task's input: disk on fire"
+        );
+    }
+
+    #[test]
+    fn dial_errors_name_the_daemon() {
+        let address = || "cloud.example:4433".to_string();
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let text = |e: DialError| e.to_string();
+        assert_eq!(
+            text(DialError::Resolve {
+                address: address(),
+                error: refused()
+            }),
+            format!("cannot resolve cloud.example:4433: {}", refused())
+        );
+        assert_eq!(
+            text(DialError::NoAddress(address())),
+            "cloud.example:4433 resolves to no address"
+        );
+        let stopping = quinn::ConnectError::EndpointStopping;
+        assert_eq!(
+            text(DialError::Start(stopping.clone())),
+            stopping.to_string()
+        );
+        assert_eq!(
+            text(DialError::Handshake {
+                address: address(),
+                error: quinn::ConnectionError::TimedOut
+            }),
+            format!(
+                "handshake with cloud.example:4433: {}",
+                quinn::ConnectionError::TimedOut
+            )
+        );
+        assert_eq!(
+            text(DialError::Timeout {
+                address: address(),
+                timeout: Duration::from_secs(5)
+            }),
+            "no answer from cloud.example:4433 within 5s"
+        );
+    }
 
     fn reconnect(min_ms: u64, max_ms: u64) -> Reconnect {
         Reconnect::new(&LinkConfig {

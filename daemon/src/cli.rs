@@ -26,7 +26,7 @@ fn parse_lifetime(s: &str) -> Result<Duration, String> {
 
 fn parse_duration(s: &str, bounds: (Duration, Duration)) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))?;
-    check_duration(d, bounds)
+    check_duration(d, bounds).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

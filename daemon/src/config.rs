@@ -267,10 +267,11 @@ impl DaemonConfig {
                 )
             })?),
         };
-        let count =
-            |key: &str, v: u64, r: (u64, u64)| check_count(v, r).map_err(|e| invalid(key, e));
+        let count = |key: &str, v: u64, r: (u64, u64)| {
+            check_count(v, r).map_err(|e| invalid(key, e.to_string()))
+        };
         let duration = |key: &str, v: Option<HumanDuration>, default: Duration, r| {
-            check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e))
+            check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e.to_string()))
         };
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = file
@@ -368,7 +369,8 @@ impl DaemonConfig {
             None => tls_ca.with_file_name("ca.key"),
         };
         if let Some(level) = &file.log_level {
-            updraft_shared::logging::parse_level(level).map_err(|e| invalid("log_level", e))?;
+            updraft_shared::logging::parse_level(level)
+                .map_err(|e| invalid("log_level", e.to_string()))?;
         }
         Ok(Self {
             log_level: file.log_level.clone(),
@@ -395,9 +397,29 @@ impl DaemonConfig {
     }
 }
 
+/// Why a task's program would not start; a warning at start, as the task would fail
+/// with `spawn_failed`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ExecutableError {
+    /// A program given as a path is there but is not an executable file.
+    #[error("`{0}` is not an executable file")]
+    NotExecutable(String),
+    /// A program given as a path is not there.
+    #[error("`{0}` does not exist")]
+    Missing(String),
+    /// A program given by name is in no directory of the task's `PATH`.
+    #[error("`{program}` is not an executable file in {path}")]
+    NotInPath {
+        /// The program's name.
+        program: String,
+        /// The task's `PATH`.
+        path: String,
+    },
+}
+
 /// Finds `program` the way the executor will (a path as given, else in `path`) and
 /// checks it is an executable file.
-fn find_executable(program: &str, path: &str) -> Result<PathBuf, String> {
+fn find_executable(program: &str, path: &str) -> Result<PathBuf, ExecutableError> {
     use std::os::unix::fs::PermissionsExt;
     let candidates: Vec<PathBuf> = if program.contains('/') {
         vec![PathBuf::from(program)]
@@ -413,14 +435,17 @@ fn find_executable(program: &str, path: &str) -> Result<PathBuf, String> {
                 return Ok(c.clone());
             }
             if program.contains('/') {
-                return Err(format!("`{program}` is not an executable file"));
+                return Err(ExecutableError::NotExecutable(program.to_string()));
             }
         }
     }
     if program.contains('/') {
-        Err(format!("`{program}` does not exist"))
+        Err(ExecutableError::Missing(program.to_string()))
     } else {
-        Err(format!("`{program}` is not an executable file in {path}"))
+        Err(ExecutableError::NotInPath {
+            program: program.to_string(),
+            path: path.to_string(),
+        })
     }
 }
 
@@ -432,6 +457,30 @@ mod tests {
         let path = Path::new("/etc/updraft/daemon.toml");
         let file = updraft_shared::config::from_str(text, path, "UPDRAFTD_TEST_NONE")?;
         DaemonConfig::from_file(file, path)
+    }
+
+    #[test]
+    fn missing_programs_are_named_with_where_they_were_sought() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("plain");
+        std::fs::write(&file, "").unwrap();
+        let shown = file.display().to_string();
+        assert_eq!(
+            find_executable(&shown, "/bin").unwrap_err().to_string(),
+            format!("`{shown}` is not an executable file")
+        );
+        assert_eq!(
+            find_executable("/no/such/tool", "/bin")
+                .unwrap_err()
+                .to_string(),
+            "`/no/such/tool` does not exist"
+        );
+        let dir = d.path().display().to_string();
+        assert_eq!(
+            find_executable("plain", &dir).unwrap_err().to_string(),
+            format!("`plain` is not an executable file in {dir}")
+        );
+        assert!(find_executable("sh", DEFAULT_PATH).is_ok());
     }
 
     #[test]

@@ -281,9 +281,15 @@ impl Tokens {
     }
 }
 
+/// Why this daemon cannot issue certificates: its CA key (or certificate) could not be
+/// loaded; the cause with its chain. Logged at start and sent with every refusal.
+#[derive(Debug, thiserror::Error)]
+#[error("this daemon cannot issue agent certificates ({0:#}); give it the CA key with [tls] ca_key in daemon.toml")]
+struct NoIssuer(anyhow::Error);
+
 /// What the daemon needs to issue agent certificates.
 pub struct Enroller {
-    issuer: Result<Issuer<'static, KeyPair>, String>,
+    issuer: Result<Issuer<'static, KeyPair>, NoIssuer>,
     ca_pem: String,
     tokens: Tokens,
     issued: Issued,
@@ -305,11 +311,7 @@ impl Enroller {
     /// the daemon: agents with certificates are served, enrollment and renewal are
     /// refused with the reason.
     pub fn load(config: &crate::config::DaemonConfig) -> Self {
-        let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key).map_err(|e| {
-            format!(
-                "this daemon cannot issue agent certificates ({e:#}); give it the CA key with [tls] ca_key in daemon.toml"
-            )
-        });
+        let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key).map_err(NoIssuer);
         match &issuer {
             Ok(_) => {
                 info!(ca_key = %config.tls_ca_key.display(), lifetime = %lifetime_text(config.cert_lifetime), "enrollment on: agents may join with `updraftd token create` tokens and renew their certificates")
@@ -367,11 +369,11 @@ impl Enroller {
             message: bounded_message(message),
         };
         if let Err(e) = request.validate() {
-            return reject(ErrorCode::BadRequest, e);
+            return reject(ErrorCode::BadRequest, e.to_string());
         }
         let issuer = match &self.issuer {
             Ok(i) => i,
-            Err(e) => return reject(ErrorCode::CannotIssue, e.clone()),
+            Err(e) => return reject(ErrorCode::CannotIssue, e.to_string()),
         };
         let csr = match pki::parse_request(&request.csr) {
             Ok(c) => c,
@@ -382,7 +384,7 @@ impl Enroller {
             None => match pki::requested_agent_id(&csr) {
                 Ok(id) => match updraft_shared::tls::check_agent_id(&id) {
                     Ok(()) => id,
-                    Err(e) => return reject(ErrorCode::BadRequest, e),
+                    Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
                 },
                 Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
             },
@@ -405,7 +407,7 @@ impl Enroller {
                 Ok(h) => h,
                 Err(e) => {
                     warn!(agent = agent_id, error = %e, "enrollment refused");
-                    return reject(ErrorCode::Internal, e);
+                    return reject(ErrorCode::Internal, e.to_string());
                 }
             };
             if let Err(e) = self.tokens.redeem(token, &agent_id, held.as_ref(), now) {
@@ -587,6 +589,15 @@ pub async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_ca_key_says_how_to_give_one() {
+        let e = NoIssuer(anyhow::anyhow!("No such file").context("cannot read /etc/ca.key"));
+        assert_eq!(
+            e.to_string(),
+            "this daemon cannot issue agent certificates (cannot read /etc/ca.key: No such file); give it the CA key with [tls] ca_key in daemon.toml"
+        );
+    }
 
     #[test]
     fn a_token_enrolls_once_before_it_expires() {

@@ -22,6 +22,50 @@ pub const KEEP_PER_ID: usize = 8;
 /// One read-modify-write at a time (enrollments and renewals run concurrently).
 static WRITING: Mutex<()> = Mutex::new(());
 
+/// Why an issued-certificate record could not be read or written; logged, and sent
+/// (as an `internal` refusal) to an agent whose enrollment it stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuedError {
+    /// The certificate just issued is not PEM.
+    #[error("unreadable certificate: {0}")]
+    Pem(rustls::pki_types::pem::Error),
+    /// The certificate just issued does not parse as X.509.
+    #[error("{0}")]
+    Certificate(updraft_shared::tls::TlsError),
+    /// An agent's record is not the JSON this daemon writes.
+    #[error("{} is damaged ({error}); remove it to forget the agent's certificates", .path.display())]
+    Damaged {
+        /// The record file.
+        path: PathBuf,
+        /// The JSON parser's complaint.
+        error: serde_json::Error,
+    },
+    /// A file could not be read.
+    #[error("cannot read {}: {error}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {error}", .path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// A directory of records could not be made.
+    #[error("cannot create {}: {error}", .path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+}
+
 /// A certificate issued for an agent id.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IssuedCert {
@@ -35,12 +79,13 @@ pub struct IssuedCert {
 
 impl IssuedCert {
     /// The serial and expiry of a certificate (PEM) just issued at `now`.
-    pub fn of_pem(pem: &str, now: SystemTime) -> Result<Self, String> {
+    pub fn of_pem(pem: &str, now: SystemTime) -> Result<Self, IssuedError> {
         use rustls::pki_types::pem::PemObject;
         let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| format!("unreadable certificate: {e}"))?;
-        let serial = updraft_shared::tls::serial_of(&der).map_err(|e| e.to_string())?;
-        let (_, not_after) = updraft_shared::tls::validity_of(&der).map_err(|e| e.to_string())?;
+            .map_err(IssuedError::Pem)?;
+        let serial = updraft_shared::tls::serial_of(&der).map_err(IssuedError::Certificate)?;
+        let (_, not_after) =
+            updraft_shared::tls::validity_of(&der).map_err(IssuedError::Certificate)?;
         Ok(Self {
             serial,
             not_after_ms: unix_ms(not_after),
@@ -93,30 +138,24 @@ impl Issued {
         self.agents.join(format!("{agent_id}.json"))
     }
 
-    fn read(&self, agent_id: &str) -> Result<IdRecord, String> {
+    fn read(&self, agent_id: &str) -> Result<IdRecord, IssuedError> {
         let path = self.id_path(agent_id);
         match std::fs::read(&path) {
-            Ok(data) => serde_json::from_slice(&data).map_err(|e| {
-                format!(
-                    "{} is damaged ({e}); remove it to forget the agent's certificates",
-                    path.display()
-                )
-            }),
+            Ok(data) => {
+                serde_json::from_slice(&data).map_err(|error| IssuedError::Damaged { path, error })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IdRecord::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(error) => Err(IssuedError::Read { path, error }),
         }
     }
 
-    fn write(&self, agent_id: &str, record: &IdRecord) -> Result<(), String> {
-        let path = self.id_path(agent_id);
+    fn write(&self, agent_id: &str, record: &IdRecord) -> Result<(), IssuedError> {
         ensure_dir(&self.agents)?;
-        let json = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-        write_atomic(&path, &json, 0o600)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        write_json(&self.id_path(agent_id), record)
     }
 
     /// The newest certificate of `agent_id` still valid at `now`, if any: the id is held.
-    pub fn live(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, String> {
+    pub fn live(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, IssuedError> {
         let now = unix_ms(now);
         Ok(self
             .read(agent_id)?
@@ -128,7 +167,12 @@ impl Issued {
 
     /// Adds a certificate issued for `agent_id` (enrollment of a free id, renewal,
     /// `cert issue`); expired ones and the oldest past [`KEEP_PER_ID`] are dropped.
-    pub fn record(&self, agent_id: &str, cert: IssuedCert, now: SystemTime) -> Result<(), String> {
+    pub fn record(
+        &self,
+        agent_id: &str,
+        cert: IssuedCert,
+        now: SystemTime,
+    ) -> Result<(), IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let mut record = self.read(agent_id)?;
         let now = unix_ms(now);
@@ -147,7 +191,7 @@ impl Issued {
         agent_id: &str,
         cert: IssuedCert,
         now: SystemTime,
-    ) -> Result<Vec<IssuedCert>, String> {
+    ) -> Result<Vec<IssuedCert>, IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let now_ms = unix_ms(now);
         let old: Vec<IssuedCert> = self
@@ -165,10 +209,7 @@ impl Issued {
                 not_after_ms: c.not_after_ms,
                 revoked_ms: now_ms,
             };
-            let path = self.revoked_path(&c.serial);
-            let json = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
-            write_atomic(&path, &json, 0o600)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            write_json(&self.revoked_path(&c.serial), &entry)?;
         }
         self.write(agent_id, &IdRecord { certs: vec![cert] })?;
         Ok(old)
@@ -203,7 +244,16 @@ impl Issued {
     }
 }
 
-fn ensure_dir(dir: &Path) -> Result<(), String> {
+/// Writes `value` as JSON to `path`, whole through a rename, readable by the owner only.
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), IssuedError> {
+    let json = serde_json::to_vec(value).expect("records always serialize");
+    write_atomic(path, &json, 0o600).map_err(|error| IssuedError::Write {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), IssuedError> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
         return Ok(());
@@ -212,7 +262,10 @@ fn ensure_dir(dir: &Path) -> Result<(), String> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        .map_err(|error| IssuedError::CreateDir {
+            path: dir.to_path_buf(),
+            error,
+        })?;
     updraft_shared::files::own_like_directory(dir);
     Ok(())
 }
@@ -274,5 +327,61 @@ mod tests {
         // Odd but valid agent ids stay inside the directory.
         issued.record("..", cert("ee05", 100), at(10)).unwrap();
         assert!(d.path().join("agents/...json").is_file());
+    }
+
+    #[test]
+    fn record_errors_name_the_file_and_what_to_do() {
+        let d = tempfile::tempdir().unwrap();
+        let issued = Issued::new(d.path());
+        std::fs::create_dir_all(d.path().join("agents")).unwrap();
+        let record = d.path().join("agents/board-1.json");
+        std::fs::write(&record, "{").unwrap();
+        let e = issued.live("board-1", UNIX_EPOCH).unwrap_err();
+        let IssuedError::Damaged { error, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is damaged ({error}); remove it to forget the agent's certificates",
+                record.display()
+            )
+        );
+        std::fs::remove_file(&record).unwrap();
+        std::fs::create_dir(&record).unwrap();
+        let e = issued.live("board-1", UNIX_EPOCH).unwrap_err();
+        let IssuedError::Read { error, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("cannot read {}: {error}", record.display())
+        );
+        let e = IssuedCert::of_pem("not a certificate", UNIX_EPOCH).unwrap_err();
+        assert!(matches!(e, IssuedError::Pem(_)), "{e:?}");
+        assert!(e.to_string().starts_with("unreadable certificate: "), "{e}");
+        // A file where the deny list's directory belongs.
+        let blocked = tempfile::tempdir().unwrap();
+        let revoked = blocked.path().join("revoked");
+        std::fs::write(&revoked, "").unwrap();
+        let e = Issued::new(blocked.path())
+            .replace("board-1", cert("aa01", 100), UNIX_EPOCH)
+            .unwrap_err();
+        let IssuedError::CreateDir { error, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("cannot create {}: {error}", revoked.display())
+        );
+        let denied = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let write = IssuedError::Write {
+            path: PathBuf::from("/var/lib/updraft/agents/b.json"),
+            error: denied(),
+        };
+        assert_eq!(
+            write.to_string(),
+            format!("cannot write /var/lib/updraft/agents/b.json: {}", denied())
+        );
     }
 }

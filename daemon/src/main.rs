@@ -169,10 +169,9 @@ fn cert_issue(
         let now = std::time::SystemTime::now();
         let pem = std::fs::read_to_string(&cert)
             .with_context(|| format!("cannot read back {}", cert.display()))?;
-        let issued = IssuedCert::of_pem(&pem, now).map_err(anyhow::Error::msg)?;
+        let issued = IssuedCert::of_pem(&pem, now)?;
         Issued::new(dir)
             .record(agent_id, issued, now)
-            .map_err(anyhow::Error::msg)
             .context("the certificate was written but not recorded in --state-dir")?;
     }
     Ok(())

@@ -27,6 +27,39 @@ pub struct ProbeGate {
     state: Mutex<(ProbeBudget, bool)>,
 }
 
+/// Why a [`ProbeGate`] did not admit a probe; the text of the `busy` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeBusy {
+    /// The connection's previous probe has not finished.
+    #[error("another probe is in progress on this connection")]
+    InProgress,
+    /// The budget has fewer bytes left than asked for; they are back after `wait`.
+    #[error(
+        "this connection's probe budget ({per_hour} bytes an hour, daemon.toml probe_budget) has {left} bytes left, fewer than the {bytes} asked for; they are there in {}s",
+        .wait.as_secs() + 1
+    )]
+    OverBudget {
+        /// The budget, bytes an hour.
+        per_hour: u64,
+        /// Bytes left in it now.
+        left: u64,
+        /// Bytes asked for.
+        bytes: u64,
+        /// How long until enough bytes are back.
+        wait: Duration,
+    },
+    /// More bytes asked for than the whole budget holds: never admitted.
+    #[error(
+        "the {bytes} bytes asked for are more than this daemon's probe budget of {per_hour} bytes an hour (daemon.toml probe_budget)"
+    )]
+    OverAnyBudget {
+        /// The budget, bytes an hour.
+        per_hour: u64,
+        /// Bytes asked for.
+        bytes: u64,
+    },
+}
+
 /// A probe admitted by a [`ProbeGate`]; the next may start once it is dropped.
 #[derive(Debug)]
 pub struct ProbeSlot<'a>(&'a ProbeGate);
@@ -47,23 +80,22 @@ impl ProbeGate {
 
     /// Admits a probe moving `bytes` (up and down together) at `now`, taking them from
     /// the budget; or says why not, for a `busy` reply.
-    pub fn admit(&self, bytes: u64, now: Instant) -> Result<ProbeSlot<'_>, String> {
+    pub fn admit(&self, bytes: u64, now: Instant) -> Result<ProbeSlot<'_>, ProbeBusy> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (budget, active) = &mut *state;
         if *active {
-            return Err("another probe is in progress on this connection".into());
+            return Err(ProbeBusy::InProgress);
         }
         if !budget.try_spend(bytes, now) {
             let per_hour = budget.per_hour();
             return Err(match budget.wait_for(bytes, now) {
-                Some(wait) => format!(
-                    "this connection's probe budget ({per_hour} bytes an hour, daemon.toml probe_budget) has {} bytes left, fewer than the {bytes} asked for; they are there in {}s",
-                    budget.available(now),
-                    wait.as_secs() + 1
-                ),
-                None => format!(
-                    "the {bytes} bytes asked for are more than this daemon's probe budget of {per_hour} bytes an hour (daemon.toml probe_budget)"
-                ),
+                Some(wait) => ProbeBusy::OverBudget {
+                    per_hour,
+                    left: budget.available(now),
+                    bytes,
+                    wait,
+                },
+                None => ProbeBusy::OverAnyBudget { per_hour, bytes },
             });
         }
         *active = true;
@@ -150,7 +182,7 @@ fn admit<'g>(
 ) -> Result<(ProbeRequest, ProbeSlot<'g>), (ErrorCode, String)> {
     let bad = |e: String| (ErrorCode::BadRequest, format!("bad probe request: {e}"));
     let request = ProbeRequest::from_frame(frame).map_err(|e| bad(e.to_string()))?;
-    request.validate().map_err(bad)?;
+    request.validate().map_err(|e| bad(e.to_string()))?;
     if draining {
         return Err((
             ErrorCode::Draining,
@@ -160,7 +192,7 @@ fn admit<'g>(
     let bytes = u64::from(request.up) + u64::from(request.down);
     let slot = gate
         .admit(bytes, Instant::now())
-        .map_err(|m| (ErrorCode::Busy, m))?;
+        .map_err(|m| (ErrorCode::Busy, m.to_string()))?;
     Ok((request, slot))
 }
 
@@ -243,7 +275,11 @@ mod tests {
         let gate = ProbeGate::new(64 * MIB, t0);
         let first = gate.admit(MIB, t0).unwrap();
         let err = gate.admit(MIB, t0).unwrap_err();
-        assert!(err.contains("another probe is in progress"), "{err}");
+        assert_eq!(err, ProbeBusy::InProgress);
+        assert_eq!(
+            err.to_string(),
+            "another probe is in progress on this connection"
+        );
         drop(first);
         gate.admit(MIB, t0).unwrap();
     }
@@ -254,18 +290,38 @@ mod tests {
         let gate = ProbeGate::new(3 * MIB, t0);
         drop(gate.admit(2 * MIB, t0).unwrap());
         let err = gate.admit(2 * MIB, t0).unwrap_err();
+        let ProbeBusy::OverBudget { wait, .. } = err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(
+            err,
+            ProbeBusy::OverBudget {
+                per_hour: 3 * MIB,
+                left: MIB,
+                bytes: 2 * MIB,
+                wait
+            }
+        );
+        // A third of the hourly budget is missing: back in 20 minutes.
         assert!(
-            err.contains("probe_budget") && err.contains("1048576 bytes left"),
-            "{err}"
+            wait.abs_diff(Duration::from_secs(1200)) < Duration::from_secs(1),
+            "{wait:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "this connection's probe budget (3145728 bytes an hour, daemon.toml probe_budget) has 1048576 bytes left, fewer than the 2097152 asked for; they are there in {}s",
+                wait.as_secs() + 1
+            )
         );
         // A refusal takes nothing: the megabyte left is still there.
         drop(gate.admit(MIB, t0).unwrap());
         // 20 minutes give back a third of the hourly budget.
         drop(gate.admit(MIB, t0 + Duration::from_secs(1200)).unwrap());
         let err = gate.admit(4 * MIB, t0).unwrap_err();
-        assert!(
-            err.contains("more than this daemon's probe budget"),
-            "{err}"
+        assert_eq!(
+            err.to_string(),
+            "the 4194304 bytes asked for are more than this daemon's probe budget of 3145728 bytes an hour (daemon.toml probe_budget)"
         );
     }
 
@@ -274,6 +330,12 @@ mod tests {
         let t0 = Instant::now();
         let gate = ProbeGate::new(0, t0);
         let err = gate.admit(1, t0 + Duration::from_secs(7200)).unwrap_err();
-        assert!(err.contains("probe_budget"), "{err}");
+        assert_eq!(
+            err,
+            ProbeBusy::OverAnyBudget {
+                per_hour: 0,
+                bytes: 1
+            }
+        );
     }
 }

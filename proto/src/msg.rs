@@ -260,18 +260,28 @@ pub struct CertRequest {
     pub csr: String,
 }
 
+/// Why a [`CertRequest`] that decoded was refused: a length a peer controls is out
+/// of bounds. The texts travel in the daemon's rejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CertRequestError {
+    /// The token is empty or longer than [`MAX_TOKEN_LEN`].
+    #[error("token must be 1..={} characters", MAX_TOKEN_LEN)]
+    TokenLength,
+    /// The signing request is empty or longer than [`MAX_CSR_LEN`].
+    #[error("certificate request must be 1..={} bytes of PEM", MAX_CSR_LEN)]
+    CsrLength,
+}
+
 impl CertRequest {
     /// Checks the lengths a peer controls before anything parses them.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CertRequestError> {
         if let Some(t) = &self.token {
             if t.is_empty() || t.len() > MAX_TOKEN_LEN {
-                return Err(format!("token must be 1..={MAX_TOKEN_LEN} characters"));
+                return Err(CertRequestError::TokenLength);
             }
         }
         if self.csr.is_empty() || self.csr.len() > MAX_CSR_LEN {
-            return Err(format!(
-                "certificate request must be 1..={MAX_CSR_LEN} bytes of PEM"
-            ));
+            return Err(CertRequestError::CsrLength);
         }
         Ok(())
     }
@@ -312,16 +322,26 @@ pub struct ProbeRequest {
     pub down: u32,
 }
 
+/// Why a [`ProbeRequest`] was refused: a size over [`MAX_PROBE_BYTES`], the size asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeRequestError {
+    /// `up` is over the limit.
+    #[error("probe `up` of {0} bytes is over the limit of {max} bytes", max = MAX_PROBE_BYTES)]
+    Up(u32),
+    /// `down` is over the limit.
+    #[error("probe `down` of {0} bytes is over the limit of {max} bytes", max = MAX_PROBE_BYTES)]
+    Down(u32),
+}
+
 impl ProbeRequest {
     /// Checks both sizes against [`MAX_PROBE_BYTES`]; the daemon calls this before it
     /// reads any payload.
-    pub fn validate(&self) -> Result<(), String> {
-        for (name, n) in [("up", self.up), ("down", self.down)] {
-            if n > MAX_PROBE_BYTES {
-                return Err(format!(
-                    "probe `{name}` of {n} bytes is over the limit of {MAX_PROBE_BYTES} bytes"
-                ));
-            }
+    pub fn validate(&self) -> Result<(), ProbeRequestError> {
+        if self.up > MAX_PROBE_BYTES {
+            return Err(ProbeRequestError::Up(self.up));
+        }
+        if self.down > MAX_PROBE_BYTES {
+            return Err(ProbeRequestError::Down(self.down));
         }
         Ok(())
     }
@@ -374,8 +394,23 @@ fn decode_json<T: DeserializeOwned>(
         });
     }
     let bad = |reason: String| DecodeError::BadMessage { what, reason };
-    check_shape(&frame.payload).map_err(bad)?;
+    check_shape(&frame.payload).map_err(|e| bad(e.to_string()))?;
     serde_json::from_slice(&frame.payload).map_err(|e| bad(e.to_string()))
+}
+
+/// Why a payload is not the shape every `updraft/1` message has; the reason a
+/// [`DecodeError::BadMessage`] gives.
+#[derive(Debug, thiserror::Error)]
+enum ShapeError {
+    /// Not JSON at all: serde_json's complaint.
+    #[error("{0}")]
+    Json(serde_json::Error),
+    /// JSON, but not an object; what it is instead ("an array").
+    #[error("must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    /// A field, at any depth, is `null`; its dotted path.
+    #[error("field `{0}` is null; leave an optional field out instead of sending null")]
+    NullField(String),
 }
 
 /// What serde's derived readers let through and `updraft/1` does not: every message
@@ -383,7 +418,7 @@ fn decode_json<T: DeserializeOwned>(
 /// and no field, at any depth, is `null` (an optional field is left out instead; one
 /// rule for every field, where serde would take `null` for some and refuse it for
 /// others). The payload is parsed twice; it is at most [`MAX_HEADER_LEN`] bytes.
-fn check_shape(payload: &[u8]) -> Result<(), String> {
+fn check_shape(payload: &[u8]) -> Result<(), ShapeError> {
     use serde_json::Value;
     // Every task exchanges three of these: the common case, an object without a null,
     // is told by one pass over the bytes, and only a message that breaks a rule is
@@ -392,7 +427,7 @@ fn check_shape(payload: &[u8]) -> Result<(), String> {
     if object && !has_null_literal(payload) {
         return Ok(());
     }
-    let value: Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let value: Value = serde_json::from_slice(payload).map_err(ShapeError::Json)?;
     let Value::Object(fields) = &value else {
         let got = match value {
             Value::Array(_) => "an array",
@@ -401,12 +436,10 @@ fn check_shape(payload: &[u8]) -> Result<(), String> {
             Value::Bool(_) => "a boolean",
             Value::Null | Value::Object(_) => "null",
         };
-        return Err(format!("must be a JSON object, got {got}"));
+        return Err(ShapeError::NotAnObject(got));
     };
     match null_field(fields) {
-        Some(path) => Err(format!(
-            "field `{path}` is null; leave an optional field out instead of sending null"
-        )),
+        Some(path) => Err(ShapeError::NullField(path)),
         None => Ok(()),
     }
 }
@@ -590,12 +623,18 @@ mod tests {
             token: Some("a".repeat(MAX_TOKEN_LEN + 1)),
             ..req.clone()
         };
-        assert!(long_token.validate().unwrap_err().contains("token"));
+        assert_eq!(
+            long_token.validate().unwrap_err().to_string(),
+            "token must be 1..=128 characters"
+        );
         let long_csr = CertRequest {
             csr: "a".repeat(MAX_CSR_LEN + 1),
             ..req
         };
-        assert!(long_csr.validate().unwrap_err().contains("request"));
+        assert_eq!(
+            long_csr.validate().unwrap_err().to_string(),
+            "certificate request must be 1..=16384 bytes of PEM"
+        );
         let reply = CertReply::Rejected {
             code: ErrorCode::BadToken,
             message: "used".into(),
@@ -742,6 +781,26 @@ mod tests {
     }
 
     #[test]
+    fn shape_errors_keep_their_text() {
+        let text = |json: &str| decode(FrameKind::Request, json).unwrap_err().to_string();
+        assert_eq!(
+            text("[1]"),
+            "malformed request header: must be a JSON object, got an array"
+        );
+        assert_eq!(
+            text(r#"{"id":"a","task":{"x":null}}"#),
+            "malformed request header: field `task.x` is null; leave an optional field out instead of sending null"
+        );
+        assert_eq!(
+            text("nul"),
+            format!(
+                "malformed request header: {}",
+                serde_json::from_str::<serde_json::Value>("nul").unwrap_err()
+            )
+        );
+    }
+
+    #[test]
     fn what_we_send_never_holds_null() {
         let req = RequestHeader {
             id: "a".into(),
@@ -793,12 +852,18 @@ mod tests {
             up: MAX_PROBE_BYTES + 1,
             down: 0,
         };
-        assert!(over.validate().unwrap_err().contains("probe `up`"));
+        assert_eq!(
+            over.validate().unwrap_err().to_string(),
+            "probe `up` of 1048577 bytes is over the limit of 1048576 bytes"
+        );
         let over = ProbeRequest {
             up: 0,
             down: u32::MAX,
         };
-        assert!(over.validate().unwrap_err().contains("probe `down`"));
+        assert_eq!(
+            over.validate().unwrap_err().to_string(),
+            "probe `down` of 4294967295 bytes is over the limit of 1048576 bytes"
+        );
         // Both sizes are required, and neither may leave the u32 range.
         for bad in [
             r#"{"up":1}"#,

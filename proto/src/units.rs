@@ -41,12 +41,18 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A size that is not a number with a known unit, or that does not fit 64 bits; holds
+/// the text given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a size; write e.g. 4096, \"64KiB\", \"16MiB\"")]
+pub struct SizeError(pub String);
+
 /// Parses `"16MiB"`, `"64 KiB"`, `"1GB"`, `"512"`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || format!("`{text}` is not a size; write e.g. 4096, \"64KiB\", \"16MiB\"");
+    let bad = || SizeError(text.to_string());
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -74,6 +80,23 @@ mod tests {
         assert!(parse_size("lots").is_err());
         assert!(parse_size("16 parsecs").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn a_bad_size_says_how_to_write_one() {
+        assert_eq!(
+            parse_size("16 parsecs").unwrap_err().to_string(),
+            "`16 parsecs` is not a size; write e.g. 4096, \"64KiB\", \"16MiB\""
+        );
+        assert_eq!(
+            parse_size("17179869184GiB"),
+            Err(SizeError("17179869184GiB".into()))
+        );
+        let e = toml::from_str::<std::collections::BTreeMap<String, ByteSize>>("a = \"lots\"");
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("`lots` is not a size; write e.g. 4096"),);
     }
 
     #[test]

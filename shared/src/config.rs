@@ -132,7 +132,7 @@ impl Ranges<'_> {
         max: Duration,
     ) -> Result<Duration, ConfigError> {
         check_duration(value.map_or(default, |d| d.0), (min, max))
-            .map_err(|reason| self.invalid(key, reason))
+            .map_err(|reason| self.invalid(key, reason.to_string()))
     }
 
     /// A size in bytes (or `default`) if it lies in `min..=max`.
@@ -177,12 +177,43 @@ pub fn duration_text(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// A number or duration outside the range its key allows; the text names the value and
+/// the range, for a config error or a command-line message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    /// A number outside `least..=most`.
+    #[error("{value} is out of range: use {least} to {most}")]
+    Count {
+        /// The value given.
+        value: u64,
+        /// The smallest allowed.
+        least: u64,
+        /// The largest allowed.
+        most: u64,
+    },
+    /// A duration outside `least..=most`, each written as [`duration_text`] writes it.
+    #[error(
+        "`{}` is out of range: use {} to {}",
+        duration_text(*.value),
+        duration_text(*.least),
+        duration_text(*.most)
+    )]
+    Duration {
+        /// The value given.
+        value: Duration,
+        /// The shortest allowed.
+        least: Duration,
+        /// The longest allowed.
+        most: Duration,
+    },
+}
+
 /// `value` within `(least, most)`, else the reason, for a number.
-pub fn check_count(value: u64, (least, most): (u64, u64)) -> Result<u64, String> {
+pub fn check_count(value: u64, (least, most): (u64, u64)) -> Result<u64, RangeError> {
     if (least..=most).contains(&value) {
         Ok(value)
     } else {
-        Err(format!("{value} is out of range: use {least} to {most}"))
+        Err(RangeError::Count { value, least, most })
     }
 }
 
@@ -190,16 +221,11 @@ pub fn check_count(value: u64, (least, most): (u64, u64)) -> Result<u64, String>
 pub fn check_duration(
     value: Duration,
     (least, most): (Duration, Duration),
-) -> Result<Duration, String> {
+) -> Result<Duration, RangeError> {
     if (least..=most).contains(&value) {
         Ok(value)
     } else {
-        Err(format!(
-            "`{}` is out of range: use {} to {}",
-            duration_text(value),
-            duration_text(least),
-            duration_text(most)
-        ))
+        Err(RangeError::Duration { value, least, most })
     }
 }
 
@@ -217,10 +243,10 @@ pub fn check_task_ranges(catalog: &crate::catalog::Catalog) -> Result<(), (Strin
         let Some(spec) = catalog.get(name) else {
             continue;
         };
-        let key = |k: &str| format!("tasks.{name}.{k}");
-        check_duration(spec.timeout, TASK_TIMEOUT).map_err(|e| (key("timeout"), e))?;
-        check_count(spec.max_input, TASK_BYTES).map_err(|e| (key("max_input"), e))?;
-        check_count(spec.max_output, TASK_BYTES).map_err(|e| (key("max_output"), e))?;
+        let at = |k: &str, e: RangeError| (format!("tasks.{name}.{k}"), e.to_string());
+        check_duration(spec.timeout, TASK_TIMEOUT).map_err(|e| at("timeout", e))?;
+        check_count(spec.max_input, TASK_BYTES).map_err(|e| at("max_input", e))?;
+        check_count(spec.max_output, TASK_BYTES).map_err(|e| at("max_output", e))?;
     }
     Ok(())
 }
@@ -427,6 +453,23 @@ mod tests {
         let e =
             from_str::<Cfg>("listen = \"x\"\n", Path::new("f.toml"), "UPDRAFT_TEST_B").unwrap_err();
         assert!(e.to_string().contains("UPDRAFT_TEST_B__BOGUS"), "{e}");
+    }
+
+    #[test]
+    fn range_errors_name_the_value_and_the_range() {
+        assert_eq!(
+            check_count(9, (1, 8)).unwrap_err().to_string(),
+            "9 is out of range: use 1 to 8"
+        );
+        let e = check_duration(Duration::ZERO, (Duration::from_millis(10), TASK_TIMEOUT.1));
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "`0s` is out of range: use 10ms to 7d"
+        );
+        assert_eq!(
+            check_duration(Duration::from_secs(1), TASK_TIMEOUT),
+            Ok(Duration::from_secs(1))
+        );
     }
 }
 

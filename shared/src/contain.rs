@@ -133,21 +133,51 @@ fn choose() -> Containment {
     }
     match cgroup_dir() {
         Ok(dir) => Containment::Cgroup(dir),
-        Err(why) => Containment::Subreaper(why),
+        Err(why) => Containment::Subreaper(why.to_string()),
     }
 }
 
+/// Why tasks cannot be given cgroups: the reason [`Containment::Subreaper`] shows.
+#[derive(Debug, thiserror::Error)]
+enum CgroupError {
+    /// `/proc/self/cgroup` could not be read.
+    #[error("cannot read /proc/self/cgroup: {0}")]
+    ReadCgroup(std::io::Error),
+    /// The process is in no cgroup v2 hierarchy (v1 only, or none).
+    #[error("this process is in no cgroup v2 hierarchy")]
+    NoHierarchy,
+    /// `/proc/self/mountinfo` could not be read.
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    ReadMountinfo(std::io::Error),
+    /// No cgroup2 file system is mounted.
+    #[error("no cgroup2 file system is mounted")]
+    NoMount,
+    /// A cgroup could not be made below this process's own (not delegated to us).
+    #[error(
+        "cannot create a cgroup in {}: {error}; under systemd set Delegate=yes and ProtectControlGroups=no",
+        .dir.display()
+    )]
+    Create {
+        /// This process's cgroup directory.
+        dir: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+    /// The kernel cannot kill a whole cgroup at once.
+    #[error("the kernel has no cgroup.kill (Linux 5.14 or later)")]
+    NoKill,
+}
+
 /// This process's cgroup v2 directory, if tasks can be given cgroups below it.
-fn cgroup_dir() -> Result<PathBuf, String> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
+fn cgroup_dir() -> Result<PathBuf, CgroupError> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(CgroupError::ReadCgroup)?;
     let rel = own
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .ok_or("this process is in no cgroup v2 hierarchy")?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
-    let (root, mount) = cgroup2_mount(&mountinfo).ok_or("no cgroup2 file system is mounted")?;
+        .ok_or(CgroupError::NoHierarchy)?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::ReadMountinfo)?;
+    let (root, mount) = cgroup2_mount(&mountinfo).ok_or(CgroupError::NoMount)?;
     let rel = rel.strip_prefix(root.as_str()).unwrap_or(rel);
     let rel = rel.trim_start_matches('/');
     let dir = if rel.is_empty() {
@@ -156,16 +186,13 @@ fn cgroup_dir() -> Result<PathBuf, String> {
         Path::new(&mount).join(rel)
     };
     let probe = dir.join(format!("{CGROUP_PREFIX}probe-{}", std::process::id()));
-    std::fs::create_dir(&probe).map_err(|e| {
-        format!(
-            "cannot create a cgroup in {}: {e}; under systemd set Delegate=yes and ProtectControlGroups=no",
-            dir.display()
-        )
-    })?;
+    if let Err(error) = std::fs::create_dir(&probe) {
+        return Err(CgroupError::Create { dir, error });
+    }
     let has_kill = probe.join("cgroup.kill").exists();
     let _ = std::fs::remove_dir(&probe);
     if !has_kill {
-        return Err("the kernel has no cgroup.kill (Linux 5.14 or later)".into());
+        return Err(CgroupError::NoKill);
     }
     Ok(dir)
 }
@@ -632,5 +659,43 @@ mod tests {
             Verdict::Kill
         );
         assert_eq!(verdict(&p(12, 'R', 150), &leaders, &[]), Verdict::Kill);
+    }
+
+    #[test]
+    fn cgroup_reasons_say_what_to_change() {
+        let denied = std::io::Error::from_raw_os_error(13);
+        let e = CgroupError::Create {
+            dir: PathBuf::from("/sys/fs/cgroup/system.slice/updraft-agent.service"),
+            error: denied,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot create a cgroup in /sys/fs/cgroup/system.slice/updraft-agent.service: {}; under systemd set Delegate=yes and ProtectControlGroups=no",
+                std::io::Error::from_raw_os_error(13)
+            )
+        );
+        assert_eq!(
+            CgroupError::NoKill.to_string(),
+            "the kernel has no cgroup.kill (Linux 5.14 or later)"
+        );
+        assert_eq!(
+            CgroupError::NoHierarchy.to_string(),
+            "this process is in no cgroup v2 hierarchy"
+        );
+        assert_eq!(
+            CgroupError::NoMount.to_string(),
+            "no cgroup2 file system is mounted"
+        );
+        let gone = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let text = |e: CgroupError| e.to_string();
+        assert_eq!(
+            text(CgroupError::ReadCgroup(gone())),
+            format!("cannot read /proc/self/cgroup: {}", gone())
+        );
+        assert_eq!(
+            text(CgroupError::ReadMountinfo(gone())),
+            format!("cannot read /proc/self/mountinfo: {}", gone())
+        );
     }
 }

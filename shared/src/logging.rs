@@ -12,7 +12,11 @@ use std::sync::OnceLock;
 /// The default filter: our own lines at `info`, the QUIC and TLS libraries quieter.
 const DEFAULT: &str = "info,quinn=warn,rustls=warn";
 
-type Reload = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+type Reload = Box<
+    dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), tracing_subscriber::reload::Error>
+        + Send
+        + Sync,
+>;
 
 /// Replaces the filter; set by [`init`] unless the environment chose the level.
 static RELOAD: OnceLock<Reload> = OnceLock::new();
@@ -32,9 +36,7 @@ pub fn init(env_var: &str) {
             let b = $b;
             let handle = b.reload_handle();
             if b.try_init().is_ok() && !env_chose {
-                let _ = RELOAD.set(Box::new(move |f| {
-                    handle.reload(f).map_err(|e| e.to_string())
-                }));
+                let _ = RELOAD.set(Box::new(move |f| handle.reload(f)));
             }
         }};
     }
@@ -97,12 +99,40 @@ fn syslog_priority(level: tracing::Level) -> u8 {
 /// The level words `log_level` accepts; `warning` is taken as `warn`.
 const LEVELS: &str = "off, error, warn (or warning), info, debug, trace";
 
+/// Why a `log_level` value was refused; each text quotes the value and lists the levels.
+#[derive(Debug, thiserror::Error)]
+pub enum LevelError {
+    /// A word where a level belongs is not one of the levels.
+    #[error("`{text}` is not a log level ({levels}) or filter: `{word}` is not a level", levels = LEVELS)]
+    NotALevel {
+        /// The whole value.
+        text: String,
+        /// The word that is no level.
+        word: String,
+    },
+    /// A `target=level` part with nothing before the `=`.
+    #[error("`{text}` is not a log level ({levels}) or filter: `{part}` names no target", levels = LEVELS)]
+    NoTarget {
+        /// The whole value.
+        text: String,
+        /// The part without a target.
+        part: String,
+    },
+    /// tracing refused the filter directive built from the value.
+    #[error("`{text}` is not a log level ({levels}) or filter: {error}", levels = LEVELS)]
+    Filter {
+        /// The whole value.
+        text: String,
+        /// tracing's complaint.
+        error: tracing_subscriber::filter::ParseError,
+    },
+}
+
 /// Checks a `log_level` value from a config file: a level (`debug`) or a full filter
 /// directive (`info,updraft_agent=debug`). Every level word in it must be a level:
 /// tracing would take an unknown bare word (`warning`, `verbose`) as a target name and
 /// silence every line, so that is refused here instead.
-pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
-    let bad = |why: String| format!("`{level}` is not a log level ({LEVELS}) or filter: {why}");
+pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, LevelError> {
     let mut parts = Vec::new();
     for part in level.split(',').map(str::trim) {
         let (target, word) = match part.rsplit_once('=') {
@@ -112,11 +142,21 @@ pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String>
         let word = match word.to_ascii_lowercase().as_str() {
             "warning" => "warn".to_string(),
             w @ ("off" | "error" | "warn" | "info" | "debug" | "trace") => w.to_string(),
-            _ => return Err(bad(format!("`{word}` is not a level"))),
+            _ => {
+                return Err(LevelError::NotALevel {
+                    text: level.to_string(),
+                    word: word.to_string(),
+                })
+            }
         };
         parts.push(match target {
             Some(t) if !t.is_empty() => format!("{t}={word}"),
-            Some(_) => return Err(bad(format!("`{part}` names no target"))),
+            Some(_) => {
+                return Err(LevelError::NoTarget {
+                    text: level.to_string(),
+                    part: part.to_string(),
+                })
+            }
             None => word,
         });
     }
@@ -124,7 +164,10 @@ pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, String>
         [one] if !one.contains('=') => format!("{one},quinn=warn,rustls=warn"),
         _ => parts.join(","),
     };
-    tracing_subscriber::EnvFilter::try_new(&directive).map_err(|e| bad(e.to_string()))
+    tracing_subscriber::EnvFilter::try_new(&directive).map_err(|error| LevelError::Filter {
+        text: level.to_string(),
+        error,
+    })
 }
 
 /// Exit status of a service that panicked (EX_SOFTWARE).
@@ -248,8 +291,27 @@ mod tests {
         assert!(super::parse_level("warning").is_ok());
         assert!(super::parse_level("info,updraft_agent=warning").is_ok());
         for bad in ["verbose", "warnings", "info,quinn=loud", "info,=debug", ""] {
-            let e = super::parse_level(bad).unwrap_err();
+            let e = super::parse_level(bad).unwrap_err().to_string();
             assert!(e.contains("is not a log level"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn level_errors_quote_the_value_and_list_the_levels() {
+        let text = |level: &str| super::parse_level(level).unwrap_err().to_string();
+        assert_eq!(
+            text("info,quinn=loud"),
+            "`info,quinn=loud` is not a log level (off, error, warn (or warning), info, debug, trace) or filter: `loud` is not a level"
+        );
+        assert_eq!(
+            text("info,=debug"),
+            "`info,=debug` is not a log level (off, error, warn (or warning), info, debug, trace) or filter: `=debug` names no target"
+        );
+        let e = super::parse_level("a[=info").unwrap_err();
+        assert!(matches!(e, super::LevelError::Filter { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with("`a[=info` is not a log level (off, error, warn (or warning), info, debug, trace) or filter: "),
+            "{e}"
+        );
     }
 }

@@ -218,6 +218,11 @@ pub fn validity_of(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime),
     ))
 }
 
+/// A CA fingerprint given to pin is not 64 hex digits; holds the text given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a SHA-256 fingerprint (64 hex digits, as `updraftd ca init` prints it)")]
+pub struct FingerprintError(pub String);
+
 /// The client side of an enrollment: no certificate of our own yet, and no CA file
 /// either — only the SHA-256 of the CA's DER, given by the operator. The daemon sends
 /// its CA after its own certificate; a CA with the pinned fingerprint must be among the
@@ -239,16 +244,14 @@ pub struct PinnedCa {
 
 impl PinnedCa {
     /// Pins `fingerprint` (64 hex digits; `:` separators and case are ignored).
-    pub fn new(fingerprint: &str) -> Result<Arc<Self>, String> {
+    pub fn new(fingerprint: &str) -> Result<Arc<Self>, FingerprintError> {
         let pin: String = fingerprint
             .chars()
             .filter(|c| *c != ':')
             .collect::<String>()
             .to_ascii_lowercase();
         if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "`{fingerprint}` is not a SHA-256 fingerprint (64 hex digits, as `updraftd ca init` prints it)"
-            ));
+            return Err(FingerprintError(fingerprint.to_string()));
         }
         Ok(Arc::new(Self {
             pin,
@@ -439,14 +442,18 @@ pub fn valid_agent_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
+/// An agent id that is not one a certificate may name ([`valid_agent_id`]); holds the
+/// id given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("agent id `{0}` must be 1..=128 characters of letters, digits, '-', '_', '.'")]
+pub struct AgentIdError(pub String);
+
 /// [`valid_agent_id`], with the message that says what an agent id may be.
-pub fn check_agent_id(id: &str) -> Result<(), String> {
+pub fn check_agent_id(id: &str) -> Result<(), AgentIdError> {
     if valid_agent_id(id) {
         Ok(())
     } else {
-        Err(format!(
-            "agent id `{id}` must be 1..=128 characters of letters, digits, '-', '_', '.'"
-        ))
+        Err(AgentIdError(id.to_string()))
     }
 }
 
@@ -499,4 +506,36 @@ pub fn agent_id_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
         ));
     }
     Ok(cn.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pin_is_64_hex_digits_with_optional_colons() {
+        let hex = "ab".repeat(32);
+        assert!(PinnedCa::new(&hex).is_ok());
+        let colons = hex
+            .as_bytes()
+            .chunks(2)
+            .map(|c| std::str::from_utf8(c).unwrap());
+        assert!(PinnedCa::new(&colons.collect::<Vec<_>>().join(":").to_uppercase()).is_ok());
+        let e = PinnedCa::new("abc").unwrap_err();
+        assert_eq!(e, FingerprintError("abc".into()));
+        assert_eq!(
+            e.to_string(),
+            "`abc` is not a SHA-256 fingerprint (64 hex digits, as `updraftd ca init` prints it)"
+        );
+    }
+
+    #[test]
+    fn agent_ids_are_checked_with_their_rule() {
+        assert_eq!(check_agent_id("board-1.lab_2"), Ok(()));
+        assert!(check_agent_id(&"a".repeat(129)).is_err());
+        assert_eq!(
+            check_agent_id("a b").unwrap_err().to_string(),
+            "agent id `a b` must be 1..=128 characters of letters, digits, '-', '_', '.'"
+        );
+    }
 }

@@ -183,33 +183,49 @@ pub const SNAPSHOT_VERSION: u64 = 1;
 /// the two cannot drift apart (field docs and defaults live in [`super::rules::AutoParams`]).
 pub use super::rules::AutoParams as CostParams;
 
+/// A `[auto]` value out of its range; the text names the key and the value.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum CostParamsError {
+    /// `explore_rate` is not a number in `0..=1`; the value given.
+    #[error("`explore_rate` must be between 0 and 1, got {0}")]
+    ExploreRate(f64),
+    /// `stale_after` is zero.
+    #[error("`stale_after` must be longer than zero")]
+    StaleAfter,
+    /// `smoothing` is not a number above 0 and at most 1; the value given.
+    #[error("`smoothing` must be above 0 and at most 1, got {0}")]
+    Smoothing(f64),
+    /// A weight that must be a finite number `>= 0` is not.
+    #[error("`{key}` must be a number >= 0, got {value}")]
+    Negative {
+        /// The `[auto]` key: `cpu_watts`, `radio_joules_per_mb` or `energy_weight`.
+        key: &'static str,
+        /// The value given.
+        value: f64,
+    },
+}
+
 impl CostParams {
     /// Checks every field's range; the error names the `[auto]` key.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), CostParamsError> {
         let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
         let non_negative = |v: f64| v.is_finite() && v >= 0.0;
         if !unit(self.explore_rate) {
-            return Err(format!(
-                "`explore_rate` must be between 0 and 1, got {}",
-                self.explore_rate
-            ));
+            return Err(CostParamsError::ExploreRate(self.explore_rate));
         }
         if self.stale_after.is_zero() {
-            return Err("`stale_after` must be longer than zero".to_string());
+            return Err(CostParamsError::StaleAfter);
         }
         if !(unit(self.smoothing) && self.smoothing > 0.0) {
-            return Err(format!(
-                "`smoothing` must be above 0 and at most 1, got {}",
-                self.smoothing
-            ));
+            return Err(CostParamsError::Smoothing(self.smoothing));
         }
-        for (key, v) in [
+        for (key, value) in [
             ("cpu_watts", self.cpu_watts),
             ("radio_joules_per_mb", self.radio_joules_per_mb),
             ("energy_weight", self.energy_weight),
         ] {
-            if !non_negative(v) {
-                return Err(format!("`{key}` must be a number >= 0, got {v}"));
+            if !non_negative(value) {
+                return Err(CostParamsError::Negative { key, value });
             }
         }
         Ok(())
@@ -2471,15 +2487,56 @@ mod tests {
             explore_rate: 1.5,
             ..CostParams::default()
         };
-        assert!(bad.validate().unwrap_err().contains("explore_rate"));
+        assert_eq!(bad.validate(), Err(CostParamsError::ExploreRate(1.5)));
         let bad = CostParams {
             smoothing: 0.0,
             cpu_watts: f64::NAN,
             ..CostParams::default()
         };
-        assert!(bad.validate().unwrap_err().contains("smoothing"));
+        assert_eq!(bad.validate(), Err(CostParamsError::Smoothing(0.0)));
         let m = CostModel::new(bad);
         assert_eq!(m.params(), &CostParams::default());
+    }
+
+    #[test]
+    fn params_errors_name_the_key_and_the_value() {
+        let text = |p: CostParams| p.validate().unwrap_err().to_string();
+        let d = CostParams::default;
+        assert_eq!(
+            text(CostParams {
+                explore_rate: 1.5,
+                ..d()
+            }),
+            "`explore_rate` must be between 0 and 1, got 1.5"
+        );
+        assert_eq!(
+            text(CostParams {
+                stale_after: Duration::ZERO,
+                ..d()
+            }),
+            "`stale_after` must be longer than zero"
+        );
+        assert_eq!(
+            text(CostParams {
+                smoothing: 0.0,
+                ..d()
+            }),
+            "`smoothing` must be above 0 and at most 1, got 0"
+        );
+        assert_eq!(
+            text(CostParams {
+                radio_joules_per_mb: -1.0,
+                ..d()
+            }),
+            "`radio_joules_per_mb` must be a number >= 0, got -1"
+        );
+        assert_eq!(
+            text(CostParams {
+                energy_weight: f64::NAN,
+                ..d()
+            }),
+            "`energy_weight` must be a number >= 0, got NaN"
+        );
     }
 
     #[test]
