@@ -408,7 +408,7 @@ impl DaemonConfig {
 
 /// Finds `program` the way the executor will (a path as given, else in `path`) and
 /// checks it is an executable file.
-fn find_executable(program: &str, path: &str) -> Result<PathBuf, String> {
+fn find_executable(program: &str, path: &str) -> Result<PathBuf, NotFound> {
     use std::os::unix::fs::PermissionsExt;
     let candidates: Vec<PathBuf> = if program.contains('/') {
         vec![PathBuf::from(program)]
@@ -424,15 +424,37 @@ fn find_executable(program: &str, path: &str) -> Result<PathBuf, String> {
                 return Ok(c.clone());
             }
             if program.contains('/') {
-                return Err(format!("`{program}` is not an executable file"));
+                return Err(NotFound::NotExecutable(program.into()));
             }
         }
     }
     if program.contains('/') {
-        Err(format!("`{program}` does not exist"))
+        Err(NotFound::Absent(program.into()))
     } else {
-        Err(format!("`{program}` is not an executable file in {path}"))
+        Err(NotFound::NotInPath {
+            program: program.into(),
+            path: path.into(),
+        })
     }
+}
+
+/// Why a task's program was not found (a warning: it may be installed later).
+#[derive(Debug, thiserror::Error)]
+enum NotFound {
+    /// The path names something that is not an executable file.
+    #[error("`{0}` is not an executable file")]
+    NotExecutable(String),
+    /// The path names nothing.
+    #[error("`{0}` does not exist")]
+    Absent(String),
+    /// No directory of the task's `PATH` holds an executable of that name.
+    #[error("`{program}` is not an executable file in {path}")]
+    NotInPath {
+        /// The program name.
+        program: String,
+        /// The `PATH` searched.
+        path: String,
+    },
 }
 
 #[cfg(test)]

@@ -283,7 +283,7 @@ impl Tokens {
 
 /// What the daemon needs to issue agent certificates.
 pub struct Enroller {
-    issuer: Result<Issuer<'static, KeyPair>, String>,
+    issuer: Result<Issuer<'static, KeyPair>, pki::PkiError>,
     ca_pem: String,
     tokens: Tokens,
     issued: Issued,
@@ -305,16 +305,12 @@ impl Enroller {
     /// the daemon: agents with certificates are served, enrollment and renewal are
     /// refused with the reason.
     pub fn load(config: &crate::config::DaemonConfig) -> Self {
-        let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key).map_err(|e| {
-            format!(
-                "this daemon cannot issue agent certificates ({e:#}); give it the CA key with [tls] ca_key in daemon.toml"
-            )
-        });
+        let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key);
         match &issuer {
             Ok(_) => {
                 info!(ca_key = %config.tls_ca_key.display(), lifetime = %lifetime_text(config.cert_lifetime), "enrollment on: agents may join with `updraftd token create` tokens and renew their certificates")
             }
-            Err(e) => warn!("enrollment off: {e}"),
+            Err(e) => warn!("enrollment off: {}", cannot_issue(e)),
         }
         Self {
             issuer,
@@ -371,11 +367,11 @@ impl Enroller {
         }
         let issuer = match &self.issuer {
             Ok(i) => i,
-            Err(e) => return reject(ErrorCode::CannotIssue, e.clone()),
+            Err(e) => return reject(ErrorCode::CannotIssue, cannot_issue(e)),
         };
         let csr = match pki::parse_request(&request.csr) {
             Ok(c) => c,
-            Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+            Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
         };
         let agent_id = match renewing {
             Some(id) => id.to_string(),
@@ -384,7 +380,7 @@ impl Enroller {
                     Ok(()) => id,
                     Err(e) => return reject(ErrorCode::BadRequest, e),
                 },
-                Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+                Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
             },
         };
         let mut held = None;
@@ -405,7 +401,7 @@ impl Enroller {
                 Ok(h) => h,
                 Err(e) => {
                     warn!(agent = agent_id, error = %e, "enrollment refused");
-                    return reject(ErrorCode::Internal, e);
+                    return reject(ErrorCode::Internal, e.to_string());
                 }
             };
             if let Err(e) = self.tokens.redeem(token, &agent_id, held.as_ref(), now) {
@@ -419,7 +415,7 @@ impl Enroller {
         }
         let cert = match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
             Ok(cert) => cert,
-            Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+            Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
         };
         self.note_issued(&agent_id, &cert, asker, held.as_ref(), now);
         CertReply::Issued {
@@ -472,6 +468,11 @@ impl Enroller {
             warn!(agent = agent_id, error = %e, "issued a certificate but could not record it: an unbound token could take this agent id over while the certificate is valid");
         }
     }
+}
+
+/// Why this daemon refuses every certificate request: its CA key did not load.
+fn cannot_issue(e: &pki::PkiError) -> String {
+    format!("this daemon cannot issue agent certificates ({e}); give it the CA key with [tls] ca_key in daemon.toml")
 }
 
 /// Who asks for a certificate.

@@ -22,6 +22,50 @@ pub const KEEP_PER_ID: usize = 8;
 /// One read-modify-write at a time (enrollments and renewals run concurrently).
 static WRITING: Mutex<()> = Mutex::new(());
 
+/// Why the record of issued certificates could not be read or written. Each message
+/// carries its cause inline; none is marked as a source to print twice.
+#[derive(Debug, thiserror::Error)]
+pub enum IssuedError {
+    /// The PEM holds no certificate.
+    #[error("unreadable certificate: {0}")]
+    Unreadable(rustls::pki_types::pem::Error),
+    /// The certificate has no serial or validity this daemon can read.
+    #[error("{0}")]
+    Certificate(updraft_shared::tls::TlsError),
+    /// An agent's file is not the JSON this daemon writes.
+    #[error("{} is damaged ({error}); remove it to forget the agent's certificates", path.display())]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        error: serde_json::Error,
+    },
+    /// A file could not be read.
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        error: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {error}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        error: std::io::Error,
+    },
+    /// A directory could not be created.
+    #[error("cannot create {}: {error}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The failure.
+        error: std::io::Error,
+    },
+}
+
 /// A certificate issued for an agent id.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IssuedCert {
@@ -35,12 +79,13 @@ pub struct IssuedCert {
 
 impl IssuedCert {
     /// The serial and expiry of a certificate (PEM) just issued at `now`.
-    pub fn of_pem(pem: &str, now: SystemTime) -> Result<Self, String> {
+    pub fn of_pem(pem: &str, now: SystemTime) -> Result<Self, IssuedError> {
         use rustls::pki_types::pem::PemObject;
         let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| format!("unreadable certificate: {e}"))?;
-        let serial = updraft_shared::tls::serial_of(&der).map_err(|e| e.to_string())?;
-        let (_, not_after) = updraft_shared::tls::validity_of(&der).map_err(|e| e.to_string())?;
+            .map_err(IssuedError::Unreadable)?;
+        let serial = updraft_shared::tls::serial_of(&der).map_err(IssuedError::Certificate)?;
+        let (_, not_after) =
+            updraft_shared::tls::validity_of(&der).map_err(IssuedError::Certificate)?;
         Ok(Self {
             serial,
             not_after_ms: unix_ms(not_after),
@@ -93,30 +138,24 @@ impl Issued {
         self.agents.join(format!("{agent_id}.json"))
     }
 
-    fn read(&self, agent_id: &str) -> Result<IdRecord, String> {
+    fn read(&self, agent_id: &str) -> Result<IdRecord, IssuedError> {
         let path = self.id_path(agent_id);
         match std::fs::read(&path) {
-            Ok(data) => serde_json::from_slice(&data).map_err(|e| {
-                format!(
-                    "{} is damaged ({e}); remove it to forget the agent's certificates",
-                    path.display()
-                )
-            }),
+            Ok(data) => {
+                serde_json::from_slice(&data).map_err(|error| IssuedError::Damaged { path, error })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(IdRecord::default()),
-            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+            Err(error) => Err(IssuedError::Read { path, error }),
         }
     }
 
-    fn write(&self, agent_id: &str, record: &IdRecord) -> Result<(), String> {
-        let path = self.id_path(agent_id);
+    fn write(&self, agent_id: &str, record: &IdRecord) -> Result<(), IssuedError> {
         ensure_dir(&self.agents)?;
-        let json = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-        write_atomic(&path, &json, 0o600)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        write_json(&self.id_path(agent_id), record)
     }
 
     /// The newest certificate of `agent_id` still valid at `now`, if any: the id is held.
-    pub fn live(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, String> {
+    pub fn live(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, IssuedError> {
         let now = unix_ms(now);
         Ok(self
             .read(agent_id)?
@@ -128,7 +167,12 @@ impl Issued {
 
     /// Adds a certificate issued for `agent_id` (enrollment of a free id, renewal,
     /// `cert issue`); expired ones and the oldest past [`KEEP_PER_ID`] are dropped.
-    pub fn record(&self, agent_id: &str, cert: IssuedCert, now: SystemTime) -> Result<(), String> {
+    pub fn record(
+        &self,
+        agent_id: &str,
+        cert: IssuedCert,
+        now: SystemTime,
+    ) -> Result<(), IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let mut record = self.read(agent_id)?;
         let now = unix_ms(now);
@@ -147,7 +191,7 @@ impl Issued {
         agent_id: &str,
         cert: IssuedCert,
         now: SystemTime,
-    ) -> Result<Vec<IssuedCert>, String> {
+    ) -> Result<Vec<IssuedCert>, IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let now_ms = unix_ms(now);
         let old: Vec<IssuedCert> = self
@@ -165,10 +209,7 @@ impl Issued {
                 not_after_ms: c.not_after_ms,
                 revoked_ms: now_ms,
             };
-            let path = self.revoked_path(&c.serial);
-            let json = serde_json::to_vec(&entry).map_err(|e| e.to_string())?;
-            write_atomic(&path, &json, 0o600)
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            write_json(&self.revoked_path(&c.serial), &entry)?;
         }
         self.write(agent_id, &IdRecord { certs: vec![cert] })?;
         Ok(old)
@@ -203,7 +244,17 @@ impl Issued {
     }
 }
 
-fn ensure_dir(dir: &Path) -> Result<(), String> {
+/// Writes `value` as JSON into `path`, whole or not at all, readable by the owner.
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), IssuedError> {
+    // Plain structs of strings and numbers: serializing them cannot fail.
+    let json = serde_json::to_vec(value).expect("issued-certificate records serialize");
+    write_atomic(path, &json, 0o600).map_err(|error| IssuedError::Write {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), IssuedError> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
         return Ok(());
@@ -212,7 +263,10 @@ fn ensure_dir(dir: &Path) -> Result<(), String> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        .map_err(|error| IssuedError::CreateDir {
+            path: dir.to_path_buf(),
+            error,
+        })?;
     updraft_shared::files::own_like_directory(dir);
     Ok(())
 }

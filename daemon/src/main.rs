@@ -105,7 +105,7 @@ fn main() -> ExitCode {
 /// and the exit code for a bad configuration.
 fn load_config(path: &Path) -> Result<(DaemonConfig, quinn::ServerConfig), ExitCode> {
     let config = DaemonConfig::load(path).map_err(|e| bad_config(&e))?;
-    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&*e))?;
+    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&e))?;
     Ok((config, server))
 }
 
@@ -123,7 +123,10 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
         // Before any task runs: everything a task starts must be found when it ends.
         updraft_shared::contain::init();
         let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
-        updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated()).await
+        Ok(
+            updraft_daemon::server::run(config, endpoint, updraft_shared::signals::terminated())
+                .await?,
+        )
     })
 }
 
@@ -169,17 +172,16 @@ fn cert_issue(
         let now = std::time::SystemTime::now();
         let pem = std::fs::read_to_string(&cert)
             .with_context(|| format!("cannot read back {}", cert.display()))?;
-        let issued = IssuedCert::of_pem(&pem, now).map_err(anyhow::Error::msg)?;
+        let issued = IssuedCert::of_pem(&pem, now)?;
         Issued::new(dir)
             .record(agent_id, issued, now)
-            .map_err(anyhow::Error::msg)
             .context("the certificate was written but not recorded in --state-dir")?;
     }
     Ok(())
 }
 
-fn report(r: anyhow::Result<()>) -> ExitCode {
-    match r {
+fn report<E: Into<anyhow::Error>>(r: Result<(), E>) -> ExitCode {
+    match r.map_err(Into::into) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("updraftd: {e:#}");

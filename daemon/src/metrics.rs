@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
@@ -20,15 +19,33 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
+/// Why `/metrics` could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// `metrics_listen` could not be bound.
+    #[error("cannot listen for metrics on TCP {addr} (metrics_listen in daemon.toml)")]
+    Bind {
+        /// The address in the config.
+        addr: SocketAddr,
+        /// Why the bind failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket has no local address.
+    #[error(transparent)]
+    LocalAddr(std::io::Error),
+}
+
 /// Binds `addr` and serves `GET /metrics` from `render` until the process ends.
 pub async fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen for metrics on TCP {addr} (metrics_listen in daemon.toml)")
-    })?;
-    info!(metrics_listen = %listener.local_addr()?, "serving /metrics");
+) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(MetricsError::LocalAddr)?;
+    info!(metrics_listen = %local, "serving /metrics");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())

@@ -37,6 +37,34 @@ impl Drop for ProbeSlot<'_> {
     }
 }
 
+/// Why a probe was refused `busy`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeRefusal {
+    /// Another probe is in progress on this connection.
+    #[error("another probe is in progress on this connection")]
+    InProgress,
+    /// The budget holds fewer bytes than asked for now.
+    #[error("this connection's probe budget ({per_hour} bytes an hour, daemon.toml probe_budget) has {available} bytes left, fewer than the {bytes} asked for; they are there in {wait_s}s")]
+    Spent {
+        /// The budget, bytes an hour.
+        per_hour: u64,
+        /// Bytes left now.
+        available: u64,
+        /// Bytes asked for.
+        bytes: u64,
+        /// Whole seconds until they are there.
+        wait_s: u64,
+    },
+    /// More bytes than the whole budget: they are never there.
+    #[error("the {bytes} bytes asked for are more than this daemon's probe budget of {per_hour} bytes an hour (daemon.toml probe_budget)")]
+    OverBudget {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The budget, bytes an hour.
+        per_hour: u64,
+    },
+}
+
 impl ProbeGate {
     /// A gate allowing `per_hour` probe bytes (both directions), full at `now`.
     pub fn new(per_hour: u64, now: Instant) -> Self {
@@ -47,23 +75,22 @@ impl ProbeGate {
 
     /// Admits a probe moving `bytes` (up and down together) at `now`, taking them from
     /// the budget; or says why not, for a `busy` reply.
-    pub fn admit(&self, bytes: u64, now: Instant) -> Result<ProbeSlot<'_>, String> {
+    pub fn admit(&self, bytes: u64, now: Instant) -> Result<ProbeSlot<'_>, ProbeRefusal> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (budget, active) = &mut *state;
         if *active {
-            return Err("another probe is in progress on this connection".into());
+            return Err(ProbeRefusal::InProgress);
         }
         if !budget.try_spend(bytes, now) {
             let per_hour = budget.per_hour();
             return Err(match budget.wait_for(bytes, now) {
-                Some(wait) => format!(
-                    "this connection's probe budget ({per_hour} bytes an hour, daemon.toml probe_budget) has {} bytes left, fewer than the {bytes} asked for; they are there in {}s",
-                    budget.available(now),
-                    wait.as_secs() + 1
-                ),
-                None => format!(
-                    "the {bytes} bytes asked for are more than this daemon's probe budget of {per_hour} bytes an hour (daemon.toml probe_budget)"
-                ),
+                Some(wait) => ProbeRefusal::Spent {
+                    per_hour,
+                    available: budget.available(now),
+                    bytes,
+                    wait_s: wait.as_secs() + 1,
+                },
+                None => ProbeRefusal::OverBudget { bytes, per_hour },
             });
         }
         *active = true;
@@ -160,7 +187,7 @@ fn admit<'g>(
     let bytes = u64::from(request.up) + u64::from(request.down);
     let slot = gate
         .admit(bytes, Instant::now())
-        .map_err(|m| (ErrorCode::Busy, m))?;
+        .map_err(|m| (ErrorCode::Busy, m.to_string()))?;
     Ok((request, slot))
 }
 
@@ -242,7 +269,7 @@ mod tests {
         let t0 = Instant::now();
         let gate = ProbeGate::new(64 * MIB, t0);
         let first = gate.admit(MIB, t0).unwrap();
-        let err = gate.admit(MIB, t0).unwrap_err();
+        let err = gate.admit(MIB, t0).unwrap_err().to_string();
         assert!(err.contains("another probe is in progress"), "{err}");
         drop(first);
         gate.admit(MIB, t0).unwrap();
@@ -253,7 +280,7 @@ mod tests {
         let t0 = Instant::now();
         let gate = ProbeGate::new(3 * MIB, t0);
         drop(gate.admit(2 * MIB, t0).unwrap());
-        let err = gate.admit(2 * MIB, t0).unwrap_err();
+        let err = gate.admit(2 * MIB, t0).unwrap_err().to_string();
         assert!(
             err.contains("probe_budget") && err.contains("1048576 bytes left"),
             "{err}"
@@ -262,7 +289,7 @@ mod tests {
         drop(gate.admit(MIB, t0).unwrap());
         // 20 minutes give back a third of the hourly budget.
         drop(gate.admit(MIB, t0 + Duration::from_secs(1200)).unwrap());
-        let err = gate.admit(4 * MIB, t0).unwrap_err();
+        let err = gate.admit(4 * MIB, t0).unwrap_err().to_string();
         assert!(
             err.contains("more than this daemon's probe budget"),
             "{err}"
@@ -273,7 +300,10 @@ mod tests {
     fn a_zero_budget_refuses_every_probe() {
         let t0 = Instant::now();
         let gate = ProbeGate::new(0, t0);
-        let err = gate.admit(1, t0 + Duration::from_secs(7200)).unwrap_err();
+        let err = gate
+            .admit(1, t0 + Duration::from_secs(7200))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("probe_budget"), "{err}");
     }
 }
