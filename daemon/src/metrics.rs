@@ -16,6 +16,14 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Time a scraper has to send its request headers; an idle connection is closed
 /// after it.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// First pause after a failed accept (out of file descriptors and the like): short, as
+/// the cause often clears with the next closed connection.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between failed accepts: the endpoint answers again within a second
+/// of the cause clearing, without spinning while it lasts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The whole answer to a scraper over [`MAX_CONNECTIONS`], written without parsing its
+/// request.
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -60,7 +68,7 @@ pub async fn serve(
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, do not spin.
-                    pause = (pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    pause = (pause * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
                     warn!(error = %e, ?pause, "accepting on metrics_listen failed");
                     tokio::time::sleep(pause).await;
                     continue;

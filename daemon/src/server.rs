@@ -22,8 +22,13 @@ use updraft_shared::wire::write_frame;
 /// How long a new stream may take to deliver its request header. A peer that opens
 /// streams and sends nothing must not pin handlers forever.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// QUIC keep-alive from the daemon side; agents usually ping more often.
+/// QUIC keep-alive from the daemon side: well inside the default `idle_timeout` (30s)
+/// and common NAT UDP timeouts (30s and up), so a quiet agent's connection stays up;
+/// agents usually ping more often.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long the closed endpoint may take to tell agents so (CONNECTION_CLOSE) before
+/// the daemon exits: a few round trips, lost packets included.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the daemon could not be set up to serve, or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -167,7 +172,7 @@ pub async fn run(
     }
     accepting.abort();
     endpoint.close(CLOSE_DRAINING.into(), b"draining");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
     info!("updraftd stopped");
     Ok(())
 }
