@@ -103,9 +103,13 @@ pub async fn start_daemon(
     let endpoint = updraft_daemon::server::bind(&config)?;
     let addr = endpoint.local_addr()?;
     let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(updraft_daemon::server::run(config, endpoint, async move {
+    let run = updraft_daemon::server::run(config, endpoint, async move {
         let _ = rx.await;
-    }));
+    });
+    let task = tokio::spawn(async move {
+        run.await?;
+        Ok(())
+    });
     Ok(DaemonHandle {
         addr,
         stop: Some(tx),

@@ -22,6 +22,25 @@ use crate::recent::{
 pub use crate::cli::DEFAULT_CONFIG;
 /// Environment prefix for overrides: `UPDRAFTD__LISTEN=...`.
 pub const ENV_PREFIX: &str = "UPDRAFTD";
+/// Default of `listen`: every IPv4 address, on the port QUIC over UDP commonly uses
+/// for HTTP/3-like services (open it in the firewall).
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+/// Default of `max_queued_tasks`, per slot: a burst of four tasks per slot waits a few
+/// task lengths at most, rather than being sent elsewhere at once.
+pub const DEFAULT_QUEUED_PER_SLOT: usize = 4;
+/// Default of `max_streams_per_connection`: far over what one agent keeps in flight
+/// (its own concurrency is a few tasks), while a misbehaving agent pins at most this
+/// many handlers.
+pub const DEFAULT_STREAMS_PER_CONNECTION: u32 = 256;
+/// Default of `drain_timeout`: a minute lets typical tasks (seconds) finish and
+/// deliver, and fits within systemd's default stop timeout of 90s.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default of `load_report_interval`: agents place tasks on load a second old at
+/// most, for one small frame a second per connection.
+pub const DEFAULT_LOAD_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default of `idle_timeout`: several missed keep-alives (5s) before a silent
+/// connection is given up.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default of `max_uploads_per_agent`: a burst of small tasks from one agent passes
 /// (each upload usually lasts one packet), while one agent's held inputs stay within
 /// 64 × `[dedup] hold_input` (64 MiB by default) of memory.
@@ -251,7 +270,7 @@ impl DaemonConfig {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let listen = file.listen.as_deref().unwrap_or("0.0.0.0:4433");
+        let listen = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen.parse().map_err(|_| {
             invalid(
                 "listen",
@@ -278,9 +297,13 @@ impl DaemonConfig {
             .max_concurrent_tasks
             .unwrap_or(cpus.min(range::SLOTS.1 as usize));
         count("max_concurrent_tasks", slots as u64, range::SLOTS)?;
-        let queued = file.max_queued_tasks.unwrap_or(slots * 4);
+        let queued = file
+            .max_queued_tasks
+            .unwrap_or(slots * DEFAULT_QUEUED_PER_SLOT);
         count("max_queued_tasks", queued as u64, range::QUEUED)?;
-        let streams = file.max_streams_per_connection.unwrap_or(256);
+        let streams = file
+            .max_streams_per_connection
+            .unwrap_or(DEFAULT_STREAMS_PER_CONNECTION);
         count("max_streams_per_connection", streams.into(), range::STREAMS)?;
         let uploads = file
             .max_uploads_per_agent
@@ -301,59 +324,22 @@ impl DaemonConfig {
         let drain_timeout = duration(
             "drain_timeout",
             file.drain_timeout,
-            Duration::from_secs(60),
+            DEFAULT_DRAIN_TIMEOUT,
             range::DRAIN,
         )?;
         let load_report_interval = duration(
             "load_report_interval",
             file.load_report_interval,
-            Duration::from_secs(1),
+            DEFAULT_LOAD_REPORT_INTERVAL,
             range::LOAD_REPORT,
         )?;
         let idle_timeout = duration(
             "idle_timeout",
             file.idle_timeout,
-            Duration::from_secs(30),
+            DEFAULT_IDLE_TIMEOUT,
             range::IDLE,
         )?;
-        let d = &file.dedup;
-        let dedup = DedupLimits {
-            remember: duration(
-                "dedup.remember",
-                d.remember,
-                DEFAULT_REMEMBER,
-                range::REMEMBER,
-            )?,
-            max_entries: count(
-                "dedup.max_entries",
-                d.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES) as u64,
-                range::MAX_ENTRIES,
-            )? as usize,
-            max_result: count(
-                "dedup.max_result",
-                d.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
-                range::DEDUP_BYTES,
-            )?,
-            max_memory: count(
-                "dedup.max_memory",
-                d.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
-                range::DEDUP_BYTES,
-            )?,
-            hold_input: count(
-                "dedup.hold_input",
-                d.hold_input.map_or(DEFAULT_HOLD_INPUT, |b| b.0),
-                range::HOLD_INPUT,
-            )?,
-        };
-        if dedup.max_result > dedup.max_memory {
-            return Err(invalid(
-                "dedup.max_result",
-                format!(
-                    "{} bytes is more than dedup.max_memory ({} bytes); one result must fit in the whole memory",
-                    dedup.max_result, dedup.max_memory
-                ),
-            ));
-        }
+        let dedup = dedup_limits(&file.dedup, path)?;
         let cert_lifetime = duration(
             "enroll.cert_lifetime",
             file.enroll.cert_lifetime,
@@ -397,29 +383,62 @@ impl DaemonConfig {
     }
 }
 
-/// Why a task's program would not start; a warning at start, as the task would fail
-/// with `spawn_failed`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-enum ExecutableError {
-    /// A program given as a path is there but is not an executable file.
-    #[error("`{0}` is not an executable file")]
-    NotExecutable(String),
-    /// A program given as a path is not there.
-    #[error("`{0}` does not exist")]
-    Missing(String),
-    /// A program given by name is in no directory of the task's `PATH`.
-    #[error("`{program}` is not an executable file in {path}")]
-    NotInPath {
-        /// The program's name.
-        program: String,
-        /// The task's `PATH`.
-        path: String,
-    },
+/// Validates `[dedup]`; `path` names errors.
+fn dedup_limits(d: &DedupFile, path: &Path) -> Result<DedupLimits, ConfigError> {
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key: key.into(),
+        reason,
+    };
+    let count = |key: &str, v: u64, r: (u64, u64)| {
+        check_count(v, r).map_err(|e| invalid(key, e.to_string()))
+    };
+    let duration = |key: &str, v: Option<HumanDuration>, default: Duration, r| {
+        check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e.to_string()))
+    };
+    let dedup = DedupLimits {
+        remember: duration(
+            "dedup.remember",
+            d.remember,
+            DEFAULT_REMEMBER,
+            range::REMEMBER,
+        )?,
+        max_entries: count(
+            "dedup.max_entries",
+            d.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES) as u64,
+            range::MAX_ENTRIES,
+        )? as usize,
+        max_result: count(
+            "dedup.max_result",
+            d.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
+            range::DEDUP_BYTES,
+        )?,
+        max_memory: count(
+            "dedup.max_memory",
+            d.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
+            range::DEDUP_BYTES,
+        )?,
+        hold_input: count(
+            "dedup.hold_input",
+            d.hold_input.map_or(DEFAULT_HOLD_INPUT, |b| b.0),
+            range::HOLD_INPUT,
+        )?,
+    };
+    if dedup.max_result > dedup.max_memory {
+        return Err(invalid(
+            "dedup.max_result",
+            format!(
+                "{} bytes is more than dedup.max_memory ({} bytes); one result must fit in the whole memory",
+                dedup.max_result, dedup.max_memory
+            ),
+        ));
+    }
+    Ok(dedup)
 }
 
 /// Finds `program` the way the executor will (a path as given, else in `path`) and
 /// checks it is an executable file.
-fn find_executable(program: &str, path: &str) -> Result<PathBuf, ExecutableError> {
+fn find_executable(program: &str, path: &str) -> Result<PathBuf, NotFound> {
     use std::os::unix::fs::PermissionsExt;
     let candidates: Vec<PathBuf> = if program.contains('/') {
         vec![PathBuf::from(program)]
@@ -435,18 +454,37 @@ fn find_executable(program: &str, path: &str) -> Result<PathBuf, ExecutableError
                 return Ok(c.clone());
             }
             if program.contains('/') {
-                return Err(ExecutableError::NotExecutable(program.to_string()));
+                return Err(NotFound::NotExecutable(program.to_string()));
             }
         }
     }
     if program.contains('/') {
-        Err(ExecutableError::Missing(program.to_string()))
+        Err(NotFound::Absent(program.to_string()))
     } else {
-        Err(ExecutableError::NotInPath {
+        Err(NotFound::NotInPath {
             program: program.to_string(),
             path: path.to_string(),
         })
     }
+}
+
+/// Why a task's program was not found (a warning: it may be installed later).
+#[derive(Debug, thiserror::Error)]
+enum NotFound {
+    /// The path names something that is not an executable file.
+    #[error("`{0}` is not an executable file")]
+    NotExecutable(String),
+    /// The path names nothing.
+    #[error("`{0}` does not exist")]
+    Absent(String),
+    /// No directory of the task's `PATH` holds an executable of that name.
+    #[error("`{program}` is not an executable file in {path}")]
+    NotInPath {
+        /// The program name.
+        program: String,
+        /// The `PATH` searched.
+        path: String,
+    },
 }
 
 #[cfg(test)]

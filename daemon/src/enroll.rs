@@ -281,15 +281,9 @@ impl Tokens {
     }
 }
 
-/// Why this daemon cannot issue certificates: its CA key (or certificate) could not be
-/// loaded; the cause with its chain. Logged at start and sent with every refusal.
-#[derive(Debug, thiserror::Error)]
-#[error("this daemon cannot issue agent certificates ({0:#}); give it the CA key with [tls] ca_key in daemon.toml")]
-struct NoIssuer(anyhow::Error);
-
 /// What the daemon needs to issue agent certificates.
 pub struct Enroller {
-    issuer: Result<Issuer<'static, KeyPair>, NoIssuer>,
+    issuer: Result<Issuer<'static, KeyPair>, pki::PkiError>,
     ca_pem: String,
     tokens: Tokens,
     issued: Issued,
@@ -311,12 +305,12 @@ impl Enroller {
     /// the daemon: agents with certificates are served, enrollment and renewal are
     /// refused with the reason.
     pub fn load(config: &crate::config::DaemonConfig) -> Self {
-        let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key).map_err(NoIssuer);
+        let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key);
         match &issuer {
             Ok(_) => {
                 info!(ca_key = %config.tls_ca_key.display(), lifetime = %lifetime_text(config.cert_lifetime), "enrollment on: agents may join with `updraftd token create` tokens and renew their certificates")
             }
-            Err(e) => warn!("enrollment off: {e}"),
+            Err(e) => warn!("enrollment off: {}", cannot_issue(e)),
         }
         Self {
             issuer,
@@ -373,11 +367,11 @@ impl Enroller {
         }
         let issuer = match &self.issuer {
             Ok(i) => i,
-            Err(e) => return reject(ErrorCode::CannotIssue, e.to_string()),
+            Err(e) => return reject(ErrorCode::CannotIssue, cannot_issue(e)),
         };
         let csr = match pki::parse_request(&request.csr) {
             Ok(c) => c,
-            Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+            Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
         };
         let agent_id = match renewing {
             Some(id) => id.to_string(),
@@ -386,7 +380,7 @@ impl Enroller {
                     Ok(()) => id,
                     Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
                 },
-                Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+                Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
             },
         };
         let mut held = None;
@@ -421,7 +415,7 @@ impl Enroller {
         }
         let cert = match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
             Ok(cert) => cert,
-            Err(e) => return reject(ErrorCode::BadRequest, format!("{e:#}")),
+            Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
         };
         self.note_issued(&agent_id, &cert, asker, held.as_ref(), now);
         CertReply::Issued {
@@ -474,6 +468,11 @@ impl Enroller {
             warn!(agent = agent_id, error = %e, "issued a certificate but could not record it: an unbound token could take this agent id over while the certificate is valid");
         }
     }
+}
+
+/// Why this daemon refuses every certificate request: its CA key did not load.
+fn cannot_issue(e: &pki::PkiError) -> String {
+    format!("this daemon cannot issue agent certificates ({e}); give it the CA key with [tls] ca_key in daemon.toml")
 }
 
 /// Who asks for a certificate.
@@ -589,15 +588,6 @@ pub async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_missing_ca_key_says_how_to_give_one() {
-        let e = NoIssuer(anyhow::anyhow!("No such file").context("cannot read /etc/ca.key"));
-        assert_eq!(
-            e.to_string(),
-            "this daemon cannot issue agent certificates (cannot read /etc/ca.key: No such file); give it the CA key with [tls] ca_key in daemon.toml"
-        );
-    }
 
     #[test]
     fn a_token_enrolls_once_before_it_expires() {

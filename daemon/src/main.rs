@@ -105,7 +105,7 @@ fn main() -> ExitCode {
 /// and the exit code for a bad configuration.
 fn load_config(path: &Path) -> Result<(DaemonConfig, quinn::ServerConfig), ExitCode> {
     let config = DaemonConfig::load(path).map_err(|e| bad_config(&e))?;
-    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&*e))?;
+    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&e))?;
     Ok((config, server))
 }
 
@@ -123,7 +123,10 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
         // Before any task runs: everything a task starts must be found when it ends.
         updraft_shared::contain::init();
         let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
-        updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated()).await
+        Ok(
+            updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated())
+                .await?,
+        )
     })
 }
 
@@ -177,8 +180,8 @@ fn cert_issue(
     Ok(())
 }
 
-fn report(r: anyhow::Result<()>) -> ExitCode {
-    match r {
+fn report<E: Into<anyhow::Error>>(r: Result<(), E>) -> ExitCode {
+    match r.map_err(Into::into) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("updraftd: {e:#}");

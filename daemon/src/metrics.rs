@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
@@ -17,18 +16,44 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Time a scraper has to send its request headers; an idle connection is closed
 /// after it.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// First pause after a failed accept (out of file descriptors and the like): short, as
+/// the cause often clears with the next closed connection.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between failed accepts: the endpoint answers again within a second
+/// of the cause clearing, without spinning while it lasts.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// The whole answer to a scraper over [`MAX_CONNECTIONS`], written without parsing its
+/// request.
 const BUSY: &[u8] =
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Why `/metrics` could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// `metrics_listen` could not be bound.
+    #[error("cannot listen for metrics on TCP {addr} (metrics_listen in daemon.toml)")]
+    Bind {
+        /// The address in the config.
+        addr: SocketAddr,
+        /// Why the bind failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound socket has no local address.
+    #[error(transparent)]
+    LocalAddr(std::io::Error),
+}
 
 /// Binds `addr` and serves `GET /metrics` from `render` until the process ends.
 pub async fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen for metrics on TCP {addr} (metrics_listen in daemon.toml)")
-    })?;
-    info!(metrics_listen = %listener.local_addr()?, "serving /metrics");
+) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener.local_addr().map_err(MetricsError::LocalAddr)?;
+    info!(metrics_listen = %local, "serving /metrics");
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
@@ -43,7 +68,7 @@ pub async fn serve(
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, do not spin.
-                    pause = (pause * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    pause = (pause * 2).clamp(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX);
                     warn!(error = %e, ?pause, "accepting on metrics_listen failed");
                     tokio::time::sleep(pause).await;
                     continue;

@@ -1,7 +1,6 @@
 //! The daemon's small PKI: `ca init` makes a CA and a server certificate, `cert issue`
 //! makes an agent certificate whose common name is the agent id.
 
-use anyhow::{bail, Context};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -18,6 +17,86 @@ pub const AGENT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Default lifetime of certificates issued at enrollment and renewal: 90 days; agents
 /// renew them over their live connection well before they run out.
 pub const ENROLLED_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Why a PKI command or a signature failed. Each message carries its causes inline
+/// (callers print `{e}`), so nothing is marked as a source to print twice.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// `ca init` was given no name for the server certificate.
+    #[error("give at least one --name: the host name or IP agents use to reach this daemon")]
+    NoNames,
+    /// `ca init` found a CA key in place; replacing it would orphan every agent.
+    #[error("{} already exists; refusing to replace the CA (every agent trusts it). Remove it first if you really mean to start over", .0.display())]
+    CaExists(PathBuf),
+    /// A `--name` is neither an IP address nor a valid DNS name.
+    #[error("`{name}` is not a valid host name: {error}")]
+    HostName {
+        /// The name given.
+        name: String,
+        /// Why rcgen refused it.
+        error: rcgen::Error,
+    },
+    /// A directory could not be created.
+    #[error("cannot create {}: {error}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The failure.
+        error: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {error}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        error: std::io::Error,
+    },
+    /// A file could not be read.
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The failure.
+        error: std::io::Error,
+    },
+    /// The CA key file holds no usable private key.
+    #[error("{} is not a private key: {error}", path.display())]
+    NotAKey {
+        /// The file.
+        path: PathBuf,
+        /// What rcgen said.
+        error: rcgen::Error,
+    },
+    /// The CA certificate file holds no usable CA certificate.
+    #[error("{} is not a CA certificate: {error}", path.display())]
+    NotACa {
+        /// The file.
+        path: PathBuf,
+        /// What rcgen said.
+        error: rcgen::Error,
+    },
+    /// `--ca-dir` holds no usable CA; says which command makes one.
+    #[error("run `updraftd ca init --dir {}` first, or pass --ca-dir: {error}", ca_dir.display())]
+    NoCa {
+        /// The directory looked in.
+        ca_dir: PathBuf,
+        /// What was wrong with its files.
+        error: Box<PkiError>,
+    },
+    /// A certificate request did not parse, or its signature did not verify.
+    #[error("not a usable certificate request: {0}")]
+    BadRequest(rcgen::Error),
+    /// A certificate request names no agent id.
+    #[error("the certificate request names no agent id (common name, UTF-8)")]
+    NoAgentId,
+    /// The agent id is not one a certificate may name.
+    #[error("{0}")]
+    AgentId(updraft_shared::tls::AgentIdError),
+    /// Generating a key or signing failed.
+    #[error(transparent)]
+    Sign(#[from] rcgen::Error),
+}
 
 /// Files written by `ca init`.
 #[derive(Debug)]
@@ -43,32 +122,51 @@ fn validity(params: &mut CertificateParams, lifetime: Duration) {
     params.not_after = (now + lifetime).into();
 }
 
-fn write_secret(path: &Path, pem: &str) -> anyhow::Result<()> {
+fn write_secret(path: &Path, pem: &str) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(pem.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .map_err(|error| PkiError::Write {
+            path: path.to_path_buf(),
+            error,
+        })
 }
 
-fn write_public(path: &Path, pem: &str) -> anyhow::Result<()> {
-    std::fs::write(path, pem).with_context(|| format!("cannot write {}", path.display()))
+fn write_public(path: &Path, pem: &str) -> Result<(), PkiError> {
+    std::fs::write(path, pem).map_err(|error| PkiError::Write {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+fn create_dir(path: &Path) -> Result<(), PkiError> {
+    std::fs::create_dir_all(path).map_err(|error| PkiError::CreateDir {
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+fn read(path: &Path) -> Result<String, PkiError> {
+    std::fs::read_to_string(path).map_err(|error| PkiError::Read {
+        path: path.to_path_buf(),
+        error,
+    })
 }
 
 /// Creates `dir/ca.pem ca.key server.pem server.key`. `names` go into the server
 /// certificate (DNS names or IP addresses agents will use). Refuses to overwrite an
 /// existing CA key: that would orphan every enrolled agent.
-pub fn ca_init(dir: &Path, names: &[String]) -> anyhow::Result<CaFiles> {
+pub fn ca_init(dir: &Path, names: &[String]) -> Result<CaFiles, PkiError> {
     if names.is_empty() {
-        bail!("give at least one --name: the host name or IP agents use to reach this daemon");
+        return Err(PkiError::NoNames);
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    create_dir(dir)?;
     let files = CaFiles {
         ca_cert: dir.join("ca.pem"),
         ca_key: dir.join("ca.key"),
@@ -77,10 +175,7 @@ pub fn ca_init(dir: &Path, names: &[String]) -> anyhow::Result<CaFiles> {
         fingerprint: String::new(),
     };
     if files.ca_key.exists() {
-        bail!(
-            "{} already exists; refusing to replace the CA (every agent trusts it). Remove it first if you really mean to start over",
-            files.ca_key.display()
-        );
+        return Err(PkiError::CaExists(files.ca_key));
     }
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::default();
@@ -105,13 +200,15 @@ pub fn ca_init(dir: &Path, names: &[String]) -> anyhow::Result<CaFiles> {
         .iter()
         .map(|n| match n.parse::<std::net::IpAddr>() {
             Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => {
-                Ok(SanType::DnsName(n.clone().try_into().with_context(
-                    || format!("`{n}` is not a valid host name"),
-                )?))
-            }
+            Err(_) => match n.clone().try_into() {
+                Ok(dns) => Ok(SanType::DnsName(dns)),
+                Err(error) => Err(PkiError::HostName {
+                    name: n.clone(),
+                    error,
+                }),
+            },
         })
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut server, SERVER_VALIDITY);
@@ -128,12 +225,10 @@ pub fn ca_init(dir: &Path, names: &[String]) -> anyhow::Result<CaFiles> {
 }
 
 /// Loads the CA from `ca_dir/ca.pem` and `ca_dir/ca.key`.
-pub fn load_issuer(ca_dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
-    load_issuer_files(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key")).map_err(|e| {
-        e.context(format!(
-            "run `updraftd ca init --dir {}` first, or pass --ca-dir",
-            ca_dir.display()
-        ))
+pub fn load_issuer(ca_dir: &Path) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    load_issuer_files(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key")).map_err(|e| PkiError::NoCa {
+        ca_dir: ca_dir.to_path_buf(),
+        error: Box::new(e),
     })
 }
 
@@ -141,15 +236,17 @@ pub fn load_issuer(ca_dir: &Path) -> anyhow::Result<Issuer<'static, KeyPair>> {
 pub fn load_issuer_files(
     cert_path: &Path,
     key_path: &Path,
-) -> anyhow::Result<Issuer<'static, KeyPair>> {
-    let cert = std::fs::read_to_string(cert_path)
-        .with_context(|| format!("cannot read {}", cert_path.display()))?;
-    let key = std::fs::read_to_string(key_path)
-        .with_context(|| format!("cannot read {}", key_path.display()))?;
-    let key = KeyPair::from_pem(&key)
-        .with_context(|| format!("{} is not a private key", key_path.display()))?;
-    Issuer::from_ca_cert_pem(&cert, key)
-        .with_context(|| format!("{} is not a CA certificate", cert_path.display()))
+) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let cert = read(cert_path)?;
+    let key = read(key_path)?;
+    let key = KeyPair::from_pem(&key).map_err(|error| PkiError::NotAKey {
+        path: key_path.to_path_buf(),
+        error,
+    })?;
+    Issuer::from_ca_cert_pem(&cert, key).map_err(|error| PkiError::NotACa {
+        path: cert_path.to_path_buf(),
+        error,
+    })
 }
 
 fn agent_params(agent_id: &str, lifetime: Duration) -> CertificateParams {
@@ -163,9 +260,8 @@ fn agent_params(agent_id: &str, lifetime: Duration) -> CertificateParams {
 
 /// Parses and verifies a PKCS#10 request (PEM): its signature proves the sender holds
 /// the key.
-pub fn parse_request(csr_pem: &str) -> anyhow::Result<rcgen::CertificateSigningRequestParams> {
-    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-        .map_err(|e| anyhow::anyhow!("not a usable certificate request: {e}"))
+pub fn parse_request(csr_pem: &str) -> Result<rcgen::CertificateSigningRequestParams, PkiError> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(PkiError::BadRequest)
 }
 
 /// Signs the public key of a parsed request into an agent certificate for `agent_id`.
@@ -176,8 +272,8 @@ pub fn sign_request(
     mut request: rcgen::CertificateSigningRequestParams,
     agent_id: &str,
     lifetime: Duration,
-) -> anyhow::Result<String> {
-    updraft_shared::tls::check_agent_id(agent_id).map_err(anyhow::Error::msg)?;
+) -> Result<String, PkiError> {
+    updraft_shared::tls::check_agent_id(agent_id).map_err(PkiError::AgentId)?;
     request.params = agent_params(agent_id, lifetime);
     Ok(request.signed_by(issuer)?.pem())
 }
@@ -185,11 +281,11 @@ pub fn sign_request(
 /// The agent id a parsed request asks for: its subject common name.
 pub fn requested_agent_id(
     request: &rcgen::CertificateSigningRequestParams,
-) -> anyhow::Result<String> {
+) -> Result<String, PkiError> {
     match request.params.distinguished_name.get(&DnType::CommonName) {
         Some(rcgen::DnValue::Utf8String(s)) => Ok(s.clone()),
         Some(rcgen::DnValue::PrintableString(s)) => Ok(s.as_str().to_string()),
-        _ => bail!("the certificate request names no agent id (common name, UTF-8)"),
+        _ => Err(PkiError::NoAgentId),
     }
 }
 
@@ -200,13 +296,13 @@ pub fn cert_issue(
     agent_id: &str,
     out: &Path,
     lifetime: Duration,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
-    updraft_shared::tls::check_agent_id(agent_id).map_err(anyhow::Error::msg)?;
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    updraft_shared::tls::check_agent_id(agent_id).map_err(PkiError::AgentId)?;
     let issuer = load_issuer(ca_dir)?;
     let key = KeyPair::generate()?;
     let params = agent_params(agent_id, lifetime);
     let cert = params.signed_by(&key, &issuer)?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    create_dir(out)?;
     let (cert_path, key_path) = (out.join("agent.pem"), out.join("agent.key"));
     write_public(&cert_path, &cert.pem())?;
     write_secret(&key_path, &key.serialize_pem())?;

@@ -70,6 +70,34 @@ impl Drop for ProbeSlot<'_> {
     }
 }
 
+/// Why a probe was refused `busy`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeRefusal {
+    /// Another probe is in progress on this connection.
+    #[error("another probe is in progress on this connection")]
+    InProgress,
+    /// The budget holds fewer bytes than asked for now.
+    #[error("this connection's probe budget ({per_hour} bytes an hour, daemon.toml probe_budget) has {available} bytes left, fewer than the {bytes} asked for; they are there in {wait_s}s")]
+    Spent {
+        /// The budget, bytes an hour.
+        per_hour: u64,
+        /// Bytes left now.
+        available: u64,
+        /// Bytes asked for.
+        bytes: u64,
+        /// Whole seconds until they are there.
+        wait_s: u64,
+    },
+    /// More bytes than the whole budget: they are never there.
+    #[error("the {bytes} bytes asked for are more than this daemon's probe budget of {per_hour} bytes an hour (daemon.toml probe_budget)")]
+    OverBudget {
+        /// Bytes asked for.
+        bytes: u64,
+        /// The budget, bytes an hour.
+        per_hour: u64,
+    },
+}
+
 impl ProbeGate {
     /// A gate allowing `per_hour` probe bytes (both directions), full at `now`.
     pub fn new(per_hour: u64, now: Instant) -> Self {

@@ -5,25 +5,73 @@
 use crate::config::DaemonConfig;
 use crate::state::Shared;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+use updraft_shared::config::ConfigError;
 use updraft_shared::protocol::{LoadReport, CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN};
-use updraft_shared::tls::{AuthenticatedPeer, Identity};
+use updraft_shared::tls::{AuthenticatedPeer, Identity, TlsError};
 use updraft_shared::wire::write_frame;
 
 /// How long a new stream may take to deliver its request header. A peer that opens
 /// streams and sends nothing must not pin handlers forever.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// QUIC keep-alive from the daemon side; agents usually ping more often.
+/// QUIC keep-alive from the daemon side: well inside the default `idle_timeout` (30s)
+/// and common NAT UDP timeouts (30s and up), so a quiet agent's connection stays up;
+/// agents usually ping more often.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How long the closed endpoint may take to tell agents so (CONNECTION_CLOSE) before
+/// the daemon exits: a few round trips, lost packets included.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the daemon could not be set up to serve, or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The TLS files named in the config did not load.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS identity did not make a QUIC server configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// `idle_timeout` is longer than QUIC can carry.
+    #[error(transparent)]
+    IdleTimeout(#[from] quinn::VarIntBoundsExceeded),
+    /// The UDP address could not be bound.
+    #[error("cannot listen on UDP {addr}")]
+    Listen {
+        /// The address in the config.
+        addr: SocketAddr,
+        /// Why the bind failed.
+        #[source]
+        source: io::Error,
+    },
+    /// The directory tasks work in could not be prepared.
+    #[error("cannot prepare {}: {error} (check state_dir in daemon.toml)", dir.display())]
+    WorkDir {
+        /// `state_dir/work`.
+        dir: PathBuf,
+        /// The failure.
+        error: io::Error,
+    },
+    /// `/metrics` could not be served.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+    /// The endpoint has no local address.
+    #[error(transparent)]
+    LocalAddr(io::Error),
+    /// SIGHUP could not be caught.
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Hangup(io::Error),
+}
 
 /// Builds the quinn server config: mutual TLS from the config's files, transport limits.
-pub fn server_config(config: &DaemonConfig) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(config: &DaemonConfig) -> Result<quinn::ServerConfig, ServerError> {
     server_config_from(&config.load_identity()?, config)
 }
 
@@ -31,7 +79,7 @@ pub fn server_config(config: &DaemonConfig) -> anyhow::Result<quinn::ServerConfi
 pub fn server_config_from(
     identity: &Identity,
     config: &DaemonConfig,
-) -> anyhow::Result<quinn::ServerConfig> {
+) -> Result<quinn::ServerConfig, ServerError> {
     let mut server = quinn::ServerConfig::with_crypto(identity.quic_server()?);
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -44,14 +92,16 @@ pub fn server_config_from(
 }
 
 /// Binds the UDP endpoint the daemon serves on.
-pub fn bind(config: &DaemonConfig) -> anyhow::Result<quinn::Endpoint> {
+pub fn bind(config: &DaemonConfig) -> Result<quinn::Endpoint, ServerError> {
     bind_with(server_config(config)?, config.listen)
 }
 
 /// Binds an endpoint with a ready server config.
-pub fn bind_with(server: quinn::ServerConfig, addr: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-    use anyhow::Context;
-    quinn::Endpoint::server(server, addr).with_context(|| format!("cannot listen on UDP {addr}"))
+pub fn bind_with(
+    server: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, ServerError> {
+    quinn::Endpoint::server(server, addr).map_err(|source| ServerError::Listen { addr, source })
 }
 
 /// Serves on `endpoint` until `shutdown` resolves, then drains: no new tasks, agents
@@ -60,14 +110,13 @@ pub async fn run(
     config: DaemonConfig,
     endpoint: quinn::Endpoint,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServerError> {
     let work = config.state_dir.join("work");
-    let swept = updraft_shared::exec::sweep_work_root(&work).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot prepare {}: {e} (check state_dir in daemon.toml)",
-            work.display()
-        )
-    })?;
+    let swept =
+        updraft_shared::exec::sweep_work_root(&work).map_err(|error| ServerError::WorkDir {
+            dir: work.clone(),
+            error,
+        })?;
     if swept > 0 {
         info!(dir = %work.display(), "removed {swept} task working directories left by an earlier run");
     }
@@ -80,7 +129,7 @@ pub async fn run(
         }
         None => None,
     };
-    let listen = endpoint.local_addr()?;
+    let listen = endpoint.local_addr().map_err(ServerError::LocalAddr)?;
     let tasks = shared.catalog().names().collect::<Vec<_>>().join(",");
     let slots = shared.config.max_concurrent_tasks;
     info!(%listen, tasks, slots, "updraftd serving");
@@ -92,7 +141,7 @@ pub async fn run(
     // Connections are accepted until the end of the drain, so that one arriving while
     // draining is told so (see `handle_connection`) instead of getting no answer.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| anyhow::anyhow!("cannot install the SIGHUP handler: {e}"))?;
+        .map_err(ServerError::Hangup)?;
     let mut accepting = tokio::spawn(accept_connections(endpoint.clone(), shared.clone(), hangup));
     tokio::select! {
         _ = &mut accepting => {}
@@ -123,7 +172,7 @@ pub async fn run(
     }
     accepting.abort();
     endpoint.close(CLOSE_DRAINING.into(), b"draining");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
     info!("updraftd stopped");
     Ok(())
 }

@@ -323,17 +323,9 @@ async fn run<S: Future<Output = u64> + Unpin>(
         },
         Place::Ready(reservation, held, input_time) => {
             let claim = claim.as_ref();
-            let Some((result, teed, input_whole)) = execute(
-                &mut ts,
-                shared,
-                &task,
-                claim,
-                reservation,
-                held,
-                stopped,
-                tally,
-            )
-            .await
+            let ready = (reservation, held);
+            let Some((result, teed, input_whole)) =
+                execute(&mut ts, shared, &task, claim, ready, stopped, tally).await
             else {
                 return;
             };
@@ -351,14 +343,12 @@ async fn run<S: Future<Output = u64> + Unpin>(
 /// Waits for the slot, then runs the task with its output teed into the record when
 /// remembered. `None` when the agent stopped the stream first and the run ended for
 /// it (see [`runs_on`]).
-#[allow(clippy::too_many_arguments)]
 async fn execute<S: Future<Output = u64> + Unpin>(
     ts: &mut TaskStream<'_>,
     shared: &Shared,
     task: &AdmittedTask,
     claim: Option<&Claim>,
-    reservation: Reservation,
-    held: HeldInput,
+    (reservation, held): (Reservation, HeldInput),
     stopped: &mut S,
     tally: &mut Tally<'_>,
 ) -> Option<(Result<Outcome, ExecError>, Teed, bool)> {

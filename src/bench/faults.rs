@@ -825,7 +825,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 pub async fn serve_daemon(config: &Path) -> anyhow::Result<()> {
     let config = updraft_daemon::config::DaemonConfig::load(config)?;
     let endpoint = updraft_daemon::server::bind(&config)?;
-    updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated()).await
+    updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated()).await?;
+    Ok(())
 }
 
 /// `bench-faults-agent`: `updraft-agent serve` on a config the benchmark wrote.

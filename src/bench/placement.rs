@@ -860,7 +860,8 @@ pub async fn serve_cloud(config: &Path) -> anyhow::Result<()> {
     let _ = stop.send(());
     let served = daemon.await;
     relay.shutdown().await;
-    served?
+    served??;
+    Ok(())
 }
 
 /// The parent's handle on the cloud process.
