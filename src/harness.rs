@@ -100,10 +100,10 @@ pub async fn start_daemon(
     let path = state_dir.join("daemon.toml");
     let file: DaemonFile = toml::from_str(&text).context("harness daemon config")?;
     let config = DaemonConfig::from_file(file, &path)?;
-    let endpoint = updraft_daemon::server::bind(&config)?;
+    let endpoint = updraft_daemon::bind(&config)?;
     let addr = endpoint.local_addr()?;
     let (tx, rx) = oneshot::channel();
-    let run = updraft_daemon::server::run(config, endpoint, async move {
+    let run = updraft_daemon::run(config, endpoint, async move {
         let _ = rx.await;
     });
     let task = tokio::spawn(async move {

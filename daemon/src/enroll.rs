@@ -282,7 +282,7 @@ impl Tokens {
 }
 
 /// What the daemon needs to issue agent certificates.
-pub struct Enroller {
+pub(crate) struct Enroller {
     issuer: Result<Issuer<'static, KeyPair>, pki::PkiError>,
     ca_pem: String,
     tokens: Tokens,
@@ -304,7 +304,7 @@ impl Enroller {
     /// Loads the CA key named by the config. A missing or unreadable key does not stop
     /// the daemon: agents with certificates are served, enrollment and renewal are
     /// refused with the reason.
-    pub fn load(config: &crate::config::DaemonConfig) -> Self {
+    pub(crate) fn load(config: &crate::config::DaemonConfig) -> Self {
         let issuer = pki::load_issuer_files(&config.tls_ca, &config.tls_ca_key);
         match &issuer {
             Ok(_) => {
@@ -323,18 +323,23 @@ impl Enroller {
 
     /// Whether the certificate with this serial was revoked when its agent id was
     /// enrolled again.
-    pub fn is_revoked(&self, serial: &str) -> bool {
+    pub(crate) fn is_revoked(&self, serial: &str) -> bool {
         self.issued.is_revoked(serial)
     }
 
     /// Answers an enrollment request from `remote`: token and CSR in, certificate out.
-    pub fn enroll(&self, request: &CertRequest, remote: SocketAddr, now: SystemTime) -> CertReply {
+    pub(crate) fn enroll(
+        &self,
+        request: &CertRequest,
+        remote: SocketAddr,
+        now: SystemTime,
+    ) -> CertReply {
         self.answer(request, Asker::Enrolling(remote), now)
     }
 
     /// Answers a renewal from an agent whose certificate the handshake verified: the
     /// new certificate names the same agent, whatever the request says.
-    pub fn renew(
+    pub(crate) fn renew(
         &self,
         request: &CertRequest,
         peer: &AuthenticatedPeer,
@@ -485,7 +490,7 @@ enum Asker<'a> {
 }
 
 /// Reads one certificate request off `recv` and answers it on `send`.
-pub async fn serve_request(
+pub(crate) async fn serve_request(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     answer: impl FnOnce(&CertRequest) -> CertReply,
@@ -543,7 +548,7 @@ pub(crate) async fn serve_renewal(
 }
 
 /// Sends `reply` and ends the stream: nothing more is read from `recv`.
-pub async fn send_reply(
+pub(crate) async fn send_reply(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
     reply: &CertReply,
@@ -554,7 +559,7 @@ pub async fn send_reply(
 }
 
 /// Serves an enrollment connection: one request, answered; then the agent closes.
-pub async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<Enroller>) {
+pub(crate) async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<Enroller>) {
     let remote = conn.remote_address();
     info!(%remote, "enrollment connection");
     match tokio::time::timeout(REQUEST_TIMEOUT, conn.accept_bi()).await {

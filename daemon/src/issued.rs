@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use updraft_shared::files::write_atomic;
 
 /// Most certificates remembered for one agent id (renewals add one each).
-pub const KEEP_PER_ID: usize = 8;
+pub(crate) const KEEP_PER_ID: usize = 8;
 
 /// One read-modify-write at a time (enrollments and renewals run concurrently).
 static WRITING: Mutex<()> = Mutex::new(());

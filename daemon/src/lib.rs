@@ -1,30 +1,33 @@
 //! `updraft-daemon`: the cloud side of Updraft.
 //!
-//! - [`config`]: `daemon.toml`, validated into [`config::DaemonConfig`].
-//! - [`server`]: binding, the QUIC accept loop, agent connections, load reports, drain.
-//! - `state`: what every handler of one daemon shares.
-//! - `stream`: each stream an agent opens, dispatched on its first frame.
-//! - `task`: one task stream: header, recent ids, admission, run, settle.
-//! - [`recent`]: the memory of recent task ids that answers retries with the first result.
-//! - [`metrics`]: the Prometheus `/metrics` endpoint on `metrics_listen`.
-//! - [`probe`]: link probes: an agent's small timed transfers, bounded per connection.
-//! - [`pki`]: `ca init`, `cert issue`, and signing agents' certificate requests.
-//! - [`enroll`]: one-time tokens, enrollment and renewal of agent certificates.
-//! - [`issued`]: the certificates issued per agent id, and the revoked ones.
-//! - [`reload`]: SIGHUP reloads the catalog and the TLS files.
-//! - [`cli`]: the `updraftd` command line.
+//! The public front is what the `updraftd` binary, the demo and the benchmarks need:
+//! - [`cli`] and [`config`]: the command line and `daemon.toml`.
+//! - [`pki`]: `ca init`, `cert issue`, and the CA files enrollment signs with.
+//! - [`bind`], [`bind_with`], [`server_config`] and [`run`]: a daemon on an endpoint,
+//!   until a shutdown future resolves (then it drains).
+//! - [`Tokens`] (`token create`) and [`Issued`] (`cert issue` records what it signed).
+//!
+//! Inside: `server` (accept, connections, load reports, drain), `stream` (a stream's
+//! first frame decides its handler), `task` (one task stream: header, recent ids,
+//! admission, run, settle), `state` (what handlers share), `recent` (recent task ids,
+//! pure), `enroll` and `issued` (tokens, certificates issued), `probe` (link probes),
+//! `metrics` (`/metrics`), `reload` (SIGHUP). `docs/ARCHITECTURE.md` maps them.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
-pub mod enroll;
-pub mod issued;
-pub mod metrics;
+mod enroll;
+mod issued;
+mod metrics;
 pub mod pki;
-pub mod probe;
-pub mod recent;
-pub mod reload;
-pub mod server;
-pub(crate) mod state;
-pub(crate) mod stream;
-pub(crate) mod task;
+mod probe;
+mod recent;
+mod reload;
+mod server;
+mod state;
+mod stream;
+mod task;
+
+pub use enroll::{Created, TokenError, Tokens};
+pub use issued::{Issued, IssuedCert, IssuedError};
+pub use server::{bind, bind_with, run, server_config, ServerError};

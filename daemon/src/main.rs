@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command, TokenCommand};
 use updraft_daemon::config::DaemonConfig;
-use updraft_daemon::issued::{Issued, IssuedCert};
+use updraft_daemon::{Issued, IssuedCert};
 
 /// sysexits EX_CONFIG-style code for a bad configuration (EX_USAGE, 64).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
 /// and the exit code for a bad configuration.
 fn load_config(path: &Path) -> Result<(DaemonConfig, quinn::ServerConfig), ExitCode> {
     let config = DaemonConfig::load(path).map_err(|e| bad_config(&e))?;
-    let server = updraft_daemon::server::server_config(&config).map_err(|e| bad_config(&e))?;
+    let server = updraft_daemon::server_config(&config).map_err(|e| bad_config(&e))?;
     Ok((config, server))
 }
 
@@ -122,11 +122,8 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
     rt.block_on(async {
         // Before any task runs: everything a task starts must be found when it ends.
         updraft_shared::contain::init();
-        let endpoint = updraft_daemon::server::bind_with(server, config.listen)?;
-        Ok(
-            updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated())
-                .await?,
-        )
+        let endpoint = updraft_daemon::bind_with(server, config.listen)?;
+        Ok(updraft_daemon::run(config, endpoint, updraft_shared::shutdown::terminated()).await?)
     })
 }
 
@@ -138,7 +135,7 @@ fn token_create(
     if let Some(id) = agent_id {
         updraft_shared::tls::check_agent_id(id).map_err(|e| anyhow::anyhow!("--agent-id: {e}"))?;
     }
-    let created = updraft_daemon::enroll::Tokens::new(&config.state_dir).create(ttl, agent_id)?;
+    let created = updraft_daemon::Tokens::new(&config.state_dir).create(ttl, agent_id)?;
     println!("{}", created.token);
     // The command to run on the board, with what this daemon knows of itself.
     let fingerprint = updraft_shared::tls::load_certs(&config.tls_ca)

@@ -16,20 +16,20 @@ use updraft_shared::wire::{write_frame, FrameReader};
 
 /// Longest a probe may take to arrive, and then to be sent back: 1 MiB at about
 /// 140 kbit/s. Past it the daemon gives up on the probe.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The download payload: zeros (QUIC encrypts them anyway), shared by every probe.
 static ZEROS: [u8; DATA_CHUNK] = [0; DATA_CHUNK];
 
 /// One connection's probes: at most one at a time, within a byte budget an hour.
 #[derive(Debug)]
-pub struct ProbeGate {
+pub(crate) struct ProbeGate {
     state: Mutex<(ProbeBudget, bool)>,
 }
 
 /// Why a [`ProbeGate`] did not admit a probe; the text of the `busy` reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ProbeBusy {
+pub(crate) enum ProbeBusy {
     /// The connection's previous probe has not finished.
     #[error("another probe is in progress on this connection")]
     InProgress,
@@ -62,7 +62,7 @@ pub enum ProbeBusy {
 
 /// A probe admitted by a [`ProbeGate`]; the next may start once it is dropped.
 #[derive(Debug)]
-pub struct ProbeSlot<'a>(&'a ProbeGate);
+pub(crate) struct ProbeSlot<'a>(&'a ProbeGate);
 
 impl Drop for ProbeSlot<'_> {
     fn drop(&mut self) {
@@ -70,37 +70,9 @@ impl Drop for ProbeSlot<'_> {
     }
 }
 
-/// Why a probe was refused `busy`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ProbeRefusal {
-    /// Another probe is in progress on this connection.
-    #[error("another probe is in progress on this connection")]
-    InProgress,
-    /// The budget holds fewer bytes than asked for now.
-    #[error("this connection's probe budget ({per_hour} bytes an hour, daemon.toml probe_budget) has {available} bytes left, fewer than the {bytes} asked for; they are there in {wait_s}s")]
-    Spent {
-        /// The budget, bytes an hour.
-        per_hour: u64,
-        /// Bytes left now.
-        available: u64,
-        /// Bytes asked for.
-        bytes: u64,
-        /// Whole seconds until they are there.
-        wait_s: u64,
-    },
-    /// More bytes than the whole budget: they are never there.
-    #[error("the {bytes} bytes asked for are more than this daemon's probe budget of {per_hour} bytes an hour (daemon.toml probe_budget)")]
-    OverBudget {
-        /// Bytes asked for.
-        bytes: u64,
-        /// The budget, bytes an hour.
-        per_hour: u64,
-    },
-}
-
 impl ProbeGate {
     /// A gate allowing `per_hour` probe bytes (both directions), full at `now`.
-    pub fn new(per_hour: u64, now: Instant) -> Self {
+    pub(crate) fn new(per_hour: u64, now: Instant) -> Self {
         Self {
             state: Mutex::new((ProbeBudget::new(per_hour, now), false)),
         }
@@ -108,7 +80,7 @@ impl ProbeGate {
 
     /// Admits a probe moving `bytes` (up and down together) at `now`, taking them from
     /// the budget; or says why not, for a `busy` reply.
-    pub fn admit(&self, bytes: u64, now: Instant) -> Result<ProbeSlot<'_>, ProbeBusy> {
+    pub(crate) fn admit(&self, bytes: u64, now: Instant) -> Result<ProbeSlot<'_>, ProbeBusy> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let (budget, active) = &mut *state;
         if *active {
@@ -133,7 +105,7 @@ impl ProbeGate {
 
 /// Serves a probe stream whose first frame, `frame`, was a Probe: checks it, receives
 /// and times the upload, answers, sends the download and finishes.
-pub async fn serve(
+pub(crate) async fn serve(
     mut send: quinn::SendStream,
     reader: FrameReader<quinn::RecvStream>,
     frame: &Frame,

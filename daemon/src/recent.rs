@@ -20,23 +20,23 @@ use updraft_shared::tls::AuthenticatedPeer;
 /// Default for `[dedup] remember`: how long a finished result is kept. Agents retry
 /// within their reconnect backoff (30 s at most) or when a restarted board replays its
 /// journal, which takes minutes, not hours; ten minutes covers both with room to spare.
-pub const DEFAULT_REMEMBER: Duration = Duration::from_secs(10 * 60);
+pub(crate) const DEFAULT_REMEMBER: Duration = Duration::from_secs(10 * 60);
 /// Default for `[dedup] max_entries`: about 16 tasks a second for the whole
 /// `remember` window. An entry without output costs a few hundred bytes, so the
 /// table itself stays in the low megabytes.
-pub const DEFAULT_MAX_ENTRIES: usize = 10_000;
+pub(crate) const DEFAULT_MAX_ENTRIES: usize = 10_000;
 /// Default for `[dedup] max_result`: 1 MiB holds the typical result (a digest, a
 /// thumbnail, a batch of readings); a bigger output is cheaper to compute again than
 /// to hold for every task.
-pub const DEFAULT_MAX_RESULT: u64 = 1 << 20;
+pub(crate) const DEFAULT_MAX_RESULT: u64 = 1 << 20;
 /// Default for `[dedup] max_memory`: 64 MiB bounds what the memory adds to the
 /// daemon's resident size: 64 full-size results, or thousands of small ones.
-pub const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
+pub(crate) const DEFAULT_MAX_MEMORY: u64 = 64 << 20;
 /// Default for `[dedup] hold_input`: an input up to 1 MiB is received whole before
 /// its task starts, so a link cut during the upload leaves nothing run and the retry
 /// runs the task once. Waiting costs little at that size; a bigger input streams into
 /// the task as it arrives, as the fastest path for bulk data.
-pub const DEFAULT_HOLD_INPUT: u64 = 1 << 20;
+pub(crate) const DEFAULT_HOLD_INPUT: u64 = 1 << 20;
 
 /// The bounds of the memory (`[dedup]` in `daemon.toml`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +67,7 @@ impl Default for DedupLimits {
 
 /// Whose task: the agent named by its verified certificate, and the id it chose.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TaskKey {
+pub(crate) struct TaskKey {
     agent: String,
     id: String,
 }
@@ -75,7 +75,7 @@ pub struct TaskKey {
 impl TaskKey {
     /// The key of task `id` sent by `peer`. Only the TLS layer makes peers, so a key
     /// always names an agent that proved who it is.
-    pub fn new(peer: &AuthenticatedPeer, id: &str) -> Self {
+    pub(crate) fn new(peer: &AuthenticatedPeer, id: &str) -> Self {
         Self {
             agent: peer.agent_id().to_string(),
             id: id.to_string(),
@@ -93,7 +93,7 @@ impl TaskKey {
 
 /// A finished run as a retry receives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
+pub(crate) struct Record {
     /// The whole output, sent again as data frames.
     pub output: Bytes,
     /// The first run's trailer, sent again as it was.
@@ -109,7 +109,7 @@ impl Record {
 
 /// How a run that others waited for ended.
 #[derive(Debug, Clone)]
-pub enum Settled {
+pub(crate) enum Settled {
     /// It finished and its result was kept.
     Kept(Arc<Record>),
     /// It finished, but its output was over `max_result` and was not kept.
@@ -120,7 +120,7 @@ pub enum Settled {
 
 /// What the memory says about a task id.
 #[derive(Debug)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// Unknown (or its output was not kept): run it; the claim records the outcome.
     Run {
         /// Settles the entry; dropping it unsettled forgets the id.
@@ -143,11 +143,11 @@ pub enum Lookup {
 
 /// Waits for a running entry to settle.
 #[derive(Debug)]
-pub struct Waiter(watch::Receiver<Option<Settled>>);
+pub(crate) struct Waiter(watch::Receiver<Option<Settled>>);
 
 impl Waiter {
     /// How the run ended; a run whose handler vanished counts as forgotten.
-    pub async fn settled(mut self) -> Settled {
+    pub(crate) async fn settled(mut self) -> Settled {
         match self.0.wait_for(Option::is_some).await {
             Ok(s) => s.clone().unwrap_or(Settled::Forgotten),
             Err(_) => Settled::Forgotten,
@@ -157,7 +157,7 @@ impl Waiter {
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// Tasks run (a slot was taken and the task started).
     pub runs: AtomicU64,
     /// Retries answered from memory (a kept result, or a run in progress joined).
@@ -166,19 +166,19 @@ pub struct Counters {
 
 impl Counters {
     /// Counts one run.
-    pub fn run(&self) {
+    pub(crate) fn run(&self) {
         self.runs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one retry answered from memory.
-    pub fn hit(&self) {
+    pub(crate) fn hit(&self) {
         self.dedup_hits.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 /// How full the memory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryUsage {
+pub(crate) struct MemoryUsage {
     /// Entries, running and finished.
     pub entries: usize,
     /// Bytes held by kept results.
@@ -187,7 +187,7 @@ pub struct MemoryUsage {
 
 /// The memory: a table behind a lock, shared by every task handler.
 #[derive(Debug)]
-pub struct Recent {
+pub(crate) struct Recent {
     limits: DedupLimits,
     table: Mutex<Table>,
     counters: Counters,
@@ -275,7 +275,7 @@ impl Table {
 
 impl Recent {
     /// An empty memory with these bounds.
-    pub fn new(limits: DedupLimits) -> Arc<Self> {
+    pub(crate) fn new(limits: DedupLimits) -> Arc<Self> {
         Arc::new(Self {
             limits,
             table: Mutex::new(Table::default()),
@@ -283,18 +283,13 @@ impl Recent {
         })
     }
 
-    /// The bounds.
-    pub fn limits(&self) -> &DedupLimits {
-        &self.limits
-    }
-
     /// Run and hit counters.
-    pub fn counters(&self) -> &Counters {
+    pub(crate) fn counters(&self) -> &Counters {
         &self.counters
     }
 
     /// Entries and bytes held now.
-    pub fn usage(&self) -> MemoryUsage {
+    pub(crate) fn usage(&self) -> MemoryUsage {
         let t = self.lock();
         MemoryUsage {
             entries: t.entries.len(),
@@ -310,7 +305,7 @@ impl Recent {
 
     /// What to do with task `key` asking for `task` with `args`. `Run` claims the id:
     /// until the claim settles, retries of it wait.
-    pub fn lookup(
+    pub(crate) fn lookup(
         self: &Arc<Self>,
         key: TaskKey,
         task: &str,
@@ -441,7 +436,7 @@ impl Recent {
 /// run that was refused, failed inside the daemon or lost its handler is never
 /// remembered.
 #[derive(Debug)]
-pub struct Claim {
+pub(crate) struct Claim {
     recent: Arc<Recent>,
     key: TaskKey,
     generation: u64,
@@ -450,17 +445,17 @@ pub struct Claim {
 
 impl Claim {
     /// Most output bytes a record may hold.
-    pub fn max_result(&self) -> u64 {
+    pub(crate) fn max_result(&self) -> u64 {
         self.recent.limits.max_result
     }
 
     /// Largest input this run receives whole before it starts.
-    pub fn hold_input(&self) -> u64 {
+    pub(crate) fn hold_input(&self) -> u64 {
         self.recent.limits.hold_input
     }
 
     /// True while a retry of this id waits for this run's result.
-    pub fn has_waiters(&self) -> bool {
+    pub(crate) fn has_waiters(&self) -> bool {
         let t = self.recent.lock();
         match t.entries.get(&self.key) {
             Some(Entry {
@@ -473,7 +468,7 @@ impl Claim {
     }
 
     /// Keeps the run's result for retries and hands it to those waiting.
-    pub fn keep(mut self, record: Record, now: Instant) {
+    pub(crate) fn keep(mut self, record: Record, now: Instant) {
         self.settled = true;
         let outcome = if record.output.len() as u64 > self.max_result() {
             Err(record.output.len() as u64)
@@ -486,7 +481,7 @@ impl Claim {
 
     /// Notes that the run finished with `output_bytes` of output, too many to keep:
     /// a retry runs the task again.
-    pub fn too_large(mut self, output_bytes: u64, now: Instant) {
+    pub(crate) fn too_large(mut self, output_bytes: u64, now: Instant) {
         self.settled = true;
         self.recent
             .settle(&self.key, self.generation, Some(Err(output_bytes)), now);

@@ -13,7 +13,7 @@ use updraft_shared::catalog::Catalog;
 use updraft_shared::tls::{fingerprint, Identity};
 
 /// A configuration that loaded whole, ready to be swapped in.
-pub struct Reloaded {
+pub(crate) struct Reloaded {
     /// The new configuration.
     pub config: DaemonConfig,
     /// The quinn server config built from it, for new connections.
@@ -34,7 +34,7 @@ impl std::fmt::Debug for Reloaded {
 /// the file and key, and returns `None`: the daemon keeps what it has. On success logs
 /// what changed against `live` and `live_identity` (what is in effect) and, for keys
 /// only a restart applies, against `started` (the configuration the daemon started with).
-pub fn load(
+pub(crate) fn load(
     live: &DaemonConfig,
     live_identity: Option<&Identity>,
     started: &DaemonConfig,
@@ -99,7 +99,7 @@ pub fn load(
 }
 
 /// "tasks added: a, b", "tasks removed: c", "tasks changed: d".
-pub fn catalog_changes(old: &Catalog, new: &Catalog) -> Vec<String> {
+pub(crate) fn catalog_changes(old: &Catalog, new: &Catalog) -> Vec<String> {
     let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
     for name in new.names() {
         match old.get(name) {
@@ -131,7 +131,7 @@ fn tls_changes(old: &Identity, new: &Identity) -> Vec<String> {
 }
 
 /// The keys whose new value only a restart applies.
-pub fn needs_restart(started: &DaemonConfig, new: &DaemonConfig) -> Vec<&'static str> {
+pub(crate) fn needs_restart(started: &DaemonConfig, new: &DaemonConfig) -> Vec<&'static str> {
     let mut keys = Vec::new();
     let mut check = |key, changed: bool| {
         if changed {

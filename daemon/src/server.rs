@@ -21,7 +21,7 @@ use updraft_shared::wire::write_frame;
 
 /// How long a new stream may take to deliver its request header. A peer that opens
 /// streams and sends nothing must not pin handlers forever.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// QUIC keep-alive from the daemon side: well inside the default `idle_timeout` (30s)
 /// and common NAT UDP timeouts (30s and up), so a quiet agent's connection stays up;
 /// agents usually ping more often.
@@ -76,7 +76,7 @@ pub fn server_config(config: &DaemonConfig) -> Result<quinn::ServerConfig, Serve
 }
 
 /// Like [`server_config`] from identity material already in memory (demo, tests).
-pub fn server_config_from(
+pub(crate) fn server_config_from(
     identity: &Identity,
     config: &DaemonConfig,
 ) -> Result<quinn::ServerConfig, ServerError> {

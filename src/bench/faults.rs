@@ -824,8 +824,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 /// `bench-faults-daemon`: `updraftd serve` on a config the benchmark wrote.
 pub async fn serve_daemon(config: &Path) -> anyhow::Result<()> {
     let config = updraft_daemon::config::DaemonConfig::load(config)?;
-    let endpoint = updraft_daemon::server::bind(&config)?;
-    updraft_daemon::server::run(config, endpoint, updraft_shared::shutdown::terminated()).await?;
+    let endpoint = updraft_daemon::bind(&config)?;
+    updraft_daemon::run(config, endpoint, updraft_shared::shutdown::terminated()).await?;
     Ok(())
 }
 

@@ -813,7 +813,7 @@ fn calibrate() -> u64 {
 /// or end of input, and drains.
 pub async fn serve_cloud(config: &Path) -> anyhow::Result<()> {
     let config = updraft_daemon::config::DaemonConfig::load(config)?;
-    let endpoint = updraft_daemon::server::bind(&config)?;
+    let endpoint = updraft_daemon::bind(&config)?;
     let daemon_addr = endpoint.local_addr()?;
     let relay = Relay::start(
         "127.0.0.1:0".parse()?,
@@ -822,7 +822,7 @@ pub async fn serve_cloud(config: &Path) -> anyhow::Result<()> {
         RELAY_SEED,
     )?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let daemon = tokio::spawn(updraft_daemon::server::run(config, endpoint, async move {
+    let daemon = tokio::spawn(updraft_daemon::run(config, endpoint, async move {
         let _ = stopped.await;
     }));
     let mut out = std::io::stdout();
