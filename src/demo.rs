@@ -1744,7 +1744,7 @@ mod tests {
 
     #[test]
     fn the_policy_parses_with_its_rules_in_order() {
-        let p = updraft_shared::policy::rules::parse(&policy_toml(), Path::new("policy.toml"))
+        let p = updraft_proto::policy::rules::parse(&policy_toml(), Path::new("policy.toml"))
             .unwrap_or_else(|e| panic!("{e}"));
         let names: Vec<&str> = p.rules().iter().map(|r| &*r.name).collect();
         assert_eq!(names, [PRIVATE_RULE, BATTERY_RULE, SLOW_RULE, BUSY_RULE]);

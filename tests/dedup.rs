@@ -10,7 +10,7 @@ use common::wire::*;
 use common::*;
 use std::path::PathBuf;
 use std::time::Duration;
-use updraft_shared::protocol::{ErrorCode, ReplyHeader, Trailer};
+use updraft_proto::{ErrorCode, ReplyHeader, Trailer};
 use updraft_shared::wire::FrameReader;
 
 /// Longest any single wait in these tests may take before it counts as a hang.

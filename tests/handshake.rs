@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use updraft_shared::protocol::{ReplyHeader, RequestHeader};
+use updraft_proto::{ReplyHeader, RequestHeader};
 
 /// A client certificate: chain + key.
 type ClientCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
@@ -64,7 +64,7 @@ fn client_config(dir: &Path, cert: Option<ClientCert>) -> quinn::ClientConfig {
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![updraft_shared::protocol::ALPN.to_vec()];
+    tls.alpn_protocols = vec![updraft_proto::ALPN.to_vec()];
     quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ))
@@ -75,7 +75,7 @@ fn client_config(dir: &Path, cert: Option<ClientCert>) -> quinn::ClientConfig {
 async fn exchange(
     conn: &quinn::Connection,
     request: &[u8],
-) -> Result<updraft_shared::protocol::Frame, String> {
+) -> Result<updraft_proto::Frame, String> {
     let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(request).await.map_err(|e| e.to_string())?;
     let _ = send.finish();
@@ -200,7 +200,7 @@ async fn refused_identities_and_oversized_headers_leave_everyone_else_served() {
     let frame = exchange(&conn, &huge).await.unwrap();
     match ReplyHeader::from_frame(&frame).unwrap() {
         ReplyHeader::Rejected { code, message } => {
-            assert_eq!(code, updraft_shared::protocol::ErrorCode::BadRequest);
+            assert_eq!(code, updraft_proto::ErrorCode::BadRequest);
             assert!(message.contains("limit"), "{message}");
         }
         other => panic!("oversized header accepted: {other:?}"),

@@ -10,7 +10,7 @@ use common::wire::*;
 use common::*;
 use std::time::Duration;
 use updraft_agent::{probe, ProbeError};
-use updraft_shared::protocol::{
+use updraft_proto::{
     ErrorCode, Frame, FrameKind, LoadReport, ProbeReply, ProbeRequest, ReplyHeader,
     MAX_PROBE_BYTES, STOP_INPUT,
 };

@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use common::*;
 use std::path::Path;
 use std::time::Duration;
-use updraft_shared::protocol::{
+use updraft_proto::{
     ErrorCode, Frame, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
 };
 use updraft_shared::wire::FrameReader;
@@ -289,7 +289,7 @@ async fn closed_with(conn: &quinn::Connection, within: Duration) -> (u64, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enrollment_connection_is_answered_then_closed_on_the_documented_clock() {
-    use updraft_shared::protocol::{CertReply, CLOSE_OK, CLOSE_PROTOCOL};
+    use updraft_proto::{CertReply, CLOSE_OK, CLOSE_PROTOCOL};
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, addr) = start(dir.path());
     let ep = endpoint();

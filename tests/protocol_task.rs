@@ -11,7 +11,7 @@ use common::wire::*;
 use common::*;
 use std::io::Write;
 use std::time::{Duration, Instant};
-use updraft_shared::protocol::{
+use updraft_proto::{
     ErrorCode, LoadReport, ReplyHeader, RESET_ABANDONED, STOP_CANCELLED, STOP_INPUT,
 };
 use updraft_shared::wire::FrameReader;

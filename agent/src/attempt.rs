@@ -7,7 +7,7 @@ use crate::placement::{Placement, ReasonKind, Side};
 use crate::task::{TaskCode, TaskError};
 use crate::uplink::LinkStatus;
 use std::fmt;
-use updraft_shared::protocol::ErrorCode;
+use updraft_proto::ErrorCode;
 
 /// Retries of one task after its connection died mid-run, before it fails: enough to
 /// ride out a daemon dying and the next one failing over too, few enough that a task

@@ -155,7 +155,7 @@ pub fn policy_check(file: &std::path::Path) -> u8 {
             return EXIT_BAD_CONFIG;
         }
     };
-    match updraft_shared::policy::rules::parse(&text, file) {
+    match updraft_proto::policy::rules::parse(&text, file) {
         Ok(p) => {
             println!(
                 "{}: ok, {} rules, default {}",

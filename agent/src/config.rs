@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use updraft_proto::units::{ByteSize, HumanDuration};
 use updraft_shared::catalog::{Catalog, TaskFile};
 use updraft_shared::config::TlsFile;
 use updraft_shared::config::{ConfigError, Ranges};
-use updraft_shared::units::{ByteSize, HumanDuration};
 
 /// Where the agent looks for its config when none is given.
 pub const DEFAULT_CONFIG: &str = "/etc/updraft/agent.toml";
@@ -499,7 +499,7 @@ fn link_config(r: &Ranges, l: LinkFile) -> Result<LinkConfig, ConfigError> {
             l.probe_bytes,
             d.probe_bytes.into(),
             MIN_PROBE_BYTES,
-            updraft_shared::protocol::MAX_PROBE_BYTES.into(),
+            updraft_proto::MAX_PROBE_BYTES.into(),
         )? as u32,
     };
     let invalid = |key: &str, reason: &str| ConfigError::Invalid {

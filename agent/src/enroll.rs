@@ -16,8 +16,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
+use updraft_proto::{CertReply, CertRequest, ErrorCode, FrameKind};
 use updraft_shared::files;
-use updraft_shared::protocol::{CertReply, CertRequest, ErrorCode, FrameKind};
 use updraft_shared::tls::{self, Identity, PinnedCa, TlsError};
 use updraft_shared::wire::{write_frame, FrameReader, WireError};
 
@@ -68,7 +68,7 @@ pub(crate) enum RequestError {
     UnexpectedFrame(FrameKind),
     /// The daemon's answer is not a valid certificate reply: the peer misbehaved.
     #[error(transparent)]
-    Malformed(#[from] updraft_shared::protocol::DecodeError),
+    Malformed(#[from] updraft_proto::DecodeError),
     /// No answer within [`REPLY_TIMEOUT`].
     #[error("no answer from the daemon within {REPLY_TIMEOUT:?}")]
     TimedOut,
@@ -675,7 +675,7 @@ mod tests {
 
     #[test]
     fn messages_read_as_operators_have_always_read_them() {
-        use updraft_shared::protocol::DecodeError;
+        use updraft_proto::DecodeError;
         let wire = || WireError::PeerMisbehaved(DecodeError::UnknownKind(9));
         // A renewal's failure is told with all its causes.
         assert_eq!(

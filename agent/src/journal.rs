@@ -81,7 +81,7 @@ pub(crate) const COPY_CHUNK: usize = 64 * 1024;
 
 /// Chunk size of [`JournalInput`]: one protocol data frame, so input offloaded from the
 /// journal goes out without being cut up again.
-pub(crate) const INPUT_CHUNK: usize = updraft_shared::protocol::frame::DATA_CHUNK;
+pub(crate) const INPUT_CHUNK: usize = updraft_proto::frame::DATA_CHUNK;
 
 /// Largest input or output one row can hold: SQLite's default `SQLITE_MAX_LENGTH`
 /// (the bundled library's limit on any single value).

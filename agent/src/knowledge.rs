@@ -16,12 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
+use updraft_proto::policy::cost::{self, CloudRun, Conditions, CostModel, LocalRun};
+use updraft_proto::policy::link::{LinkEstimate, Rate};
+use updraft_proto::policy::{Signals, TaskInfo};
+use updraft_proto::Trailer;
 use updraft_shared::catalog::TaskSpec;
 use updraft_shared::exec::Load;
-use updraft_shared::policy::cost::{self, CloudRun, Conditions, CostModel, LocalRun};
-use updraft_shared::policy::link::{LinkEstimate, Rate};
-use updraft_shared::policy::{Signals, TaskInfo};
-use updraft_shared::protocol::Trailer;
 
 /// File in `state_dir` holding the cost model's estimates.
 pub(crate) const ESTIMATES_FILE: &str = "estimates.json";
@@ -242,7 +242,7 @@ impl Knowledge {
         input_bytes: Option<u64>,
     ) -> Decided {
         let now = Instant::now();
-        if input_bytes.is_some_and(|b| b >= updraft_shared::policy::link::MIN_SAMPLE_BYTES) {
+        if input_bytes.is_some_and(|b| b >= updraft_proto::policy::link::MIN_SAMPLE_BYTES) {
             *self.data_heavy.lock().expect("data-heavy lock") = Some(now);
         }
         let signals = self.signals(chosen, local, input_bytes);
@@ -307,9 +307,9 @@ impl Knowledge {
                     bandwidth_sd: match (link.up, link.down) {
                         (Some(u), Some(d)) => u.sd.max(d.sd),
                         (Some(r), None) | (None, Some(r)) => {
-                            r.sd.max(updraft_shared::policy::link::PRIOR_SD)
+                            r.sd.max(updraft_proto::policy::link::PRIOR_SD)
                         }
-                        (None, None) => updraft_shared::policy::link::PRIOR_SD,
+                        (None, None) => updraft_proto::policy::link::PRIOR_SD,
                     },
                     link_probing,
                     cloud_queue_wait: chosen.map_or(Duration::ZERO, |c| {

@@ -2,10 +2,10 @@
 //! in; a side and a reason an operator can read come out. Every placement decision
 //! the agent makes passes through [`decide`].
 
+use updraft_proto::policy::cost::Prediction;
+use updraft_proto::policy::eval::Verdict;
+use updraft_proto::policy::Place;
 use updraft_shared::catalog::{Offload, TaskSpec};
-use updraft_shared::policy::cost::Prediction;
-use updraft_shared::policy::eval::Verdict;
-use updraft_shared::policy::Place;
 
 /// Where a run was asked to go (`--where`, `where=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -33,7 +33,7 @@ impl std::str::FromStr for Where {
 
 /// The two sides: the cost model's own type, so a prediction and a placement speak
 /// the same language.
-pub(crate) use updraft_shared::policy::cost::Side;
+pub(crate) use updraft_proto::policy::cost::Side;
 
 /// What decided, for metrics: one label value per kind of reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -220,8 +220,8 @@ pub(crate) fn decide(
 mod tests {
     use super::*;
     use std::time::Duration;
+    use updraft_proto::policy::cost::Cost;
     use updraft_shared::catalog::{Catalog, TaskFile};
-    use updraft_shared::policy::cost::Cost;
 
     fn spec(offload: Offload) -> TaskSpec {
         let f = TaskFile {

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
-use updraft_shared::policy::eval::{Evaluator, Verdict};
-use updraft_shared::policy::rules::{self, Policy};
-use updraft_shared::policy::{Signals, TaskInfo};
+use updraft_proto::policy::eval::{Evaluator, Verdict};
+use updraft_proto::policy::rules::{self, Policy};
+use updraft_proto::policy::{Signals, TaskInfo};
 
 /// What `status` shows about the policy.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -156,7 +156,7 @@ impl PolicyHolder {
     }
 
     /// The `[auto]` coefficients in force.
-    pub fn auto_params(&self) -> updraft_shared::policy::rules::AutoParams {
+    pub fn auto_params(&self) -> updraft_proto::policy::rules::AutoParams {
         self.evaluator
             .lock()
             .expect("policy lock")

@@ -5,12 +5,10 @@
 //! is false.
 
 use std::time::{Duration, Instant};
-pub(crate) use updraft_shared::probe::ProbeBudget;
-use updraft_shared::probe::{Arrivals, Measured};
-use updraft_shared::protocol::frame::DATA_CHUNK;
-use updraft_shared::protocol::{
-    ErrorCode, FrameKind, ProbeReply, ProbeRequest, ReplyHeader, RESET_ABANDONED,
-};
+use updraft_proto::frame::DATA_CHUNK;
+pub(crate) use updraft_proto::probe::ProbeBudget;
+use updraft_proto::probe::{Arrivals, Measured};
+use updraft_proto::{ErrorCode, FrameKind, ProbeReply, ProbeRequest, ReplyHeader, RESET_ABANDONED};
 use updraft_shared::wire::{write_frame, FrameReader, WireError};
 
 /// Longest one probe may take, from opening its stream to the last downloaded byte.
@@ -87,7 +85,7 @@ pub enum ProbeError {
         /// Its reason.
         message: String,
     },
-    /// The probe was not sent as asked (over [`updraft_shared::protocol::MAX_PROBE_BYTES`]),
+    /// The probe was not sent as asked (over [`updraft_proto::MAX_PROBE_BYTES`]),
     /// the stream or connection failed, the daemon misbehaved, or the probe took longer
     /// than [`PROBE_TIMEOUT`].
     #[error("link probe failed: {0}")]
@@ -253,7 +251,7 @@ async fn receive_download(
 mod tests {
     use super::*;
     use bytes::BytesMut;
-    use updraft_shared::protocol::Frame;
+    use updraft_proto::Frame;
 
     async fn reply_to(frames: &[Frame]) -> Result<ProbeReply, ProbeError> {
         let mut buf = BytesMut::new();

@@ -23,10 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
+use updraft_proto::RequestHeader;
 use updraft_shared::catalog::{AdmittedTask, Caller, Catalog};
 use updraft_shared::exec::{Executor, Input};
 use updraft_shared::metrics;
-use updraft_shared::protocol::RequestHeader;
 use updraft_shared::tls::Identity;
 
 /// The journal of detached tasks, in `state_dir`.

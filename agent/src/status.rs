@@ -248,8 +248,8 @@ pub(crate) fn task_json(r: &TaskRow) -> serde_json::Value {
 }
 
 /// Signals as JSON for `status` and `explain` (absent ones as null).
-pub(crate) fn signals_json(s: &updraft_shared::policy::Signals) -> serde_json::Value {
-    use updraft_shared::policy::{Signal, Value};
+pub(crate) fn signals_json(s: &updraft_proto::policy::Signals) -> serde_json::Value {
+    use updraft_proto::policy::{Signal, Value};
     let mut m = serde_json::Map::new();
     for sig in Signal::ALL {
         let v = match s.get(sig) {

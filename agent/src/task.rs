@@ -5,7 +5,7 @@
 
 use crate::placement::{ReasonKind, Side, Where};
 use crate::spool::Spool;
-use updraft_shared::protocol::ErrorCode;
+use updraft_proto::ErrorCode;
 
 /// A request to run a task.
 #[derive(Debug, Clone, Default)]

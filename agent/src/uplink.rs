@@ -13,11 +13,11 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use updraft_shared::exec::{Input, Output};
-use updraft_shared::protocol::{
+use updraft_proto::{
     ErrorCode, Frame, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
     RESET_ABANDONED, RESET_CANCELLED, STOP_CANCELLED,
 };
+use updraft_shared::exec::{Input, Output};
 use updraft_shared::tls::{Identity, TlsError};
 use updraft_shared::wire::{write_frame, FrameReader, WireError};
 

@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use updraft_proto::units::{ByteSize, HumanDuration};
 use updraft_shared::catalog::{Catalog, TaskFile, TaskKind};
 use updraft_shared::config::ConfigError;
 use updraft_shared::config::TlsFile;
 use updraft_shared::exec::DEFAULT_PATH;
 use updraft_shared::tls::{Identity, TlsError};
-use updraft_shared::units::{ByteSize, HumanDuration};
 
 use crate::recent::{
     DedupLimits, DEFAULT_HOLD_INPUT, DEFAULT_MAX_ENTRIES, DEFAULT_MAX_MEMORY, DEFAULT_MAX_RESULT,

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
-use updraft_shared::protocol::msg::bounded_message;
-use updraft_shared::protocol::{CertReply, CertRequest, ErrorCode, Frame, FrameKind};
+use updraft_proto::msg::bounded_message;
+use updraft_proto::{CertReply, CertRequest, ErrorCode, Frame, FrameKind};
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::{write_frame, FrameReader};
 
@@ -553,7 +553,7 @@ pub(crate) async fn send_reply(
     mut recv: quinn::RecvStream,
     reply: &CertReply,
 ) {
-    let _ = recv.stop(updraft_shared::protocol::STOP_INPUT.into());
+    let _ = recv.stop(updraft_proto::STOP_INPUT.into());
     let _ = write_frame(send, &reply.to_frame()).await;
     let _ = send.finish();
 }
@@ -571,7 +571,7 @@ pub(crate) async fn serve_connection(conn: quinn::Connection, enroller: std::syn
         }
         _ => {
             conn.close(
-                updraft_shared::protocol::CLOSE_PROTOCOL.into(),
+                updraft_proto::CLOSE_PROTOCOL.into(),
                 b"no enrollment request",
             );
             return;
@@ -583,10 +583,7 @@ pub(crate) async fn serve_connection(conn: quinn::Connection, enroller: std::syn
         .await
         .is_err()
     {
-        conn.close(
-            updraft_shared::protocol::CLOSE_OK.into(),
-            b"enrollment answered",
-        );
+        conn.close(updraft_proto::CLOSE_OK.into(), b"enrollment answered");
     }
 }
 

@@ -8,10 +8,10 @@ use bytes::Bytes;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
-use updraft_shared::probe::{Arrivals, Measured, ProbeBudget};
-use updraft_shared::protocol::frame::DATA_CHUNK;
-use updraft_shared::protocol::msg::bounded_message;
-use updraft_shared::protocol::{ErrorCode, Frame, ProbeReply, ProbeRequest, STOP_INPUT};
+use updraft_proto::frame::DATA_CHUNK;
+use updraft_proto::msg::bounded_message;
+use updraft_proto::probe::{Arrivals, Measured, ProbeBudget};
+use updraft_proto::{ErrorCode, Frame, ProbeReply, ProbeRequest, STOP_INPUT};
 use updraft_shared::wire::{write_frame, FrameReader};
 
 /// Longest a probe may take to arrive, and then to be sent back: 1 MiB at about

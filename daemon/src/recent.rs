@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use updraft_shared::protocol::Trailer;
+use updraft_proto::Trailer;
 use updraft_shared::tls::AuthenticatedPeer;
 
 /// Default for `[dedup] remember`: how long a finished result is kept. Agents retry
@@ -500,7 +500,7 @@ impl Drop for Claim {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use updraft_shared::protocol::Timings;
+    use updraft_proto::Timings;
 
     fn limits() -> DedupLimits {
         DedupLimits {

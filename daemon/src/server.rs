@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+use updraft_proto::{LoadReport, CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN};
 use updraft_shared::config::ConfigError;
-use updraft_shared::protocol::{LoadReport, CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN};
 use updraft_shared::tls::{AuthenticatedPeer, Identity, TlsError};
 use updraft_shared::wire::write_frame;
 

@@ -6,7 +6,7 @@ use crate::probe::ProbeGate;
 use crate::server::HEADER_TIMEOUT;
 use crate::state::Shared;
 use crate::task;
-use updraft_shared::protocol::{ErrorCode, FrameKind, STOP_INPUT};
+use updraft_proto::{ErrorCode, FrameKind, STOP_INPUT};
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::FrameReader;
 

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tee::{HeldInput, TeeOutput, Teed, WatchedInput};
 use tracing::{debug, info, warn};
-use updraft_shared::catalog::{AdmittedTask, Caller, Refusal};
-use updraft_shared::exec::{ExecError, Executor, Outcome, Output, Reservation, Upload};
-use updraft_shared::protocol::msg::{bounded_message, bounded_tail, HeaderError};
-use updraft_shared::protocol::{
+use updraft_proto::msg::{bounded_message, bounded_tail, HeaderError};
+use updraft_proto::{
     ErrorCode, Frame, ReplyHeader, RequestHeader, Timings, Trailer, STOP_CANCELLED, STOP_INPUT,
 };
+use updraft_shared::catalog::{AdmittedTask, Caller, Refusal};
+use updraft_shared::exec::{ExecError, Executor, Outcome, Output, Reservation, Upload};
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::{write_frame, DataFrameOutput, FrameReader, StreamInput, WireError};
 

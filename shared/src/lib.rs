@@ -1,7 +1,7 @@
-//! `updraft-shared`: everything the agent and the daemon agree on.
+//! `updraft-shared`: the IO both services need. The pure core they agree on (wire
+//! format, task specs, placement policy and cost model, probe budget, units) is the crate
+//! below this one, `updraft-proto`.
 //!
-//! - [`protocol`], [`policy`], [`probe`], [`units`]: re-exports of the pure core in
-//!   `updraft-proto` (wire format, placement policy and cost model, probe budget, units).
 //! - [`wire`]: the thin async adapter that reads those frames off a QUIC stream.
 //! - [`catalog`]: task specs from config, validated; the only place an
 //!   [`catalog::AdmittedTask`] can be built.
@@ -28,8 +28,3 @@ pub mod notify;
 pub mod shutdown;
 pub mod tls;
 pub mod wire;
-
-// The pure core lives in `updraft-proto`; these paths keep callers that name it through
-// this crate compiling.
-pub use updraft_proto as protocol;
-pub use updraft_proto::{policy, probe, units};

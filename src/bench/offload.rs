@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use updraft_agent::config::{CloudTarget, LinkConfig};
 use updraft_agent::{offload, OnDrop, Replay, Uplink};
-use updraft_shared::protocol::RequestHeader;
+use updraft_proto::RequestHeader;
 
 use crate::harness::{self, Pki};
 

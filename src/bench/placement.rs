@@ -61,10 +61,10 @@ use updraft_agent::client::{body_bytes, Client, RunRequest};
 use updraft_agent::ChannelBody;
 use updraft_agent::Where;
 use updraft_linkem::{LinkParams, Relay, Reply};
+use updraft_proto::policy::cost::{CloudRun, Conditions, CostModel, CostParams, LocalRun};
+use updraft_proto::policy::eval::Evaluator;
+use updraft_proto::policy::{rules, Place, Signals, TaskInfo};
 use updraft_shared::exec::Load;
-use updraft_shared::policy::cost::{CloudRun, Conditions, CostModel, CostParams, LocalRun};
-use updraft_shared::policy::eval::Evaluator;
-use updraft_shared::policy::{rules, Place, Signals, TaskInfo};
 
 use crate::harness::{self, AgentHandle, Pki};
 

@@ -7,7 +7,7 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use updraft_shared::protocol::{Frame, FrameKind, ReplyHeader, RequestHeader, Trailer};
+use updraft_proto::{Frame, FrameKind, ReplyHeader, RequestHeader, Trailer};
 use updraft_shared::wire::FrameReader;
 
 /// A client config for `updraft/1` with a fresh certificate naming agent `cn`, signed
@@ -35,7 +35,7 @@ pub fn client_config(dir: &Path, cn: &str) -> quinn::ClientConfig {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         )
         .unwrap();
-    tls.alpn_protocols = vec![updraft_shared::protocol::ALPN.to_vec()];
+    tls.alpn_protocols = vec![updraft_proto::ALPN.to_vec()];
     quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ))

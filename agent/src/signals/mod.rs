@@ -1,7 +1,7 @@
 //! Samplers for the live signals placement uses: the board (CPU, load, memory,
 //! temperature from sysinfo; battery and AC from power_supply). The link's RTT is the
 //! QUIC connection's; its throughput is estimated from real transfers (see
-//! `updraft_shared::policy::link` and [`crate::knowledge`]), never from an idle
+//! `updraft_proto::policy::link` and [`crate::knowledge`]), never from an idle
 //! connection's congestion window.
 //!
 //! Sampling runs on one cheap timer (default 1 s); decisions read the latest snapshot.
