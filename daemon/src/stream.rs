@@ -34,7 +34,7 @@ pub(crate) async fn serve(
             _ => task::serve(send, reader, &frame, peer, shared).await,
         },
         Ok(Ok(None)) => {}
-        Ok(Err(e)) => task::refuse_header(send, reader, agent, e.into()).await,
+        Ok(Err(e)) => task::refuse_header(send, reader, agent, e).await,
         Err(_) => {
             let (mut recv, _) = reader.into_parts();
             let _ = recv.stop(STOP_INPUT.into());

@@ -19,9 +19,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tee::{HeldInput, TeeOutput, Teed, WatchedInput};
 use tracing::{debug, info, warn};
-use updraft_proto::msg::{bounded_message, bounded_tail, HeaderError};
+use updraft_proto::msg::{bounded_message, bounded_tail};
 use updraft_proto::{
-    ErrorCode, Frame, ReplyHeader, RequestHeader, Timings, Trailer, STOP_CANCELLED, STOP_INPUT,
+    DecodeError, ErrorCode, Frame, ReplyHeader, RequestHeader, Timings, Trailer, STOP_CANCELLED,
+    STOP_INPUT,
 };
 use updraft_shared::catalog::{AdmittedTask, Caller, Refusal};
 use updraft_shared::exec::{ExecError, Executor, Outcome, Output, Reservation, Upload};
@@ -83,23 +84,11 @@ struct Asked<'a> {
     input_len: Option<u64>,
 }
 
-/// Why a stream's request header was refused.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum BadHeader {
-    /// The first frame could not be read, or is not a request header.
-    #[error(transparent)]
-    Wire(#[from] WireError),
-    /// The header decoded, but a field breaks the protocol's rules: the peer
-    /// misbehaved. Its text follows `transport: `, as this refusal has always read
-    /// on the wire and in logs (agents and scripts may match it).
-    #[error("transport: {0}")]
-    Invalid(#[from] HeaderError),
-}
-
-/// Decodes and checks a request header.
-fn read_header(frame: &Frame) -> Result<RequestHeader, BadHeader> {
-    let header = RequestHeader::from_frame(frame).map_err(WireError::from)?;
-    header.validate()?;
+/// Decodes and checks a request header. A header that breaks a rule is the peer
+/// misbehaving, like a frame that does not decode.
+fn read_header(frame: &Frame) -> Result<RequestHeader, WireError> {
+    let header = RequestHeader::from_frame(frame)?;
+    header.validate().map_err(DecodeError::from)?;
     Ok(header)
 }
 
@@ -108,7 +97,7 @@ pub(crate) async fn refuse_header(
     mut send: quinn::SendStream,
     reader: FrameReader<quinn::RecvStream>,
     agent: &str,
-    e: BadHeader,
+    e: WireError,
 ) {
     warn!(agent, error = %e, "peer misbehaved: bad request header; task refused");
     let (mut recv, _) = reader.into_parts();
@@ -752,6 +741,7 @@ fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
 mod tests {
     use super::*;
     use crate::recent::{DedupLimits, Recent};
+    use updraft_proto::msg::HeaderError;
     use updraft_shared::catalog::Catalog;
 
     /// A catalog with one task, `echo`, that takes at most 4 bytes of input.
@@ -783,7 +773,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_header_reads_as_it_always_did() {
+    fn a_bad_header_is_the_peer_misbehaving() {
         let header = RequestHeader {
             id: "../etc".into(),
             task: "echo".into(),
@@ -791,13 +781,16 @@ mod tests {
             input_len: None,
         };
         let e = read_header(&header.to_frame()).unwrap_err();
-        assert!(matches!(e, BadHeader::Invalid(HeaderError::IdCharacters)));
+        assert!(matches!(
+            e,
+            WireError::PeerMisbehaved(DecodeError::InvalidHeader(HeaderError::IdCharacters))
+        ));
         assert_eq!(
             e.to_string(),
-            "transport: task id may contain only letters, digits, '-' and '_'"
+            "peer misbehaved: task id may contain only letters, digits, '-' and '_'"
         );
         let e = read_header(&Trailer::default().to_frame()).unwrap_err();
-        assert!(matches!(e, BadHeader::Wire(WireError::PeerMisbehaved(_))));
+        assert!(matches!(e, WireError::PeerMisbehaved(_)));
         assert!(e.to_string().starts_with("peer misbehaved: "), "{e}");
     }
 

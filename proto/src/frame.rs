@@ -106,6 +106,9 @@ pub enum DecodeError {
         /// The parser's complaint.
         reason: String,
     },
+    /// A request header decoded but breaks one of the protocol's rules for its fields.
+    #[error("{0}")]
+    InvalidHeader(#[from] crate::msg::HeaderError),
     /// A frame of the wrong kind arrived for this point of the exchange.
     #[error("expected a {expected} frame, got {got:?}")]
     Unexpected {
