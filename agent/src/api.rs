@@ -11,7 +11,10 @@
 //! see [`serve`]).
 
 use crate::detached::detached_not_found;
-use crate::http::{header_text, parse_query, ApiIo, ChannelBody, RequestBody};
+use crate::http::{
+    header_text, parse_query, ApiIo, ChannelBody, RequestBody, H_ERROR_CODE, H_EXIT_CODE,
+    H_PLACEMENT, H_REASON, H_STDERR_TAIL, H_TASK_ID, MAX_HEADERS, MAX_HEAD_BYTES,
+};
 use crate::placement::Where;
 use crate::service::Agent;
 use crate::status::task_json;
@@ -24,19 +27,6 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 use updraft_shared::accept::accept_loop;
-
-/// Header: the task id.
-pub const H_TASK_ID: &str = "updraft-task-id";
-/// Header: `local` or `cloud`.
-pub const H_PLACEMENT: &str = "updraft-placement";
-/// Header: why it ran there.
-pub const H_REASON: &str = "updraft-reason";
-/// Header: the task's exit code.
-pub const H_EXIT_CODE: &str = "updraft-exit-code";
-/// Header: the task's stderr tail, as a JSON string literal (ASCII-escaped).
-pub const H_STDERR_TAIL: &str = "updraft-stderr-tail";
-/// Header on error replies: the error code.
-pub const H_ERROR_CODE: &str = "updraft-error-code";
 
 /// Most unread request body discarded before an early reply; beyond it the
 /// connection is simply closed. Reading costs no memory, only local socket time.
@@ -51,14 +41,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 type Reply = Response<ChannelBody>;
 
-/// Longest request head (request line and headers) accepted; hyper refuses a longer
-/// one with 431, which [`ApiIo`] turns into the JSON error every other refusal carries.
-pub(crate) const MAX_HEAD_BYTES: usize = 32 << 10;
 /// Longest request URI (path and query); a longer one gets `414` with the JSON error.
 /// A task name and a few dozen `arg=` fit many times over.
 pub(crate) const MAX_URI_BYTES: usize = 8 << 10;
-/// Most headers in one request: curl and HTTP libraries send under a dozen.
-pub(crate) const MAX_HEADERS: usize = 64;
 /// Serves the API on `listener` until `shutdown`, then waits for requests in flight.
 ///
 /// At most `[api] max_connections` connections are served at once; one more is

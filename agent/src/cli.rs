@@ -298,7 +298,7 @@ fn header<'a>(resp: &'a hyper::Response<hyper::body::Incoming>, name: &str) -> O
 }
 
 async fn error_of(resp: hyper::Response<hyper::body::Incoming>) -> (String, String) {
-    let code = header(&resp, crate::api::H_ERROR_CODE)
+    let code = header(&resp, crate::http::H_ERROR_CODE)
         .unwrap_or("error")
         .to_string();
     let body = body_bytes(resp).await.unwrap_or_default();
@@ -412,8 +412,8 @@ pub async fn run(
     };
     if explain {
         if let (Some(p), Some(r)) = (
-            header(&resp, crate::api::H_PLACEMENT),
-            header(&resp, crate::api::H_REASON),
+            header(&resp, crate::http::H_PLACEMENT),
+            header(&resp, crate::http::H_REASON),
         ) {
             eprintln!("{p} ({r})");
         }
@@ -424,7 +424,7 @@ pub async fn run(
         return exit_for(&code);
     }
     if req.detach {
-        let id = header(&resp, crate::api::H_TASK_ID)
+        let id = header(&resp, crate::http::H_TASK_ID)
             .unwrap_or_default()
             .to_string();
         println!("{id}");
@@ -558,8 +558,8 @@ async fn deliver(
     resp: hyper::Response<hyper::body::Incoming>,
     output: Option<&Path>,
 ) -> Result<u8, u8> {
-    let exit: Option<i32> = header(&resp, crate::api::H_EXIT_CODE).and_then(|v| v.parse().ok());
-    let tail = header(&resp, crate::api::H_STDERR_TAIL).map(header_text_decode);
+    let exit: Option<i32> = header(&resp, crate::http::H_EXIT_CODE).and_then(|v| v.parse().ok());
+    let tail = header(&resp, crate::http::H_STDERR_TAIL).map(header_text_decode);
     if let Err(e) = copy_body(resp, output).await {
         return Err(fail(format!("{e:#}")));
     }

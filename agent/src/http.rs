@@ -10,6 +10,24 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use updraft_shared::exec::Input;
 
+/// Header: the task id.
+pub const H_TASK_ID: &str = "updraft-task-id";
+/// Header: `local` or `cloud`.
+pub const H_PLACEMENT: &str = "updraft-placement";
+/// Header: why it ran there.
+pub const H_REASON: &str = "updraft-reason";
+/// Header: the task's exit code.
+pub const H_EXIT_CODE: &str = "updraft-exit-code";
+/// Header: the task's stderr tail, as a JSON string literal (ASCII-escaped).
+pub const H_STDERR_TAIL: &str = "updraft-stderr-tail";
+/// Header on error replies: the error code.
+pub const H_ERROR_CODE: &str = "updraft-error-code";
+/// Longest request head (request line and headers) accepted; hyper refuses a longer
+/// one with 431, which [`ApiIo`] turns into the JSON error every other refusal carries.
+pub(crate) const MAX_HEAD_BYTES: usize = 32 << 10;
+/// Most headers in one request: curl and HTTP libraries send under a dozen.
+pub(crate) const MAX_HEADERS: usize = 64;
+
 /// Chunks in flight between a producer task and the HTTP body: enough to keep the
 /// socket busy, few enough to bound memory (4 × 64 KiB).
 const BODY_CHANNEL: usize = 4;
@@ -271,8 +289,7 @@ pub(crate) fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
             "431 Request Header Fields Too Large",
             format!(
                 "the request head is too large (at most {} bytes and {} headers)",
-                crate::api::MAX_HEAD_BYTES,
-                crate::api::MAX_HEADERS
+                MAX_HEAD_BYTES, MAX_HEADERS
             ),
         ),
         _ => return None,
@@ -282,7 +299,7 @@ pub(crate) fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
     Some(
         format!(
             "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{}: {code}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-            crate::api::H_ERROR_CODE,
+            H_ERROR_CODE,
             body.len()
         )
         .into_bytes(),

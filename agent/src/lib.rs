@@ -36,8 +36,10 @@ mod status;
 mod task;
 mod uplink;
 
-pub use api::{H_ERROR_CODE, H_EXIT_CODE, H_PLACEMENT, H_REASON, H_STDERR_TAIL, H_TASK_ID};
-pub use http::{header_text_decode, ChannelBody};
+pub use http::{
+    header_text_decode, ChannelBody, H_ERROR_CODE, H_EXIT_CODE, H_PLACEMENT, H_REASON,
+    H_STDERR_TAIL, H_TASK_ID,
+};
 pub use placement::Where;
 pub use probe::{probe, ProbeError, ProbeSample};
 pub use serve::{bind_socket, run};

@@ -19,7 +19,6 @@ use crate::recent::{
 
 /// Where `updraftd` looks for its config when none is given (defined with the command
 /// line, whose help and man page show it).
-pub use crate::cli::DEFAULT_CONFIG;
 /// Environment prefix for overrides: `UPDRAFTD__LISTEN=...`.
 pub const ENV_PREFIX: &str = "UPDRAFTD";
 /// Default of `listen`: every IPv4 address, on the port QUIC over UDP commonly uses

@@ -11,7 +11,7 @@
 //! first frame decides its handler), `task` (one task stream: header, recent ids,
 //! admission, run, settle), `state` (what handlers share), `recent` (recent task ids,
 //! pure), `enroll` and `issued` (tokens, certificates issued), `probe` (link probes),
-//! `metrics` (`/metrics`), `reload` (SIGHUP). `docs/ARCHITECTURE.md` maps them.
+//! `metrics` (`/metrics`), `reload` (SIGHUP), `quic` (the QUIC server configuration). `docs/ARCHITECTURE.md` maps them.
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -21,6 +21,7 @@ mod issued;
 mod metrics;
 pub mod pki;
 mod probe;
+mod quic;
 mod recent;
 mod reload;
 mod server;
@@ -30,4 +31,5 @@ mod task;
 
 pub use enroll::{Created, TokenError, Tokens};
 pub use issued::{Issued, IssuedCert, IssuedError};
+pub use quic::QuicConfigError;
 pub use server::{bind, bind_with, run, server_config, ServerError};

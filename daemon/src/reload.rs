@@ -51,7 +51,7 @@ pub(crate) fn load(
         Ok(i) => i,
         Err(e) => return refuse(&e),
     };
-    let server = match crate::server::server_config_from(&identity, &config) {
+    let server = match crate::quic::server_config_from(&identity, &config) {
         Ok(s) => s,
         Err(e) => return refuse(&format!("{}: {e:#}", config.source.display())),
     };

@@ -16,16 +16,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use updraft_proto::{LoadReport, CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN};
 use updraft_shared::config::ConfigError;
-use updraft_shared::tls::{AuthenticatedPeer, Identity, TlsError};
+use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::write_frame;
 
-/// How long a new stream may take to deliver its request header. A peer that opens
-/// streams and sends nothing must not pin handlers forever.
-pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// QUIC keep-alive from the daemon side: well inside the default `idle_timeout` (30s)
-/// and common NAT UDP timeouts (30s and up), so a quiet agent's connection stays up;
-/// agents usually ping more often.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// How long the closed endpoint may take to tell agents so (CONNECTION_CLOSE) before
 /// the daemon exits: a few round trips, lost packets included.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -36,12 +29,9 @@ pub enum ServerError {
     /// The TLS files named in the config did not load.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The TLS identity did not make a QUIC server configuration.
+    /// The TLS identity and transport limits did not make a QUIC server configuration.
     #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// `idle_timeout` is longer than QUIC can carry.
-    #[error(transparent)]
-    IdleTimeout(#[from] quinn::VarIntBoundsExceeded),
+    Quic(#[from] crate::quic::QuicConfigError),
     /// The UDP address could not be bound.
     #[error("cannot listen on UDP {addr}")]
     Listen {
@@ -72,23 +62,10 @@ pub enum ServerError {
 
 /// Builds the quinn server config: mutual TLS from the config's files, transport limits.
 pub fn server_config(config: &DaemonConfig) -> Result<quinn::ServerConfig, ServerError> {
-    server_config_from(&config.load_identity()?, config)
-}
-
-/// Like [`server_config`] from identity material already in memory (demo, tests).
-pub(crate) fn server_config_from(
-    identity: &Identity,
-    config: &DaemonConfig,
-) -> Result<quinn::ServerConfig, ServerError> {
-    let mut server = quinn::ServerConfig::with_crypto(identity.quic_server()?);
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(config.idle_timeout)?));
-    server.transport_config(Arc::new(transport));
-    Ok(server)
+    Ok(crate::quic::server_config_from(
+        &config.load_identity()?,
+        config,
+    )?)
 }
 
 /// Binds the UDP endpoint the daemon serves on.

@@ -3,12 +3,16 @@
 //! certificate renewal ([`crate::enroll`]).
 
 use crate::probe::ProbeGate;
-use crate::server::HEADER_TIMEOUT;
 use crate::state::Shared;
 use crate::task;
+use std::time::Duration;
 use updraft_proto::{ErrorCode, FrameKind, STOP_INPUT};
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::FrameReader;
+
+/// How long a new stream may take to deliver its request header. A peer that opens
+/// streams and sends nothing must not pin handlers forever.
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the first frame of a stream `peer` opened (within [`HEADER_TIMEOUT`]) and
 /// serves the stream by it.
