@@ -91,8 +91,11 @@ fn local_api_with_a_plain_http_client() {
     // measured runs where a typical task would finish first: either side can be right).
     let r = http(&c.socket, "POST", "/v1/tasks/echo", b"hi").unwrap();
     assert_eq!((r.status, r.body.as_slice()), (200, &b"hi"[..]));
-    let placement = r.header("updraft-placement").unwrap();
-    assert!(["local", "cloud"].contains(&placement), "{placement}");
+    let placement = r.header("updraft-placement").unwrap().to_string();
+    assert!(
+        ["local", "cloud"].contains(&placement.as_str()),
+        "{placement}"
+    );
     let reason = r.header("updraft-reason").unwrap();
     assert!(
         reason.starts_with(&format!("auto: {placement}")),
@@ -113,9 +116,9 @@ fn local_api_with_a_plain_http_client() {
     let m = http(&c.socket, "GET", "/metrics", b"").unwrap();
     let text = String::from_utf8(m.body).unwrap();
     assert!(
-        text.contains(
-            "updraft_agent_tasks_total{placement=\"cloud\",task=\"echo\",outcome=\"ok\"}"
-        ),
+        text.contains(&format!(
+            "updraft_agent_tasks_total{{placement=\"{placement}\",task=\"echo\",outcome=\"ok\"}}"
+        )),
         "{text}"
     );
 }
@@ -163,9 +166,18 @@ fn timeout_kills_the_task_and_its_children() {
     }
 }
 
+/// A cluster whose policy sends tasks to the cloud without forcing them there, so that a
+/// cloud that fails or refuses falls back to the board. (`auto` would run a task it never
+/// measured wherever a typical task finishes first, which may be the board from the start.)
+fn preferring_cloud() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.toml"), "default = \"cloud\"\n").unwrap();
+    Cluster::start_in(dir, "", "[link]\naccept_timeout = \"1s\"\n")
+}
+
 #[test]
 fn catalog_refusals_are_clear_and_do_not_hurt_the_connection() {
-    let c = Cluster::start();
+    let c = preferring_cloud();
     // Not in allowed_agents.
     let o = c.run(&["restricted", "--where", "cloud"], None);
     assert_eq!(o.status.code(), Some(69));
@@ -183,7 +195,7 @@ fn catalog_refusals_are_clear_and_do_not_hurt_the_connection() {
         "{}",
         stderr(&o)
     );
-    // With auto placement the agent runs it on the board instead, and says so.
+    // Placed by the policy, not forced, the agent runs it on the board instead, and says so.
     let o = c.run(&["ghost", "--explain"], Some(b"boo"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(o.stdout, b"");
@@ -275,7 +287,7 @@ fn sigterm_drains_the_daemon_running_task_delivered_new_task_on_the_board() {
 
 #[test]
 fn sigkill_of_the_daemon_before_a_task_runs_it_on_the_board_and_says_so() {
-    let mut c = Cluster::start();
+    let mut c = preferring_cloud();
     c.daemon.signal(nix::sys::signal::Signal::SIGKILL);
     c.daemon.wait_exit(Duration::from_secs(10));
     let r = http(&c.socket, "POST", "/v1/tasks/echo", b"x").unwrap();
