@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+use std::future::Future;
+use std::pin::Pin;
 use std::process::ExitCode;
 use updraft_agent::cli::{
     self, Cli, Command, ConfigArg, PolicyCommand, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE,
@@ -31,12 +33,17 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
-    let code = match cli.command {
-        Command::Serve { config } => return serve(&rt, &config),
+    // Every command is one future run on the runtime: a single `block_on` instantiation,
+    // since each one adds a copy of the scheduler loop to the binary.
+    let job: Pin<Box<dyn Future<Output = u8>>> = match cli.command {
+        Command::Serve { config } => match serve(&config) {
+            Ok(job) => job,
+            Err(code) => return code,
+        },
         Command::CheckConfig { config } => return check_config(&config),
         Command::Policy {
             command: PolicyCommand::Check { file },
-        } => cli::policy_check(&file),
+        } => return ExitCode::from(cli::policy_check(&file)),
         Command::Enroll {
             server,
             server_name,
@@ -46,15 +53,18 @@ fn main() -> ExitCode {
             force,
             config,
         } => match load_config(&config) {
-            Ok(config) => rt.block_on(cli::enroll(
-                &config,
-                &server,
-                server_name.as_deref(),
-                &token,
-                &ca_sha256,
-                agent_id.as_deref(),
-                force,
-            )),
+            Ok(config) => Box::pin(async move {
+                cli::enroll(
+                    &config,
+                    &server,
+                    server_name.as_deref(),
+                    &token,
+                    &ca_sha256,
+                    agent_id.as_deref(),
+                    force,
+                )
+                .await
+            }),
             Err(code) => return code,
         },
         Command::Run {
@@ -73,21 +83,17 @@ fn main() -> ExitCode {
                 where_,
                 detach,
             };
-            rt.block_on(cli::run(
-                &at,
-                req,
-                input.as_deref(),
-                output.as_deref(),
-                explain,
-            ))
+            Box::pin(async move {
+                cli::run(&at, req, input.as_deref(), output.as_deref(), explain).await
+            })
         }
         Command::Result {
             id,
             wait,
             delete,
             at,
-        } => rt.block_on(cli::result(&at, &id, wait, delete)),
-        Command::Status { json, at } => rt.block_on(cli::status(&at, json)),
+        } => Box::pin(async move { cli::result(&at, &id, wait, delete).await }),
+        Command::Status { json, at } => Box::pin(async move { cli::status(&at, json).await }),
         Command::Policy {
             command:
                 PolicyCommand::Explain {
@@ -96,30 +102,30 @@ fn main() -> ExitCode {
                     json,
                     at,
                 },
-        } => rt.block_on(cli::explain(&at, &task, input_bytes, json)),
+        } => Box::pin(async move { cli::explain(&at, &task, input_bytes, json).await }),
     };
-    ExitCode::from(code)
+    ExitCode::from(rt.block_on(job))
 }
 
-/// `serve`: logging, the config, then the agent until SIGTERM/SIGINT.
-fn serve(rt: &tokio::runtime::Runtime, arg: &ConfigArg) -> ExitCode {
+/// `serve`: logging and the config now, then (the future returned) the agent until
+/// SIGTERM/SIGINT; or the exit code for a bad config, already explained on stderr.
+fn serve(arg: &ConfigArg) -> Result<Pin<Box<dyn Future<Output = u8>>>, ExitCode> {
     updraft_shared::logging::init("UPDRAFT_AGENT_LOG");
-    let config = match load_config(arg) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+    let config = load_config(arg)?;
     if let Some(level) = &config.log_level {
         if let Ok(filter) = updraft_shared::logging::parse_level(level) {
             updraft_shared::logging::set_level(filter);
         }
     }
-    match rt.block_on(cli::serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("updraft-agent: {e:#}");
-            ExitCode::FAILURE
+    Ok(Box::pin(async move {
+        match cli::serve(config).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("updraft-agent: {e:#}");
+                1
+            }
         }
-    }
+    }))
 }
 
 /// The config `--config` names (default /etc/updraft/agent.toml), or the exit code for
