@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+use updraft_proto::ErrorCode;
 use updraft_shared::accept::accept_loop;
 
 /// Most unread request body discarded before an early reply; beyond it the
@@ -152,12 +153,12 @@ fn refuse_busy(
 ) {
     let body = serde_json::json!({
         "error": format!("the agent's API already has {limit} connections open ([api] max_connections); try again shortly"),
-        "code": TaskCode::Busy.as_str(),
+        "code": TaskCode::Wire(ErrorCode::Busy).as_str(),
     })
     .to_string();
     let reply = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n{H_ERROR_CODE}: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
-        TaskCode::Busy.as_str(),
+        TaskCode::Wire(ErrorCode::Busy).as_str(),
         body.len()
     );
     // The reply is small enough for the empty socket buffer of a new connection.
@@ -347,7 +348,7 @@ fn header_value(s: &str) -> hyper::header::HeaderValue {
 }
 
 fn bad_request(message: String) -> TaskError {
-    TaskError::new(TaskCode::BadRequest, message)
+    TaskError::new(TaskCode::Wire(ErrorCode::BadRequest), message)
 }
 
 /// A request's query, checked: only the names an endpoint knows, each single-valued
@@ -416,7 +417,7 @@ impl Query {
 fn check_where(agent: &Agent, task: &str, requested: Where) -> Result<(), TaskError> {
     match agent.config().catalog.get(task) {
         Some(spec) => match crate::placement::conflict(spec, requested) {
-            Some(why) => Err(TaskError::new(TaskCode::NotAllowed, why)),
+            Some(why) => Err(TaskError::new(TaskCode::Wire(ErrorCode::NotAllowed), why)),
             None => Ok(()),
         },
         None => Ok(()),
@@ -530,7 +531,7 @@ async fn finished_reply(f: Finished) -> Reply {
                 ),
                 Err(e) => {
                     return error_reply(&TaskError::new(
-                        TaskCode::Internal,
+                        TaskCode::Wire(ErrorCode::Internal),
                         format!("reading spooled output: {e}"),
                     ))
                 }

@@ -516,9 +516,12 @@ mod tests {
     #[test]
     fn a_forced_refusal_is_the_daemons_code_and_nothing_ran() {
         for (code, want) in [
-            (ErrorCode::Busy, TaskCode::Busy),
-            (ErrorCode::Draining, TaskCode::Draining),
-            (ErrorCode::UnknownTask, TaskCode::UnknownTask),
+            (ErrorCode::Busy, TaskCode::Wire(ErrorCode::Busy)),
+            (ErrorCode::Draining, TaskCode::Wire(ErrorCode::Draining)),
+            (
+                ErrorCode::UnknownTask,
+                TaskCode::Wire(ErrorCode::UnknownTask),
+            ),
         ] {
             let mut a = Attempt::new("t");
             assert_eq!(

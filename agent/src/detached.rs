@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use updraft_proto::ErrorCode;
 use updraft_shared::catalog::Caller;
 use updraft_shared::exec::Input;
 
@@ -109,14 +110,15 @@ impl Agent {
         let max = task.spec().max_input;
         let mut spool = self.new_spool();
         use updraft_shared::exec::Output;
-        while let Some(chunk) = input
-            .next_chunk()
-            .await
-            .map_err(|e| TaskError::new(TaskCode::BadRequest, format!("reading input: {e}")))?
-        {
+        while let Some(chunk) = input.next_chunk().await.map_err(|e| {
+            TaskError::new(
+                TaskCode::Wire(ErrorCode::BadRequest),
+                format!("reading input: {e}"),
+            )
+        })? {
             if spool.len() + chunk.len() as u64 > max {
                 return Err(TaskError::new(
-                    TaskCode::TooLarge,
+                    TaskCode::Wire(ErrorCode::TooLarge),
                     format!(
                         "input is over task `{}`'s max_input of {max} bytes",
                         sub.task
@@ -143,14 +145,22 @@ impl Agent {
         let journal = self.detached.journal.clone();
         tokio::task::spawn_blocking(move || {
             let mut reader = spool.into_blocking_reader().map_err(|e| {
-                TaskError::new(TaskCode::Internal, format!("reading spooled input: {e}"))
+                TaskError::new(
+                    TaskCode::Wire(ErrorCode::Internal),
+                    format!("reading spooled input: {e}"),
+                )
             })?;
             journal
                 .insert(&new, len, &mut reader, unix_ms())
                 .map_err(journal_error)
         })
         .await
-        .map_err(|e| TaskError::new(TaskCode::Internal, format!("storing the task: {e}")))??;
+        .map_err(|e| {
+            TaskError::new(
+                TaskCode::Wire(ErrorCode::Internal),
+                format!("storing the task: {e}"),
+            )
+        })??;
         info!(
             id,
             task = sub.task,
@@ -202,8 +212,12 @@ impl Agent {
                 "unknown task `{}`: there is no [tasks.{}] in the config any more",
                 row.task, row.task
             );
-            self.store_result(&row, fail(TaskCode::UnknownTask, message), None)
-                .await;
+            self.store_result(
+                &row,
+                fail(TaskCode::Wire(ErrorCode::UnknownTask), message),
+                None,
+            )
+            .await;
             return;
         };
         let must_cloud = row.requested == Where::Cloud
@@ -375,7 +389,12 @@ impl Agent {
         let id = id.to_string();
         tokio::task::spawn_blocking(move || f(&journal, &id))
             .await
-            .map_err(|e| TaskError::new(TaskCode::Internal, format!("journal call failed: {e}")))?
+            .map_err(|e| {
+                TaskError::new(
+                    TaskCode::Wire(ErrorCode::Internal),
+                    format!("journal call failed: {e}"),
+                )
+            })?
             .map_err(journal_error)
     }
 
@@ -425,7 +444,7 @@ impl Agent {
             .contains_key(id)
         {
             let (code, message) = row.error.unwrap_or_default();
-            let code = TaskCode::parse(&code).unwrap_or(TaskCode::Internal);
+            let code = TaskCode::parse(&code).unwrap_or(TaskCode::Wire(ErrorCode::Internal));
             return Err(TaskError::new(code, message));
         }
         self.journal_call(|j, id| j.mark_fetched(id, unix_ms()), id)
@@ -457,7 +476,12 @@ impl Agent {
         let key = id.to_string();
         let r = tokio::task::spawn_blocking(move || journal.delete(&key))
             .await
-            .map_err(|e| TaskError::new(TaskCode::Internal, format!("deleting the task: {e}")))?;
+            .map_err(|e| {
+                TaskError::new(
+                    TaskCode::Wire(ErrorCode::Internal),
+                    format!("deleting the task: {e}"),
+                )
+            })?;
         match r {
             Ok(()) => {
                 info!(id, "detached task deleted");
@@ -553,7 +577,7 @@ fn store_or_fail(
     let code = if full {
         TaskCode::StorageFull
     } else {
-        TaskCode::Internal
+        TaskCode::Wire(ErrorCode::Internal)
     };
     let mut message =
         format!("task `{task}` ended but its result could not be stored: {e}; it is not run again");
@@ -611,8 +635,8 @@ pub(crate) fn journal_error(e: journal::JournalError) -> TaskError {
     let code = match e {
         journal::JournalError::Full { .. } => TaskCode::JournalFull,
         journal::JournalError::DiskFull { .. } => TaskCode::StorageFull,
-        journal::JournalError::TooLarge { .. } => TaskCode::TooLarge,
-        _ => TaskCode::Internal,
+        journal::JournalError::TooLarge { .. } => TaskCode::Wire(ErrorCode::TooLarge),
+        _ => TaskCode::Wire(ErrorCode::Internal),
     };
     TaskError::new(code, e.to_string())
 }
@@ -691,6 +715,7 @@ mod tests {
     use crate::placement::Side;
     use crate::spool::Spool;
     use crate::task::{Exit, Finished, TaskCode, TaskError};
+    use updraft_proto::ErrorCode;
 
     fn finished(result: Result<Exit, TaskError>) -> Finished {
         Finished {
@@ -716,7 +741,7 @@ mod tests {
         );
         assert_eq!(fin.stderr_tail, "oops");
         let (fin, _) = finish_of(finished(Err(TaskError::new(
-            TaskCode::TimedOut,
+            TaskCode::Wire(ErrorCode::TimedOut),
             "too slow",
         ))));
         assert_eq!(fin.state, journal::Ending::Failed);

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
+use updraft_proto::ErrorCode;
 use updraft_shared::exec::Input;
 
 /// Header: the task id.
@@ -294,7 +295,7 @@ pub(crate) fn replace_parse_error_reply(buf: &[u8]) -> Option<Vec<u8>> {
         ),
         _ => return None,
     };
-    let code = crate::task::TaskCode::BadRequest.as_str();
+    let code = crate::task::TaskCode::Wire(ErrorCode::BadRequest).as_str();
     let body = serde_json::json!({ "error": message, "code": code }).to_string();
     Some(
         format!(

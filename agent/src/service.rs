@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
-use updraft_proto::RequestHeader;
+use updraft_proto::{ErrorCode, RequestHeader};
 use updraft_shared::catalog::{AdmittedTask, Caller, Catalog};
 use updraft_shared::exec::{Executor, Input};
 use updraft_shared::metrics;
@@ -411,7 +411,7 @@ pub(crate) fn spool_error(what: &str, e: &std::io::Error) -> TaskError {
             format!("{what}: {e}; the filesystem holding state_dir is full, free space there"),
         )
     } else {
-        TaskError::new(TaskCode::Internal, format!("{what}: {e}"))
+        TaskError::new(TaskCode::Wire(ErrorCode::Internal), format!("{what}: {e}"))
     }
 }
 

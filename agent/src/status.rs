@@ -7,6 +7,7 @@ use crate::placement::Where;
 use crate::service::{Agent, Cert};
 use crate::task::{TaskCode, TaskError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use updraft_proto::ErrorCode;
 use updraft_shared::metrics;
 
 impl Agent {
@@ -19,7 +20,7 @@ impl Agent {
     ) -> Result<serde_json::Value, TaskError> {
         let spec = self.catalog.get(task).ok_or_else(|| {
             TaskError::new(
-                TaskCode::UnknownTask,
+                TaskCode::Wire(ErrorCode::UnknownTask),
                 format!("unknown task `{task}`: there is no [tasks.{task}] in the config"),
             )
         })?;

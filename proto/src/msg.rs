@@ -139,6 +139,23 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: [ErrorCode; 13] = [
+        Self::UnknownTask,
+        Self::NotAllowed,
+        Self::TooLarge,
+        Self::OutputTooLarge,
+        Self::TimedOut,
+        Self::Busy,
+        Self::Draining,
+        Self::BadRequest,
+        Self::SpawnFailed,
+        Self::Internal,
+        Self::BadToken,
+        Self::CannotIssue,
+        Self::Other,
+    ];
+
     /// The wire string of this code.
     pub fn as_str(self) -> &'static str {
         match self {
