@@ -468,9 +468,16 @@ impl Cx<'_> {
         let message = if e.message().contains(TOML_DATETIME_MARKER) {
             "a date-time is not valid here".to_string()
         } else {
-            // toml's messages may span lines ("invalid table header\nexpected ..."); the
+            // toml's messages may span lines ("unclosed array table\nexpected ..."); the
             // refusal must stay on one line.
-            e.message().trim().lines().collect::<Vec<_>>().join("; ")
+            let message = e.message().trim().lines().collect::<Vec<_>>().join("; ");
+            // toml says "duplicate key" without the key; the span holds it.
+            match e.span().and_then(|s| self.text.get(s)) {
+                Some(key) if message == "duplicate key" => {
+                    format!("duplicate key `{}`", key.trim())
+                }
+                _ => message,
+            }
         };
         self.error(e.span().map_or(0, |s| s.start), message)
     }
@@ -1250,8 +1257,8 @@ when = { cpu_percent = { above = 80, hysteresis = 3 }, battery_percent = { below
                 "TOML syntax error",
                 "default = \"auto\"\n[[rule]\nname = \"r\"\n",
                 2,
-                7,
-                "invalid table header",
+                8,
+                "unclosed array table",
             ),
             ("TOML unterminated string", "default = \"auto\n", 1, 16, "invalid basic string"),
             (

@@ -14,7 +14,7 @@
 
 use crate::params::LinkParams;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -81,8 +81,8 @@ impl Link {
     /// wire (payload plus headers).
     pub fn admit(&mut self, now: Instant, wire_len: usize) -> Verdict {
         // Always draw, so the n-th datagram's fate does not depend on what came before.
-        let loss_roll: f64 = self.loss_rng.gen();
-        let jitter_roll: f64 = self.jitter_rng.gen();
+        let loss_roll: f64 = self.loss_rng.random();
+        let jitter_roll: f64 = self.jitter_rng.random();
         let p = &self.params;
 
         if p.blackhole {
