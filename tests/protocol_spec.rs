@@ -192,6 +192,59 @@ async fn json_messages_are_objects_without_nulls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_stream_answers_a_report_with_hello_and_drops_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_daemon, addr) = start(dir.path());
+    let ep = endpoint();
+    let conn = connect(&ep, &addr, agent_config(dir.path())).await;
+
+    // A report written by hand, as PROTOCOL.md gives it, with a field from the future.
+    let report = r#"{"version":"9.9.9 (commit spec)","policy":{"hash":"","source":"default"},"mix":{"local":1},"later":true}"#;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    Frame::new(FrameKind::AgentReport, report.as_bytes().to_vec()).encode(&mut buf);
+    send.write_all(&buf).await.unwrap();
+    let mut reader = FrameReader::new(recv);
+    let hello = next_frame(&mut reader).await.expect("a hello");
+    assert_eq!(hello.kind, FrameKind::FleetNotice);
+    let hello: serde_json::Value = serde_json::from_slice(&hello.payload).unwrap();
+    assert_eq!(hello["type"], "hello", "{hello}");
+    assert_eq!(
+        hello["tasks"],
+        serde_json::json!(["echo", "gated"]),
+        "{hello}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let skew = hello["time_unix_ms"].as_i64().unwrap() - now;
+    assert!(skew.abs() < 10_000, "the daemon's clock: {hello}");
+    // A later report on the same stream is read without an answer.
+    let mut buf = BytesMut::new();
+    Frame::new(FrameKind::AgentReport, report.as_bytes().to_vec()).encode(&mut buf);
+    send.write_all(&buf).await.unwrap();
+
+    // A report that breaks a rule ends its stream; the connection carries on.
+    let bad = r#"{"version":"","policy":{"hash":"","source":"default"}}"#;
+    let (mut send2, recv2) = conn.open_bi().await.unwrap();
+    let mut buf = BytesMut::new();
+    Frame::new(FrameKind::AgentReport, bad.as_bytes().to_vec()).encode(&mut buf);
+    send2.write_all(&buf).await.unwrap();
+    let mut reader2 = FrameReader::new(recv2);
+    let end = tokio::time::timeout(WAIT, reader2.next()).await.unwrap();
+    assert!(
+        end.is_err(),
+        "the daemon resets the stream of a bad report: {end:?}"
+    );
+    assert_eq!(
+        echo(&conn, "after-report", b"still here").await,
+        b"still here"
+    );
+    ep.close(0u32.into(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_load_report_at_connect_and_the_next_only_an_interval_later() {
     let dir = tempfile::tempdir().unwrap();
     let (_daemon, addr) = start(dir.path());

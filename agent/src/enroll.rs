@@ -395,19 +395,65 @@ async fn request_certificate(
     }
 }
 
-/// This board's agent id: `--agent-id`, else `agent_id` in the config, else the host name.
+/// This board's agent id: `--agent-id`, else `agent_id` in the config, else the host
+/// name, made unique with the machine id when it is a name boards ship with (see
+/// [`id_of_host`]).
 pub(crate) fn agent_id_for(
     config: &AgentConfig,
     flag: Option<&str>,
 ) -> Result<String, EnrollError> {
     let id = match flag.map(str::to_string).or_else(|| config.agent_id.clone()) {
         Some(id) => id,
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .map_err(EnrollError::HostName)?,
+        None => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map_err(EnrollError::HostName)?;
+            let machine_id = std::fs::read_to_string(MACHINE_ID).ok();
+            id_of_host(host.trim(), machine_id.as_deref())
+        }
     };
     tls::check_agent_id(&id).map_err(EnrollError::AgentId)?;
     Ok(id)
+}
+
+/// The machine id systemd gives every installation (stable across reboots, unique per
+/// installed image once first-booted).
+const MACHINE_ID: &str = "/etc/machine-id";
+
+/// Host names images ship with: a fleet of boards all answers to them, so none of them
+/// can be an agent id alone.
+const DEFAULT_HOST_NAMES: &[&str] = &[
+    "raspberrypi",
+    "raspberry",
+    "localhost",
+    "localhost.localdomain",
+    "debian",
+    "ubuntu",
+    "dietpi",
+    "armbian",
+    "orangepi",
+    "rockpi",
+    "beaglebone",
+    "jetson",
+    "nvidia-desktop",
+    "pi",
+];
+
+/// The agent id a board with host name `host` and machine id `machine_id` takes: the
+/// host name, or for a host name boards ship with (`raspberrypi`, `localhost`, `debian`,
+/// `ubuntu`, ...) `HOST-` and the first 12 hex digits of the machine id, e.g.
+/// `raspberrypi-3f2a9c1e4b7d`. Without a readable machine id it stays the host name.
+pub(crate) fn id_of_host(host: &str, machine_id: Option<&str>) -> String {
+    let host = host.trim();
+    let shipped = DEFAULT_HOST_NAMES
+        .iter()
+        .any(|d| d.eq_ignore_ascii_case(host));
+    let mid = machine_id
+        .map(str::trim)
+        .filter(|m| m.len() >= 12 && m.bytes().all(|b| b.is_ascii_hexdigit()));
+    match mid {
+        Some(m) if shipped => format!("{host}-{}", m[..12].to_ascii_lowercase()),
+        _ => host.to_string(),
+    }
 }
 
 /// What `enroll` did.
@@ -731,5 +777,21 @@ mod tests {
             parsed.params.distinguished_name.get(&DnType::CommonName),
             Some(rcgen::DnValue::Utf8String(s)) if s == "board-3"
         ));
+    }
+
+    #[test]
+    fn a_shipped_host_name_is_made_unique_by_the_machine_id() {
+        let mid = "3F2A9C1E4B7D4E0A9C1E4B7D4E0A9C1E\n";
+        assert_eq!(
+            id_of_host("raspberrypi", Some(mid)),
+            "raspberrypi-3f2a9c1e4b7d"
+        );
+        assert_eq!(id_of_host("Ubuntu\n", Some(mid)), "Ubuntu-3f2a9c1e4b7d");
+        assert_eq!(id_of_host("greenhouse-7", Some(mid)), "greenhouse-7");
+        // No machine id (or a damaged one): the host name, as before.
+        assert_eq!(id_of_host("raspberrypi", None), "raspberrypi");
+        assert_eq!(id_of_host("raspberrypi", Some("not-hex")), "raspberrypi");
+        // What comes out is a valid agent id.
+        tls::check_agent_id(&id_of_host("localhost.localdomain", Some(mid))).unwrap();
     }
 }

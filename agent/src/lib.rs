@@ -22,6 +22,7 @@ pub mod client;
 pub mod config;
 mod detached;
 mod enroll;
+mod fleet;
 mod http;
 mod journal;
 mod knowledge;

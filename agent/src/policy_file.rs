@@ -17,6 +17,8 @@ pub struct PolicyStatus {
     pub path: PathBuf,
     /// `file` when loaded from the file, `default` when there is none (everything auto).
     pub source: &'static str,
+    /// SHA-256 of the policy file in force, lowercase hex; empty for the default.
+    pub hash: String,
     /// Rules in force.
     pub rules: usize,
     /// Default placement in force.
@@ -77,16 +79,28 @@ pub enum PolicyLoadError {
     Parse(rules::PolicyError),
 }
 
-/// The policy in `path` and where it came from (`file`, or `default` when there is no
-/// file).
-fn read_policy(path: &Path) -> Result<(Policy, &'static str), PolicyLoadError> {
+/// A policy as read: the rules, where they came from (`file`, or `default` when there
+/// is no file) and the file's hash (empty for the default).
+struct Read {
+    policy: Policy,
+    source: &'static str,
+    hash: String,
+}
+
+fn read_policy(path: &Path) -> Result<Read, PolicyLoadError> {
     match std::fs::read_to_string(path) {
         Ok(text) => rules::parse(&text, path)
-            .map(|p| (p, "file"))
+            .map(|policy| Read {
+                policy,
+                source: "file",
+                hash: updraft_shared::files::sha256_hex(text.as_bytes()),
+            })
             .map_err(PolicyLoadError::Parse),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok((Policy::default_policy(), "default"))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Read {
+            policy: Policy::default_policy(),
+            source: "default",
+            hash: String::new(),
+        }),
         Err(error) => Err(PolicyLoadError::Read {
             path: path.to_path_buf(),
             error,
@@ -99,11 +113,11 @@ impl PolicyHolder {
     /// broken one is an error, so a service never starts with a policy it cannot read.
     pub fn load(path: &Path) -> Result<Self, PolicyLoadError> {
         let seen = stamp(path);
-        let (policy, source) = read_policy(path)?;
-        let status = status_of(path, &policy, source, None);
+        let read = read_policy(path)?;
+        let status = status_of(path, &read, None);
         Ok(Self {
             path: path.to_path_buf(),
-            evaluator: Mutex::new(Evaluator::new(Arc::new(policy))),
+            evaluator: Mutex::new(Evaluator::new(Arc::new(read.policy))),
             status: Mutex::new(status),
             seen: Mutex::new(seen),
         })
@@ -114,14 +128,13 @@ impl PolicyHolder {
     pub fn reload(&self, why: &str) -> Option<String> {
         *self.seen.lock().expect("policy lock") = stamp(&self.path);
         match read_policy(&self.path).map_err(|e| e.to_string()) {
-            Ok((policy, source)) => {
-                info!(path = %self.path.display(), rules = policy.rules().len(), why, "policy loaded");
-                *self.status.lock().expect("policy lock") =
-                    status_of(&self.path, &policy, source, None);
+            Ok(read) => {
+                info!(path = %self.path.display(), rules = read.policy.rules().len(), why, "policy loaded");
+                *self.status.lock().expect("policy lock") = status_of(&self.path, &read, None);
                 self.evaluator
                     .lock()
                     .expect("policy lock")
-                    .replace_policy(Arc::new(policy));
+                    .replace_policy(Arc::new(read.policy));
                 None
             }
             Err(e) => {
@@ -171,17 +184,13 @@ impl PolicyHolder {
     }
 }
 
-fn status_of(
-    path: &Path,
-    policy: &Policy,
-    source: &'static str,
-    error: Option<String>,
-) -> PolicyStatus {
+fn status_of(path: &Path, read: &Read, error: Option<String>) -> PolicyStatus {
     PolicyStatus {
         path: path.to_path_buf(),
-        source,
-        rules: policy.rules().len(),
-        default: policy.default_place().as_str(),
+        source: read.source,
+        hash: read.hash.clone(),
+        rules: read.policy.rules().len(),
+        default: read.policy.default_place().as_str(),
         loaded_at_unix_ms: now_ms(),
         error,
     }

@@ -26,6 +26,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let stop = CancellationToken::new();
+    let policy_of = agent.clone();
+    agent.uplink.set_fleet(crate::fleet::Hook {
+        fleet: agent.fleet.clone(),
+        policy: Arc::new(move || policy_of.knowledge.policy().status()),
+    });
     agent.uplink.start(stop.clone());
     tokio::spawn(sample_loop(agent.clone(), stop.clone()));
     tokio::spawn(reload_on_sighup(agent.clone(), stop.clone()));

@@ -80,6 +80,8 @@ pub struct Agent {
     pub(crate) detached: Detached,
     /// The certificate in use, and when it is due for renewal.
     pub(crate) cert: Cert,
+    /// What the agent tells daemons about itself, and what they answered.
+    pub(crate) fleet: Arc<crate::fleet::Fleet>,
 }
 
 impl Agent {
@@ -109,7 +111,9 @@ impl Agent {
             .map_err(|e| StartError::Setup(e.into()))?;
         let knowledge = Knowledge::load(&config).map_err(|e| StartError::Setup(e.into()))?;
         let journal = Journal::open(config.state_dir.join(JOURNAL_FILE), config.journal.limits)?;
+        let fleet = crate::fleet::Fleet::new(crate::cli::VERSION);
         Ok(Arc::new(Self {
+            fleet,
             knowledge,
             prober: crate::probe::Prober::new(&config.link),
             agent_id,
@@ -263,6 +267,7 @@ impl Agent {
             &result,
             started.elapsed(),
         );
+        self.fleet.ran(placed.side, placed.kind);
         Ok(Finished {
             id,
             side: placed.side,

@@ -44,6 +44,7 @@ impl Agent {
             "uptime_s": self.started.elapsed().as_secs(),
             "local": { "running": load.running, "queued": load.queued, "capacity": load.capacity },
             "clouds": self.uplink.status(),
+            "daemons": self.fleet.heard(),
             "tasks": self.catalog.names().collect::<Vec<_>>(),
             "policy": self.knowledge.policy().status(),
             "signals": signals_json(&self.knowledge.signals(self.uplink.pick().as_ref(), load, None)),

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use updraft_proto::{
     ErrorCode, Frame, FrameKind, LoadReport, ReplyHeader, RequestHeader, Trailer, CLOSE_DRAINING,
-    RESET_ABANDONED, RESET_CANCELLED, STOP_CANCELLED,
+    CLOSE_REVOKED, RESET_ABANDONED, RESET_CANCELLED, STOP_CANCELLED,
 };
 use updraft_shared::exec::{Input, Output};
 use updraft_shared::tls::{Identity, TlsError};
@@ -191,6 +191,8 @@ pub struct Uplink {
     /// expired certificate) and what to do.
     note: Arc<Mutex<Option<String>>>,
     cfg: LinkConfig,
+    /// The fleet stream each connection carries, once the service set it.
+    fleet: Arc<std::sync::OnceLock<crate::fleet::Hook>>,
 }
 
 fn client_config(
@@ -235,7 +237,14 @@ impl Uplink {
             client,
             note: Arc::default(),
             cfg,
+            fleet: Arc::default(),
         })
+    }
+
+    /// Opens a fleet stream on every connection from now on (set once, before
+    /// [`Uplink::start`]).
+    pub(crate) fn set_fleet(&self, hook: crate::fleet::Hook) {
+        let _ = self.fleet.set(hook);
     }
 
     /// Starts one maintainer per daemon; they stop when `shutdown` is cancelled.
@@ -247,6 +256,7 @@ impl Uplink {
                 self.client.clone(),
                 self.note.clone(),
                 self.cfg.clone(),
+                self.fleet.clone(),
                 shutdown.clone(),
             ));
         }
@@ -477,6 +487,7 @@ async fn maintain(
     client: Arc<Mutex<quinn::ClientConfig>>,
     note: Arc<Mutex<Option<String>>>,
     cfg: LinkConfig,
+    fleet: Arc<std::sync::OnceLock<crate::fleet::Hook>>,
     shutdown: CancellationToken,
 ) {
     let mut reconnect = Reconnect::new(&cfg);
@@ -494,7 +505,7 @@ async fn maintain(
         match attempt {
             Ok(conn) => {
                 let connected_at = std::time::Instant::now();
-                let Some(reason) = hold(&link, &conn, &shutdown).await else {
+                let Some(reason) = hold(&link, &conn, fleet.get(), &shutdown).await else {
                     return;
                 };
                 let why = match &reason {
@@ -502,6 +513,14 @@ async fn maintain(
                         if c.error_code == CLOSE_DRAINING.into() =>
                     {
                         "daemon drained and closed the connection".to_string()
+                    }
+                    quinn::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == CLOSE_REVOKED.into() =>
+                    {
+                        format!(
+                            "the daemon refuses this agent: {}",
+                            String::from_utf8_lossy(&c.reason)
+                        )
                     }
                     other => other.to_string(),
                 };
@@ -545,6 +564,7 @@ async fn maintain(
 async fn hold(
     link: &Arc<Link>,
     conn: &quinn::Connection,
+    fleet: Option<&crate::fleet::Hook>,
     shutdown: &CancellationToken,
 ) -> Option<quinn::ConnectionError> {
     info!(
@@ -558,6 +578,13 @@ async fn hold(
         s.last_error = None;
     });
     let loads = tokio::spawn(follow_load(link.clone(), conn.clone()));
+    let reports = fleet.map(|hook| {
+        tokio::spawn(crate::fleet::run_stream(
+            conn.clone(),
+            link.address().to_string(),
+            hook.clone(),
+        ))
+    });
     let reason = tokio::select! {
         biased;
         () = shutdown.cancelled() => {
@@ -567,6 +594,9 @@ async fn hold(
         e = conn.closed() => Some(e),
     };
     loads.abort();
+    if let Some(r) = reports {
+        r.abort();
+    }
     reason
 }
 

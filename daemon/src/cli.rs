@@ -5,7 +5,7 @@ use std::time::Duration;
 use crate::config::{check_duration, range};
 
 mod args;
-pub use args::{CaCommand, CertCommand, Cli, Command, TokenCommand, DEFAULT_CONFIG};
+pub use args::{AgentCommand, CaCommand, CertCommand, Cli, Command, TokenCommand, DEFAULT_CONFIG};
 
 /// What `--version` prints after the name: the package version and the git commit the
 /// binary was built from (`unknown` when built outside a checkout; see build.rs).

@@ -51,6 +51,13 @@ pub const MAX_UPLOADS_PER_AGENT: u32 = 4096;
 /// within its own budget is never refused.
 pub const DEFAULT_PROBE_BUDGET: u64 = 64 << 20;
 
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/updraftd";
+/// The admin socket's name in the state directory when `admin_socket` is not set.
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+/// Longest Unix socket path Linux takes (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// `daemon.toml` as written.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +74,9 @@ pub struct DaemonFile {
     pub max_queued_tasks: Option<usize>,
     /// TCP address for the Prometheus `/metrics` endpoint.
     pub metrics_listen: Option<String>,
+    /// Unix socket `updraftd agents` and the other fleet commands talk to. Default
+    /// `STATE_DIR/admin.sock`.
+    pub admin_socket: Option<PathBuf>,
     /// How long SIGTERM waits for running tasks before closing anyway. Default 60s.
     pub drain_timeout: Option<HumanDuration>,
     /// How often load reports go to each agent. Default 1s.
@@ -186,6 +196,8 @@ pub struct DaemonConfig {
     pub max_queued_tasks: usize,
     /// Metrics address, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
     /// Drain limit.
     pub drain_timeout: Duration,
     /// Load report period.
@@ -357,10 +369,24 @@ impl DaemonConfig {
             updraft_shared::logging::parse_level(level)
                 .map_err(|e| invalid("log_level", e.to_string()))?;
         }
+        let state_dir = rel(file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+        let admin_socket = rel(file
+            .admin_socket
+            .unwrap_or_else(|| state_dir.join(ADMIN_SOCKET_NAME)));
+        if admin_socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "admin_socket",
+                format!(
+                    "`{}` is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have; set a shorter admin_socket",
+                    admin_socket.display()
+                ),
+            ));
+        }
         Ok(Self {
             log_level: file.log_level.clone(),
             listen,
-            state_dir: rel(file.state_dir.unwrap_or_else(|| "/var/lib/updraftd".into())),
+            state_dir,
+            admin_socket,
             source: path.to_path_buf(),
             max_concurrent_tasks: slots,
             max_queued_tasks: queued,

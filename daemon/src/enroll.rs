@@ -321,10 +321,9 @@ impl Enroller {
         }
     }
 
-    /// Whether the certificate with this serial was revoked when its agent id was
-    /// enrolled again.
-    pub(crate) fn is_revoked(&self, serial: &str) -> bool {
-        self.issued.is_revoked(serial)
+    /// Why the certificate with this serial is on the deny list, if it is.
+    pub(crate) fn revocation(&self, serial: &str) -> Option<crate::issued::Revocation> {
+        self.issued.revocation(serial)
     }
 
     /// Answers an enrollment request from `remote`: token and CSR in, certificate out.
@@ -345,14 +344,10 @@ impl Enroller {
         peer: &AuthenticatedPeer,
         now: SystemTime,
     ) -> CertReply {
-        if self.is_revoked(peer.serial()) {
+        if let Some(why) = self.revocation(peer.serial()) {
             return CertReply::Rejected {
                 code: ErrorCode::BadToken,
-                message: format!(
-                    "this certificate for `{}` was revoked when the agent id was enrolled again; enroll with a token for it (`updraftd token create --agent-id {}`)",
-                    peer.agent_id(),
-                    peer.agent_id()
-                ),
+                message: revoked_message(why, peer.agent_id()),
             };
         }
         self.answer(request, Asker::Renewing(peer.agent_id()), now)
@@ -475,6 +470,40 @@ impl Enroller {
     }
 }
 
+/// What an agent whose certificate is on the deny list is told, at the handshake and
+/// at renewal.
+pub(crate) fn revoked_message(why: crate::issued::Revocation, agent_id: &str) -> String {
+    let how = match why {
+        crate::issued::Revocation::Replaced => "was revoked when the agent id was enrolled again",
+        crate::issued::Revocation::Operator => {
+            "was revoked by the operator (`updraftd agent revoke`)"
+        }
+    };
+    format!("this certificate for `{agent_id}` {how}; enroll with a token for it (`updraftd token create --agent-id {agent_id}`)")
+}
+
+/// Records in the fleet registry a certificate `reply` carries.
+fn note_in_fleet(fleet: &crate::fleet::Registry, reply: &CertReply, from: Option<SocketAddr>) {
+    let CertReply::Issued { cert, .. } = reply else {
+        return;
+    };
+    let Ok(issued) = IssuedCert::of_pem(cert, SystemTime::now()) else {
+        return;
+    };
+    use rustls::pki_types::pem::PemObject;
+    let Ok(der) = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()) else {
+        return;
+    };
+    if let Ok(agent) = updraft_shared::tls::agent_id_of(&der) {
+        fleet.issued(
+            &agent,
+            &issued.serial,
+            issued.not_after_ms,
+            from.map(|a| a.to_string()),
+        );
+    }
+}
+
 /// Why this daemon refuses every certificate request: its CA key did not load.
 fn cannot_issue(e: &pki::PkiError) -> String {
     format!("this daemon cannot issue agent certificates ({e}); give it the CA key with [tls] ca_key in daemon.toml")
@@ -535,6 +564,7 @@ pub(crate) async fn serve_renewal(
     frame: &Frame,
     peer: &AuthenticatedPeer,
     enroller: &Enroller,
+    fleet: &crate::fleet::Registry,
 ) {
     let (recv, _) = reader.into_parts();
     let reply = match CertRequest::from_frame(frame) {
@@ -544,6 +574,7 @@ pub(crate) async fn serve_renewal(
             message: bounded_message(e.to_string()),
         },
     };
+    note_in_fleet(fleet, &reply, None);
     send_reply(&mut send, recv, &reply).await;
 }
 
@@ -559,13 +590,19 @@ pub(crate) async fn send_reply(
 }
 
 /// Serves an enrollment connection: one request, answered; then the agent closes.
-pub(crate) async fn serve_connection(conn: quinn::Connection, enroller: std::sync::Arc<Enroller>) {
+pub(crate) async fn serve_connection(
+    conn: quinn::Connection,
+    enroller: std::sync::Arc<Enroller>,
+    fleet: &crate::fleet::Registry,
+) {
     let remote = conn.remote_address();
     info!(%remote, "enrollment connection");
     match tokio::time::timeout(REQUEST_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok((send, recv))) => {
             serve_request(send, recv, |r| {
-                enroller.enroll(r, remote, SystemTime::now())
+                let reply = enroller.enroll(r, remote, SystemTime::now());
+                note_in_fleet(fleet, &reply, Some(remote));
+                reply
             })
             .await;
         }

@@ -109,6 +109,21 @@ struct Revoked {
     agent_id: String,
     not_after_ms: u64,
     revoked_ms: u64,
+    /// Why: [`Revocation::Replaced`] when absent (records written before operators
+    /// could revoke).
+    #[serde(default)]
+    why: Revocation,
+}
+
+/// Why a certificate is on the deny list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocation {
+    /// Its agent id was enrolled again with a token bound to it.
+    #[default]
+    Replaced,
+    /// An operator revoked the agent (`updraftd agent revoke`).
+    Operator,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -208,11 +223,67 @@ impl Issued {
                 agent_id: agent_id.into(),
                 not_after_ms: c.not_after_ms,
                 revoked_ms: now_ms,
+                why: Revocation::Replaced,
             };
             write_json(&self.revoked_path(&c.serial), &entry)?;
         }
         self.write(agent_id, &IdRecord { certs: vec![cert] })?;
         Ok(old)
+    }
+
+    /// An operator revoked `agent_id`: every unexpired certificate issued to it, and
+    /// `also` (the serials and expiry times of certificates it was seen with, which
+    /// another daemon or `cert issue` may have made), go on the deny list. The id stays
+    /// held until those certificates expire: only a token bound to it (`updraftd token
+    /// create --agent-id ID`) enrolls it again. Returns the serials now denied.
+    pub fn revoke(
+        &self,
+        agent_id: &str,
+        also: &[(String, u64)],
+        now: SystemTime,
+    ) -> Result<Vec<String>, IssuedError> {
+        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        let now_ms = unix_ms(now);
+        let mut serials: Vec<(String, u64)> = self
+            .read(agent_id)
+            .unwrap_or_default()
+            .certs
+            .into_iter()
+            .map(|c| (c.serial, c.not_after_ms))
+            .chain(also.iter().cloned())
+            .filter(|(serial, not_after)| {
+                *not_after > now_ms
+                    && !serial.is_empty()
+                    && serial.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .collect();
+        serials.sort();
+        serials.dedup_by(|a, b| a.0 == b.0);
+        self.prune_revoked(now_ms);
+        ensure_dir(&self.revoked)?;
+        for (serial, not_after_ms) in &serials {
+            let entry = Revoked {
+                agent_id: agent_id.into(),
+                not_after_ms: *not_after_ms,
+                revoked_ms: now_ms,
+                why: Revocation::Operator,
+            };
+            write_json(&self.revoked_path(serial), &entry)?;
+        }
+        Ok(serials.into_iter().map(|(s, _)| s).collect())
+    }
+
+    /// Why the certificate with this serial is on the deny list, if it is.
+    pub fn revocation(&self, serial: &str) -> Option<Revocation> {
+        if !self.is_revoked(serial) {
+            return None;
+        }
+        let data = std::fs::read(self.revoked_path(serial)).ok()?;
+        Some(
+            serde_json::from_slice::<Revoked>(&data)
+                .map(|r| r.why)
+                .unwrap_or_default(),
+        )
     }
 
     fn revoked_path(&self, serial: &str) -> PathBuf {

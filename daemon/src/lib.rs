@@ -14,9 +14,12 @@
 //! `metrics` (`/metrics`), `reload` (SIGHUP), `quic` (the QUIC server configuration). `docs/ARCHITECTURE.md` maps them.
 #![forbid(unsafe_code)]
 
+mod admin;
+pub mod admin_client;
 pub mod cli;
 pub mod config;
 mod enroll;
+mod fleet;
 mod issued;
 mod metrics;
 pub mod pki;
@@ -29,6 +32,7 @@ mod state;
 mod stream;
 mod task;
 
+pub use admin::AdminError;
 pub use enroll::{Created, TokenError, Tokens};
 pub use issued::{Issued, IssuedCert, IssuedError};
 pub use quic::QuicConfigError;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
-use updraft_daemon::cli::{CaCommand, CertCommand, Cli, Command, TokenCommand};
+use updraft_daemon::cli::{AgentCommand, CaCommand, CertCommand, Cli, Command, TokenCommand};
 use updraft_daemon::config::DaemonConfig;
 use updraft_daemon::{Issued, IssuedCert};
 
@@ -81,6 +81,22 @@ fn main() -> ExitCode {
             };
             report(token_create(&config, ttl, agent_id.as_deref()))
         }
+        Command::Agents { json, id, config } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            report(agents(&config, json, id.as_deref()))
+        }
+        Command::Agent {
+            command: AgentCommand::Revoke { id, config },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            report(revoke(&config, &id))
+        }
         Command::Cert {
             command:
                 CertCommand::Issue {
@@ -98,6 +114,67 @@ fn main() -> ExitCode {
             state_dir.as_deref(),
         )),
     }
+}
+
+/// Runs one admin request on a current-thread runtime.
+fn admin(
+    config: &DaemonConfig,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    Ok(rt.block_on(updraft_daemon::admin_client::request(
+        &config.admin_socket,
+        method,
+        path,
+    ))?)
+}
+
+/// `updraftd agents`.
+fn agents(config: &DaemonConfig, json: bool, id: Option<&str>) -> anyhow::Result<()> {
+    let path = match id {
+        Some(id) => format!("/v1/agents/{id}"),
+        None => "/v1/agents".to_string(),
+    };
+    let answer = admin(config, hyper::Method::GET, &path)?;
+    if json {
+        println!("{answer}");
+        return Ok(());
+    }
+    let list = match answer {
+        serde_json::Value::Array(list) => list,
+        one => vec![one],
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    print!(
+        "{}",
+        updraft_daemon::admin_client::render_agents(&list, now)
+    );
+    Ok(())
+}
+
+/// `updraftd agent revoke ID`.
+fn revoke(config: &DaemonConfig, id: &str) -> anyhow::Result<()> {
+    let done = admin(
+        config,
+        hyper::Method::POST,
+        &format!("/v1/agents/{id}/revoke"),
+    )?;
+    let serials: Vec<&str> = done["serials"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "revoked agent `{id}`: certificate serials {} refused from now on; {} live connection(s) closed. To let the board back: `updraftd token create --agent-id {id}`, then `updraft-agent enroll` on it",
+        if serials.is_empty() { "(none known)".to_string() } else { serials.join(", ") },
+        done["closed"].as_u64().unwrap_or(0),
+    );
+    Ok(())
 }
 
 /// Loads and checks a config the way `serve` uses it: the file, then the TLS files

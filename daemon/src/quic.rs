@@ -31,7 +31,9 @@ pub(crate) fn server_config_from(
     let mut server = quinn::ServerConfig::with_crypto(identity.quic_server()?);
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(config.max_streams_per_connection.into())
+        // One more than the limit: the agent's fleet stream lasts as long as the
+        // connection and must not take a task's place.
+        .max_concurrent_bidi_streams((config.max_streams_per_connection + 1).into())
         .max_concurrent_uni_streams(0u32.into())
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(config.idle_timeout)?));

@@ -3,6 +3,7 @@
 //! on shutdown.
 
 use crate::config::DaemonConfig;
+use crate::issued::Revocation;
 use crate::state::Shared;
 use std::future::Future;
 use std::io;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use updraft_proto::{LoadReport, CLOSE_DRAINING, CLOSE_PROTOCOL, ENROLL_ALPN};
+use updraft_proto::{LoadReport, CLOSE_DRAINING, CLOSE_PROTOCOL, CLOSE_REVOKED, ENROLL_ALPN};
 use updraft_shared::config::ConfigError;
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::write_frame;
@@ -52,6 +53,9 @@ pub enum ServerError {
     /// `/metrics` could not be served.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// The admin socket could not be served.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// The endpoint has no local address.
     #[error(transparent)]
     LocalAddr(io::Error),
@@ -106,6 +110,7 @@ pub async fn run(
         }
         None => None,
     };
+    let _admin = crate::admin::serve(&shared.config.admin_socket, shared.clone()).await?;
     let listen = endpoint.local_addr().map_err(ServerError::LocalAddr)?;
     let tasks = shared.catalog().names().collect::<Vec<_>>().join(",");
     let slots = shared.config.max_concurrent_tasks;
@@ -192,7 +197,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         return;
     }
     if updraft_shared::tls::alpn_of(&conn).as_deref() == Some(ENROLL_ALPN) {
-        crate::enroll::serve_connection(conn, shared.enroller()).await;
+        crate::enroll::serve_connection(conn, shared.enroller(), &shared.fleet).await;
         return;
     }
     let peer = match AuthenticatedPeer::from_connection(&conn) {
@@ -207,16 +212,19 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
             return;
         }
     };
-    if shared.enroller().is_revoked(peer.serial()) {
-        warn!(%remote, agent = peer.agent_id(), serial = peer.serial(), "refused a revoked certificate: its agent id was enrolled again since");
-        conn.close(
-            CLOSE_PROTOCOL.into(),
-            b"certificate revoked: the agent id was enrolled again; enroll with a token for it",
-        );
+    if let Some(why) = shared.enroller().revocation(peer.serial()) {
+        let message = crate::enroll::revoked_message(why, peer.agent_id());
+        warn!(%remote, agent = peer.agent_id(), serial = peer.serial(), "refused a revoked certificate: {message}");
+        let code = match why {
+            Revocation::Replaced => CLOSE_PROTOCOL,
+            Revocation::Operator => CLOSE_REVOKED,
+        };
+        conn.close(code.into(), message.as_bytes());
         return;
     }
     let peer = Arc::new(peer);
     info!(%remote, agent = peer.agent_id(), "agent connected");
+    shared.fleet.connected(&peer, &conn);
     shared.connections.fetch_add(1, Ordering::Relaxed);
     let reporter = tokio::spawn(report_load(conn.clone(), shared.clone()));
     let probes = Arc::new(crate::probe::ProbeGate::new(
@@ -238,6 +246,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         }
     }
     reporter.abort();
+    shared.fleet.disconnected(peer.agent_id(), conn.stable_id());
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     info!(%remote, agent = peer.agent_id(), "agent disconnected");
 }

@@ -40,6 +40,8 @@ pub(crate) struct Shared {
     pub(crate) live: Mutex<(DaemonConfig, Option<Identity>)>,
     /// Held inputs each agent is sending now.
     pub(crate) uploads: Uploads,
+    /// Every agent that connected or enrolled.
+    pub(crate) fleet: crate::fleet::Registry,
 }
 
 impl Shared {
@@ -61,6 +63,7 @@ impl Shared {
             enroller: RwLock::new(Arc::new(Enroller::load(&config))),
             live: Mutex::new((config.clone(), config.load_identity().ok())),
             uploads: Uploads::default(),
+            fleet: crate::fleet::Registry::open(&config.state_dir),
             config,
         }
     }

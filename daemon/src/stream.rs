@@ -1,6 +1,7 @@
 //! One stream an agent opened: its first frame says what it is, and the stream goes to
-//! the handler for that: a task ([`crate::task`]), a link probe ([`crate::probe`]) or a
-//! certificate renewal ([`crate::enroll`]).
+//! the handler for that: a task ([`crate::task`]), a link probe ([`crate::probe`]), a
+//! certificate renewal ([`crate::enroll`]) or the agent's fleet stream
+//! ([`crate::fleet::stream`]).
 
 use crate::probe::ProbeGate;
 use crate::state::Shared;
@@ -33,7 +34,11 @@ pub(crate) async fn serve(
             }
             FrameKind::CertRequest => {
                 let enroller = shared.enroller();
-                crate::enroll::serve_renewal(send, reader, &frame, peer, &enroller).await;
+                crate::enroll::serve_renewal(send, reader, &frame, peer, &enroller, &shared.fleet)
+                    .await;
+            }
+            FrameKind::AgentReport => {
+                crate::fleet::stream::serve(send, reader, frame, peer, shared).await;
             }
             _ => task::serve(send, reader, &frame, peer, shared).await,
         },

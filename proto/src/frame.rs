@@ -17,6 +17,9 @@ pub const MAX_HEADER_LEN: u32 = 64 * 1024;
 /// Cap on one output data frame. Senders use [`DATA_CHUNK`]; receivers accept up to
 /// 1 MiB so that a peer with a larger write size still interoperates.
 pub const MAX_DATA_LEN: u32 = 1024 * 1024;
+/// Maximum FleetNotice payload: a pushed policy of [`crate::fleet::MAX_POLICY_LEN`]
+/// bytes, every byte escaped as JSON's longest escape (`\u0000`), and room to spare.
+pub const MAX_NOTICE_LEN: u32 = 400 * 1024;
 
 /// The data frame size senders should use: large enough to amortise the prelude,
 /// small enough to keep per-task buffering low on small boards.
@@ -46,6 +49,10 @@ pub enum FrameKind {
     /// Daemon → agent, the answer to a [`FrameKind::Probe`]: JSON [`super::ProbeReply`];
     /// the download payload follows as raw stream bytes.
     ProbeReply = 9,
+    /// Agent → daemon, every frame of the fleet stream: JSON [`crate::fleet::AgentReport`].
+    AgentReport = 10,
+    /// Daemon → agent on the fleet stream: JSON [`crate::fleet::FleetNotice`].
+    FleetNotice = 11,
 }
 
 impl FrameKind {
@@ -60,6 +67,8 @@ impl FrameKind {
             7 => Self::CertReply,
             8 => Self::Probe,
             9 => Self::ProbeReply,
+            10 => Self::AgentReport,
+            11 => Self::FleetNotice,
             _ => return None,
         })
     }
@@ -68,6 +77,7 @@ impl FrameKind {
     pub fn max_len(self) -> u32 {
         match self {
             Self::Data => MAX_DATA_LEN,
+            Self::FleetNotice => MAX_NOTICE_LEN,
             _ => MAX_HEADER_LEN,
         }
     }
@@ -225,7 +235,7 @@ mod tests {
 
     #[test]
     fn unknown_kind() {
-        let mut buf = BytesMut::from(&[10u8, 0, 0, 0, 0][..]);
-        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::UnknownKind(10)));
+        let mut buf = BytesMut::from(&[12u8, 0, 0, 0, 0][..]);
+        assert_eq!(Frame::decode(&mut buf), Err(DecodeError::UnknownKind(12)));
     }
 }

@@ -1,5 +1,5 @@
 //! Updraft's pure core: the wire protocol (frames in [`frame`], the messages they carry in
-//! [`msg`]), task names ([`name`]), the placement policy and cost model ([`policy`]), the
+//! [`msg`]; the fleet stream's in [`fleet`]), task names ([`name`]), the placement policy and cost model ([`policy`]), the
 //! link probe's budget and timing ([`probe`]), and config units ([`units`]).
 //!
 //! Nothing here touches a socket, a file or the clock: callers pass bytes, text, signal
@@ -8,6 +8,7 @@
 //! of [`frame`] and [`msg`] and the two must agree.
 #![forbid(unsafe_code)]
 
+pub mod fleet;
 pub mod frame;
 pub mod msg;
 pub mod name;
@@ -34,6 +35,9 @@ pub const CLOSE_OK: u32 = 0;
 pub const CLOSE_DRAINING: u32 = 1;
 /// QUIC application close code: the peer broke the protocol.
 pub const CLOSE_PROTOCOL: u32 = 2;
+/// QUIC application close code: an operator revoked this agent (`updraftd agent
+/// revoke`); its certificate is refused from now on.
+pub const CLOSE_REVOKED: u32 = 3;
 
 /// QUIC stream code with STOP_SENDING: the daemon refuses (the rest of) the input.
 pub const STOP_INPUT: u32 = 1;

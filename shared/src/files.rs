@@ -62,6 +62,13 @@ pub fn own_like_directory(path: &Path) {
     }
 }
 
+/// SHA-256 of `data`, 64 lowercase hex digits: how files and certificates are named
+/// by content (a policy's hash, a CA's fingerprint).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -74,7 +73,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 
 /// SHA-256 of a certificate's DER, lowercase hex: the CA fingerprint agents pin.
 pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
+    crate::files::sha256_hex(der)
 }
 
 /// Certificates and key one side presents, plus the CA it trusts.
@@ -393,6 +392,7 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCa {
 pub struct AuthenticatedPeer {
     agent_id: String,
     serial: String,
+    not_after: SystemTime,
 }
 
 impl AuthenticatedPeer {
@@ -404,6 +404,11 @@ impl AuthenticatedPeer {
     /// The verified certificate's serial number, lowercase hex.
     pub fn serial(&self) -> &str {
         &self.serial
+    }
+
+    /// When the verified certificate expires.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     /// Reads the identity from a connection whose handshake completed. quinn only
@@ -421,6 +426,7 @@ impl AuthenticatedPeer {
         Ok(Self {
             agent_id: agent_id_of(leaf)?,
             serial: serial_of(leaf)?,
+            not_after: validity_of(leaf)?.1,
         })
     }
 
@@ -429,6 +435,7 @@ impl AuthenticatedPeer {
         Self {
             agent_id: id.into(),
             serial: String::new(),
+            not_after: UNIX_EPOCH,
         }
     }
 }

@@ -76,7 +76,9 @@ pub enum Command {
         /// The CA fingerprint `updraftd ca init` printed (SHA-256, hex).
         #[arg(long = "ca-sha256")]
         ca_sha256: String,
-        /// The agent id to ask for. Default: agent_id in the config, else the host name.
+        /// The agent id to ask for. Default: agent_id in the config, else the host name
+        /// (a name images ship with, like raspberrypi, gets the first 12 hex digits of
+        /// /etc/machine-id appended).
         #[arg(long)]
         agent_id: Option<String>,
         /// Replace a certificate that is still valid.

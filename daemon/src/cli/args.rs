@@ -46,6 +46,26 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// List the agents the running daemon knows: connected now or last seen, version,
+    /// certificate expiry, policy in force and where their tasks ran over the last hour.
+    /// Asks the daemon on its admin socket.
+    Agents {
+        /// One JSON array (one object with --id) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only this agent, with every field.
+        #[arg(long)]
+        id: Option<String>,
+        /// The daemon's config file (names its admin socket).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Commands on one agent.
+    Agent {
+        /// What to do.
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Validate a config file and exit (0 = valid).
     CheckConfig {
         /// Config file.
@@ -105,6 +125,21 @@ pub enum TokenCommand {
         #[arg(long)]
         agent_id: Option<String>,
         /// The daemon's config file (its state_dir holds the tokens).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// `updraftd agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Revoke an agent: its certificates are refused from now on, at the handshake and at
+    /// renewal, and its live connections are closed. Only a token bound to its id
+    /// (`token create --agent-id ID`) enrolls it again.
+    Revoke {
+        /// The agent id.
+        id: String,
+        /// The daemon's config file (names its admin socket).
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },

@@ -1,0 +1,280 @@
+//! What the agent tells daemons about itself: one fleet stream per daemon connection
+//! carries [`AgentReport`]s (version, policy in force, where tasks ran over the last
+//! hour), and brings back each daemon's catalog and clock ([`FleetNotice::Hello`]).
+//!
+//! A report goes when the stream opens; then every [`REPORT_MIN_INTERVAL`] the agent
+//! looks whether anything in it changed, and sends it when something did, or when
+//! [`REPORT_INTERVAL`] passed since the last.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{debug, info};
+use updraft_proto::fleet::{AgentReport, FleetNotice, PlacementMix, PolicyState};
+use updraft_proto::FrameKind;
+use updraft_shared::wire::{write_frame, FrameReader};
+
+use crate::placement::{ReasonKind, Side};
+
+/// Shortest time between two reports on one stream: a busy board changes its mix with
+/// every task, and the daemon needs no more than a glance every few seconds.
+pub(crate) const REPORT_MIN_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest time between two reports: `updraftd agents` shows "last seen" from them.
+pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(60);
+/// The mix counts the last hour, in minute buckets.
+const MIX_BUCKETS: usize = 60;
+const BUCKET_SECS: u64 = 60;
+
+/// Tasks by where they ran, over the last hour, in minute buckets.
+#[derive(Debug)]
+pub(crate) struct MixWindow {
+    /// (minute since the epoch, counts of that minute); a bucket from more than an hour
+    /// ago is stale and counts for nothing.
+    buckets: [(u64, PlacementMix); MIX_BUCKETS],
+}
+
+impl Default for MixWindow {
+    fn default() -> Self {
+        Self {
+            buckets: [(0, PlacementMix::default()); MIX_BUCKETS],
+        }
+    }
+}
+
+impl MixWindow {
+    /// Counts one task that ran on `side` for `kind` at `now_s` (Unix seconds).
+    pub(crate) fn add(&mut self, side: Side, kind: ReasonKind, now_s: u64) {
+        let minute = now_s / BUCKET_SECS;
+        let bucket = &mut self.buckets[(minute % MIX_BUCKETS as u64) as usize];
+        if bucket.0 != minute {
+            *bucket = (minute, PlacementMix::default());
+        }
+        let m = &mut bucket.1;
+        match (side, kind) {
+            (Side::Cloud, _) => m.cloud += 1,
+            (Side::Local, ReasonKind::Fallback) => m.fallback += 1,
+            (Side::Local, _) => m.local += 1,
+        }
+    }
+
+    /// The counts of the hour up to `now_s`.
+    pub(crate) fn sum(&self, now_s: u64) -> PlacementMix {
+        let minute = now_s / BUCKET_SECS;
+        let mut total = PlacementMix::default();
+        for (at, m) in &self.buckets {
+            if *at + MIX_BUCKETS as u64 > minute && *at <= minute {
+                total.local += m.local;
+                total.cloud += m.cloud;
+                total.fallback += m.fallback;
+            }
+        }
+        total
+    }
+}
+
+/// What one daemon said on its fleet stream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Heard {
+    /// The task names its catalog offers.
+    pub(crate) tasks: Vec<String>,
+    /// Its clock minus ours when it answered, milliseconds (half the round trip is
+    /// within the error).
+    pub(crate) clock_skew_ms: i64,
+}
+
+/// The agent's side of the fleet streams.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    version: &'static str,
+    mix: Mutex<MixWindow>,
+    /// What each daemon said, by its configured address.
+    heard: Mutex<BTreeMap<String, Heard>>,
+}
+
+fn now_s() -> u64 {
+    unix_ms(SystemTime::now()) / 1000
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Fleet {
+    /// The fleet streams of an agent of `version`.
+    pub(crate) fn new(version: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            version,
+            mix: Mutex::default(),
+            heard: Mutex::default(),
+        })
+    }
+
+    /// Counts a finished task.
+    pub(crate) fn ran(&self, side: Side, kind: ReasonKind) {
+        self.mix.lock().expect("mix lock").add(side, kind, now_s());
+    }
+
+    /// What each daemon said, by address.
+    pub(crate) fn heard(&self) -> BTreeMap<String, Heard> {
+        self.heard.lock().expect("heard lock").clone()
+    }
+
+    fn report(&self, policy: &crate::policy_file::PolicyStatus) -> AgentReport {
+        AgentReport {
+            version: self.version.to_string(),
+            policy: PolicyState {
+                hash: policy.hash.clone(),
+                source: policy.source.to_string(),
+                refused: policy
+                    .error
+                    .as_ref()
+                    .map(|e| updraft_proto::msg::bounded_message(e.clone())),
+            },
+            mix: self.mix.lock().expect("mix lock").sum(now_s()),
+            accept_push: false,
+            push: None,
+        }
+    }
+}
+
+/// Where a report's policy comes from: the agent's policy holder, read when the report
+/// is sent.
+pub(crate) type PolicySource = Arc<dyn Fn() -> crate::policy_file::PolicyStatus + Send + Sync>;
+
+/// What the uplink needs to run fleet streams.
+#[derive(Clone)]
+pub(crate) struct Hook {
+    /// The agent's fleet state.
+    pub(crate) fleet: Arc<Fleet>,
+    /// The policy in force, read when a report is sent.
+    pub(crate) policy: PolicySource,
+}
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hook").field("fleet", &self.fleet).finish()
+    }
+}
+
+/// Runs the fleet stream on `conn` to the daemon at `daemon` until the connection
+/// closes. A daemon older than the fleet stream answers it like an unknown task stream
+/// (a Reply); the agent then leaves it be on that connection.
+pub(crate) async fn run_stream(conn: quinn::Connection, daemon: String, hook: Hook) {
+    let Hook { fleet, policy } = hook;
+    let Ok((mut send, recv)) = conn.open_bi().await else {
+        return;
+    };
+    let mut reader = FrameReader::new(recv);
+    // The first report, and the daemon's hello in answer.
+    let sent_at = unix_ms(SystemTime::now());
+    let mut last = fleet.report(&policy());
+    if write_frame(&mut send, &last.to_frame()).await.is_err()
+        || !greeted(&mut reader, &daemon, &fleet, sent_at).await
+    {
+        return;
+    }
+    let mut last_at = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(REPORT_MIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let report = fleet.report(&policy());
+                if report == last && last_at.elapsed() < REPORT_INTERVAL {
+                    continue;
+                }
+                if write_frame(&mut send, &report.to_frame()).await.is_err() {
+                    return;
+                }
+                last = report;
+                last_at = tokio::time::Instant::now();
+            }
+            next = reader.next() => match next {
+                Ok(Some(frame)) => notice(&frame, &daemon),
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// Reads the daemon's answer to the first report; false when there is none to wait for
+/// (an older daemon, or the stream ended).
+async fn greeted(
+    reader: &mut FrameReader<quinn::RecvStream>,
+    daemon: &str,
+    fleet: &Fleet,
+    sent_at_ms: u64,
+) -> bool {
+    let frame = match reader.next().await {
+        Ok(Some(f)) => f,
+        Ok(None) | Err(_) => return false,
+    };
+    if frame.kind == FrameKind::Reply {
+        debug!(
+            daemon,
+            "the daemon predates the fleet stream; not reporting to it"
+        );
+        return false;
+    }
+    match FleetNotice::from_frame(&frame) {
+        Ok(FleetNotice::Hello {
+            tasks,
+            time_unix_ms,
+        }) => {
+            let back_ms = unix_ms(SystemTime::now());
+            let mid = (sent_at_ms + back_ms) / 2;
+            let heard = Heard {
+                tasks,
+                clock_skew_ms: time_unix_ms as i64 - mid as i64,
+            };
+            fleet
+                .heard
+                .lock()
+                .expect("heard lock")
+                .insert(daemon.to_string(), heard);
+            true
+        }
+        Ok(_) => true,
+        Err(e) => {
+            info!(daemon, error = %e, "daemon misbehaved on the fleet stream; not reporting to it");
+            false
+        }
+    }
+}
+
+/// A notice after the hello: nothing this version acts on yet.
+fn notice(frame: &updraft_proto::Frame, daemon: &str) {
+    if let Err(e) = FleetNotice::from_frame(frame) {
+        debug!(daemon, error = %e, "ignored a fleet notice that does not decode");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_counts_the_last_hour_by_side_and_fallback() {
+        let mut w = MixWindow::default();
+        let t0 = 1_000_000_000;
+        w.add(Side::Local, ReasonKind::Auto, t0);
+        w.add(Side::Local, ReasonKind::Fallback, t0 + 10);
+        w.add(Side::Cloud, ReasonKind::Rule, t0 + 1800);
+        assert_eq!(
+            w.sum(t0 + 1800),
+            PlacementMix {
+                local: 1,
+                cloud: 1,
+                fallback: 1
+            }
+        );
+        // An hour later the first minute has gone; the cloud task is still counted.
+        let later = w.sum(t0 + 3600 + 60);
+        assert_eq!((later.local, later.fallback, later.cloud), (0, 0, 1));
+        // A bucket reused a lap later starts from zero.
+        w.add(Side::Local, ReasonKind::Auto, t0 + 3600 * 2);
+        assert_eq!(w.sum(t0 + 3600 * 2).local, 1);
+        assert_eq!(w.sum(t0 + 3600 * 2).cloud, 0);
+    }
+}

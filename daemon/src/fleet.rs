@@ -1,0 +1,387 @@
+//! The fleet this daemon knows: every agent that connected or enrolled, what it said on
+//! its fleet stream (version, policy in force, placement mix), its certificate, and
+//! whether an operator revoked it. Kept in `state_dir/fleet/ID.json` across restarts;
+//! `updraftd agents` reads it through the admin socket ([`crate::admin`]).
+//!
+//! The registry is the one seam fleet state goes through: the fleet stream ([`stream`])
+//! and the connection handler write it, the admin socket reads it and revokes through it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::warn;
+use updraft_proto::fleet::{AgentReport, PlacementMix, PolicyState, PushOutcome};
+use updraft_proto::CLOSE_REVOKED;
+use updraft_shared::files::write_atomic;
+use updraft_shared::tls::AuthenticatedPeer;
+
+use crate::issued::{Issued, IssuedError};
+
+pub(crate) mod stream;
+
+/// Most agents the registry keeps. An agent needs a certificate from this CA to be
+/// registered, so the bound is against a runaway, not a stranger; past it, new agents
+/// are served but not registered (and a warning says so).
+pub(crate) const MAX_AGENTS: usize = 100_000;
+
+/// What the registry keeps of one agent, as `updraftd agents --json` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AgentRecord {
+    /// The agent id (its certificate's common name).
+    pub(crate) agent_id: String,
+    /// When this daemon first saw it (enrolled or connected), Unix milliseconds.
+    pub(crate) first_seen_unix_ms: u64,
+    /// When it was last connected or reported, Unix milliseconds.
+    pub(crate) last_seen_unix_ms: u64,
+    /// The address its last connection came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) address: Option<String>,
+    /// Its version, from its last report (absent: it never sent one; an agent older
+    /// than the fleet stream).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) version: Option<String>,
+    /// Serial (lowercase hex) of the certificate it last connected or enrolled with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cert_serial: Option<String>,
+    /// When that certificate expires, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) cert_not_after_unix_ms: Option<u64>,
+    /// The placement policy in force, from its last report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) policy: Option<PolicyState>,
+    /// Where its tasks ran over the hour before its last report.
+    #[serde(default)]
+    pub(crate) mix: PlacementMix,
+    /// Whether it applies pushed policies.
+    #[serde(default)]
+    pub(crate) accept_push: bool,
+    /// What it did with the last pushed policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) push: Option<PushOutcome>,
+    /// When an operator revoked it, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) revoked_unix_ms: Option<u64>,
+}
+
+/// One agent as listed: its record and whether it is connected now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct AgentView {
+    /// What is kept.
+    #[serde(flatten)]
+    pub(crate) record: AgentRecord,
+    /// Connections it holds to this daemon now.
+    pub(crate) connections: usize,
+}
+
+/// A live connection of an agent, so a revocation can close it.
+struct Live {
+    id: usize,
+    conn: quinn::Connection,
+}
+
+#[derive(Default)]
+struct Entry {
+    record: AgentRecord,
+    live: Vec<Live>,
+}
+
+/// Why the registry could not do what an operator asked.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FleetError {
+    /// No agent with that id connected to or enrolled with this daemon.
+    #[error("no agent `{0}` is known to this daemon (see `updraftd agents`)")]
+    Unknown(String),
+    /// The deny list could not be written.
+    #[error(transparent)]
+    Issued(#[from] IssuedError),
+    /// The agent's record could not be written.
+    #[error("cannot write {}: {error} (check state_dir in daemon.toml)", path.display())]
+    Write {
+        /// The record file.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Revoked {
+    /// The agent.
+    pub(crate) agent_id: String,
+    /// Certificate serials now on the deny list.
+    pub(crate) serials: Vec<String>,
+    /// Live connections closed.
+    pub(crate) closed: usize,
+}
+
+/// The fleet: agents by id.
+pub(crate) struct Registry {
+    dir: PathBuf,
+    agents: Mutex<BTreeMap<String, Entry>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("dir", &self.dir).finish()
+    }
+}
+
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Registry {
+    /// The registry kept in `state_dir/fleet`, read back from the records there. A
+    /// damaged record is skipped with a warning (the agent is registered again when it
+    /// next connects).
+    pub(crate) fn open(state_dir: &Path) -> Self {
+        let dir = state_dir.join("fleet");
+        let mut agents = BTreeMap::new();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                    continue;
+                }
+                if agents.len() >= MAX_AGENTS {
+                    warn!(dir = %dir.display(), "more than {MAX_AGENTS} agent records; the rest are not loaded");
+                    break;
+                }
+                let parsed = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|d| {
+                        serde_json::from_slice::<AgentRecord>(&d).map_err(|e| e.to_string())
+                    });
+                match parsed {
+                    Ok(record) if updraft_shared::tls::check_agent_id(&record.agent_id).is_ok() => {
+                        agents.insert(
+                            record.agent_id.clone(),
+                            Entry {
+                                record,
+                                live: Vec::new(),
+                            },
+                        );
+                    }
+                    Ok(_) => {
+                        warn!(path = %path.display(), "agent record names an invalid agent id; skipped")
+                    }
+                    Err(error) => {
+                        warn!(path = %path.display(), %error, "agent record is damaged; skipped (the agent is registered again when it next connects)")
+                    }
+                }
+            }
+        }
+        Self {
+            dir,
+            agents: Mutex::new(agents),
+        }
+    }
+
+    fn path(&self, agent_id: &str) -> PathBuf {
+        // Agent ids are letters, digits, '-', '_', '.' (checked at the handshake and
+        // enrollment): no separator, and the suffix keeps "." and ".." from naming
+        // directories.
+        self.dir.join(format!("{agent_id}.json"))
+    }
+
+    fn save(&self, record: &AgentRecord) -> Result<(), FleetError> {
+        let path = self.path(&record.agent_id);
+        let write = || {
+            std::fs::create_dir_all(&self.dir)?;
+            let json = serde_json::to_vec(record).expect("records always serialize");
+            write_atomic(&path, &json, 0o600)
+        };
+        write().map_err(|error| FleetError::Write { path, error })
+    }
+
+    /// Updates (or creates, within [`MAX_AGENTS`]) the record of `agent_id` with `f`
+    /// and saves it; a failed save is logged, the daemon serves on.
+    fn update<T>(
+        &self,
+        agent_id: &str,
+        now: SystemTime,
+        f: impl FnOnce(&mut Entry) -> T,
+    ) -> Option<T> {
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        if !agents.contains_key(agent_id) {
+            if agents.len() >= MAX_AGENTS {
+                warn!(
+                    agent = agent_id,
+                    "the registry holds {MAX_AGENTS} agents; this one is served but not registered"
+                );
+                return None;
+            }
+            let mut entry = Entry::default();
+            entry.record.agent_id = agent_id.to_string();
+            entry.record.first_seen_unix_ms = unix_ms(now);
+            agents.insert(agent_id.to_string(), entry);
+        }
+        let entry = agents.get_mut(agent_id)?;
+        entry.record.last_seen_unix_ms = unix_ms(now);
+        let out = f(entry);
+        if let Err(e) = self.save(&entry.record) {
+            warn!(agent = agent_id, error = %e, "cannot save the agent's record; it is kept in memory");
+        }
+        Some(out)
+    }
+
+    /// An agent's connection `conn` passed the handshake.
+    pub(crate) fn connected(&self, peer: &AuthenticatedPeer, conn: &quinn::Connection) {
+        let now = SystemTime::now();
+        self.update(peer.agent_id(), now, |e| {
+            e.record.address = Some(conn.remote_address().to_string());
+            e.record.cert_serial = Some(peer.serial().to_string());
+            e.record.cert_not_after_unix_ms = Some(unix_ms(peer.not_after()));
+            e.live.push(Live {
+                id: conn.stable_id(),
+                conn: conn.clone(),
+            });
+        });
+    }
+
+    /// The connection with `conn_id` of `agent_id` ended.
+    pub(crate) fn disconnected(&self, agent_id: &str, conn_id: usize) {
+        self.update(agent_id, SystemTime::now(), |e| {
+            e.live.retain(|l| l.id != conn_id);
+        });
+    }
+
+    /// An agent enrolled or renewed: `serial`, valid until `not_after_ms`.
+    pub(crate) fn issued(
+        &self,
+        agent_id: &str,
+        serial: &str,
+        not_after_ms: u64,
+        from: Option<String>,
+    ) {
+        self.update(agent_id, SystemTime::now(), |e| {
+            e.record.cert_serial = Some(serial.to_string());
+            e.record.cert_not_after_unix_ms = Some(not_after_ms);
+            if from.is_some() {
+                e.record.address = from;
+            }
+        });
+    }
+
+    /// A validated report arrived on the agent's fleet stream.
+    pub(crate) fn reported(&self, agent_id: &str, report: AgentReport) {
+        self.update(agent_id, SystemTime::now(), |e| {
+            let r = &mut e.record;
+            r.version = Some(report.version);
+            r.policy = Some(report.policy);
+            r.mix = report.mix;
+            r.accept_push = report.accept_push;
+            if report.push.is_some() {
+                r.push = report.push;
+            }
+        });
+    }
+
+    /// Every agent, by id.
+    pub(crate) fn list(&self) -> Vec<AgentView> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents.values().map(view).collect()
+    }
+
+    /// One agent.
+    pub(crate) fn get(&self, agent_id: &str) -> Option<AgentView> {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents.get(agent_id).map(view)
+    }
+
+    /// Revokes `agent_id`: the certificates issued to it and the one it was last seen
+    /// with go on `issued`'s deny list (checked at every handshake and renewal), and its
+    /// live connections are closed with [`CLOSE_REVOKED`].
+    pub(crate) fn revoke(&self, agent_id: &str, issued: &Issued) -> Result<Revoked, FleetError> {
+        let now = SystemTime::now();
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = agents
+            .get_mut(agent_id)
+            .ok_or_else(|| FleetError::Unknown(agent_id.to_string()))?;
+        let seen: Vec<(String, u64)> = entry
+            .record
+            .cert_serial
+            .clone()
+            .zip(entry.record.cert_not_after_unix_ms)
+            .into_iter()
+            .collect();
+        let serials = issued.revoke(agent_id, &seen, now)?;
+        entry.record.revoked_unix_ms = Some(unix_ms(now));
+        let closed = entry.live.len();
+        let why = crate::enroll::revoked_message(crate::issued::Revocation::Operator, agent_id);
+        for live in entry.live.drain(..) {
+            live.conn.close(CLOSE_REVOKED.into(), why.as_bytes());
+        }
+        self.save(&entry.record)?;
+        Ok(Revoked {
+            agent_id: agent_id.to_string(),
+            serials,
+            closed,
+        })
+    }
+}
+
+fn view(e: &Entry) -> AgentView {
+    AgentView {
+        record: e.record.clone(),
+        connections: e.live.len(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_restart_and_damaged_ones_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path());
+        let now = SystemTime::now();
+        reg.update("board-1", now, |e| {
+            e.record.version = Some("0.1.0".into());
+        });
+        reg.issued("board-2", "0a0b", 42, Some("10.0.0.2:4433".into()));
+        std::fs::write(dir.path().join("fleet/broken.json"), b"{not json").unwrap();
+        let again = Registry::open(dir.path());
+        let list = again.list();
+        let ids: Vec<&str> = list.iter().map(|a| a.record.agent_id.as_str()).collect();
+        assert_eq!(ids, ["board-1", "board-2"]);
+        assert_eq!(list[0].record.version.as_deref(), Some("0.1.0"));
+        assert_eq!(list[1].record.cert_serial.as_deref(), Some("0a0b"));
+        assert_eq!(list[1].connections, 0);
+    }
+
+    #[test]
+    fn revoking_an_unknown_agent_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path());
+        let e = reg.revoke("nobody", &Issued::new(dir.path())).unwrap_err();
+        assert!(e.to_string().contains("no agent `nobody`"), "{e}");
+    }
+
+    #[test]
+    fn revocation_denies_the_certificates_seen_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path());
+        let issued = Issued::new(dir.path());
+        let far = unix_ms(SystemTime::now()) + 3_600_000;
+        reg.issued("board-1", "abcd", far, None);
+        let r = reg.revoke("board-1", &issued).unwrap();
+        assert_eq!(r.serials, ["abcd"]);
+        assert!(issued.is_revoked("abcd"));
+        assert_eq!(
+            issued.revocation("abcd"),
+            Some(crate::issued::Revocation::Operator)
+        );
+        let again = Registry::open(dir.path());
+        assert!(again
+            .get("board-1")
+            .unwrap()
+            .record
+            .revoked_unix_ms
+            .is_some());
+    }
+}

@@ -1,0 +1,81 @@
+//! One agent's fleet stream: reads its reports into the registry and answers the first
+//! with the daemon's catalog and clock.
+
+use std::time::SystemTime;
+use tracing::{debug, warn};
+use updraft_proto::fleet::{AgentReport, FleetNotice, MAX_CATALOG_NAMES};
+use updraft_proto::{Frame, STOP_INPUT};
+use updraft_shared::tls::AuthenticatedPeer;
+use updraft_shared::wire::{write_frame, FrameReader};
+
+use crate::state::Shared;
+
+/// Serves the fleet stream whose first frame, `first`, is the agent's first report,
+/// until the agent ends it, the connection closes or the daemon starts draining.
+pub(crate) async fn serve(
+    mut send: quinn::SendStream,
+    mut reader: FrameReader<quinn::RecvStream>,
+    first: Frame,
+    peer: &AuthenticatedPeer,
+    shared: &Shared,
+) {
+    let agent = peer.agent_id();
+    let mut frame = first;
+    let mut greeted = false;
+    let mut draining = shared.draining.clone();
+    loop {
+        let report = match AgentReport::from_frame(&frame)
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.validate().map(|()| r).map_err(|e| e.to_string()))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(agent, error = %e, "peer misbehaved: bad agent report; fleet stream closed");
+                let (mut recv, _) = reader.into_parts();
+                let _ = recv.stop(STOP_INPUT.into());
+                let _ = send.reset(0u32.into());
+                return;
+            }
+        };
+        shared.fleet.reported(agent, report);
+        if !greeted {
+            greeted = true;
+            if write_frame(&mut send, &hello(shared).to_frame())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        // A drain waits for the streams in flight; this one would last as long as the
+        // connection, so it ends when the drain starts.
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = draining.wait_for(|d| *d) => {
+                let _ = send.finish();
+                return;
+            }
+        };
+        frame = match next {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                debug!(agent, error = %e, "fleet stream ended");
+                return;
+            }
+        };
+    }
+}
+
+/// The answer to an agent's first report: the catalog it may offload to, and the time.
+fn hello(shared: &Shared) -> FleetNotice {
+    FleetNotice::Hello {
+        tasks: shared
+            .catalog()
+            .names()
+            .take(MAX_CATALOG_NAMES)
+            .map(str::to_string)
+            .collect(),
+        time_unix_ms: crate::fleet::unix_ms(SystemTime::now()),
+    }
+}

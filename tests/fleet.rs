@@ -1,0 +1,311 @@
+//! Running a fleet from the cloud side, with the real binaries: `updraftd agents` lists
+//! every board with what it reported on its fleet stream (version, certificate expiry,
+//! policy in force, where its tasks ran), and `updraftd agent revoke` shuts one out —
+//! disconnected at once, refused at every reconnect, and still after a daemon restart.
+mod common;
+use common::{
+    bin, http, serve_daemon, stderr, updraftd, wait_for, Proc, AGENT_TASKS, DAEMON_TASKS,
+};
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn write_daemon_config(dir: &Path) -> PathBuf {
+    let cfg = dir.join("daemon.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"dstate\"\nload_report_interval = \"100ms\"\ndrain_timeout = \"5s\"\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\nca_key = \"pki/ca.key\"\n{DAEMON_TASKS}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// A board: its certificate from `cert issue` (recorded in the daemon's state), its
+/// config, and optionally a policy file.
+fn board(dir: &Path, id: &str, daemon: &str, policy: Option<&str>) -> (PathBuf, PathBuf) {
+    let home = dir.join(id);
+    std::fs::create_dir_all(&home).unwrap();
+    let out = updraftd(&[
+        "cert",
+        "issue",
+        "--agent-id",
+        id,
+        "--out",
+        home.join("tls").to_str().unwrap(),
+        "--ca-dir",
+        dir.join("pki").to_str().unwrap(),
+        "--state-dir",
+        dir.join("dstate").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "cert issue: {}", stderr(&out));
+    if let Some(p) = policy {
+        std::fs::write(home.join("policy.toml"), p).unwrap();
+    }
+    let ca = dir.join("pki/ca.pem");
+    let cfg = home.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket = \"agent.sock\"\nstate_dir = \"state\"\npolicy = \"policy.toml\"\n[link]\naccept_timeout = \"1s\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[cloud]]\naddress = \"{daemon}\"\nserver_name = \"localhost\"\n[tls]\nca = \"{}\"\ncert = \"tls/agent.pem\"\nkey = \"tls/agent.key\"\n{AGENT_TASKS}",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    (cfg, home.join("agent.sock"))
+}
+
+fn serve_agent(cfg: &Path) -> Proc {
+    let mut cmd = Command::new(bin("updraft-agent"));
+    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
+    Proc::spawn("updraft-agent", cmd)
+}
+
+fn status(socket: &Path) -> Option<serde_json::Value> {
+    let r = http(socket, "GET", "/v1/status", b"").ok()?;
+    serde_json::from_slice(&r.body).ok()
+}
+
+/// `updraftd agents --json` (with `--id`), parsed; `None` while the daemon is not up.
+fn agents(cfg: &Path, id: Option<&str>) -> Option<serde_json::Value> {
+    let mut args = vec!["agents", "--json", "--config", cfg.to_str().unwrap()];
+    if let Some(id) = id {
+        args.extend(["--id", id]);
+    }
+    let out = updraftd(&args);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("agents --json is JSON"))
+}
+
+fn find<'a>(list: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    list.as_array()?.iter().find(|a| a["agent_id"] == id)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn agents_lists_every_board_and_a_revoked_one_stays_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = updraftd(&[
+        "ca",
+        "init",
+        "--dir",
+        d.join("pki").to_str().unwrap(),
+        "--name",
+        "localhost",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dcfg = write_daemon_config(d);
+    let (mut daemon, addr) = serve_daemon(&dcfg, "the daemon");
+
+    let policy_1 = "default = \"cloud\"\n";
+    let policy_2 = "default = \"local\"\n[[rule]]\nname = \"big\"\nplace = \"cloud\"\nwhen = { input_bytes = { above = 1000000 } }\n";
+    let boards = [
+        ("board-1", Some(policy_1)),
+        ("board-2", Some(policy_2)),
+        ("board-3", None),
+    ];
+    let mut procs = Vec::new();
+    let mut sockets = Vec::new();
+    for (id, policy) in boards {
+        let (cfg, socket) = board(d, id, &addr, policy);
+        procs.push(serve_agent(&cfg));
+        sockets.push(socket);
+    }
+
+    // Every board reports in: version, certificate expiry, policy in force.
+    let version = String::from_utf8(
+        Command::new(bin("updraft-agent"))
+            .arg("--version")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let list = wait_for("three boards to report", WAIT, || {
+        let list = agents(&dcfg, None)?;
+        boards
+            .iter()
+            .all(|(id, _)| {
+                find(&list, id).is_some_and(|a| a["connections"] == 1 && a["version"].is_string())
+            })
+            .then_some(list)
+    });
+    let year_ms = 365 * 86_400_000u64;
+    for (id, policy) in boards {
+        let a = find(&list, id).unwrap();
+        let v = a["version"].as_str().unwrap();
+        assert!(
+            version.contains(v),
+            "{id}: reported {v}, binary says {version}"
+        );
+        let expires = a["cert_not_after_unix_ms"].as_u64().unwrap();
+        assert!(
+            expires > now_ms() + year_ms - 86_400_000 && expires < now_ms() + year_ms + 86_400_000,
+            "{id}: expiry {expires}"
+        );
+        assert!(
+            a["cert_serial"].as_str().is_some_and(|s| !s.is_empty()),
+            "{a}"
+        );
+        assert!(
+            a["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{a}"
+        );
+        match policy {
+            Some(text) => {
+                assert_eq!(a["policy"]["source"], "file", "{a}");
+                assert_eq!(
+                    a["policy"]["hash"],
+                    hex::encode(sha2::Sha256::digest(text.as_bytes())),
+                    "{id}: the hash of the file in force"
+                );
+            }
+            None => {
+                assert_eq!(a["policy"]["source"], "default", "{a}");
+                assert_eq!(a["policy"]["hash"], "", "{a}");
+            }
+        }
+    }
+    // The table says the same.
+    let table = updraftd(&["agents", "--config", dcfg.to_str().unwrap()]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let table = String::from_utf8(table.stdout).unwrap();
+    for (id, _) in boards {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("{table}"));
+        assert!(
+            line.contains("connected") && line.contains("in 36"),
+            "{table}"
+        );
+    }
+
+    // A task offloaded from board-1 shows in its mix.
+    let r = http(&sockets[0], "POST", "/v1/tasks/echo", b"hi").unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("updraft-placement"), Some("cloud"));
+    wait_for("board-1's mix to show its cloud task", WAIT, || {
+        let a = agents(&dcfg, Some("board-1"))?;
+        (a["mix"]["cloud"].as_u64()? >= 1).then_some(())
+    });
+
+    // Revoking board-2 closes its connection, and it cannot come back.
+    let out = updraftd(&[
+        "agent",
+        "revoke",
+        "board-2",
+        "--config",
+        dcfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        said.contains("revoked agent `board-2`") && said.contains("1 live connection(s) closed"),
+        "{said}"
+    );
+    let why = wait_for("board-2 to say it is refused", WAIT, || {
+        let s = status(&sockets[1])?;
+        let c = &s["clouds"][0];
+        (c["connected"] == false).then_some(())?;
+        let e = c["last_error"].as_str()?.to_string();
+        e.contains("revoked by the operator").then_some(e)
+    });
+    assert!(
+        why.contains("updraftd token create --agent-id board-2"),
+        "{why}"
+    );
+    let a = agents(&dcfg, Some("board-2")).unwrap();
+    assert!(a["revoked_unix_ms"].is_u64(), "{a}");
+    assert_eq!(a["connections"], 0, "{a}");
+    // The others carry on.
+    let a = agents(&dcfg, Some("board-3")).unwrap();
+    assert_eq!(a["connections"], 1, "{a}");
+
+    // An unknown id is refused by name.
+    let out = updraftd(&[
+        "agent",
+        "revoke",
+        "nobody",
+        "--config",
+        dcfg.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no agent `nobody`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // After a restart the registry and the deny list are still there.
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait_exit(WAIT).success(), "{}", daemon.log());
+    let before = std::fs::read_dir(d.join("dstate/fleet")).unwrap().count();
+    assert_eq!(before, 3, "one record per board");
+    let (daemon, _) = serve_daemon_at(&dcfg, &addr);
+    wait_for(
+        "the revoked board to be refused by the restarted daemon",
+        WAIT,
+        || {
+            daemon
+                .log()
+                .lines()
+                .any(|l| l.contains("refused a revoked certificate") && l.contains("board-2"))
+                .then_some(())
+        },
+    );
+    let list = agents(&dcfg, None).unwrap();
+    assert!(
+        find(&list, "board-2").unwrap()["revoked_unix_ms"].is_u64(),
+        "{list}"
+    );
+    wait_for("board-1 to reconnect after the restart", WAIT, || {
+        (agents(&dcfg, Some("board-1"))?["connections"] == 1).then_some(())
+    });
+    assert!(
+        status(&sockets[1]).unwrap()["clouds"][0]["connected"] == false,
+        "board-2 stays out"
+    );
+}
+
+/// Restarts the daemon on the address it had, so the boards find it again.
+fn serve_daemon_at(cfg: &Path, addr: &str) -> (Proc, String) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    std::fs::write(
+        cfg,
+        text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\"")),
+    )
+    .unwrap();
+    serve_daemon(cfg, "the restarted daemon")
+}
+
+#[test]
+fn agents_without_a_running_daemon_says_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("daemon.toml");
+    std::fs::write(
+        &cfg,
+        "state_dir = \"dstate\"\n[tls]\nca = \"ca.pem\"\ncert = \"s.pem\"\nkey = \"s.key\"\n",
+    )
+    .unwrap();
+    let out = updraftd(&["agents", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("cannot reach updraftd on its admin socket") && e.contains("admin.sock"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
