@@ -309,3 +309,156 @@ fn agents_without_a_running_daemon_says_what_to_check() {
     );
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+/// A board enrolled with `token`: a config without `[tls]` (files go to its state_dir).
+fn enrolled_board(dir: &Path, id: &str, daemon: &str, token: &str, fingerprint: &str) -> PathBuf {
+    let home = dir.join(id);
+    std::fs::create_dir_all(&home).unwrap();
+    let cfg = home.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "agent_id = \"{id}\"\nsocket = \"agent.sock\"\nstate_dir = \"state\"\n[[cloud]]\naddress = \"{daemon}\"\nserver_name = \"localhost\"\n{AGENT_TASKS}"
+        ),
+    )
+    .unwrap();
+    let port = daemon.rsplit_once(':').unwrap().1;
+    let out = Command::new(bin("updraft-agent"))
+        .args(["--config", cfg.to_str().unwrap(), "enroll"])
+        .args(["--server", &format!("localhost:{port}")])
+        .args(["--token", token, "--ca-sha256", fingerprint])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "enroll {id}: {}", stderr(&out));
+    cfg
+}
+
+#[test]
+fn boards_enrolled_in_bulk_are_listed_and_tokens_can_be_withdrawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = updraftd(&[
+        "ca",
+        "init",
+        "--dir",
+        d.join("pki").to_str().unwrap(),
+        "--name",
+        "localhost",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fingerprint = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let dcfg = write_daemon_config(d);
+    let (_daemon, addr) = serve_daemon(&dcfg, "the daemon");
+    let c = dcfg.to_str().unwrap();
+
+    // One token for three boards whose ids start with farm-, written to a file.
+    let file = d.join("tokens.txt");
+    let out = updraftd(&[
+        "token",
+        "create",
+        "--uses",
+        "3",
+        "--agent-id-prefix",
+        "farm-",
+        "--out",
+        file.to_str().unwrap(),
+        "--config",
+        c,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("token for 3 boards"),
+        "{}",
+        stderr(&out)
+    );
+    let shared_token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    // And two one-time tokens, one per line.
+    let out = updraftd(&["token", "create", "--count", "2", "--config", c]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let singles: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(singles.len(), 2);
+    assert_ne!(singles[0], singles[1]);
+
+    let mut procs = Vec::new();
+    for id in ["farm-1", "farm-2", "farm-3"] {
+        let cfg = enrolled_board(d, id, &addr, &shared_token, &fingerprint);
+        procs.push(serve_agent(&cfg));
+    }
+    // The shared token is used up.
+    let list = updraftd(&["token", "list", "--json", "--config", c]);
+    let list: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let shared = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["uses"] == 3)
+        .unwrap();
+    assert_eq!(shared["state"], "used", "{list}");
+    assert_eq!(
+        shared["enrolled"],
+        serde_json::json!(["farm-1", "farm-2", "farm-3"])
+    );
+
+    // A withdrawn one-time token enrolls nothing, and the board is told why.
+    let id = &hex::encode(sha2::Sha256::digest(singles[0].as_bytes()))[..12];
+    let out = updraftd(&["token", "revoke", id, "--config", c]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after: serde_json::Value =
+        serde_json::from_slice(&updraftd(&["token", "list", "--json", "--config", c]).stdout)
+            .unwrap();
+    let state_of = |id: &str| {
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state_of(id), "revoked", "{after}");
+    let other = &hex::encode(sha2::Sha256::digest(singles[1].as_bytes()))[..12];
+    assert_eq!(state_of(other), "live", "{after}");
+    let home = d.join("late");
+    std::fs::create_dir_all(&home).unwrap();
+    let cfg = home.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!("agent_id = \"late-1\"\nsocket = \"agent.sock\"\nstate_dir = \"state\"\n[[cloud]]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n"),
+    )
+    .unwrap();
+    let port = addr.rsplit_once(':').unwrap().1;
+    let out = Command::new(bin("updraft-agent"))
+        .args(["--config", cfg.to_str().unwrap(), "enroll"])
+        .args(["--server", &format!("localhost:{port}")])
+        .args(["--token", &singles[0], "--ca-sha256", &fingerprint])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("the token was revoked"),
+        "{}",
+        stderr(&out)
+    );
+
+    let listed = wait_for("the three boards to report", WAIT, || {
+        let list = agents(&dcfg, None)?;
+        ["farm-1", "farm-2", "farm-3"]
+            .iter()
+            .all(|id| {
+                find(&list, id).is_some_and(|a| a["connections"] == 1 && a["version"].is_string())
+            })
+            .then_some(list)
+    });
+    for id in ["farm-1", "farm-2", "farm-3"] {
+        let a = find(&listed, id).unwrap();
+        assert!(
+            a["cert_not_after_unix_ms"].as_u64().unwrap() > now_ms(),
+            "{a}"
+        );
+        assert_eq!(a["policy"]["source"], "default", "{a}");
+    }
+}

@@ -36,10 +36,67 @@ struct TokenRecord {
     /// The only agent id this token may enroll, when the operator bound it to one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     agent_id: Option<String>,
+    /// What every agent id this token enrolls must start with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_id_prefix: Option<String>,
+    /// How many boards (distinct agent ids) the token may enroll; 1 when absent.
+    #[serde(default = "one_use")]
+    uses: u32,
+    /// The agent ids it enrolled so far, and when (Unix ms).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    enrolled: Vec<(String, u64)>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     used_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     used_ms: Option<u64>,
+    /// When `updraftd token revoke` withdrew it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revoked_ms: Option<u64>,
+}
+
+fn one_use() -> u32 {
+    1
+}
+
+/// Most boards one token may enroll (`--uses`), and most tokens one `token create` makes
+/// (`--count`): a bound on what one command writes to the token directory.
+pub const MAX_TOKEN_USES: u32 = 10_000;
+
+/// What a new token allows.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    /// How long it works.
+    pub ttl: Duration,
+    /// The only agent id it may enroll.
+    pub agent_id: Option<String>,
+    /// What every agent id it enrolls must start with.
+    pub agent_id_prefix: Option<String>,
+    /// How many boards with distinct ids it may enroll, 1..=[`MAX_TOKEN_USES`].
+    pub uses: u32,
+}
+
+/// One token as `updraftd token list` shows it (the token itself is never stored: its
+/// id is the start of its SHA-256).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TokenInfo {
+    /// The first 12 hex digits of the token's SHA-256: what `token revoke` takes.
+    pub id: String,
+    /// `live`, `used`, `expired` or `revoked`.
+    pub state: &'static str,
+    /// When it was made, RFC 3339.
+    pub created: String,
+    /// When it stops (or stopped) working, RFC 3339.
+    pub expires: String,
+    /// The agent id it is bound to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+    /// The prefix every id it enrolls must have.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id_prefix: Option<String>,
+    /// Boards it may enroll.
+    pub uses: u32,
+    /// Agent ids it enrolled.
+    pub enrolled: Vec<String>,
 }
 
 /// Why a token was refused. Each message says what to do next.
@@ -60,6 +117,26 @@ pub enum TokenError {
         /// RFC 3339 expiry.
         at: String,
     },
+    /// The id asked for lacks the token's prefix.
+    #[error("the token enrolls only agent ids starting with `{prefix}`, not `{asked}`; set agent_id in agent.toml or use another token")]
+    WrongPrefix {
+        /// The token's prefix.
+        prefix: String,
+        /// The id the request asked for.
+        asked: String,
+    },
+    /// A multi-use token already enrolled this id.
+    #[error("the token already enrolled agent `{0}`; each board it enrolls needs its own agent id (set agent_id in agent.toml)")]
+    SameId(String),
+    /// Withdrawn by `updraftd token revoke`.
+    #[error("the token was revoked at {at}; ask for a new one (`updraftd token create`)")]
+    Revoked {
+        /// RFC 3339.
+        at: String,
+    },
+    /// No token, or more than one, has the id given to `token revoke`.
+    #[error("{0}")]
+    NoSuchToken(String),
     /// Bound to another agent id.
     #[error("the token is for agent `{bound}`, not `{asked}`; set agent_id in agent.toml or create a token for `{asked}`")]
     WrongAgent {
@@ -153,19 +230,34 @@ impl Tokens {
 
     /// Makes a one-time token valid for `ttl`, optionally only for `agent_id`.
     pub fn create(&self, ttl: Duration, agent_id: Option<&str>) -> Result<Created, TokenError> {
+        self.create_with(&TokenSpec {
+            ttl,
+            agent_id: agent_id.map(str::to_string),
+            agent_id_prefix: None,
+            uses: 1,
+        })
+    }
+
+    /// Makes a token as `spec` says.
+    pub fn create_with(&self, spec: &TokenSpec) -> Result<Created, TokenError> {
         self.ensure_dirs()?;
         self.prune(SystemTime::now());
         let token = hex::encode(rand::random::<[u8; 20]>());
         let now = SystemTime::now();
+        let ttl = spec.ttl;
         let expires = now
             .checked_add(ttl)
             .ok_or_else(|| self.store_err(format!("a token lifetime of {ttl:?} is too long")))?;
         let record = TokenRecord {
             created_ms: unix_ms(now),
             expires_ms: unix_ms(expires),
-            agent_id: agent_id.map(str::to_string),
+            agent_id: spec.agent_id.clone(),
+            agent_id_prefix: spec.agent_id_prefix.clone(),
+            uses: spec.uses.clamp(1, MAX_TOKEN_USES),
+            enrolled: Vec::new(),
             used_by: None,
             used_ms: None,
+            revoked_ms: None,
         };
         let path = self.dir.join(token_hash(&token));
         let json = serde_json::to_vec(&record).map_err(|e| self.store_err(e))?;
@@ -186,6 +278,10 @@ impl Tokens {
 
     fn used_error(&self, hash: &str) -> Result<TokenError, TokenError> {
         Ok(match self.read(&self.dir.join("used").join(hash))? {
+            Some(TokenRecord {
+                revoked_ms: Some(at),
+                ..
+            }) => TokenError::Revoked { at: rfc3339(at) },
             Some(TokenRecord {
                 used_by: Some(by),
                 used_ms: Some(at),
@@ -237,7 +333,28 @@ impl Tokens {
             }
             _ => {}
         }
+        if let Some(prefix) = &record.agent_id_prefix {
+            if !agent_id.starts_with(prefix.as_str()) {
+                return Err(TokenError::WrongPrefix {
+                    prefix: prefix.clone(),
+                    asked: agent_id.into(),
+                });
+            }
+        }
+        if record.enrolled.iter().any(|(id, _)| id == agent_id) {
+            return Err(TokenError::SameId(agent_id.into()));
+        }
         self.ensure_dirs()?;
+        record.enrolled.push((agent_id.into(), unix_ms(now)));
+        if (record.enrolled.len() as u32) < record.uses {
+            // Uses left: the record stays live with this board noted. Enrollments on
+            // one daemon are one at a time (ENROLLING), so this read-modify-write is
+            // not raced there.
+            let json = serde_json::to_vec(&record).map_err(|e| self.store_err(e))?;
+            updraft_shared::files::write_atomic(&live, &json, 0o600)
+                .map_err(|e| self.store_err(format!("cannot record the enrollment: {e}")))?;
+            return Ok(());
+        }
         let spent = self.dir.join("used").join(&hash);
         match std::fs::rename(&live, &spent) {
             Ok(()) => {}
@@ -253,6 +370,101 @@ impl Tokens {
             let _ = updraft_shared::files::write_atomic(&spent, &json, 0o600);
         }
         Ok(())
+    }
+
+    /// Every token in the directory: live ones, and used, expired or revoked ones kept
+    /// for a week. Sorted by creation.
+    pub fn list(&self, now: SystemTime) -> Result<Vec<TokenInfo>, TokenError> {
+        let mut out = Vec::new();
+        for (dir, live) in [(self.dir.clone(), true), (self.dir.join("used"), false)] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.store_err(format!("cannot read {}: {e}", dir.display()))),
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !p.is_file() || name.len() != 64 {
+                    continue;
+                }
+                let Some(r) = self.read(&p)? else { continue };
+                let state = if r.revoked_ms.is_some() {
+                    "revoked"
+                } else if !live {
+                    "used"
+                } else if unix_ms(now) >= r.expires_ms {
+                    "expired"
+                } else {
+                    "live"
+                };
+                out.push((
+                    r.created_ms,
+                    TokenInfo {
+                        id: name[..12].to_string(),
+                        state,
+                        created: rfc3339(r.created_ms),
+                        expires: rfc3339(r.expires_ms),
+                        agent_id: r.agent_id,
+                        agent_id_prefix: r.agent_id_prefix,
+                        uses: r.uses,
+                        enrolled: if r.enrolled.is_empty() {
+                            r.used_by.into_iter().collect()
+                        } else {
+                            r.enrolled.into_iter().map(|(id, _)| id).collect()
+                        },
+                    },
+                ));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        Ok(out.into_iter().map(|(_, t)| t).collect())
+    }
+
+    /// Withdraws the live token whose id (as `list` shows it, or a longer start of its
+    /// SHA-256, at least 8 hex digits) is `id`: it enrolls nothing from now on, and an
+    /// agent that tries it is told it was revoked.
+    pub fn revoke(&self, id: &str, now: SystemTime) -> Result<String, TokenError> {
+        let id = id.trim().to_ascii_lowercase();
+        if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(TokenError::NoSuchToken(format!(
+                "`{id}` is not a token id: give the 12 hex digits `updraftd token list` shows"
+            )));
+        }
+        let matches: Vec<String> = std::fs::read_dir(&self.dir)
+            .map_err(|e| self.store_err(format!("cannot read {}: {e}", self.dir.display())))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 64 && n.starts_with(&id))
+            .collect();
+        let hash = match matches.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(TokenError::NoSuchToken(format!(
+                    "no live token has id `{id}` (see `updraftd token list`; used and expired tokens need no revoking)"
+                )))
+            }
+            _ => {
+                return Err(TokenError::NoSuchToken(format!(
+                    "more than one token starts with `{id}`; give more of its id"
+                )))
+            }
+        };
+        let live = self.dir.join(&hash);
+        let Some(mut record) = self.read(&live)? else {
+            return Err(TokenError::NoSuchToken(format!(
+                "token `{id}` was used or revoked meanwhile"
+            )));
+        };
+        self.ensure_dirs()?;
+        record.revoked_ms = Some(unix_ms(now));
+        let spent = self.dir.join("used").join(&hash);
+        let json = serde_json::to_vec(&record).map_err(|e| self.store_err(e))?;
+        updraft_shared::files::write_atomic(&spent, &json, 0o600)
+            .map_err(|e| self.store_err(format!("cannot write {}: {e}", spent.display())))?;
+        std::fs::remove_file(&live)
+            .map_err(|e| self.store_err(format!("cannot remove {}: {e}", live.display())))?;
+        Ok(hash[..12].to_string())
     }
 
     /// Removes expired tokens and spent records older than a week.
@@ -688,6 +900,58 @@ mod tests {
         tokens
             .redeem(&bound.token, "board-9", Some(&live), now)
             .unwrap();
+    }
+
+    #[test]
+    fn a_bulk_token_enrolls_distinct_boards_within_its_prefix_and_uses() {
+        let d = tempfile::tempdir().unwrap();
+        let tokens = Tokens::new(d.path());
+        let now = SystemTime::now();
+        let spec = TokenSpec {
+            ttl: Duration::from_secs(3600),
+            agent_id: None,
+            agent_id_prefix: Some("farm-".into()),
+            uses: 2,
+        };
+        let t = tokens.create_with(&spec).unwrap().token;
+        let e = tokens.redeem(&t, "barn-1", None, now).unwrap_err();
+        assert!(matches!(e, TokenError::WrongPrefix { .. }), "{e}");
+        assert!(e.to_string().contains("starting with `farm-`"), "{e}");
+        tokens.redeem(&t, "farm-1", None, now).unwrap();
+        let e = tokens.redeem(&t, "farm-1", None, now).unwrap_err();
+        assert!(matches!(e, TokenError::SameId(_)), "{e}");
+        let listed = tokens.list(now).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].state, listed[0].uses), ("live", 2));
+        assert_eq!(listed[0].enrolled, ["farm-1"]);
+        tokens.redeem(&t, "farm-2", None, now).unwrap();
+        // Both uses spent: the token is used up, and says by whom.
+        let e = tokens.redeem(&t, "farm-3", None, now).unwrap_err();
+        assert!(matches!(e, TokenError::Used { .. }), "{e}");
+        let listed = tokens.list(now).unwrap();
+        assert_eq!(listed[0].state, "used");
+        assert_eq!(listed[0].enrolled, ["farm-1", "farm-2"]);
+    }
+
+    #[test]
+    fn a_revoked_token_enrolls_nothing_and_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let tokens = Tokens::new(d.path());
+        let now = SystemTime::now();
+        let t = tokens
+            .create(Duration::from_secs(3600), None)
+            .unwrap()
+            .token;
+        let id = tokens.list(now).unwrap()[0].id.clone();
+        assert_eq!(id.len(), 12);
+        let e = tokens.revoke("12", now).unwrap_err();
+        assert!(e.to_string().contains("not a token id"), "{e}");
+        let e = tokens.revoke("0123456789ab", now).unwrap_err();
+        assert!(e.to_string().contains("no live token"), "{e}");
+        assert_eq!(tokens.revoke(&id, now).unwrap(), id);
+        let e = tokens.redeem(&t, "board-1", None, now).unwrap_err();
+        assert!(matches!(e, TokenError::Revoked { .. }), "{e}");
+        assert_eq!(tokens.list(now).unwrap()[0].state, "revoked");
     }
 
     fn csr(agent_id: &str) -> String {

@@ -33,7 +33,7 @@ mod stream;
 mod task;
 
 pub use admin::AdminError;
-pub use enroll::{Created, TokenError, Tokens};
+pub use enroll::{Created, TokenError, TokenInfo, TokenSpec, Tokens, MAX_TOKEN_USES};
 pub use issued::{Issued, IssuedCert, IssuedError};
 pub use quic::QuicConfigError;
 pub use server::{bind, bind_with, run, server_config, ServerError};

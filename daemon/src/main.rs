@@ -72,6 +72,10 @@ fn main() -> ExitCode {
                 TokenCommand::Create {
                     ttl,
                     agent_id,
+                    agent_id_prefix,
+                    count,
+                    uses,
+                    out,
                     config,
                 },
         } => {
@@ -79,7 +83,36 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return bad_config(&e),
             };
-            report(token_create(&config, ttl, agent_id.as_deref()))
+            let spec = updraft_daemon::TokenSpec {
+                ttl,
+                agent_id,
+                agent_id_prefix,
+                uses,
+            };
+            report(token_create(&config, &spec, count, out.as_deref()))
+        }
+        Command::Token {
+            command: TokenCommand::List { json, config },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            report(token_list(&config, json))
+        }
+        Command::Token {
+            command: TokenCommand::Revoke { id, config },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            let tokens = updraft_daemon::Tokens::new(&config.state_dir);
+            report(
+                tokens
+                    .revoke(&id, std::time::SystemTime::now())
+                    .map(|id| println!("revoked token {id}: it enrolls nothing from now on")),
+            )
         }
         Command::Agents { json, id, config } => {
             let config = match DaemonConfig::load(&config) {
@@ -206,14 +239,53 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
 
 fn token_create(
     config: &DaemonConfig,
-    ttl: std::time::Duration,
-    agent_id: Option<&str>,
+    spec: &updraft_daemon::TokenSpec,
+    count: u32,
+    out: Option<&Path>,
 ) -> anyhow::Result<()> {
+    let agent_id = spec.agent_id.as_deref();
     if let Some(id) = agent_id {
         updraft_shared::tls::check_agent_id(id).map_err(|e| anyhow::anyhow!("--agent-id: {e}"))?;
+        anyhow::ensure!(
+            count == 1,
+            "--agent-id binds a token to one board; for many boards use --agent-id-prefix with --count, or --uses"
+        );
     }
-    let created = updraft_daemon::Tokens::new(&config.state_dir).create(ttl, agent_id)?;
-    println!("{}", created.token);
+    if let Some(prefix) = &spec.agent_id_prefix {
+        updraft_shared::tls::check_agent_id(prefix)
+            .map_err(|e| anyhow::anyhow!("--agent-id-prefix: {e}"))?;
+    }
+    let tokens = updraft_daemon::Tokens::new(&config.state_dir);
+    let mut made = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        made.push(tokens.create_with(spec)?);
+    }
+    let text: String = made.iter().map(|c| format!("{}\n", c.token)).collect();
+    match out {
+        Some(path) => {
+            updraft_shared::files::write_atomic(path, text.as_bytes(), 0o600)
+                .with_context(|| format!("cannot write the tokens to {}", path.display()))?;
+            eprintln!("wrote {count} token(s) to {}", path.display());
+        }
+        None => print!("{text}"),
+    }
+    let created = made.last().context("no token made")?;
+    let what = match (count, spec.uses) {
+        (1, 1) => "one-time token".to_string(),
+        (1, n) => format!("token for {n} boards"),
+        (n, 1) => format!("{n} one-time tokens"),
+        (n, u) => format!("{n} tokens for {u} boards each"),
+    };
+    let bound = match (agent_id, &spec.agent_id_prefix) {
+        (Some(a), _) => format!(" for agent `{a}`"),
+        (None, Some(p)) => format!(" for agent ids starting with `{p}`"),
+        (None, None) => String::new(),
+    };
+    let token = if count == 1 {
+        created.token.as_str()
+    } else {
+        "<token>"
+    };
     // The command to run on the board, with what this daemon knows of itself.
     let fingerprint = updraft_shared::tls::load_certs(&config.tls_ca)
         .map(|c| updraft_shared::tls::fingerprint(&c[0]))
@@ -223,12 +295,38 @@ fn token_create(
         .and_then(|c| updraft_shared::tls::agent_id_of(&c[0]).ok())
         .unwrap_or_else(|| "<daemon host>".into());
     eprintln!(
-        "one-time token, valid until {}{}; on the board run:\n  updraft-agent enroll --server {host}:{} --token {} --ca-sha256 {fingerprint}",
+        "{what}, valid until {}{bound}; on the board run:\n  updraft-agent enroll --server {host}:{} --token {token} --ca-sha256 {fingerprint}",
         humantime::format_rfc3339_seconds(created.expires),
-        agent_id.map(|a| format!(" for agent `{a}`")).unwrap_or_default(),
         config.listen.port(),
-        created.token,
     );
+    Ok(())
+}
+
+/// `token list`.
+fn token_list(config: &DaemonConfig, json: bool) -> anyhow::Result<()> {
+    let list = updraft_daemon::Tokens::new(&config.state_dir).list(std::time::SystemTime::now())?;
+    if json {
+        println!("{}", serde_json::to_string(&list)?);
+        return Ok(());
+    }
+    println!("ID            STATE    EXPIRES               FOR                  USED");
+    for t in &list {
+        let scope = match (&t.agent_id, &t.agent_id_prefix) {
+            (Some(a), _) => a.clone(),
+            (None, Some(p)) => format!("{p}*"),
+            (None, None) => "any id".into(),
+        };
+        println!(
+            "{:<12}  {:<7}  {:<20}  {:<19}  {}/{} {}",
+            t.id,
+            t.state,
+            t.expires,
+            scope,
+            t.enrolled.len(),
+            t.uses,
+            t.enrolled.join(",")
+        );
+    }
     Ok(())
 }
 

@@ -38,7 +38,10 @@ pub(crate) async fn serve(
                     .await;
             }
             FrameKind::AgentReport => {
-                crate::fleet::stream::serve(send, reader, frame, peer, shared).await;
+                let (fleet, catalog) = (&shared.fleet, shared.catalog());
+                let draining = shared.draining.clone();
+                crate::fleet::stream::serve(send, reader, frame, peer, fleet, &catalog, draining)
+                    .await;
             }
             _ => task::serve(send, reader, &frame, peer, shared).await,
         },

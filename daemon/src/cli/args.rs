@@ -122,8 +122,39 @@ pub enum TokenCommand {
         #[arg(long, default_value = "1h", value_parser = parse_ttl)]
         ttl: Duration,
         /// Only this agent id may enroll with the token.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "agent_id_prefix")]
         agent_id: Option<String>,
+        /// Only agent ids starting with this may enroll with the tokens.
+        #[arg(long)]
+        agent_id_prefix: Option<String>,
+        /// How many tokens to make, one per line (1 to 10000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        count: u32,
+        /// How many boards, each with its own agent id, one token may enroll (1 to 10000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        uses: u32,
+        /// Write the tokens to this file (mode 0600, one per line) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The daemon's config file (its state_dir holds the tokens).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// List tokens: live ones, and used, expired or revoked ones of the last week. A
+    /// token is shown by its id (the start of its SHA-256); the token itself is never
+    /// stored.
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's config file (its state_dir holds the tokens).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Withdraw a live token: it enrolls nothing from now on.
+    Revoke {
+        /// The token's id as `token list` shows it.
+        id: String,
         /// The daemon's config file (its state_dir holds the tokens).
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,

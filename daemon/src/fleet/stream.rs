@@ -8,7 +8,8 @@ use updraft_proto::{Frame, STOP_INPUT};
 use updraft_shared::tls::AuthenticatedPeer;
 use updraft_shared::wire::{write_frame, FrameReader};
 
-use crate::state::Shared;
+use super::Registry;
+use updraft_shared::catalog::Catalog;
 
 /// Serves the fleet stream whose first frame, `first`, is the agent's first report,
 /// until the agent ends it, the connection closes or the daemon starts draining.
@@ -17,12 +18,13 @@ pub(crate) async fn serve(
     mut reader: FrameReader<quinn::RecvStream>,
     first: Frame,
     peer: &AuthenticatedPeer,
-    shared: &Shared,
+    fleet: &Registry,
+    catalog: &Catalog,
+    mut draining: tokio::sync::watch::Receiver<bool>,
 ) {
     let agent = peer.agent_id();
     let mut frame = first;
     let mut greeted = false;
-    let mut draining = shared.draining.clone();
     loop {
         let report = match AgentReport::from_frame(&frame)
             .map_err(|e| e.to_string())
@@ -37,10 +39,10 @@ pub(crate) async fn serve(
                 return;
             }
         };
-        shared.fleet.reported(agent, report);
+        fleet.reported(agent, report);
         if !greeted {
             greeted = true;
-            if write_frame(&mut send, &hello(shared).to_frame())
+            if write_frame(&mut send, &hello(catalog).to_frame())
                 .await
                 .is_err()
             {
@@ -68,14 +70,13 @@ pub(crate) async fn serve(
 }
 
 /// The answer to an agent's first report: the catalog it may offload to, and the time.
-fn hello(shared: &Shared) -> FleetNotice {
+fn hello(catalog: &Catalog) -> FleetNotice {
     FleetNotice::Hello {
-        tasks: shared
-            .catalog()
+        tasks: catalog
             .names()
             .take(MAX_CATALOG_NAMES)
             .map(str::to_string)
             .collect(),
-        time_unix_ms: crate::fleet::unix_ms(SystemTime::now()),
+        time_unix_ms: super::unix_ms(SystemTime::now()),
     }
 }
