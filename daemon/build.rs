@@ -14,6 +14,9 @@ mod cli {
     fn parse_lifetime(_: &str) -> Result<Duration, String> {
         Err("not parsed in the build script".into())
     }
+    fn parse_window(_: &str) -> Result<Duration, String> {
+        Err("not parsed in the build script".into())
+    }
     const VERSION: &str = env!("CARGO_PKG_VERSION");
     pub mod args {
         include!("src/cli/args.rs");

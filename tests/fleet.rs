@@ -28,6 +28,18 @@ fn write_daemon_config(dir: &Path) -> PathBuf {
 /// A board: its certificate from `cert issue` (recorded in the daemon's state), its
 /// config, and optionally a policy file.
 fn board(dir: &Path, id: &str, daemon: &str, policy: Option<&str>) -> (PathBuf, PathBuf) {
+    board_with(dir, id, daemon, policy, "policy = \"policy.toml\"\n")
+}
+
+/// Like [`board`], with `policy_key` (the `policy` line or `[policy]` table) and
+/// anything after it in agent.toml.
+fn board_with(
+    dir: &Path,
+    id: &str,
+    daemon: &str,
+    policy: Option<&str>,
+    policy_key: &str,
+) -> (PathBuf, PathBuf) {
     let home = dir.join(id);
     std::fs::create_dir_all(&home).unwrap();
     let out = updraftd(&[
@@ -51,7 +63,7 @@ fn board(dir: &Path, id: &str, daemon: &str, policy: Option<&str>) -> (PathBuf, 
     std::fs::write(
         &cfg,
         format!(
-            "socket = \"agent.sock\"\nstate_dir = \"state\"\npolicy = \"policy.toml\"\n[link]\naccept_timeout = \"1s\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[cloud]]\naddress = \"{daemon}\"\nserver_name = \"localhost\"\n[tls]\nca = \"{}\"\ncert = \"tls/agent.pem\"\nkey = \"tls/agent.key\"\n{AGENT_TASKS}",
+            "socket = \"agent.sock\"\nstate_dir = \"state\"\n{policy_key}\n[link]\naccept_timeout = \"1s\"\nreconnect_min = \"50ms\"\nreconnect_max = \"200ms\"\n[[cloud]]\naddress = \"{daemon}\"\nserver_name = \"localhost\"\n[tls]\nca = \"{}\"\ncert = \"tls/agent.pem\"\nkey = \"tls/agent.key\"\n[tasks.board_only]\nbuiltin = \"echo\"\n{AGENT_TASKS}",
             ca.display()
         ),
     )
@@ -461,4 +473,171 @@ fn boards_enrolled_in_bulk_are_listed_and_tokens_can_be_withdrawn() {
         );
         assert_eq!(a["policy"]["source"], "default", "{a}");
     }
+}
+
+fn sha(text: &str) -> String {
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// `updraftd policy status --json`.
+fn push_status(cfg: &Path) -> serde_json::Value {
+    let out = updraftd(&[
+        "policy",
+        "status",
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_pushed_policy_reaches_every_board_and_a_canary_that_falls_back_stops_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = updraftd(&[
+        "ca",
+        "init",
+        "--dir",
+        d.join("pki").to_str().unwrap(),
+        "--name",
+        "localhost",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dcfg = write_daemon_config(d);
+    let (_daemon, addr) = serve_daemon(&dcfg, "the daemon");
+    let c = dcfg.to_str().unwrap();
+    let local = "default = \"local\"\n";
+    let (cfg1, sock1) = board(d, "p-1", &addr, Some(local));
+    let (cfg2, _) = board(d, "p-2", &addr, Some(local));
+    let (cfg3, _) = board_with(
+        d,
+        "p-3",
+        &addr,
+        Some(local),
+        "[policy]\nfile = \"policy.toml\"\naccept_push = false\n",
+    );
+    let (cfg4, _) = board(d, "p-4", &addr, None);
+    let mut procs = vec![serve_agent(&cfg1), serve_agent(&cfg2), serve_agent(&cfg3)];
+    wait_for("three boards to report", WAIT, || {
+        let list = agents(&dcfg, None)?;
+        ["p-1", "p-2", "p-3"]
+            .iter()
+            .all(|id| {
+                find(&list, id).is_some_and(|a| a["version"].is_string() && a["connections"] == 1)
+            })
+            .then_some(())
+    });
+
+    // A broken file is refused before anything is sent, with file:line:col.
+    let broken = d.join("broken.toml");
+    std::fs::write(&broken, "default = \"lcoal\"\n").unwrap();
+    let out = updraftd(&["policy", "push", broken.to_str().unwrap(), "--config", c]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("broken.toml:1:11"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Pushed to every board: two apply it, one declines, the one offline gets it later.
+    let policy_a = "default = \"local\"\n[[rule]]\nname = \"big inputs\"\nplace = \"cloud\"\nwhen = { input_bytes = { above = 1000000 } }\n";
+    let file_a = d.join("policy-a.toml");
+    std::fs::write(&file_a, policy_a).unwrap();
+    let out = updraftd(&["policy", "push", file_a.to_str().unwrap(), "--config", c]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("push of"),
+        "{out:?}"
+    );
+    wait_for(
+        "p-1 and p-2 to run the pushed policy, p-3 to decline it",
+        WAIT,
+        || {
+            let list = agents(&dcfg, None)?;
+            let runs = |id: &str| {
+                find(&list, id).is_some_and(|a| {
+                    a["policy"]["hash"] == sha(policy_a) && a["policy"]["source"] == "pushed"
+                })
+            };
+            let declined = find(&list, "p-3")?["push"]["result"] == "declined";
+            (runs("p-1") && runs("p-2") && declined).then_some(())
+        },
+    );
+    let p3 = agents(&dcfg, Some("p-3")).unwrap();
+    assert_eq!(p3["policy"]["hash"], sha(local), "p-3 keeps its own: {p3}");
+    assert!(d.join("p-1/state/policy.pushed.toml").is_file());
+    procs.push(serve_agent(&cfg4));
+    wait_for(
+        "p-4, offline at the push, to get it when it connects",
+        WAIT,
+        || (agents(&dcfg, Some("p-4"))?["policy"]["hash"] == sha(policy_a)).then_some(()),
+    );
+    let status = push_status(&dcfg);
+    assert_eq!(status["push"]["phase"], "all", "{status}");
+    let text = String::from_utf8(updraftd(&["policy", "status", "--config", c]).stdout).unwrap();
+    assert!(text.contains("3 of 4 boards in scope run it"), "{text}");
+    assert!(
+        text.contains("p-3  declined: this agent does not apply pushed policies"),
+        "{text}"
+    );
+
+    // The board's own tasks before the next push: all on the board, none fell back.
+    for _ in 0..3 {
+        let r = http(&sock1, "POST", "/v1/tasks/board_only", b"x").unwrap();
+        assert_eq!(r.status, 200);
+    }
+    wait_for("p-1's three local runs to be reported", WAIT, || {
+        (agents(&dcfg, Some("p-1"))?["mix"]["local"].as_u64()? >= 3).then_some(())
+    });
+
+    // A canary push that sends p-1's tasks to a daemon that lacks them: they fall back,
+    // and the rollout stops before p-2 gets it.
+    let policy_b = "default = \"cloud\"\n";
+    let file_b = d.join("policy-b.toml");
+    std::fs::write(&file_b, policy_b).unwrap();
+    let out = updraftd(&[
+        "policy",
+        "push",
+        file_b.to_str().unwrap(),
+        "--canary",
+        "1",
+        "--window",
+        "20s",
+        "--agents",
+        "p-1,p-2",
+        "--config",
+        c,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = push_status(&dcfg);
+    assert_eq!(
+        status["push"]["canary"],
+        serde_json::json!(["p-1"]),
+        "{status}"
+    );
+    wait_for("the canary to apply it", WAIT, || {
+        (agents(&dcfg, Some("p-1"))?["policy"]["hash"] == sha(policy_b)).then_some(())
+    });
+    for _ in 0..4 {
+        let r = http(&sock1, "POST", "/v1/tasks/board_only", b"x").unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("updraft-placement"), Some("local"));
+    }
+    let status = wait_for("the rollout to stop", Duration::from_secs(60), || {
+        let s = push_status(&dcfg);
+        (s["push"]["phase"] == "stopped").then_some(s)
+    });
+    let why = status["push"]["stopped"].as_str().unwrap();
+    assert!(
+        why.contains("canary `p-1`") && why.contains("fell back"),
+        "{why}"
+    );
+    let p2 = agents(&dcfg, Some("p-2")).unwrap();
+    assert_eq!(
+        p2["policy"]["hash"],
+        sha(policy_a),
+        "p-2 never got it: {p2}"
+    );
 }

@@ -44,9 +44,10 @@ pub struct AgentFile {
     /// Link timing.
     #[serde(default)]
     pub link: LinkFile,
-    /// Placement policy file. Default `/etc/updraft/policy.toml`; when it does not
-    /// exist, every task is placed automatically.
-    pub policy: Option<PathBuf>,
+    /// Placement policy: `policy = "FILE"`, or a `[policy]` table with `file` and
+    /// `accept_push`. Default file `/etc/updraft/policy.toml`; when it does not exist,
+    /// every task is placed automatically.
+    pub policy: Option<PolicyKey>,
     /// Signal sampling.
     #[serde(default)]
     pub signals: SignalsFile,
@@ -173,6 +174,68 @@ pub const MAX_API_CONNECTIONS: usize = 1024;
 
 /// Default policy file.
 pub const DEFAULT_POLICY: &str = "/etc/updraft/policy.toml";
+/// Where a pushed policy is kept, in `state_dir`.
+pub const PUSHED_POLICY: &str = "policy.pushed.toml";
+
+/// `policy` as written: a file name, or a `[policy]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyKey {
+    /// `policy = "/etc/updraft/policy.toml"`.
+    File(PathBuf),
+    /// `[policy]` with `file` and `accept_push`.
+    Table(PolicyTable),
+}
+
+/// The `[policy]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTable {
+    /// The policy file.
+    pub file: Option<PathBuf>,
+    /// Apply policies the daemons push (default true).
+    pub accept_push: Option<bool>,
+}
+
+impl PolicyKey {
+    fn file(&self) -> Option<PathBuf> {
+        match self {
+            Self::File(p) => Some(p.clone()),
+            Self::Table(t) => t.file.clone(),
+        }
+    }
+
+    fn accept_push(&self) -> Option<bool> {
+        match self {
+            Self::File(_) => None,
+            Self::Table(t) => t.accept_push,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PolicyKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PolicyKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a policy file name, or a [policy] table with file and accept_push")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PolicyKey, E> {
+                Ok(PolicyKey::File(v.into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<PolicyKey, A::Error> {
+                let table = serde::Deserialize::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(PolicyKey::Table(table))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
 
 /// A daemon to connect to.
 #[derive(Debug, Clone)]
@@ -286,6 +349,10 @@ pub struct AgentConfig {
     pub link: LinkConfig,
     /// Policy file (may not exist).
     pub policy: PathBuf,
+    /// Whether a policy a daemon pushes is applied (`[policy] accept_push`, default
+    /// true); it is kept as `state_dir/policy.pushed.toml` and is in force instead of
+    /// the file while it is there.
+    pub accept_push: bool,
     /// power_supply root.
     pub power_supply_root: PathBuf,
     /// Signal sampling period.
@@ -376,8 +443,15 @@ impl AgentConfig {
             log_level: file.log_level.clone(),
             policy: file
                 .policy
+                .as_ref()
+                .and_then(PolicyKey::file)
                 .map(rel)
                 .unwrap_or_else(|| DEFAULT_POLICY.into()),
+            accept_push: file
+                .policy
+                .as_ref()
+                .and_then(PolicyKey::accept_push)
+                .unwrap_or(true),
             power_supply_root: file
                 .signals
                 .power_supply_root
@@ -650,6 +724,7 @@ impl AgentConfig {
             ),
             ("link", d(&self.link, &new.link)),
             ("policy", d(&self.policy, &new.policy)),
+            ("policy.accept_push", d(&self.accept_push, &new.accept_push)),
             (
                 "signals.power_supply_root",
                 d(&self.power_supply_root, &new.power_supply_root),

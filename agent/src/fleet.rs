@@ -1,6 +1,7 @@
 //! What the agent tells daemons about itself: one fleet stream per daemon connection
 //! carries [`AgentReport`]s (version, policy in force, where tasks ran over the last
-//! hour), and brings back each daemon's catalog and clock ([`FleetNotice::Hello`]).
+//! hour), and brings back each daemon's catalog and clock ([`FleetNotice::Hello`]) and
+//! the policies operators push ([`FleetNotice::Policy`], applied once per hash).
 //!
 //! A report goes when the stream opens; then every [`REPORT_MIN_INTERVAL`] the agent
 //! looks whether anything in it changed, and sends it when something did, or when
@@ -9,12 +10,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tracing::{debug, info};
-use updraft_proto::fleet::{AgentReport, FleetNotice, PlacementMix, PolicyState};
+use tracing::{debug, info, warn};
+use updraft_proto::fleet::{
+    AgentReport, FleetNotice, PlacementMix, PolicyState, PushOutcome, PushResult,
+};
 use updraft_proto::FrameKind;
 use updraft_shared::wire::{write_frame, FrameReader};
 
 use crate::placement::{ReasonKind, Side};
+use crate::policy_file::PushRefused;
 
 /// Shortest time between two reports on one stream: a busy board changes its mix with
 /// every task, and the daemon needs no more than a glance every few seconds.
@@ -42,19 +46,15 @@ impl Default for MixWindow {
 }
 
 impl MixWindow {
-    /// Counts one task that ran on `side` for `kind` at `now_s` (Unix seconds).
-    pub(crate) fn add(&mut self, side: Side, kind: ReasonKind, now_s: u64) {
+    /// Counts one task that ran on `side` for `kind` at `now_s` (Unix seconds), and
+    /// whether it ended in an error of the agent's own.
+    pub(crate) fn add(&mut self, side: Side, kind: ReasonKind, failed: bool, now_s: u64) {
         let minute = now_s / BUCKET_SECS;
         let bucket = &mut self.buckets[(minute % MIX_BUCKETS as u64) as usize];
         if bucket.0 != minute {
             *bucket = (minute, PlacementMix::default());
         }
-        let m = &mut bucket.1;
-        match (side, kind) {
-            (Side::Cloud, _) => m.cloud += 1,
-            (Side::Local, ReasonKind::Fallback) => m.fallback += 1,
-            (Side::Local, _) => m.local += 1,
-        }
+        count(&mut bucket.1, side, kind, failed);
     }
 
     /// The counts of the hour up to `now_s`.
@@ -66,9 +66,21 @@ impl MixWindow {
                 total.local += m.local;
                 total.cloud += m.cloud;
                 total.fallback += m.fallback;
+                total.failed += m.failed;
             }
         }
         total
+    }
+}
+
+fn count(m: &mut PlacementMix, side: Side, kind: ReasonKind, failed: bool) {
+    match (side, kind) {
+        (Side::Cloud, _) => m.cloud += 1,
+        (Side::Local, ReasonKind::Fallback) => m.fallback += 1,
+        (Side::Local, _) => m.local += 1,
+    }
+    if failed {
+        m.failed += 1;
     }
 }
 
@@ -87,6 +99,10 @@ pub(crate) struct Heard {
 pub(crate) struct Fleet {
     version: &'static str,
     mix: Mutex<MixWindow>,
+    /// Since the agent started.
+    totals: Mutex<PlacementMix>,
+    /// What became of the last pushed policy.
+    push: Mutex<Option<PushOutcome>>,
     /// What each daemon said, by its configured address.
     heard: Mutex<BTreeMap<String, Heard>>,
 }
@@ -106,13 +122,29 @@ impl Fleet {
         Arc::new(Self {
             version,
             mix: Mutex::default(),
+            totals: Mutex::default(),
+            push: Mutex::default(),
             heard: Mutex::default(),
         })
     }
 
-    /// Counts a finished task.
-    pub(crate) fn ran(&self, side: Side, kind: ReasonKind) {
-        self.mix.lock().expect("mix lock").add(side, kind, now_s());
+    /// Counts a finished task; `failed` when it ended in an error of the agent's own.
+    pub(crate) fn ran(&self, side: Side, kind: ReasonKind, failed: bool) {
+        self.mix
+            .lock()
+            .expect("mix lock")
+            .add(side, kind, failed, now_s());
+        count(
+            &mut self.totals.lock().expect("mix lock"),
+            side,
+            kind,
+            failed,
+        );
+    }
+
+    /// What became of the last pushed policy.
+    pub(crate) fn last_push(&self) -> Option<PushOutcome> {
+        self.push.lock().expect("push lock").clone()
     }
 
     /// What each daemon said, by address.
@@ -120,7 +152,7 @@ impl Fleet {
         self.heard.lock().expect("heard lock").clone()
     }
 
-    fn report(&self, policy: &crate::policy_file::PolicyStatus) -> AgentReport {
+    fn report(&self, policy: &crate::policy_file::PolicyStatus, accept_push: bool) -> AgentReport {
         AgentReport {
             version: self.version.to_string(),
             policy: PolicyState {
@@ -132,15 +164,67 @@ impl Fleet {
                     .map(|e| updraft_proto::msg::bounded_message(e.clone())),
             },
             mix: self.mix.lock().expect("mix lock").sum(now_s()),
-            accept_push: false,
-            push: None,
+            totals: *self.totals.lock().expect("mix lock"),
+            accept_push,
+            push: self.push.lock().expect("push lock").clone(),
         }
+    }
+
+    /// Handles a pushed policy once per hash: applies it with `apply` (or declines it)
+    /// and keeps the outcome for the next report. True when this was new.
+    fn pushed(&self, hash: &str, text: &str, apply: &ApplyPush, daemon: &str) -> bool {
+        if self
+            .push
+            .lock()
+            .expect("push lock")
+            .as_ref()
+            .is_some_and(|p| p.hash == hash)
+        {
+            return false;
+        }
+        let outcome = if updraft_shared::files::sha256_hex(text.as_bytes()) != hash {
+            Err(PushRefused::Invalid(
+                "the pushed policy does not match its hash".into(),
+            ))
+        } else {
+            apply(text)
+        };
+        let (result, message) = match outcome {
+            Ok(()) => {
+                info!(daemon, hash, "applied the policy a daemon pushed");
+                (PushResult::Applied, None)
+            }
+            Err(PushRefused::Declined) => {
+                info!(
+                    daemon,
+                    hash, "declined a pushed policy ([policy] accept_push = false)"
+                );
+                (
+                    PushResult::Declined,
+                    Some(PushRefused::Declined.to_string()),
+                )
+            }
+            Err(e) => {
+                warn!(daemon, hash, error = %e, "refused a pushed policy; the policy in force stays");
+                (PushResult::Refused, Some(e.to_string()))
+            }
+        };
+        *self.push.lock().expect("push lock") = Some(PushOutcome {
+            hash: hash.to_string(),
+            result,
+            message: message.map(updraft_proto::msg::bounded_message),
+        });
+        true
     }
 }
 
 /// Where a report's policy comes from: the agent's policy holder, read when the report
-/// is sent.
-pub(crate) type PolicySource = Arc<dyn Fn() -> crate::policy_file::PolicyStatus + Send + Sync>;
+/// is sent (`None` once the agent is going away).
+pub(crate) type PolicySource =
+    Arc<dyn Fn() -> Option<crate::policy_file::PolicyStatus> + Send + Sync>;
+
+/// Applies a pushed policy's text (see `PolicyHolder::apply_pushed`).
+pub(crate) type ApplyPush = Arc<dyn Fn(&str) -> Result<(), PushRefused> + Send + Sync>;
 
 /// What the uplink needs to run fleet streams.
 #[derive(Clone)]
@@ -149,6 +233,10 @@ pub(crate) struct Hook {
     pub(crate) fleet: Arc<Fleet>,
     /// The policy in force, read when a report is sent.
     pub(crate) policy: PolicySource,
+    /// Applies a pushed policy.
+    pub(crate) apply: ApplyPush,
+    /// `[policy] accept_push`.
+    pub(crate) accept_push: bool,
 }
 
 impl std::fmt::Debug for Hook {
@@ -161,14 +249,20 @@ impl std::fmt::Debug for Hook {
 /// closes. A daemon older than the fleet stream answers it like an unknown task stream
 /// (a Reply); the agent then leaves it be on that connection.
 pub(crate) async fn run_stream(conn: quinn::Connection, daemon: String, hook: Hook) {
-    let Hook { fleet, policy } = hook;
+    let Hook {
+        fleet,
+        policy,
+        apply,
+        accept_push,
+    } = hook;
     let Ok((mut send, recv)) = conn.open_bi().await else {
         return;
     };
     let mut reader = FrameReader::new(recv);
     // The first report, and the daemon's hello in answer.
     let sent_at = unix_ms(SystemTime::now());
-    let mut last = fleet.report(&policy());
+    let Some(status) = policy() else { return };
+    let mut last = fleet.report(&status, accept_push);
     if write_frame(&mut send, &last.to_frame()).await.is_err()
         || !greeted(&mut reader, &daemon, &fleet, sent_at).await
     {
@@ -180,7 +274,8 @@ pub(crate) async fn run_stream(conn: quinn::Connection, daemon: String, hook: Ho
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let report = fleet.report(&policy());
+                let Some(status) = policy() else { return };
+                let report = fleet.report(&status, accept_push);
                 if report == last && last_at.elapsed() < REPORT_INTERVAL {
                     continue;
                 }
@@ -191,7 +286,18 @@ pub(crate) async fn run_stream(conn: quinn::Connection, daemon: String, hook: Ho
                 last_at = tokio::time::Instant::now();
             }
             next = reader.next() => match next {
-                Ok(Some(frame)) => notice(&frame, &daemon),
+                Ok(Some(frame)) => {
+                    if notice(&frame, &daemon, &fleet, &apply) {
+                        // Say at once what became of a pushed policy.
+                        let Some(status) = policy() else { return };
+                        let report = fleet.report(&status, accept_push);
+                        if write_frame(&mut send, &report.to_frame()).await.is_err() {
+                            return;
+                        }
+                        last = report;
+                        last_at = tokio::time::Instant::now();
+                    }
+                }
                 Ok(None) | Err(_) => return,
             },
         }
@@ -243,10 +349,22 @@ async fn greeted(
     }
 }
 
-/// A notice after the hello: nothing this version acts on yet.
-fn notice(frame: &updraft_proto::Frame, daemon: &str) {
-    if let Err(e) = FleetNotice::from_frame(frame) {
-        debug!(daemon, error = %e, "ignored a fleet notice that does not decode");
+/// A notice after the hello. True when it changed what the next report says.
+fn notice(frame: &updraft_proto::Frame, daemon: &str, fleet: &Fleet, apply: &ApplyPush) -> bool {
+    let notice = match FleetNotice::from_frame(frame) {
+        Ok(n) => n,
+        Err(e) => {
+            debug!(daemon, error = %e, "ignored a fleet notice that does not decode");
+            return false;
+        }
+    };
+    if let Err(e) = notice.validate() {
+        warn!(daemon, error = %e, "ignored a fleet notice that breaks the protocol");
+        return false;
+    }
+    match notice {
+        FleetNotice::Policy { hash, text } => fleet.pushed(&hash, &text, apply, daemon),
+        FleetNotice::Hello { .. } | FleetNotice::Unknown => false,
     }
 }
 
@@ -258,22 +376,23 @@ mod tests {
     fn the_mix_counts_the_last_hour_by_side_and_fallback() {
         let mut w = MixWindow::default();
         let t0 = 1_000_000_000;
-        w.add(Side::Local, ReasonKind::Auto, t0);
-        w.add(Side::Local, ReasonKind::Fallback, t0 + 10);
-        w.add(Side::Cloud, ReasonKind::Rule, t0 + 1800);
+        w.add(Side::Local, ReasonKind::Auto, false, t0);
+        w.add(Side::Local, ReasonKind::Fallback, true, t0 + 10);
+        w.add(Side::Cloud, ReasonKind::Rule, false, t0 + 1800);
         assert_eq!(
             w.sum(t0 + 1800),
             PlacementMix {
                 local: 1,
                 cloud: 1,
-                fallback: 1
+                fallback: 1,
+                failed: 1,
             }
         );
         // An hour later the first minute has gone; the cloud task is still counted.
         let later = w.sum(t0 + 3600 + 60);
         assert_eq!((later.local, later.fallback, later.cloud), (0, 0, 1));
         // A bucket reused a lap later starts from zero.
-        w.add(Side::Local, ReasonKind::Auto, t0 + 3600 * 2);
+        w.add(Side::Local, ReasonKind::Auto, false, t0 + 3600 * 2);
         assert_eq!(w.sum(t0 + 3600 * 2).local, 1);
         assert_eq!(w.sum(t0 + 3600 * 2).cloud, 0);
     }

@@ -99,7 +99,11 @@ impl Knowledge {
     /// Loads the policy (a broken file is an error) and the saved estimates (a broken
     /// or foreign estimates file is logged and set aside: learning starts afresh).
     pub fn load(config: &AgentConfig) -> Result<Self, KnowledgeError> {
-        let policy = PolicyHolder::load(&config.policy).map_err(KnowledgeError::Policy)?;
+        let pushed = config
+            .accept_push
+            .then(|| config.state_dir.join(crate::config::PUSHED_POLICY));
+        let policy = PolicyHolder::load_with(&config.policy, pushed.as_deref())
+            .map_err(KnowledgeError::Policy)?;
         let params = policy.auto_params();
         let estimates = config.state_dir.join(ESTIMATES_FILE);
         // The link estimate's age goes on from when the file was written.
@@ -149,6 +153,17 @@ impl Knowledge {
     /// The policy in force.
     pub fn policy(&self) -> &PolicyHolder {
         &self.policy
+    }
+
+    /// Applies a policy a daemon pushed (see [`PolicyHolder::apply_pushed`]) and its
+    /// `[auto]` coefficients.
+    pub fn apply_pushed_policy(&self, text: &str) -> Result<(), crate::policy_file::PushRefused> {
+        self.policy.apply_pushed(text)?;
+        self.cost
+            .lock()
+            .expect("cost lock")
+            .set_params(self.policy.auto_params());
+        Ok(())
     }
 
     /// Reloads the policy (SIGHUP) and applies its `[auto]` coefficients.

@@ -15,7 +15,8 @@ use updraft_proto::policy::{Signals, TaskInfo};
 pub struct PolicyStatus {
     /// The policy file.
     pub path: PathBuf,
-    /// `file` when loaded from the file, `default` when there is none (everything auto).
+    /// `file` when loaded from the file, `pushed` when a daemon pushed it, `default`
+    /// when there is neither (everything auto).
     pub source: &'static str,
     /// SHA-256 of the policy file in force, lowercase hex; empty for the default.
     pub hash: String,
@@ -52,15 +53,31 @@ fn stamp(path: &Path) -> Option<Stamp> {
 #[derive(Debug)]
 pub struct PolicyHolder {
     path: PathBuf,
+    /// Where a pushed policy is kept, when the agent accepts pushed policies: while
+    /// the file is there it is in force instead of `path`.
+    pushed: Option<PathBuf>,
     evaluator: Mutex<Evaluator>,
     status: Mutex<PolicyStatus>,
-    seen: Mutex<Option<Stamp>>,
+    seen: Mutex<(Option<Stamp>, Option<Stamp>)>,
 }
 
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a pushed policy was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PushRefused {
+    /// `[policy] accept_push = false` in agent.toml.
+    #[error(
+        "this agent does not apply pushed policies ([policy] accept_push = false in agent.toml)"
+    )]
+    Declined,
+    /// It does not parse or check, or could not be written: `path:line:column: reason`.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Why the policy file could not be loaded.
@@ -85,6 +102,31 @@ struct Read {
     policy: Policy,
     source: &'static str,
     hash: String,
+}
+
+/// The policy in force: the pushed one when there is one that reads, else the file.
+fn read_in_force(path: &Path, pushed: Option<&Path>) -> Result<Read, PolicyLoadError> {
+    if let Some(pushed) = pushed {
+        match std::fs::read_to_string(pushed) {
+            Ok(text) => match rules::parse(&text, pushed) {
+                Ok(policy) => {
+                    return Ok(Read {
+                        policy,
+                        source: "pushed",
+                        hash: updraft_shared::files::sha256_hex(text.as_bytes()),
+                    })
+                }
+                Err(e) => {
+                    warn!(error = %e, file = %path.display(), "the pushed policy does not read; the policy file is in force instead");
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(pushed = %pushed.display(), error = %e, "cannot read the pushed policy; the policy file is in force instead");
+            }
+        }
+    }
+    read_policy(path)
 }
 
 fn read_policy(path: &Path) -> Result<Read, PolicyLoadError> {
@@ -112,25 +154,57 @@ impl PolicyHolder {
     /// Loads `path`. A missing file means the default policy (everything auto); a
     /// broken one is an error, so a service never starts with a policy it cannot read.
     pub fn load(path: &Path) -> Result<Self, PolicyLoadError> {
-        let seen = stamp(path);
-        let read = read_policy(path)?;
-        let status = status_of(path, &read, None);
+        Self::load_with(path, None)
+    }
+
+    /// Like [`load`](Self::load), with a pushed policy kept at `pushed` (when the agent
+    /// accepts them) in force instead of `path` while it is there.
+    pub fn load_with(path: &Path, pushed: Option<&Path>) -> Result<Self, PolicyLoadError> {
+        let seen = (stamp(path), pushed.and_then(stamp));
+        let read = read_in_force(path, pushed)?;
+        let status = status_of(path, pushed, &read, None);
         Ok(Self {
             path: path.to_path_buf(),
+            pushed: pushed.map(Path::to_path_buf),
             evaluator: Mutex::new(Evaluator::new(Arc::new(read.policy))),
             status: Mutex::new(status),
             seen: Mutex::new(seen),
         })
     }
 
+    fn stamps(&self) -> (Option<Stamp>, Option<Stamp>) {
+        (stamp(&self.path), self.pushed.as_deref().and_then(stamp))
+    }
+
+    /// Applies a policy a daemon pushed: checked with the same parser as the file,
+    /// written whole to the pushed policy's place, and put in force. `Err` says why it
+    /// was refused (`path:line:column: reason`), or that this agent takes no pushes.
+    pub fn apply_pushed(&self, text: &str) -> Result<(), PushRefused> {
+        let Some(pushed) = &self.pushed else {
+            return Err(PushRefused::Declined);
+        };
+        rules::parse(text, pushed).map_err(|e| PushRefused::Invalid(e.to_string()))?;
+        updraft_shared::files::write_atomic(pushed, text.as_bytes(), 0o644).map_err(|e| {
+            PushRefused::Invalid(format!(
+                "{}: cannot write the pushed policy: {e}",
+                pushed.display()
+            ))
+        })?;
+        match self.reload("pushed by a daemon") {
+            None => Ok(()),
+            Some(e) => Err(PushRefused::Invalid(e)),
+        }
+    }
+
     /// Re-reads the file. On success the new policy replaces the old; on failure the
     /// old one stays and the error is kept for `status`. Returns the error, if any.
     pub fn reload(&self, why: &str) -> Option<String> {
-        *self.seen.lock().expect("policy lock") = stamp(&self.path);
-        match read_policy(&self.path).map_err(|e| e.to_string()) {
+        *self.seen.lock().expect("policy lock") = self.stamps();
+        match read_in_force(&self.path, self.pushed.as_deref()).map_err(|e| e.to_string()) {
             Ok(read) => {
-                info!(path = %self.path.display(), rules = read.policy.rules().len(), why, "policy loaded");
-                *self.status.lock().expect("policy lock") = status_of(&self.path, &read, None);
+                info!(path = %self.path.display(), source = read.source, rules = read.policy.rules().len(), why, "policy loaded");
+                *self.status.lock().expect("policy lock") =
+                    status_of(&self.path, self.pushed.as_deref(), &read, None);
                 self.evaluator
                     .lock()
                     .expect("policy lock")
@@ -149,7 +223,7 @@ impl PolicyHolder {
     /// from the sampling timer, which wakes anyway: no watcher thread, and it sees an
     /// editor's rename-over-the-file as well as an in-place write.
     pub fn changed(&self) -> bool {
-        *self.seen.lock().expect("policy lock") != stamp(&self.path)
+        *self.seen.lock().expect("policy lock") != self.stamps()
     }
 
     /// Feeds a periodic sample to the stateful tests (`for`, hysteresis).
@@ -184,7 +258,16 @@ impl PolicyHolder {
     }
 }
 
-fn status_of(path: &Path, read: &Read, error: Option<String>) -> PolicyStatus {
+fn status_of(
+    path: &Path,
+    pushed: Option<&Path>,
+    read: &Read,
+    error: Option<String>,
+) -> PolicyStatus {
+    let path = match (read.source, pushed) {
+        ("pushed", Some(p)) => p,
+        _ => path,
+    };
     PolicyStatus {
         path: path.to_path_buf(),
         source: read.source,

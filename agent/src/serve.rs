@@ -26,10 +26,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) {
     let stop = CancellationToken::new();
-    let policy_of = agent.clone();
+    // Weak: the uplink is the agent's, and must not keep it alive.
+    let (policy_of, apply_to) = (Arc::downgrade(&agent), Arc::downgrade(&agent));
     agent.uplink.set_fleet(crate::fleet::Hook {
         fleet: agent.fleet.clone(),
-        policy: Arc::new(move || policy_of.knowledge.policy().status()),
+        policy: Arc::new(move || Some(policy_of.upgrade()?.knowledge.policy().status())),
+        apply: Arc::new(move |text: &str| match apply_to.upgrade() {
+            Some(a) => a.knowledge.apply_pushed_policy(text),
+            None => Err(crate::policy_file::PushRefused::Invalid(
+                "the agent is stopping".into(),
+            )),
+        }),
+        accept_push: agent.config.accept_push,
     });
     agent.uplink.start(stop.clone());
     tokio::spawn(sample_loop(agent.clone(), stop.clone()));

@@ -267,7 +267,7 @@ impl Agent {
             &result,
             started.elapsed(),
         );
-        self.fleet.ran(placed.side, placed.kind);
+        self.fleet.ran(placed.side, placed.kind, result.is_err());
         Ok(Finished {
             id,
             side: placed.side,

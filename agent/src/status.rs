@@ -47,6 +47,7 @@ impl Agent {
             "daemons": self.fleet.heard(),
             "tasks": self.catalog.names().collect::<Vec<_>>(),
             "policy": self.knowledge.policy().status(),
+            "policy_push": self.fleet.last_push(),
             "signals": signals_json(&self.knowledge.signals(self.uplink.pick().as_ref(), load, None)),
             "estimates": self.knowledge.estimates_summary(),
             "journal": journal_json(&self.detached.journal.usage()),

@@ -5,6 +5,8 @@
 //! - `GET /v1/agents`: every agent the registry holds.
 //! - `GET /v1/agents/ID`: one agent.
 //! - `POST /v1/agents/ID/revoke`: revokes it.
+//! - `POST /v1/policy/push`: pushes a policy file (`{"name", "text", "agents",
+//!   "canary", "window_ms"}`); `GET /v1/policy/push`: how far it went.
 //!
 //! Errors are `{"error": "...", "code": "..."}` with a fitting status.
 
@@ -14,8 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::{Method, Response, StatusCode};
+use updraft_proto::fleet::MAX_POLICY_LEN;
+use updraft_proto::policy::rules;
+
+use crate::enroll::MAX_TOKEN_USES;
 use tracing::{debug, info, warn};
 use updraft_shared::accept::accept_loop;
 
@@ -59,9 +66,9 @@ pub(crate) async fn serve(
             let http = http.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(answer(&req, &shared)) }
+                    async move { Ok::<_, Infallible>(handle(req, &shared).await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 if let Err(e) = http.serve_connection(io, svc).await {
@@ -105,7 +112,104 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener, AdminError> {
     Ok(listener)
 }
 
-/// The answer to one request.
+/// Largest request body: a push of the largest policy, JSON-escaped, and its targets.
+const MAX_BODY: usize = 4 << 20;
+/// Longest canary watch a push may ask for.
+const MAX_WINDOW: Duration = Duration::from_secs(86_400);
+/// Default canary watch.
+pub(crate) const DEFAULT_WINDOW: Duration = Duration::from_secs(300);
+
+/// `POST /v1/policy/push` as sent.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushRequest {
+    /// The file name the operator gave (for messages and the rollout's record).
+    name: String,
+    /// The policy file.
+    text: String,
+    /// The boards in scope; absent: every board.
+    #[serde(default)]
+    agents: Option<Vec<String>>,
+    /// Canaries first; 0 or absent: every board at once.
+    #[serde(default)]
+    canary: u32,
+    /// How long the canaries are watched, ms.
+    #[serde(default)]
+    window_ms: Option<u64>,
+}
+
+async fn handle(req: hyper::Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST && req.uri().path() == "/v1/policy/push" {
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("cannot read the push (at most {MAX_BODY} bytes): {e}"),
+                )
+            }
+        };
+        return push(&body, shared);
+    }
+    answer(&req, shared)
+}
+
+/// Starts a policy push: the file is checked with the parser agents use first.
+fn push(body: &[u8], shared: &Shared) -> Response<Full<Bytes>> {
+    let bad = |m: String| error(StatusCode::BAD_REQUEST, "bad_request", &m);
+    let req: PushRequest = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad(format!("a push is a JSON object: {e}")),
+    };
+    if req.text.len() > MAX_POLICY_LEN {
+        return bad(format!(
+            "{}: a pushed policy may be at most {MAX_POLICY_LEN} bytes",
+            req.name
+        ));
+    }
+    if let Err(e) = rules::parse(&req.text, Path::new(&req.name)) {
+        return error(StatusCode::BAD_REQUEST, "bad_policy", &e.to_string());
+    }
+    if let Some(agents) = &req.agents {
+        if agents.is_empty() || agents.len() > crate::fleet::MAX_AGENTS {
+            return bad(format!(
+                "--agents names 1 to {} agents",
+                crate::fleet::MAX_AGENTS
+            ));
+        }
+        if let Some(bad_id) = agents
+            .iter()
+            .find(|a| updraft_shared::tls::check_agent_id(a).is_err())
+        {
+            return bad(format!("--agents: `{bad_id}` is not an agent id"));
+        }
+    }
+    if req.canary > MAX_TOKEN_USES {
+        return bad(format!("--canary must be 0 to {MAX_TOKEN_USES}"));
+    }
+    let window = req.window_ms.map_or(DEFAULT_WINDOW, Duration::from_millis);
+    if window > MAX_WINDOW {
+        return bad(format!("--window must be at most {MAX_WINDOW:?}"));
+    }
+    let hash = updraft_shared::files::sha256_hex(req.text.as_bytes());
+    match shared.fleet.push(
+        hash,
+        req.text,
+        req.name,
+        req.agents,
+        req.canary as usize,
+        window.as_millis() as u64,
+    ) {
+        Ok(status) => json(StatusCode::OK, &status),
+        Err(e) => error(StatusCode::CONFLICT, "no_canary", &e.to_string()),
+    }
+}
+
+/// The answer to one request without a body.
 fn answer<B>(req: &hyper::Request<B>, shared: &Shared) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -115,6 +219,7 @@ fn answer<B>(req: &hyper::Request<B>, shared: &Shared) -> Response<Full<Bytes>> 
             Some(agent) => json(StatusCode::OK, &agent),
             None => error(StatusCode::NOT_FOUND, "unknown_agent", &unknown(id)),
         },
+        (&Method::GET, ["v1", "policy", "push"]) => json(StatusCode::OK, &shared.fleet.push_status()),
         (&Method::POST, ["v1", "agents", id, "revoke"]) => {
             let issued = crate::issued::Issued::new(&shared.config.state_dir);
             match shared.fleet.revoke(id, &issued) {
@@ -137,7 +242,7 @@ fn answer<B>(req: &hyper::Request<B>, shared: &Shared) -> Response<Full<Bytes>> 
             StatusCode::NOT_FOUND,
             "not_found",
             &format!(
-                "no such admin request: {} {path} (GET /v1/agents, GET /v1/agents/ID, POST /v1/agents/ID/revoke)",
+                "no such admin request: {} {path} (GET /v1/agents, GET /v1/agents/ID, POST /v1/agents/ID/revoke, POST or GET /v1/policy/push)",
                 req.method()
             ),
         ),

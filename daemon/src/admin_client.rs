@@ -42,6 +42,16 @@ pub async fn request(
     method: hyper::Method,
     path: &str,
 ) -> Result<serde_json::Value, AdminClientError> {
+    request_with(socket, method, path, Vec::new()).await
+}
+
+/// Like [`request`], with `body` (JSON) sent along.
+pub async fn request_with(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<serde_json::Value, AdminClientError> {
     let http = |error: String| AdminClientError::Http {
         socket: socket.to_path_buf(),
         error,
@@ -64,7 +74,8 @@ pub async fn request(
             .method(method)
             .uri(path)
             .header("host", "updraftd")
-            .body(Full::new(bytes::Bytes::new()))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(body)))
             .map_err(|e| http(e.to_string()))?;
         let resp = sender
             .send_request(req)
@@ -186,6 +197,48 @@ fn span(s: u64) -> String {
         7200..=172_799 => format!("{}h", s / 3600),
         _ => format!("{}d", s / 86_400),
     }
+}
+
+/// `updraftd policy status` as text: the rollout, then one line per board in scope.
+pub fn render_push(status: &serde_json::Value) -> String {
+    let p = &status["push"];
+    if p.is_null() {
+        return "no policy was pushed from this daemon\n".into();
+    }
+    let hash: String = p["hash"].as_str().unwrap_or("").chars().take(12).collect();
+    let mut out = format!(
+        "push of {} ({hash}): {}",
+        p["file"].as_str().unwrap_or("-"),
+        p["phase"].as_str().unwrap_or("-")
+    );
+    if let Some(why) = p["stopped"].as_str() {
+        out.push_str(&format!(": {why}"));
+    }
+    out.push('\n');
+    let boards = status["boards"].as_array().cloned().unwrap_or_default();
+    let done = boards.iter().filter(|b| b["in_force"] == true).count();
+    out.push_str(&format!(
+        "{done} of {} boards in scope run it\n",
+        boards.len()
+    ));
+    for b in &boards {
+        let state = match (b["result"].as_str(), b["in_force"] == true) {
+            (_, true) => "applied".to_string(),
+            (Some(r), _) => r.to_string(),
+            (None, _) if b["connected"] == true => "pending".into(),
+            (None, _) => "offline (gets it when it connects)".into(),
+        };
+        let canary = if b["canary"] == true { " (canary)" } else { "" };
+        let message = b["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "  {}{canary}  {state}{message}\n",
+            b["agent_id"].as_str().unwrap_or("-")
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

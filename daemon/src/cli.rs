@@ -5,7 +5,9 @@ use std::time::Duration;
 use crate::config::{check_duration, range};
 
 mod args;
-pub use args::{AgentCommand, CaCommand, CertCommand, Cli, Command, TokenCommand, DEFAULT_CONFIG};
+pub use args::{
+    AgentCommand, CaCommand, CertCommand, Cli, Command, PolicyCommand, TokenCommand, DEFAULT_CONFIG,
+};
 
 /// What `--version` prints after the name: the package version and the git commit the
 /// binary was built from (`unknown` when built outside a checkout; see build.rs).
@@ -22,6 +24,10 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
 
 fn parse_lifetime(s: &str) -> Result<Duration, String> {
     parse_duration(s, range::CERT_ISSUE)
+}
+
+fn parse_window(s: &str) -> Result<Duration, String> {
+    parse_duration(s, range::PUSH_WINDOW)
 }
 
 fn parse_duration(s: &str, bounds: (Duration, Duration)) -> Result<Duration, String> {

@@ -150,6 +150,9 @@ pub mod range {
     pub const SLOTS: (u64, u64) = (1, 4096);
     /// `max_queued_tasks`.
     pub const QUEUED: (u64, u64) = (0, 65536);
+    /// `updraftd policy push --window`: how long canaries are watched.
+    pub const PUSH_WINDOW: (Duration, Duration) =
+        (Duration::from_secs(1), Duration::from_secs(86_400));
     /// `max_streams_per_connection`.
     pub const STREAMS: (u64, u64) = (1, 10_000);
     /// `drain_timeout`.

@@ -10,14 +10,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tracing::warn;
-use updraft_proto::fleet::{AgentReport, PlacementMix, PolicyState, PushOutcome};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+use updraft_proto::fleet::{AgentReport, FleetNotice, PlacementMix, PolicyState, PushOutcome};
 use updraft_proto::CLOSE_REVOKED;
 use updraft_shared::files::write_atomic;
 use updraft_shared::tls::AuthenticatedPeer;
 
 use crate::issued::{Issued, IssuedError};
 
+pub(crate) mod push;
 pub(crate) mod stream;
 
 /// Most agents the registry keeps. An agent needs a certificate from this CA to be
@@ -53,6 +55,9 @@ pub(crate) struct AgentRecord {
     /// Where its tasks ran over the hour before its last report.
     #[serde(default)]
     pub(crate) mix: PlacementMix,
+    /// Where its tasks ran since it started, as of its last report.
+    #[serde(default)]
+    pub(crate) totals: PlacementMix,
     /// Whether it applies pushed policies.
     #[serde(default)]
     pub(crate) accept_push: bool,
@@ -74,10 +79,14 @@ pub(crate) struct AgentView {
     pub(crate) connections: usize,
 }
 
-/// A live connection of an agent, so a revocation can close it.
+/// A live connection of an agent, so a revocation can close it and a push reach it.
 struct Live {
     id: usize,
     conn: quinn::Connection,
+    /// Its fleet stream's notice queue, once the stream is open.
+    notices: Option<mpsc::Sender<FleetNotice>>,
+    /// The pushed policy already sent on this connection.
+    sent: Option<String>,
 }
 
 #[derive(Default)]
@@ -120,6 +129,9 @@ pub(crate) struct Revoked {
 pub(crate) struct Registry {
     dir: PathBuf,
     agents: Mutex<BTreeMap<String, Entry>>,
+    /// The policy rollout, if one was pushed; kept at `push_path`.
+    rollout: Mutex<Option<push::Rollout>>,
+    push_path: PathBuf,
 }
 
 impl std::fmt::Debug for Registry {
@@ -174,9 +186,22 @@ impl Registry {
                 }
             }
         }
+        let push_path = state_dir.join("push.json");
+        let rollout = match std::fs::read(&push_path) {
+            Ok(d) => match serde_json::from_slice::<push::Rollout>(&d) {
+                Ok(r) => Some(r),
+                Err(error) => {
+                    warn!(path = %push_path.display(), %error, "the saved policy rollout is damaged; it is dropped (push again)");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
         Self {
             dir,
             agents: Mutex::new(agents),
+            rollout: Mutex::new(rollout),
+            push_path,
         }
     }
 
@@ -238,6 +263,8 @@ impl Registry {
             e.live.push(Live {
                 id: conn.stable_id(),
                 conn: conn.clone(),
+                notices: None,
+                sent: None,
             });
         });
     }
@@ -266,18 +293,165 @@ impl Registry {
         });
     }
 
-    /// A validated report arrived on the agent's fleet stream.
-    pub(crate) fn reported(&self, agent_id: &str, report: AgentReport) {
+    /// A validated report arrived on the fleet stream of connection `conn_id`, whose
+    /// notices go to `notices`. A rollout in progress moves on, and the policy goes to
+    /// this agent when it is due one.
+    pub(crate) fn reported(
+        &self,
+        agent_id: &str,
+        conn_id: usize,
+        report: AgentReport,
+        notices: &mpsc::Sender<FleetNotice>,
+    ) {
         self.update(agent_id, SystemTime::now(), |e| {
             let r = &mut e.record;
             r.version = Some(report.version);
             r.policy = Some(report.policy);
             r.mix = report.mix;
+            r.totals = report.totals;
             r.accept_push = report.accept_push;
             if report.push.is_some() {
                 r.push = report.push;
             }
+            if let Some(live) = e.live.iter_mut().find(|l| l.id == conn_id) {
+                live.notices.get_or_insert_with(|| notices.clone());
+            }
         });
+        self.advance(Some(agent_id));
+    }
+
+    /// [`advance`](Self::advance) when a rollout is in its canary stage: a timer calls
+    /// this, so a canary window that ends with no report still moves the rollout on.
+    pub(crate) fn advance_canary(&self) {
+        let canary = self
+            .rollout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|r| r.phase == push::Phase::Canary);
+        if canary {
+            self.advance(None);
+        }
+    }
+
+    /// Moves a rollout in its canary stage on. Sends the policy to every live agent due
+    /// it that does not have it yet when the stage changed (or `only` is `None` and
+    /// `all` asks for it), else to agent `only`.
+    fn advance(&self, only: Option<&str>) {
+        self.advance_and(only, false);
+    }
+
+    fn advance_and(&self, only: Option<&str>, all: bool) {
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rollout = self.rollout.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = rollout.as_mut() else { return };
+        let records: BTreeMap<String, AgentRecord> = match r.phase {
+            push::Phase::Canary => agents
+                .iter()
+                .filter(|(id, _)| r.canary.contains(id))
+                .map(|(id, e)| (id.clone(), e.record.clone()))
+                .collect(),
+            _ => BTreeMap::new(),
+        };
+        let before = r.phase;
+        r.step(&records, unix_ms(SystemTime::now()));
+        if r.phase != before {
+            match &r.stopped {
+                Some(why) => warn!(hash = r.hash, "policy push of {} stopped: {why}", r.name),
+                None => info!(
+                    hash = r.hash,
+                    "policy push of {}: the canaries took it; now every board in scope gets it",
+                    r.name
+                ),
+            }
+            self.save_rollout(r);
+        }
+        if all || r.phase != before {
+            for e in agents.values_mut() {
+                deliver(r, e);
+            }
+        } else if let Some(e) = only.and_then(|a| agents.get_mut(a)) {
+            deliver(r, e);
+        }
+    }
+
+    /// Starts pushing `text` (see [`push::Rollout::start`]); replaces a push before it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn push(
+        &self,
+        hash: String,
+        text: String,
+        name: String,
+        targets: Option<Vec<String>>,
+        canary: usize,
+        window_ms: u64,
+    ) -> Result<serde_json::Value, push::StartError> {
+        {
+            let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+            let list: Vec<(AgentRecord, bool)> = agents
+                .values()
+                .map(|e| (e.record.clone(), !e.live.is_empty()))
+                .collect();
+            let now = unix_ms(SystemTime::now());
+            let r = push::Rollout::start(hash, text, name, targets, canary, window_ms, &list, now)?;
+            info!(
+                hash = r.hash,
+                canary = r.canary.join(","),
+                "policy push of {} started",
+                r.name
+            );
+            self.save_rollout(&r);
+            *self.rollout.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        }
+        self.advance_and(None, true);
+        Ok(self.push_status())
+    }
+
+    /// The rollout and each board in its scope: the policy it runs, and what it did
+    /// with the pushed one.
+    pub(crate) fn push_status(&self) -> serde_json::Value {
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let rollout = self.rollout.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(r) = rollout.as_ref() else {
+            return serde_json::json!({ "push": null });
+        };
+        let boards: Vec<serde_json::Value> = agents
+            .values()
+            .filter(|e| r.in_scope(&e.record.agent_id))
+            .map(|e| {
+                let rec = &e.record;
+                let has = rec.policy.as_ref().is_some_and(|p| p.hash == r.hash);
+                let outcome = rec.push.as_ref().filter(|p| p.hash == r.hash);
+                serde_json::json!({
+                    "agent_id": rec.agent_id,
+                    "connected": !e.live.is_empty(),
+                    "in_force": has,
+                    "canary": r.canary.contains(&rec.agent_id),
+                    "result": outcome.map(|p| p.result.as_str()),
+                    "message": outcome.and_then(|p| p.message.clone()),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "push": {
+                "hash": r.hash,
+                "file": r.name,
+                "phase": r.phase,
+                "stopped": r.stopped,
+                "canary": r.canary,
+                "targets": r.targets,
+                "window_ms": r.window_ms,
+                "started_unix_ms": r.started_unix_ms,
+            },
+            "boards": boards,
+        })
+    }
+
+    fn save_rollout(&self, r: &push::Rollout) {
+        let json = serde_json::to_vec(r).expect("rollouts always serialize");
+        if let Err(e) = write_atomic(&self.push_path, &json, 0o600) {
+            warn!(path = %self.push_path.display(), error = %e, "cannot save the policy rollout; it goes on in memory");
+        }
     }
 
     /// Every agent, by id.
@@ -321,6 +495,36 @@ impl Registry {
             serials,
             closed,
         })
+    }
+}
+
+/// Sends the rollout's policy on every live fleet stream of agent `e` if it is due it,
+/// runs another policy, has not answered this one, and was not sent it on that
+/// connection.
+fn deliver(r: &push::Rollout, e: &mut Entry) {
+    {
+        let rec = &e.record;
+        if !r.wants(&rec.agent_id)
+            || rec.revoked_unix_ms.is_some()
+            || rec.policy.as_ref().is_some_and(|p| p.hash == r.hash)
+            || rec.push.as_ref().is_some_and(|p| p.hash == r.hash)
+        {
+            return;
+        }
+        for live in &mut e.live {
+            let Some(tx) = &live.notices else { continue };
+            if live.sent.as_deref() == Some(r.hash.as_str()) {
+                continue;
+            }
+            let notice = FleetNotice::Policy {
+                hash: r.hash.clone(),
+                text: r.text.clone(),
+            };
+            // A full queue: the next report tries again.
+            if tx.try_send(notice).is_ok() {
+                live.sent = Some(r.hash.clone());
+            }
+        }
     }
 }
 

@@ -5,7 +5,9 @@ use anyhow::Context;
 use clap::Parser;
 use std::path::Path;
 use std::process::ExitCode;
-use updraft_daemon::cli::{AgentCommand, CaCommand, CertCommand, Cli, Command, TokenCommand};
+use updraft_daemon::cli::{
+    AgentCommand, CaCommand, CertCommand, Cli, Command, PolicyCommand, TokenCommand,
+};
 use updraft_daemon::config::DaemonConfig;
 use updraft_daemon::{Issued, IssuedCert};
 
@@ -121,6 +123,39 @@ fn main() -> ExitCode {
             };
             report(agents(&config, json, id.as_deref()))
         }
+        Command::Policy {
+            command:
+                PolicyCommand::Push {
+                    file,
+                    agents,
+                    canary,
+                    window,
+                    config,
+                },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            report(policy_push(&config, &file, agents, canary, window))
+        }
+        Command::Policy {
+            command: PolicyCommand::Status { json, config },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            report(
+                admin(&config, hyper::Method::GET, "/v1/policy/push").map(|s| {
+                    if json {
+                        println!("{s}");
+                    } else {
+                        print!("{}", updraft_daemon::admin_client::render_push(&s));
+                    }
+                }),
+            )
+        }
         Command::Agent {
             command: AgentCommand::Revoke { id, config },
         } => {
@@ -188,6 +223,38 @@ fn agents(config: &DaemonConfig, json: bool, id: Option<&str>) -> anyhow::Result
         "{}",
         updraft_daemon::admin_client::render_agents(&list, now)
     );
+    Ok(())
+}
+
+/// `updraftd policy push`: checked here first, so a typo is reported without a daemon.
+fn policy_push(
+    config: &DaemonConfig,
+    file: &Path,
+    agents: Option<Vec<String>>,
+    canary: u32,
+    window: std::time::Duration,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the policy file {}", file.display()))?;
+    updraft_proto::policy::rules::parse(&text, file)?;
+    let body = serde_json::json!({
+        "name": file.display().to_string(),
+        "text": text,
+        "agents": agents,
+        "canary": canary,
+        "window_ms": window.as_millis() as u64,
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let status = rt.block_on(updraft_daemon::admin_client::request_with(
+        &config.admin_socket,
+        hyper::Method::POST,
+        "/v1/policy/push",
+        serde_json::to_vec(&body)?,
+    ))?;
+    print!("{}", updraft_daemon::admin_client::render_push(&status));
     Ok(())
 }
 

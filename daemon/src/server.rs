@@ -111,6 +111,7 @@ pub async fn run(
         None => None,
     };
     let _admin = crate::admin::serve(&shared.config.admin_socket, shared.clone()).await?;
+    let _rollouts = tokio::spawn(advance_rollouts(shared.clone()));
     let listen = endpoint.local_addr().map_err(ServerError::LocalAddr)?;
     let tasks = shared.catalog().names().collect::<Vec<_>>().join(",");
     let slots = shared.config.max_concurrent_tasks;
@@ -235,8 +236,9 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let (shared2, peer, probes) = (shared.clone(), peer.clone(), probes.clone());
+                let conn_id = conn.stable_id();
                 shared.tasks.spawn(async move {
-                    crate::stream::serve(send, recv, &peer, &shared2, &probes).await
+                    crate::stream::serve(send, recv, &peer, conn_id, &shared2, &probes).await
                 });
             }
             Err(e) => {
@@ -249,6 +251,18 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
     shared.fleet.disconnected(peer.agent_id(), conn.stable_id());
     shared.connections.fetch_sub(1, Ordering::Relaxed);
     info!(%remote, agent = peer.agent_id(), "agent disconnected");
+}
+
+/// How often a policy rollout's canary window is looked at besides the agents' reports.
+const ROLLOUT_TICK: Duration = Duration::from_secs(1);
+
+/// Moves policy rollouts on when no report comes (a canary window that ended quietly).
+async fn advance_rollouts(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(ROLLOUT_TICK);
+    loop {
+        tick.tick().await;
+        shared.fleet.advance_canary();
+    }
 }
 
 /// Sends load reports on a unidirectional stream: at once, every interval, and

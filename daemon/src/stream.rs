@@ -21,6 +21,7 @@ pub(crate) async fn serve(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
     peer: &AuthenticatedPeer,
+    conn_id: usize,
     shared: &Shared,
     probes: &ProbeGate,
 ) {
@@ -38,10 +39,14 @@ pub(crate) async fn serve(
                     .await;
             }
             FrameKind::AgentReport => {
-                let (fleet, catalog) = (&shared.fleet, shared.catalog());
-                let draining = shared.draining.clone();
-                crate::fleet::stream::serve(send, reader, frame, peer, fleet, &catalog, draining)
-                    .await;
+                let catalog = shared.catalog();
+                let on = crate::fleet::stream::On {
+                    conn_id,
+                    fleet: &shared.fleet,
+                    catalog: &catalog,
+                    draining: shared.draining.clone(),
+                };
+                crate::fleet::stream::serve(send, reader, frame, peer, on).await;
             }
             _ => task::serve(send, reader, &frame, peer, shared).await,
         },

@@ -27,6 +27,10 @@ pub struct AgentReport {
     /// Where this agent's tasks ran over the last hour.
     #[serde(default)]
     pub mix: PlacementMix,
+    /// Where its tasks ran since it started (a daemon watching a policy rollout takes
+    /// differences of these).
+    #[serde(default)]
+    pub totals: PlacementMix,
     /// Whether the agent applies pushed policies (`accept_push` in agent.toml).
     #[serde(default)]
     pub accept_push: bool,
@@ -61,6 +65,35 @@ pub struct PlacementMix {
     /// Ran on the board after a cloud attempt failed or no daemon was usable.
     #[serde(default)]
     pub fallback: u64,
+    /// Ended in an error of the agent's own (`cloud_failed`, `cloud_unavailable`,
+    /// `spawn_failed`, ...), wherever they were placed; counted besides the above.
+    #[serde(default)]
+    pub failed: u64,
+}
+
+impl PlacementMix {
+    /// Tasks counted (failed ones are counted in their placement too).
+    pub fn total(&self) -> u64 {
+        self.local + self.cloud + self.fallback
+    }
+
+    /// Each count minus `earlier`'s (0 where it is lower: the agent restarted).
+    pub fn since(&self, earlier: &PlacementMix) -> PlacementMix {
+        PlacementMix {
+            local: self.local.saturating_sub(earlier.local),
+            cloud: self.cloud.saturating_sub(earlier.cloud),
+            fallback: self.fallback.saturating_sub(earlier.fallback),
+            failed: self.failed.saturating_sub(earlier.failed),
+        }
+    }
+
+    /// The share of tasks that fell back or failed, 0.0 to 1.0 (0.0 without tasks).
+    pub fn trouble_rate(&self) -> f64 {
+        match self.total() {
+            0 => 0.0,
+            n => (self.fallback + self.failed).min(n) as f64 / n as f64,
+        }
+    }
 }
 
 /// What an agent did with a pushed policy.
@@ -239,7 +272,9 @@ mod tests {
                 local: 3,
                 cloud: 4,
                 fallback: 1,
+                failed: 1,
             },
+            totals: PlacementMix::default(),
             accept_push: true,
             push: Some(PushOutcome {
                 hash: "cd".repeat(32),
@@ -306,5 +341,28 @@ mod tests {
             time_unix_ms: 1,
         };
         assert_eq!(hello.validate(), Err(NoticeError::Catalog));
+    }
+
+    #[test]
+    fn the_trouble_rate_counts_fallbacks_and_failures_of_what_ran() {
+        let before = PlacementMix {
+            local: 5,
+            cloud: 5,
+            fallback: 0,
+            failed: 0,
+        };
+        let now = PlacementMix {
+            local: 5,
+            cloud: 7,
+            fallback: 6,
+            failed: 2,
+        };
+        let d = now.since(&before);
+        assert_eq!((d.total(), d.fallback, d.failed), (8, 6, 2));
+        assert_eq!(d.trouble_rate(), 1.0);
+        assert_eq!(before.trouble_rate(), 0.0);
+        assert_eq!(PlacementMix::default().trouble_rate(), 0.0);
+        // A restarted agent's lower totals do not underflow.
+        assert_eq!(before.since(&now).total(), 0);
     }
 }

@@ -2,7 +2,7 @@
 // the parent module, so the build script can include this file to write the man page
 // and shell completions (see build.rs) without linking them into the binary.
 
-use super::{parse_lifetime, parse_ttl, VERSION};
+use super::{parse_lifetime, parse_ttl, parse_window, VERSION};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -59,6 +59,12 @@ pub enum Command {
         /// The daemon's config file (names its admin socket).
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Push a policy file to the boards, or see how far a push went.
+    Policy {
+        /// What to do.
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Commands on one agent.
     Agent {
@@ -170,6 +176,40 @@ pub enum AgentCommand {
     Revoke {
         /// The agent id.
         id: String,
+        /// The daemon's config file (names its admin socket).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// `updraftd policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check FILE with the parser agents use and push it over the live connections; each
+    /// board applies it as its managed policy (boards offline get it when they connect)
+    /// and reports applied, refused (file:line:col) or declined.
+    Push {
+        /// The policy file.
+        file: PathBuf,
+        /// Only these agents (comma-separated ids).
+        #[arg(long, value_delimiter = ',')]
+        agents: Option<Vec<String>>,
+        /// Push to this many connected boards first; the rest only if none refused it
+        /// and their share of fallbacks and errors did not rise within --window.
+        #[arg(long, default_value_t = 0)]
+        canary: u32,
+        /// How long the canaries are watched after they answered, e.g. "5m" (up to 1d).
+        #[arg(long, default_value = "5m", value_parser = parse_window)]
+        window: Duration,
+        /// The daemon's config file (names its admin socket).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// How far the last push went: its stage, and each board in its scope.
+    Status {
+        /// The JSON the admin socket answers instead of text.
+        #[arg(long)]
+        json: bool,
         /// The daemon's config file (names its admin socket).
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,

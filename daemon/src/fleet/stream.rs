@@ -1,7 +1,8 @@
 //! One agent's fleet stream: reads its reports into the registry and answers the first
-//! with the daemon's catalog and clock.
+//! with the daemon's catalog and clock, and passes on the policies pushed to it.
 
 use std::time::SystemTime;
+use tokio::sync::mpsc;
 use tracing::{debug, warn};
 use updraft_proto::fleet::{AgentReport, FleetNotice, MAX_CATALOG_NAMES};
 use updraft_proto::{Frame, STOP_INPUT};
@@ -11,6 +12,22 @@ use updraft_shared::wire::{write_frame, FrameReader};
 use super::Registry;
 use updraft_shared::catalog::Catalog;
 
+/// What a fleet stream works against.
+pub(crate) struct On<'a> {
+    /// The connection's stable id.
+    pub(crate) conn_id: usize,
+    /// The registry.
+    pub(crate) fleet: &'a Registry,
+    /// The catalog the hello names.
+    pub(crate) catalog: &'a Catalog,
+    /// Flips when the drain starts.
+    pub(crate) draining: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Notices waiting to be written to one agent; one past these waits for the agent's
+/// next report.
+const NOTICE_QUEUE: usize = 4;
+
 /// Serves the fleet stream whose first frame, `first`, is the agent's first report,
 /// until the agent ends it, the connection closes or the daemon starts draining.
 pub(crate) async fn serve(
@@ -18,13 +35,18 @@ pub(crate) async fn serve(
     mut reader: FrameReader<quinn::RecvStream>,
     first: Frame,
     peer: &AuthenticatedPeer,
-    fleet: &Registry,
-    catalog: &Catalog,
-    mut draining: tokio::sync::watch::Receiver<bool>,
+    on: On<'_>,
 ) {
     let agent = peer.agent_id();
+    let On {
+        conn_id,
+        fleet,
+        catalog,
+        mut draining,
+    } = on;
     let mut frame = first;
     let mut greeted = false;
+    let (tx, mut notices) = mpsc::channel(NOTICE_QUEUE);
     loop {
         let report = match AgentReport::from_frame(&frame)
             .map_err(|e| e.to_string())
@@ -39,7 +61,7 @@ pub(crate) async fn serve(
                 return;
             }
         };
-        fleet.reported(agent, report);
+        fleet.reported(agent, conn_id, report, &tx);
         if !greeted {
             greeted = true;
             if write_frame(&mut send, &hello(catalog).to_frame())
@@ -51,11 +73,18 @@ pub(crate) async fn serve(
         }
         // A drain waits for the streams in flight; this one would last as long as the
         // connection, so it ends when the drain starts.
-        let next = tokio::select! {
-            next = reader.next() => next,
-            _ = draining.wait_for(|d| *d) => {
-                let _ = send.finish();
-                return;
+        let next = loop {
+            tokio::select! {
+                next = reader.next() => break next,
+                Some(n) = notices.recv() => {
+                    if write_frame(&mut send, &n.to_frame()).await.is_err() {
+                        return;
+                    }
+                }
+                () = async { let _ = draining.wait_for(|d| *d).await; } => {
+                    let _ = send.finish();
+                    return;
+                }
             }
         };
         frame = match next {
