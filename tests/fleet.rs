@@ -641,3 +641,56 @@ fn a_pushed_policy_reaches_every_board_and_a_canary_that_falls_back_stops_the_ne
         "p-2 never got it: {p2}"
     );
 }
+
+#[test]
+fn ca_show_gives_the_fingerprint_boards_pin_and_the_names_they_may_dial() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = updraftd(&[
+        "ca",
+        "init",
+        "--dir",
+        d.join("pki").to_str().unwrap(),
+        "--name",
+        "localhost",
+        "10.0.0.9",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fingerprint = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let cfg = write_daemon_config(d);
+    let out = updraftd(&["ca", "show", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains(&format!("sha256 {fingerprint}")), "{shown}");
+    assert!(shown.contains("names localhost, 10.0.0.9"), "{shown}");
+    assert_eq!(shown.matches("valid until 20").count(), 2, "{shown}");
+
+    // A server certificate with new names, from the same CA: boards keep trusting it.
+    let out = updraftd(&[
+        "cert",
+        "server",
+        "--ca-dir",
+        d.join("pki").to_str().unwrap(),
+        "--name",
+        "localhost",
+        "10.0.0.10",
+        "--out",
+        d.join("reissue").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in ["server.pem", "server.key"] {
+        std::fs::copy(d.join("reissue").join(f), d.join("pki").join(f)).unwrap();
+    }
+    let out = updraftd(&["ca", "show", "--config", cfg.to_str().unwrap()]);
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains(&format!("sha256 {fingerprint}")), "{shown}");
+    assert!(shown.contains("names localhost, 10.0.0.10"), "{shown}");
+    let (_daemon, addr) = serve_daemon(&cfg, "the daemon with the new certificate");
+    let (acfg, socket) = board(d, "b-1", &addr, None);
+    let _agent = serve_agent(&acfg);
+    wait_for(
+        "the board to connect to the reissued certificate",
+        WAIT,
+        || (status(&socket)?["clouds"][0]["connected"] == true).then_some(()),
+    );
+}

@@ -576,29 +576,103 @@ async fn deliver(
 }
 
 fn print_status(v: &serde_json::Value) {
-    println!(
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    print!("{}", render_status(v, now));
+}
+
+/// `status` as text: what `--json` holds, for a person, as of `now_ms`.
+fn render_status(v: &serde_json::Value, now_ms: u64) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "agent {}  (updraft {}, up {}s)",
         v["agent_id"].as_str().unwrap_or("?"),
         v["version"].as_str().unwrap_or("?"),
         v["uptime_s"]
     );
     let l = &v["local"];
-    println!(
+    let _ = writeln!(
+        o,
         "local: {} running, {} queued, {} slots",
         l["running"], l["queued"], l["capacity"]
     );
     let p = &v["policy"];
-    println!(
-        "policy: {} ({}, {} rules, default {})",
+    let hash: String = p["hash"].as_str().unwrap_or("").chars().take(12).collect();
+    let _ = writeln!(
+        o,
+        "policy: {} ({}{}, {} rules, default {})",
         p["path"].as_str().unwrap_or("?"),
         p["source"].as_str().unwrap_or("?"),
+        if hash.is_empty() {
+            String::new()
+        } else {
+            format!(" {hash}")
+        },
         p["rules"],
         p["default"].as_str().unwrap_or("?")
     );
     if let Some(e) = p["error"].as_str() {
-        println!("  last reload refused, the policy above stays in force: {e}");
+        let _ = writeln!(
+            o,
+            "  last reload refused, the policy above stays in force: {e}"
+        );
     }
-    println!("daemons:");
+    let push = &v["policy_push"];
+    if let Some(result) = push["result"].as_str() {
+        let hash: String = push["hash"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(12)
+            .collect();
+        let why = push["message"]
+            .as_str()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        let _ = writeln!(o, "  last pushed policy {hash}: {result}{why}");
+    }
+    let c = &v["certificate"];
+    if let Some(until) = c["not_after_unix"].as_u64() {
+        let left = (until * 1000) as i64 - now_ms as i64;
+        let when = if left <= 0 {
+            "EXPIRED: enroll again with a token (`updraft-agent enroll`)".to_string()
+        } else {
+            format!("expires in {}", days(left as u64 / 1000))
+        };
+        let renew = c["renew_at_unix"]
+            .as_u64()
+            .map(|r| {
+                format!(
+                    ", renewed from {}",
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(r)
+                    )
+                )
+            })
+            .unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "certificate: {} {when}{renew}",
+            c["path"].as_str().unwrap_or("?")
+        );
+    }
+    let j = &v["journal"];
+    if let (Some(bytes), Some(max)) = (j["bytes"].as_u64(), j["max_bytes"].as_u64()) {
+        let pct = if max == 0 {
+            0.0
+        } else {
+            bytes as f64 * 100.0 / max as f64
+        };
+        let _ = writeln!(
+            o,
+            "journal: {} detached tasks ({} unfinished), {} of {} bytes ({pct:.0} %)",
+            j["tasks"], j["unfinished"], bytes, max
+        );
+    }
+    let _ = writeln!(o, "daemons:");
     for c in v["clouds"].as_array().into_iter().flatten() {
         let state = if c["draining"] == true {
             "draining".to_string()
@@ -622,25 +696,45 @@ fn print_status(v: &serde_json::Value) {
                 load["running"], load["queued"], load["capacity"]
             )
         };
-        println!(
+        let _ = writeln!(
+            o,
             "  {:<28} {state}{load}",
             c["address"].as_str().unwrap_or("?")
         );
     }
-    println!("recent decisions:");
+    let _ = writeln!(o, "recent decisions:");
     for d in v["recent"]
         .as_array()
         .into_iter()
         .flatten()
         .take(RECENT_SHOWN)
     {
-        println!(
-            "  {:<16} {:<6} {:<10} {}",
+        let at = d["at_unix_ms"].as_u64().map_or("?".to_string(), |t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(t),
+            )
+            .to_string()
+        });
+        let _ = writeln!(
+            o,
+            "  {at}  {:<32} {:<16} {:<6} {:<10} {}",
+            d["id"].as_str().unwrap_or("?"),
             d["task"].as_str().unwrap_or("?"),
             d["placement"].as_str().unwrap_or("?"),
             d["outcome"].as_str().unwrap_or("?"),
             d["reason"].as_str().unwrap_or("")
         );
+    }
+    o
+}
+
+/// "42s", "5h", "89d".
+fn days(s: u64) -> String {
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
     }
 }
 
@@ -681,5 +775,51 @@ mod tests {
         for v in offered {
             assert!(v.parse::<Where>().is_ok(), "{v} is offered but refused");
         }
+    }
+
+    #[test]
+    fn text_status_shows_what_json_has() {
+        let now = 1_800_000_000_000u64;
+        let v = serde_json::json!({
+            "agent_id": "board-1", "version": "0.1.0", "uptime_s": 5,
+            "local": {"running": 0, "queued": 0, "capacity": 2},
+            "policy": {"path": "/var/lib/updraft/policy.pushed.toml", "source": "pushed",
+                       "hash": "ab".repeat(32), "rules": 2, "default": "auto",
+                       "error": "/etc/updraft/policy.toml:3:9: place must be local, cloud or auto"},
+            "policy_push": {"hash": "ab".repeat(32), "result": "applied"},
+            "certificate": {"path": "/var/lib/updraft/agent.pem",
+                            "not_after_unix": now / 1000 + 90 * 86_400,
+                            "renew_at_unix": now / 1000 + 60 * 86_400},
+            "journal": {"tasks": 3, "unfinished": 1, "bytes": 512, "max_bytes": 1024},
+            "clouds": [],
+            "recent": [{"id": "0123abcd", "task": "sha", "placement": "cloud",
+                        "outcome": "ok", "reason": "auto: ...", "at_unix_ms": now}],
+        });
+        let t = render_status(&v, now);
+        assert!(
+            t.contains("policy: /var/lib/updraft/policy.pushed.toml (pushed abababababab, 2 rules"),
+            "{t}"
+        );
+        assert!(
+            t.contains("last reload refused") && t.contains("policy.toml:3:9"),
+            "{t}"
+        );
+        assert!(
+            t.contains("last pushed policy abababababab: applied"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "certificate: /var/lib/updraft/agent.pem expires in 90d, renewed from 2027-"
+            ),
+            "{t}"
+        );
+        assert!(
+            t.contains("journal: 3 detached tasks (1 unfinished), 512 of 1024 bytes (50 %)"),
+            "{t}"
+        );
+        assert!(t.contains("2027-01-15T08:00:00Z  0123abcd"), "{t}");
+        let expired = serde_json::json!({"certificate": {"path": "a.pem", "not_after_unix": 1}});
+        assert!(render_status(&expired, now).contains("EXPIRED: enroll again"));
     }
 }

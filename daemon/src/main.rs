@@ -58,6 +58,15 @@ fn main() -> ExitCode {
             report(serve(config, server))
         }
         Command::Ca {
+            command: CaCommand::Show { config },
+        } => {
+            let config = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => return bad_config(&e),
+            };
+            report(ca_show(&config))
+        }
+        Command::Ca {
             command: CaCommand::Init { dir, names },
         } => report(updraft_daemon::pki::ca_init(&dir, &names).map(|f| {
             eprintln!(
@@ -166,6 +175,17 @@ fn main() -> ExitCode {
             report(revoke(&config, &id))
         }
         Command::Cert {
+            command: CertCommand::Server { names, out, ca_dir },
+        } => report(
+            updraft_daemon::pki::server_issue(&ca_dir, &names, &out).map(|(cert, key)| {
+                println!(
+                    "wrote {} and {}; put them in [tls] cert and key, then `systemctl reload updraftd`",
+                    cert.display(),
+                    key.display()
+                );
+            }),
+        ),
+        Command::Cert {
             command:
                 CertCommand::Issue {
                     agent_id,
@@ -255,6 +275,30 @@ fn policy_push(
         serde_json::to_vec(&body)?,
     ))?;
     print!("{}", updraft_daemon::admin_client::render_push(&status));
+    Ok(())
+}
+
+/// `updraftd ca show`.
+fn ca_show(config: &DaemonConfig) -> anyhow::Result<()> {
+    use updraft_shared::tls;
+    let when = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let ca = tls::load_certs(&config.tls_ca)
+        .with_context(|| format!("[tls] ca {}", config.tls_ca.display()))?;
+    let ca = ca.first().context("no certificate in [tls] ca")?;
+    let (_, ca_until) = tls::validity_of(ca)?;
+    println!("ca: {}", config.tls_ca.display());
+    println!(
+        "  sha256 {}  (updraft-agent enroll --ca-sha256 takes this)",
+        tls::fingerprint(ca)
+    );
+    println!("  valid until {}", when(ca_until));
+    let server = tls::load_certs(&config.tls_cert)
+        .with_context(|| format!("[tls] cert {}", config.tls_cert.display()))?;
+    let server = server.first().context("no certificate in [tls] cert")?;
+    let (_, server_until) = tls::validity_of(server)?;
+    println!("server certificate: {}", config.tls_cert.display());
+    println!("  names {}", tls::names_of(server).join(", "));
+    println!("  valid until {}", when(server_until));
     Ok(())
 }
 

@@ -191,6 +191,26 @@ pub fn ca_init(dir: &Path, names: &[String]) -> Result<CaFiles, PkiError> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, ca_key);
 
+    let (server_cert, server_key) = server_certificate(&issuer, names)?;
+    write_public(&files.ca_cert, &ca_cert.pem())?;
+    write_secret(&files.ca_key, &issuer.key().serialize_pem())?;
+    write_public(&files.server_cert, &server_cert)?;
+    write_secret(&files.server_key, &server_key)?;
+    Ok(CaFiles {
+        fingerprint: updraft_shared::tls::fingerprint(ca_cert.der()),
+        ..files
+    })
+}
+
+/// A server certificate for `names` (the first is its common name), signed by
+/// `issuer`, and its new key: PEM both.
+fn server_certificate(
+    issuer: &Issuer<'_, KeyPair>,
+    names: &[String],
+) -> Result<(String, String), PkiError> {
+    if names.is_empty() {
+        return Err(PkiError::NoNames);
+    }
     let server_key = KeyPair::generate()?;
     let mut server = CertificateParams::default();
     server
@@ -212,16 +232,25 @@ pub fn ca_init(dir: &Path, names: &[String]) -> Result<CaFiles, PkiError> {
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     validity(&mut server, SERVER_VALIDITY);
-    let server_cert = server.signed_by(&server_key, &issuer)?;
+    let server_cert = server.signed_by(&server_key, issuer)?;
+    Ok((server_cert.pem(), server_key.serialize_pem()))
+}
 
-    write_public(&files.ca_cert, &ca_cert.pem())?;
-    write_secret(&files.ca_key, &issuer.key().serialize_pem())?;
-    write_public(&files.server_cert, &server_cert.pem())?;
-    write_secret(&files.server_key, &server_key.serialize_pem())?;
-    Ok(CaFiles {
-        fingerprint: updraft_shared::tls::fingerprint(ca_cert.der()),
-        ..files
-    })
+/// A new server certificate for `names` from the CA in `ca_dir` (its `ca.pem` and
+/// `ca.key`), written as `out/server.pem` and `out/server.key`; agents keep trusting
+/// the daemon, since the CA is the same.
+pub fn server_issue(
+    ca_dir: &Path,
+    names: &[String],
+    out: &Path,
+) -> Result<(PathBuf, PathBuf), PkiError> {
+    let issuer = load_issuer(ca_dir)?;
+    let (cert, key) = server_certificate(&issuer, names)?;
+    create_dir(out)?;
+    let (cert_path, key_path) = (out.join("server.pem"), out.join("server.key"));
+    write_public(&cert_path, &cert)?;
+    write_secret(&key_path, &key)?;
+    Ok((cert_path, key_path))
 }
 
 /// Loads the CA from `ca_dir/ca.pem` and `ca_dir/ca.key`.

@@ -153,6 +153,7 @@ pub(crate) fn needs_restart(started: &DaemonConfig, new: &DaemonConfig) -> Vec<&
         "metrics_listen",
         started.metrics_listen != new.metrics_listen,
     );
+    check("admin_socket", started.admin_socket != new.admin_socket);
     check("drain_timeout", started.drain_timeout != new.drain_timeout);
     check(
         "load_report_interval",

@@ -92,11 +92,31 @@ pub enum CaCommand {
         #[arg(long = "name", required = true, num_args = 1..)]
         names: Vec<String>,
     },
+    /// Show the CA in use (its fingerprint, what `enroll --ca-sha256` takes, and its
+    /// expiry) and the server certificate (the names agents may dial, and its expiry).
+    Show {
+        /// The daemon's config file (its [tls] names the files).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 /// `updraftd cert ...`
 #[derive(Debug, Subcommand)]
 pub enum CertCommand {
+    /// Issue a new server certificate from the CA you have (new names or addresses, or
+    /// one nearing its end): OUT/server.pem and OUT/server.key. Agents keep trusting it.
+    Server {
+        /// Host names or IPs agents will use for this daemon (repeatable, or several values).
+        #[arg(long = "name", required = true, num_args = 1..)]
+        names: Vec<String>,
+        /// Directory for server.pem and server.key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = "/etc/updraft")]
+        ca_dir: PathBuf,
+    },
     /// Issue an agent certificate: OUT/agent.pem and OUT/agent.key.
     Issue {
         /// The agent's id (becomes the certificate's common name).
