@@ -694,3 +694,131 @@ fn ca_show_gives_the_fingerprint_boards_pin_and_the_names_they_may_dial() {
         || (status(&socket)?["clouds"][0]["connected"] == true).then_some(()),
     );
 }
+
+fn doctor(cfg: &Path) -> (bool, String) {
+    let out = Command::new(bin("updraft-agent"))
+        .args(["doctor", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8(out.stdout).unwrap())
+}
+
+#[test]
+fn doctor_flags_a_rule_that_matches_no_task_and_an_expired_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = updraftd(&[
+        "ca",
+        "init",
+        "--dir",
+        d.join("pki").to_str().unwrap(),
+        "--name",
+        "localhost",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dcfg = write_daemon_config(d);
+    let (_daemon, addr) = serve_daemon(&dcfg, "the daemon");
+
+    // A healthy board but for one rule, whose match names a task the catalog lacks.
+    let policy = "[[rule]]\nname = \"typo\"\nmatch = { names = [\"shaa\"] }\nplace = \"cloud\"\n[[rule]]\nname = \"hashes\"\nmatch = { names = [\"sha\"] }\nplace = \"cloud\"\n";
+    let (cfg, socket) = board(d, "doc-1", &addr, Some(policy));
+    // First with the agent stopped: doctor dials the daemon itself.
+    let (ok, said) = doctor(&cfg);
+    assert!(!ok, "{said}");
+    let fail: Vec<&str> = said.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fail.len(), 1, "{said}");
+    assert!(fail[0].contains("rule \"typo\" matches no task"), "{said}");
+    assert!(
+        said.lines().any(|l| l.starts_with("ok")
+            && l.contains("certificate")
+            && l.contains("expires in 36")),
+        "{said}"
+    );
+    assert!(
+        said.lines().any(|l| l.starts_with("ok")
+            && l.contains(&format!("daemon {addr}: reachable"))
+            && l.contains("echo")),
+        "{said}"
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("ok") && l.contains("its clock is")),
+        "{said}"
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("warn") && l.contains("does not offer board_only")),
+        "{said}"
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("ok") && l.contains("journal")),
+        "{said}"
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("ok") && l.contains("MiB free")),
+        "{said}"
+    );
+    // Then with the agent running: the daemon lines come from its live connection.
+    let _agent = serve_agent(&cfg);
+    wait_for("the board to connect", WAIT, || {
+        (status(&socket)?["daemons"][&addr]["tasks"].is_array()).then_some(())
+    });
+    let (_, said) = doctor(&cfg);
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("ok") && l.contains(&format!("daemon {addr}: reachable"))),
+        "{said}"
+    );
+
+    // A board whose certificate ran out.
+    let home = d.join("old-1");
+    let out = updraftd(&[
+        "cert",
+        "issue",
+        "--agent-id",
+        "old-1",
+        "--valid-for",
+        "2s",
+        "--out",
+        home.join("tls").to_str().unwrap(),
+        "--ca-dir",
+        d.join("pki").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg = home.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "socket = \"agent.sock\"\nstate_dir = \"state\"\n[[cloud]]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n[tls]\nca = \"{}\"\ncert = \"tls/agent.pem\"\nkey = \"tls/agent.key\"\n",
+            d.join("pki/ca.pem").display()
+        ),
+    )
+    .unwrap();
+    // X.509 times are whole seconds and "not after" includes its second: the daemon
+    // may take the certificate for up to a second after doctor calls it expired.
+    let refused = |said: &str| {
+        said.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains(&format!("daemon {addr}")))
+    };
+    let said = wait_for(
+        "doctor to see the certificate expired and refused",
+        WAIT,
+        || {
+            let (ok, said) = doctor(&cfg);
+            (!ok && said.contains("has EXPIRED") && refused(&said)).then_some(said)
+        },
+    );
+    assert!(
+        said.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("certificate")
+            && l.contains("enroll again")),
+        "{said}"
+    );
+    assert!(
+        said.lines()
+            .any(|l| l.starts_with("FAIL") && l.contains(&format!("daemon {addr}"))),
+        "{said}"
+    );
+}

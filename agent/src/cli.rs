@@ -196,6 +196,7 @@ impl Cli {
         let (cfg_slot, socket_slot) = match &mut self.command {
             Command::Serve { config: c }
             | Command::CheckConfig { config: c }
+            | Command::Doctor { config: c }
             | Command::Enroll { config: c, .. } => (Some(&mut c.config), None),
             Command::Run { at, .. }
             | Command::Result { at, .. }
@@ -244,6 +245,7 @@ impl Command {
         match self {
             Command::Serve { .. } => "serve",
             Command::CheckConfig { .. } => "check-config",
+            Command::Doctor { .. } => "doctor",
             Command::Enroll { .. } => "enroll",
             Command::Run { .. } => "run",
             Command::Result { .. } => "result",

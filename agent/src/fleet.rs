@@ -304,6 +304,37 @@ pub(crate) async fn run_stream(conn: quinn::Connection, daemon: String, hook: Ho
     }
 }
 
+/// Opens a fleet stream on `conn` to the daemon at `daemon`, sends one report of an
+/// agent that has run nothing yet, and returns the hello: the daemon's task names and
+/// its clock against ours (ms). For `doctor` when the agent is not running.
+pub(crate) async fn hello(
+    conn: &quinn::Connection,
+    daemon: &str,
+    policy: &crate::policy_file::PolicyStatus,
+    accept_push: bool,
+) -> Result<(Vec<String>, i64), String> {
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let mut reader = FrameReader::new(recv);
+    let fleet = Fleet::new(crate::cli::VERSION);
+    let sent_at = unix_ms(SystemTime::now());
+    write_frame(&mut send, &fleet.report(policy, accept_push).to_frame())
+        .await
+        .map_err(|e| e.to_string())?;
+    let answered = tokio::time::timeout(
+        Duration::from_secs(10),
+        greeted(&mut reader, daemon, &fleet, sent_at),
+    )
+    .await
+    .unwrap_or(false);
+    let _ = send.finish();
+    match fleet.heard().remove(daemon) {
+        Some(h) if answered => Ok((h.tasks, h.clock_skew_ms)),
+        _ => Err(
+            "connected, but it answered no fleet report (a daemon older than this agent?)".into(),
+        ),
+    }
+}
+
 /// Reads the daemon's answer to the first report; false when there is none to wait for
 /// (an older daemon, or the stream ended).
 async fn greeted(

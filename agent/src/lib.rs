@@ -21,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 mod detached;
+mod doctor;
 mod enroll;
 mod fleet;
 mod http;
@@ -37,6 +38,7 @@ mod status;
 mod task;
 mod uplink;
 
+pub use doctor::run as doctor;
 pub use http::{
     header_text_decode, ChannelBody, H_ERROR_CODE, H_EXIT_CODE, H_PLACEMENT, H_REASON,
     H_STDERR_TAIL, H_TASK_ID,

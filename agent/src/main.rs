@@ -41,6 +41,10 @@ fn main() -> ExitCode {
             Err(code) => return code,
         },
         Command::CheckConfig { config } => return check_config(&config),
+        Command::Doctor { config } => {
+            let path = config.config.unwrap_or_else(|| DEFAULT_CONFIG.into());
+            Box::pin(async move { updraft_agent::doctor(&path).await })
+        }
         Command::Policy {
             command: PolicyCommand::Check { file },
         } => return ExitCode::from(cli::policy_check(&file)),

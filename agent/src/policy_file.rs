@@ -242,6 +242,11 @@ impl PolicyHolder {
             .decide(task, signals, now)
     }
 
+    /// `f` of the policy in force.
+    pub fn with_policy<T>(&self, f: impl FnOnce(&Policy) -> T) -> T {
+        f(self.evaluator.lock().expect("policy lock").policy())
+    }
+
     /// The `[auto]` coefficients in force.
     pub fn auto_params(&self) -> updraft_proto::policy::rules::AutoParams {
         self.evaluator

@@ -59,6 +59,15 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Check what this board needs, one line per check: config, certificate expiry,
+    /// policy against the catalog (rules that match no task), each daemon (reachable,
+    /// CA pin, clock skew, tasks it does not offer), journal, disk space in state_dir.
+    /// Exit 0 when no check failed, 1 otherwise.
+    Doctor {
+        /// Config.
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Join a daemon: make a key here, send a certificate request with a one-time
     /// token over TLS pinned to the CA fingerprint, and store key, certificate and CA
     /// where `serve` finds them (`[tls]` paths, default in state_dir).
