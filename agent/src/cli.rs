@@ -55,7 +55,17 @@ pub async fn serve(config: AgentConfig) -> anyhow::Result<()> {
         "loading the agent's TLS files (enroll with `updraft-agent enroll`, or set [tls] in agent.toml)",
     )?;
     let listener = crate::api::bind_socket(&config.socket)?;
+    let metrics_listen = config.metrics_listen;
     let agent = crate::service::Agent::new(config, &identity)?;
+    if let Some(addr) = metrics_listen {
+        let a = agent.clone();
+        updraft_shared::metrics_http::serve(
+            addr,
+            "agent.toml",
+            std::sync::Arc::new(move || a.metrics_text()),
+        )
+        .await?;
+    }
     crate::serve::run(agent, listener, updraft_shared::shutdown::terminated()).await;
     Ok(())
 }

@@ -24,6 +24,9 @@ pub struct AgentFile {
     pub agent_id: Option<String>,
     /// Local API socket. Default `/run/updraft/agent.sock`.
     pub socket: Option<PathBuf>,
+    /// TCP address to serve `GET /metrics` on for Prometheus (off by default; the
+    /// socket's `/metrics` is always there).
+    pub metrics_listen: Option<String>,
     /// Log level (`error` .. `trace`) or filter directive; `UPDRAFT_AGENT_LOG` overrides it. Default `info`.
     pub log_level: Option<String>,
     /// Agent state (certificates, spooled output). Default `/var/lib/updraft`.
@@ -325,6 +328,8 @@ pub struct AgentConfig {
     pub agent_id: Option<String>,
     /// Local API socket.
     pub socket: PathBuf,
+    /// `metrics_listen`, if set.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Log level or filter from the file, checked.
     pub log_level: Option<String>,
     /// State directory.
@@ -438,7 +443,17 @@ impl AgentConfig {
             updraft_shared::logging::parse_level(level)
                 .map_err(|e| invalid("log_level", e.to_string()))?;
         }
+        let metrics_listen = match &file.metrics_listen {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|_| {
+                invalid(
+                    "metrics_listen",
+                    format!("`{m}` is not an address like 127.0.0.1:9465"),
+                )
+            })?),
+        };
         Ok(Self {
+            metrics_listen,
             path: path.to_path_buf(),
             log_level: file.log_level.clone(),
             policy: file
@@ -698,6 +713,10 @@ impl AgentConfig {
         let pairs = [
             ("agent_id", d(&self.agent_id, &new.agent_id)),
             ("socket", d(&self.socket, &new.socket)),
+            (
+                "metrics_listen",
+                d(&self.metrics_listen, &new.metrics_listen),
+            ),
             ("log_level", d(&self.log_level, &new.log_level)),
             ("state_dir", d(&self.state_dir, &new.state_dir)),
             (

@@ -27,6 +27,10 @@ pub(crate) mod stream;
 /// are served but not registered (and a warning says so).
 pub(crate) const MAX_AGENTS: usize = 100_000;
 
+/// Most agents with their own series on `/metrics` (the first by id): 4 series each, so
+/// a scrape stays under ~4000 agent series however large the fleet.
+pub(crate) const MAX_AGENT_SERIES: usize = 1000;
+
 /// What the registry keeps of one agent, as `updraftd agents --json` shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AgentRecord {
@@ -451,6 +455,83 @@ impl Registry {
         let json = serde_json::to_vec(r).expect("rollouts always serialize");
         if let Err(e) = write_atomic(&self.push_path, &json, 0o600) {
             warn!(path = %self.push_path.display(), error = %e, "cannot save the policy rollout; it goes on in memory");
+        }
+    }
+
+    /// The per-agent series for `/metrics`: the first [`MAX_AGENT_SERIES`] agents by
+    /// id, and counts of all agents by state.
+    pub(crate) fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        use updraft_shared::metrics::{header, labels};
+        let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let state = |e: &Entry| match (e.record.revoked_unix_ms, e.live.is_empty()) {
+            (Some(_), _) => "revoked",
+            (None, false) => "connected",
+            (None, true) => "offline",
+        };
+        header(
+            out,
+            "updraftd_agents",
+            "gauge",
+            "Agents in the registry, by state.",
+        );
+        for s in ["connected", "offline", "revoked"] {
+            let n = agents.values().filter(|e| state(e) == s).count();
+            let _ = writeln!(out, "updraftd_agents{{state=\"{s}\"}} {n}");
+        }
+        let shown: Vec<&Entry> = agents.values().take(MAX_AGENT_SERIES).collect();
+        header(
+            out,
+            "updraftd_agent_series_dropped",
+            "gauge",
+            "Agents left out of the per-agent series (past the limit of 1000).",
+        );
+        let _ = writeln!(
+            out,
+            "updraftd_agent_series_dropped {}",
+            agents.len() - shown.len()
+        );
+        header(
+            out,
+            "updraftd_agent_connected",
+            "gauge",
+            "1 when the agent holds a connection to this daemon.",
+        );
+        for e in &shown {
+            let l = labels(&[("agent", &e.record.agent_id)]);
+            let _ = writeln!(
+                out,
+                "updraftd_agent_connected{{{l}}} {}",
+                u8::from(!e.live.is_empty())
+            );
+        }
+        header(
+            out,
+            "updraftd_agent_cert_expiry_timestamp_seconds",
+            "gauge",
+            "When the certificate the agent last connected with expires, Unix seconds.",
+        );
+        for e in &shown {
+            if let Some(t) = e.record.cert_not_after_unix_ms {
+                let l = labels(&[("agent", &e.record.agent_id)]);
+                let _ = writeln!(
+                    out,
+                    "updraftd_agent_cert_expiry_timestamp_seconds{{{l}}} {}",
+                    t / 1000
+                );
+            }
+        }
+        header(out, "updraftd_agent_tasks_total", "counter", "Tasks the agent ran since it started, by placement (local, cloud, fallback), as it last reported; resets when the agent restarts.");
+        for e in &shown {
+            let t = &e.record.totals;
+            for (placement, n) in [
+                ("local", t.local),
+                ("cloud", t.cloud),
+                ("fallback", t.fallback),
+            ] {
+                let l = labels(&[("agent", &e.record.agent_id), ("placement", placement)]);
+                let _ = writeln!(out, "updraftd_agent_tasks_total{{{l}}} {n}");
+            }
         }
     }
 

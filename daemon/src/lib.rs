@@ -11,7 +11,7 @@
 //! first frame decides its handler), `task` (one task stream: header, recent ids,
 //! admission, run, settle), `state` (what handlers share), `recent` (recent task ids,
 //! pure), `enroll` and `issued` (tokens, certificates issued), `probe` (link probes),
-//! `metrics` (`/metrics`), `reload` (SIGHUP), `quic` (the QUIC server configuration). `docs/ARCHITECTURE.md` maps them.
+//! `reload` (SIGHUP), `quic` (the QUIC server configuration). `docs/ARCHITECTURE.md` maps them.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -21,7 +21,6 @@ pub mod config;
 mod enroll;
 mod fleet;
 mod issued;
-mod metrics;
 pub mod pki;
 mod probe;
 mod quic;

@@ -52,7 +52,7 @@ pub enum ServerError {
     },
     /// `/metrics` could not be served.
     #[error(transparent)]
-    Metrics(#[from] crate::metrics::MetricsError),
+    Metrics(#[from] updraft_shared::metrics_http::MetricsError),
     /// The admin socket could not be served.
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
@@ -106,7 +106,14 @@ pub async fn run(
     let _metrics = match shared.config.metrics_listen {
         Some(addr) => {
             let s = shared.clone();
-            Some(crate::metrics::serve(addr, Arc::new(move || s.metrics_text())).await?)
+            Some(
+                updraft_shared::metrics_http::serve(
+                    addr,
+                    "daemon.toml",
+                    Arc::new(move || s.metrics_text()),
+                )
+                .await?,
+            )
         }
         None => None,
     };

@@ -171,6 +171,7 @@ impl Shared {
             "Bytes of results kept for retries.",
             usage.kept_bytes,
         );
+        self.fleet.render_metrics(&mut out);
         out
     }
 }

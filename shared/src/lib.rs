@@ -10,7 +10,8 @@
 //! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
 //! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
-//! - [`metrics`]: Prometheus text: per-task counters and latency histograms.
+//! - [`metrics`]: Prometheus text: per-task counters and latency histograms;
+//!   [`metrics_http`]: serving it on a TCP `metrics_listen`.
 //! - [`files`]: crash-safe writes of certificates, keys and tokens.
 //! - [`accept`]: the accept loop both services' stream listeners share.
 //! - [`logging`], [`shutdown`] (SIGTERM/SIGINT): service plumbing.
@@ -24,6 +25,7 @@ pub mod exec;
 pub mod files;
 pub mod logging;
 pub mod metrics;
+pub mod metrics_http;
 pub mod notify;
 pub mod shutdown;
 pub mod tls;

@@ -1,22 +1,22 @@
-//! The daemon's Prometheus `/metrics` endpoint on `metrics_listen` (plain HTTP/1.1 over
-//! TCP; put it on a private address).
+//! A Prometheus `/metrics` endpoint on a TCP address (`metrics_listen` in daemon.toml or
+//! agent.toml): plain HTTP/1.1, so put it on a private address.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::accept::accept_loop;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Response, StatusCode};
 use tracing::{debug, info};
-use updraft_shared::accept::accept_loop;
 
 /// Scrapers served at once; one more is answered 503 and closed.
-pub(crate) const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS: usize = 64;
 /// Time a scraper has to send its request headers; an idle connection is closed
 /// after it.
-pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The whole answer to a scraper over [`MAX_CONNECTIONS`], written without parsing its
 /// request.
 const BUSY: &[u8] =
@@ -26,10 +26,12 @@ const BUSY: &[u8] =
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// `metrics_listen` could not be bound.
-    #[error("cannot listen for metrics on TCP {addr} (metrics_listen in daemon.toml)")]
+    #[error("cannot listen for metrics on TCP {addr} (metrics_listen in {file})")]
     Bind {
         /// The address in the config.
         addr: SocketAddr,
+        /// The config file's name, for the message.
+        file: &'static str,
         /// Why the bind failed.
         #[source]
         source: std::io::Error,
@@ -39,14 +41,16 @@ pub enum MetricsError {
     LocalAddr(std::io::Error),
 }
 
-/// Binds `addr` and serves `GET /metrics` from `render` until the process ends.
-pub(crate) async fn serve(
+/// Binds `addr` (named by `metrics_listen` in `file`) and serves `GET /metrics` from
+/// `render` until the process ends.
+pub async fn serve(
     addr: SocketAddr,
+    file: &'static str,
     render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> Result<tokio::task::JoinHandle<()>, MetricsError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| MetricsError::Bind { addr, source })?;
+        .map_err(|source| MetricsError::Bind { addr, file, source })?;
     let local = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     info!(metrics_listen = %local, "serving /metrics");
     let mut http = hyper::server::conn::http1::Builder::new();
