@@ -185,7 +185,11 @@ fn packages_install_and_keep_their_promises_under_a_booted_systemd() {
     analyze_security(&guest);
     signals_under_the_sandbox(&guest);
     command_task_under_the_sandbox(&guest);
-    progress(started, "security, signals, a command task");
+    fleet_under_the_sandbox(&guest);
+    progress(
+        started,
+        "security, signals, a command task, the fleet commands",
+    );
     reload_and_journal_levels(&guest);
     progress(started, "reload and journal levels");
     restart_resumes_detached(&guest);
@@ -506,6 +510,23 @@ fn command_task_under_the_sandbox(guest: &Guest) {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
     assert_eq!(lines[0], lines[1], "the task's sha256sum is sha256sum's");
+}
+
+/// The hardened daemon serves its admin socket in its state directory, and the board
+/// reported on its fleet stream: `updraftd agents` (as root, with the installed config)
+/// lists it connected, with its version.
+fn fleet_under_the_sandbox(guest: &Guest) {
+    guest.wait_until(
+        "the board's report in updraftd agents",
+        Duration::from_secs(30),
+        "updraftd agents --json | grep -q '\"version\"'",
+    );
+    let out = guest.ok("updraftd agents", "updraftd agents");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with(HOSTNAME) && l.contains("connected")),
+        "{out}"
+    );
 }
 
 /// `systemctl reload updraft-agent` reloads the policy; the journal keeps each line's

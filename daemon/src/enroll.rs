@@ -964,6 +964,55 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_revoked_certificate_is_not_renewed() {
+        let d = tempfile::tempdir().unwrap();
+        pki::ca_init(&d.path().join("pki"), &["localhost".into()]).unwrap();
+        let path = d.path().join("daemon.toml");
+        let file = updraft_shared::config::from_str(
+            "state_dir = \"state\"\n[tls]\nca = \"pki/ca.pem\"\n",
+            &path,
+            "UPDRAFTD_TEST_NONE",
+        )
+        .unwrap();
+        let config = crate::config::DaemonConfig::from_file(file, &path).unwrap();
+        let enroller = Enroller::load(&config);
+        let now = SystemTime::now();
+        let token = Tokens::new(&config.state_dir)
+            .create(Duration::from_secs(60), None)
+            .unwrap()
+            .token;
+        let request = |token| CertRequest {
+            token,
+            csr: csr("board-1"),
+        };
+        let remote: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let CertReply::Issued { cert, .. } = enroller.enroll(&request(Some(token)), remote, now)
+        else {
+            panic!("not enrolled");
+        };
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        let peer = AuthenticatedPeer::of_verified_cert(&der).unwrap();
+        // Renewed while in good standing...
+        assert!(matches!(
+            enroller.renew(&request(None), &peer, now),
+            CertReply::Issued { .. }
+        ));
+        // ...and refused, saying why, once the operator revoked the agent.
+        Issued::new(&config.state_dir)
+            .revoke("board-1", &[], now)
+            .unwrap();
+        match enroller.renew(&request(None), &peer, now) {
+            CertReply::Rejected { code, message } => {
+                assert_eq!(code, ErrorCode::BadToken);
+                assert!(message.contains("revoked by the operator"), "{message}");
+                assert!(message.contains("--agent-id board-1"), "{message}");
+            }
+            r => panic!("renewed a revoked certificate: {r:?}"),
+        }
+    }
+
+    #[test]
     fn racing_unbound_tokens_give_a_free_id_to_one_agent() {
         let d = tempfile::tempdir().unwrap();
         pki::ca_init(&d.path().join("pki"), &["localhost".into()]).unwrap();

@@ -411,6 +411,16 @@ impl AuthenticatedPeer {
         self.not_after
     }
 
+    /// The identity a leaf certificate names. Only for a certificate whose chain was
+    /// verified already (the handshake does that; tests hold one the CA just issued).
+    pub fn of_verified_cert(leaf: &CertificateDer<'_>) -> Result<Self, TlsError> {
+        Ok(Self {
+            agent_id: agent_id_of(leaf)?,
+            serial: serial_of(leaf)?,
+            not_after: validity_of(leaf)?.1,
+        })
+    }
+
     /// Reads the identity from a connection whose handshake completed. quinn only
     /// completes a handshake after our client verifier accepted the chain.
     pub fn from_connection(conn: &quinn::Connection) -> Result<Self, TlsError> {
@@ -423,11 +433,7 @@ impl AuthenticatedPeer {
         let leaf = certs
             .first()
             .ok_or_else(|| TlsError::PeerIdentity("empty certificate chain".into()))?;
-        Ok(Self {
-            agent_id: agent_id_of(leaf)?,
-            serial: serial_of(leaf)?,
-            not_after: validity_of(leaf)?.1,
-        })
+        Self::of_verified_cert(leaf)
     }
 
     #[cfg(test)]
