@@ -59,13 +59,9 @@ fn main() -> ExitCode {
         }
         Command::Ca {
             command: CaCommand::Show { config },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
-            report(ca_show(&config))
-        }
+        } => with_config(&config, |config| {
+            report(ca_show(config))
+        }),
         Command::Ca {
             command: CaCommand::Init { dir, names },
         } => report(updraft_daemon::pki::ca_init(&dir, &names).map(|f| {
@@ -89,49 +85,33 @@ fn main() -> ExitCode {
                     out,
                     config,
                 },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
+        } => with_config(&config, |config| {
             let spec = updraft_daemon::TokenSpec {
                 ttl,
                 agent_id,
                 agent_id_prefix,
                 uses,
             };
-            report(token_create(&config, &spec, count, out.as_deref()))
-        }
+            report(token_create(config, &spec, count, out.as_deref()))
+        }),
         Command::Token {
             command: TokenCommand::List { json, config },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
-            report(token_list(&config, json))
-        }
+        } => with_config(&config, |config| {
+            report(token_list(config, json))
+        }),
         Command::Token {
             command: TokenCommand::Revoke { id, config },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
+        } => with_config(&config, |config| {
             let tokens = updraft_daemon::Tokens::new(&config.state_dir);
             report(
                 tokens
                     .revoke(&id, std::time::SystemTime::now())
                     .map(|id| println!("revoked token {id}: it enrolls nothing from now on")),
             )
-        }
-        Command::Agents { json, id, config } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
-            report(agents(&config, json, id.as_deref()))
-        }
+        }),
+        Command::Agents { json, id, config } => with_config(&config, |config| {
+            report(agents(config, json, id.as_deref()))
+        }),
         Command::Policy {
             command:
                 PolicyCommand::Push {
@@ -141,22 +121,14 @@ fn main() -> ExitCode {
                     window,
                     config,
                 },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
-            report(policy_push(&config, &file, agents, canary, window))
-        }
+        } => with_config(&config, |config| {
+            report(policy_push(config, &file, agents, canary, window))
+        }),
         Command::Policy {
             command: PolicyCommand::Status { json, config },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
+        } => with_config(&config, |config| {
             report(
-                admin(&config, hyper::Method::GET, "/v1/policy/push").map(|s| {
+                admin(config, hyper::Method::GET, "/v1/policy/push").map(|s| {
                     if json {
                         println!("{s}");
                     } else {
@@ -164,16 +136,12 @@ fn main() -> ExitCode {
                     }
                 }),
             )
-        }
+        }),
         Command::Agent {
             command: AgentCommand::Revoke { id, config },
-        } => {
-            let config = match DaemonConfig::load(&config) {
-                Ok(c) => c,
-                Err(e) => return bad_config(&e),
-            };
-            report(revoke(&config, &id))
-        }
+        } => with_config(&config, |config| {
+            report(revoke(config, &id))
+        }),
         Command::Cert {
             command: CertCommand::Server { names, out, ca_dir },
         } => report(
@@ -328,6 +296,16 @@ fn load_config(path: &Path) -> Result<(DaemonConfig, quinn::ServerConfig), ExitC
     let config = DaemonConfig::load(path).map_err(|e| bad_config(&e))?;
     let server = updraft_daemon::server_config(&config).map_err(|e| bad_config(&e))?;
     Ok((config, server))
+}
+
+/// Runs a command that needs only the config file (its paths and `state_dir`; no TLS
+/// files loaded) on the file at `path`: `run`'s exit code, or that of a bad config,
+/// explained on stderr.
+fn with_config(path: &Path, run: impl FnOnce(&DaemonConfig) -> ExitCode) -> ExitCode {
+    match DaemonConfig::load(path) {
+        Ok(config) => run(&config),
+        Err(e) => bad_config(&e),
+    }
 }
 
 fn bad_config(e: &dyn std::fmt::Display) -> ExitCode {
