@@ -196,14 +196,15 @@ fn push(body: &[u8], shared: &Shared) -> Response<Full<Bytes>> {
         return bad(format!("--window must be at most {MAX_WINDOW:?}"));
     }
     let hash = updraft_shared::files::sha256_hex(req.text.as_bytes());
-    match shared.fleet.push(
+    let spec = crate::fleet::push::PushSpec {
         hash,
-        req.text,
-        req.name,
-        req.agents,
-        req.canary as usize,
-        window.as_millis() as u64,
-    ) {
+        text: req.text,
+        name: req.name,
+        targets: req.agents,
+        canary: req.canary as usize,
+        window_ms: window.as_millis() as u64,
+    };
+    match shared.fleet.push(spec) {
         Ok(status) => json(StatusCode::OK, &status),
         Err(e) => error(StatusCode::CONFLICT, "no_canary", &e.to_string()),
     }

@@ -379,17 +379,8 @@ impl Registry {
         }
     }
 
-    /// Starts pushing `text` (see [`push::Rollout::start`]); replaces a push before it.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn push(
-        &self,
-        hash: String,
-        text: String,
-        name: String,
-        targets: Option<Vec<String>>,
-        canary: usize,
-        window_ms: u64,
-    ) -> Result<serde_json::Value, push::StartError> {
+    /// Starts pushing `spec` (see [`push::Rollout::start`]); replaces a push before it.
+    pub(crate) fn push(&self, spec: push::PushSpec) -> Result<serde_json::Value, push::StartError> {
         {
             let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
             let list: Vec<(AgentRecord, bool)> = agents
@@ -397,7 +388,7 @@ impl Registry {
                 .map(|e| (e.record.clone(), !e.live.is_empty()))
                 .collect();
             let now = unix_ms(SystemTime::now());
-            let r = push::Rollout::start(hash, text, name, targets, canary, window_ms, &list, now)?;
+            let r = push::Rollout::start(spec, &list, now)?;
             info!(
                 hash = r.hash,
                 canary = r.canary.join(","),

@@ -68,22 +68,40 @@ pub(crate) enum StartError {
     NoCanary,
 }
 
+/// What an operator pushes: a checked policy file, where to, and how.
+#[derive(Debug, Clone)]
+pub(crate) struct PushSpec {
+    /// SHA-256 of `text`.
+    pub(crate) hash: String,
+    /// The policy file.
+    pub(crate) text: String,
+    /// The file name the operator pushed (for messages).
+    pub(crate) name: String,
+    /// The boards in scope; `None`: every board.
+    pub(crate) targets: Option<Vec<String>>,
+    /// Canaries first; 0: every board at once.
+    pub(crate) canary: usize,
+    /// How long the canaries are watched after they answered, ms.
+    pub(crate) window_ms: u64,
+}
+
 impl Rollout {
-    /// A rollout of `text` (hash `hash`, pushed from file `name`) to `targets` (every
-    /// board when `None`), with `canary` boards first, watched for `window_ms`. The
-    /// canaries are the first boards in scope, by id, that are connected, not revoked
-    /// and accept pushes.
-    #[allow(clippy::too_many_arguments)]
+    /// A rollout of `spec` among `agents` (each record, and whether it is connected),
+    /// started at `now_ms`. The canaries are the first boards in scope, by id, that are
+    /// connected, not revoked and accept pushes.
     pub(crate) fn start(
-        hash: String,
-        text: String,
-        name: String,
-        targets: Option<Vec<String>>,
-        canary: usize,
-        window_ms: u64,
+        spec: PushSpec,
         agents: &[(AgentRecord, bool)],
         now_ms: u64,
     ) -> Result<Self, StartError> {
+        let PushSpec {
+            hash,
+            text,
+            name,
+            targets,
+            canary,
+            window_ms,
+        } = spec;
         let mut r = Rollout {
             hash,
             text,
@@ -218,16 +236,15 @@ mod tests {
     }
 
     fn start(canary: usize, agents: &[(AgentRecord, bool)]) -> Result<Rollout, StartError> {
-        Rollout::start(
-            "ab".repeat(32),
-            "default = \"cloud\"\n".into(),
-            "p.toml".into(),
-            None,
+        let spec = PushSpec {
+            hash: "ab".repeat(32),
+            text: "default = \"cloud\"\n".into(),
+            name: "p.toml".into(),
+            targets: None,
             canary,
-            60_000,
-            agents,
-            1_000,
-        )
+            window_ms: 60_000,
+        };
+        Rollout::start(spec, agents, 1_000)
     }
 
     fn answered(mut r: AgentRecord, result: PushResult) -> AgentRecord {
