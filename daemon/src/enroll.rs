@@ -963,18 +963,23 @@ mod tests {
         params.serialize_request(&key).unwrap().pem().unwrap()
     }
 
-    #[test]
-    fn an_operator_revoked_certificate_is_not_renewed() {
-        let d = tempfile::tempdir().unwrap();
-        pki::ca_init(&d.path().join("pki"), &["localhost".into()]).unwrap();
-        let path = d.path().join("daemon.toml");
+    /// The config of a daemon in `dir` with a fresh CA whose key signs enrollments.
+    fn enrolling_daemon(dir: &Path) -> crate::config::DaemonConfig {
+        pki::ca_init(&dir.join("pki"), &["localhost".into()]).unwrap();
+        let path = dir.join("daemon.toml");
         let file = updraft_shared::config::from_str(
             "state_dir = \"state\"\n[tls]\nca = \"pki/ca.pem\"\n",
             &path,
             "UPDRAFTD_TEST_NONE",
         )
         .unwrap();
-        let config = crate::config::DaemonConfig::from_file(file, &path).unwrap();
+        crate::config::DaemonConfig::from_file(file, &path).unwrap()
+    }
+
+    #[test]
+    fn an_operator_revoked_certificate_is_not_renewed() {
+        let d = tempfile::tempdir().unwrap();
+        let config = enrolling_daemon(d.path());
         let enroller = Enroller::load(&config);
         let now = SystemTime::now();
         let token = Tokens::new(&config.state_dir)
@@ -1015,15 +1020,7 @@ mod tests {
     #[test]
     fn racing_unbound_tokens_give_a_free_id_to_one_agent() {
         let d = tempfile::tempdir().unwrap();
-        pki::ca_init(&d.path().join("pki"), &["localhost".into()]).unwrap();
-        let path = d.path().join("daemon.toml");
-        let file = updraft_shared::config::from_str(
-            "state_dir = \"state\"\n[tls]\nca = \"pki/ca.pem\"\n",
-            &path,
-            "UPDRAFTD_TEST_NONE",
-        )
-        .unwrap();
-        let config = crate::config::DaemonConfig::from_file(file, &path).unwrap();
+        let config = enrolling_daemon(d.path());
         let enroller = std::sync::Arc::new(Enroller::load(&config));
         let tokens = Tokens::new(&config.state_dir);
         let remote: SocketAddr = "192.0.2.1:5000".parse().unwrap();
