@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{bin, http, start_daemon, stderr, updraftd, wait_for, Proc, AGENT_TASKS};
+use common::{
+    agent_status, bin, serve_agent, start_daemon, stderr, updraftd, wait_for, AGENT_TASKS,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
@@ -74,20 +76,9 @@ fn enroll(cfg: &Path, daemon: &str, token: &str, fingerprint: &str, force: bool)
     cmd.output().unwrap()
 }
 
-fn start_agent(cfg: &Path) -> Proc {
-    let mut cmd = Command::new(bin("updraft-agent"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    Proc::spawn("updraft-agent", cmd)
-}
-
-fn status(socket: &Path) -> Option<serde_json::Value> {
-    let r = http(socket, "GET", "/v1/status", b"").ok()?;
-    serde_json::from_slice(&r.body).ok()
-}
-
 fn wait_connected(socket: &Path) {
     wait_for("the agent to connect", Duration::from_secs(20), || {
-        (status(socket)?["clouds"][0]["connected"] == true).then_some(())
+        (agent_status(socket)?["clouds"][0]["connected"] == true).then_some(())
     });
 }
 
@@ -177,10 +168,10 @@ fn enrollment_round_trip_and_refusals() {
     assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
 
     // The enrolled agent serves with no [tls] config and offloads a task.
-    let agent = start_agent(&cfg);
+    let agent = serve_agent(&cfg);
     let socket = dir.join("agent.sock");
     wait_connected(&socket);
-    assert_eq!(status(&socket).unwrap()["agent_id"], "board-7");
+    assert_eq!(agent_status(&socket).unwrap()["agent_id"], "board-7");
     let out = run_cloud(&socket, "echo", b"enrolled and offloaded");
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(out.stdout, b"enrolled and offloaded");
@@ -212,7 +203,7 @@ fn renewal_swaps_the_certificate_without_dropping_a_running_task() {
     assert!(out.status.success(), "{}", stderr(&out));
     let first = std::fs::read(dir.join("astate/agent.pem")).unwrap();
 
-    let mut agent = start_agent(&cfg);
+    let mut agent = serve_agent(&cfg);
     let socket = dir.join("agent.sock");
     wait_connected(&socket);
     let running = {
@@ -251,7 +242,7 @@ fn renewal_swaps_the_certificate_without_dropping_a_running_task() {
     agent.signal(nix::sys::signal::Signal::SIGTERM);
     agent.wait_exit(Duration::from_secs(20));
     drop(agent);
-    let agent = start_agent(&cfg);
+    let agent = serve_agent(&cfg);
     wait_connected(&socket);
     let out = run_cloud(&socket, "echo", b"after renewal");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -285,7 +276,7 @@ fn an_expired_certificate_says_what_to_run() {
         (SystemTime::now() > issued + Duration::from_millis(2500)).then_some(())
     });
     let cfg = write_agent_config(dir, &addr, "");
-    let agent = start_agent(&cfg);
+    let agent = serve_agent(&cfg);
     let socket = dir.join("agent.sock");
     let line = wait_for("the expiry to be reported", Duration::from_secs(20), || {
         agent
@@ -298,14 +289,14 @@ fn an_expired_certificate_says_what_to_run() {
         line.contains("updraftd token create") && line.contains("updraft-agent enroll"),
         "{line}"
     );
-    let s = wait_for("status", Duration::from_secs(10), || status(&socket));
+    let s = wait_for("status", Duration::from_secs(10), || agent_status(&socket));
     assert_eq!(s["certificate"]["expired"], true);
     // Connection attempts carry the same advice.
     wait_for(
         "the advice on the daemon's link",
         Duration::from_secs(20),
         || {
-            let s = status(&socket)?;
+            let s = agent_status(&socket)?;
             let e = s["clouds"][0]["last_error"].as_str()?.to_string();
             e.contains("updraft-agent enroll").then_some(())
         },

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{bin, start_daemon, stderr, updraftd, wait_for, Proc, AGENT_TASKS};
+use common::{bin, serve_agent, start_daemon, stderr, updraftd, wait_for, AGENT_TASKS};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
@@ -70,12 +70,6 @@ fn localhost(addr: &str) -> String {
     format!("localhost:{}", addr.rsplit_once(':').unwrap().1)
 }
 
-fn start_agent(cfg: &Path) -> Proc {
-    let mut cmd = Command::new(bin("updraft-agent"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    Proc::spawn("updraft-agent", cmd)
-}
-
 #[test]
 fn an_unbound_token_cannot_take_a_live_identity() {
     let d = tempfile::tempdir().unwrap();
@@ -128,7 +122,7 @@ fn an_unbound_token_cannot_take_a_live_identity() {
     );
 
     // The replaced certificate is refused at the handshake; the new one connects.
-    let old = start_agent(&first);
+    let old = serve_agent(&first);
     wait_for(
         "the old certificate to be refused",
         Duration::from_secs(20),
@@ -141,7 +135,7 @@ fn an_unbound_token_cannot_take_a_live_identity() {
         },
     );
     drop(old);
-    let new = start_agent(&thief);
+    let new = serve_agent(&thief);
     let socket = thief.with_file_name("agent.sock");
     wait_for("the new holder to connect", Duration::from_secs(20), || {
         let r = common::http(&socket, "GET", "/v1/status", b"").ok()?;

@@ -4,7 +4,8 @@
 //! disconnected at once, refused at every reconnect, and still after a daemon restart.
 mod common;
 use common::{
-    bin, http, serve_daemon, stderr, updraftd, wait_for, Proc, AGENT_TASKS, DAEMON_TASKS,
+    agent_status as status, bin, ca_init, http, serve_agent, serve_daemon, stderr, updraftd,
+    wait_for, Proc, AGENT_TASKS, DAEMON_TASKS,
 };
 use sha2::Digest;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,15 @@ fn write_daemon_config(dir: &Path) -> PathBuf {
     )
     .unwrap();
     cfg
+}
+
+/// A CA in `dir/pki`, and a daemon serving with it: the daemon, its address, its
+/// config file and the CA fingerprint boards pin.
+fn fleet_daemon(dir: &Path) -> (Proc, String, PathBuf, String) {
+    let fingerprint = ca_init(dir, "pki");
+    let cfg = write_daemon_config(dir);
+    let (daemon, addr) = serve_daemon(&cfg, "the daemon");
+    (daemon, addr, cfg, fingerprint)
 }
 
 /// A board: its certificate from `cert issue` (recorded in the daemon's state), its
@@ -71,17 +81,6 @@ fn board_with(
     (cfg, home.join("agent.sock"))
 }
 
-fn serve_agent(cfg: &Path) -> Proc {
-    let mut cmd = Command::new(bin("updraft-agent"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    Proc::spawn("updraft-agent", cmd)
-}
-
-fn status(socket: &Path) -> Option<serde_json::Value> {
-    let r = http(socket, "GET", "/v1/status", b"").ok()?;
-    serde_json::from_slice(&r.body).ok()
-}
-
 /// `updraftd agents --json` (with `--id`), parsed; `None` while the daemon is not up.
 fn agents(cfg: &Path, id: Option<&str>) -> Option<serde_json::Value> {
     let mut args = vec!["agents", "--json", "--config", cfg.to_str().unwrap()];
@@ -109,17 +108,7 @@ fn now_ms() -> u64 {
 fn agents_lists_every_board_and_a_revoked_one_stays_out() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = updraftd(&[
-        "ca",
-        "init",
-        "--dir",
-        d.join("pki").to_str().unwrap(),
-        "--name",
-        "localhost",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let dcfg = write_daemon_config(d);
-    let (mut daemon, addr) = serve_daemon(&dcfg, "the daemon");
+    let (mut daemon, addr, dcfg, _) = fleet_daemon(d);
 
     let policy_1 = "default = \"cloud\"\n";
     let policy_2 = "default = \"local\"\n[[rule]]\nname = \"big\"\nplace = \"cloud\"\nwhen = { input_bytes = { above = 1000000 } }\n";
@@ -349,18 +338,7 @@ fn enrolled_board(dir: &Path, id: &str, daemon: &str, token: &str, fingerprint: 
 fn boards_enrolled_in_bulk_are_listed_and_tokens_can_be_withdrawn() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = updraftd(&[
-        "ca",
-        "init",
-        "--dir",
-        d.join("pki").to_str().unwrap(),
-        "--name",
-        "localhost",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let fingerprint = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let dcfg = write_daemon_config(d);
-    let (_daemon, addr) = serve_daemon(&dcfg, "the daemon");
+    let (_daemon, addr, dcfg, fingerprint) = fleet_daemon(d);
     let c = dcfg.to_str().unwrap();
 
     // One token for three boards whose ids start with farm-, written to a file.
@@ -496,17 +474,7 @@ fn push_status(cfg: &Path) -> serde_json::Value {
 fn a_pushed_policy_reaches_every_board_and_a_canary_that_falls_back_stops_the_next() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = updraftd(&[
-        "ca",
-        "init",
-        "--dir",
-        d.join("pki").to_str().unwrap(),
-        "--name",
-        "localhost",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let dcfg = write_daemon_config(d);
-    let (_daemon, addr) = serve_daemon(&dcfg, "the daemon");
+    let (_daemon, addr, dcfg, _) = fleet_daemon(d);
     let c = dcfg.to_str().unwrap();
     let local = "default = \"local\"\n";
     let (cfg1, sock1) = board(d, "p-1", &addr, Some(local));
@@ -707,17 +675,7 @@ fn doctor(cfg: &Path) -> (bool, String) {
 fn doctor_flags_a_rule_that_matches_no_task_and_an_expired_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let out = updraftd(&[
-        "ca",
-        "init",
-        "--dir",
-        d.join("pki").to_str().unwrap(),
-        "--name",
-        "localhost",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let dcfg = write_daemon_config(d);
-    let (_daemon, addr) = serve_daemon(&dcfg, "the daemon");
+    let (_daemon, addr, _, _) = fleet_daemon(d);
 
     // A healthy board but for one rule, whose match names a task the catalog lacks.
     let policy = "[[rule]]\nname = \"typo\"\nmatch = { names = [\"shaa\"] }\nplace = \"cloud\"\n[[rule]]\nname = \"hashes\"\nmatch = { names = [\"sha\"] }\nplace = \"cloud\"\n";

@@ -351,9 +351,20 @@ pub fn start_agent(dir: &Path, daemon_addr: &str, extra: &str) -> (Proc, PathBuf
         ),
     )
     .unwrap();
+    (serve_agent(&cfg), socket)
+}
+
+/// `updraft-agent serve --config cfg`.
+pub fn serve_agent(cfg: &Path) -> Proc {
     let mut cmd = Command::new(bin("updraft-agent"));
     cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    (Proc::spawn("updraft-agent", cmd), socket)
+    Proc::spawn("updraft-agent", cmd)
+}
+
+/// The agent's `GET /v1/status` on `socket`; `None` while it does not answer.
+pub fn agent_status(socket: &Path) -> Option<serde_json::Value> {
+    let r = http(socket, "GET", "/v1/status", b"").ok()?;
+    serde_json::from_slice(&r.body).ok()
 }
 
 impl Cluster {
@@ -600,9 +611,7 @@ pub fn start_agent_clouds(dir: &Path, daemon_addrs: &[&str], extra: &str) -> (Pr
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(bin("updraft-agent"));
-    cmd.args(["serve", "--config", cfg.to_str().unwrap()]);
-    (Proc::spawn("updraft-agent", cmd), socket)
+    (serve_agent(&cfg), socket)
 }
 
 /// A daemon started with `extra` config, and a QUIC endpoint to reach it as any agent
