@@ -10,7 +10,6 @@
 //!
 //! Errors are `{"error": "...", "code": "..."}` with a fitting status.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,14 +23,12 @@ use updraft_proto::policy::rules;
 
 use crate::enroll::MAX_TOKEN_USES;
 use tracing::{debug, info, warn};
-use updraft_shared::accept::accept_loop;
+use updraft_shared::metrics_http::serve_http1;
 
 use crate::state::Shared;
 
 /// Admin connections served at once; one more is closed unanswered.
 const MAX_CONNECTIONS: usize = 16;
-/// Time a client has to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the admin socket could not be served.
 #[derive(Debug, thiserror::Error)]
@@ -57,37 +54,18 @@ pub(crate) async fn serve(
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     let listener = bind(path)?;
     info!(admin_socket = %path.display(), "serving the admin socket");
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
-    Ok(tokio::spawn(async move {
-        let serve = |stream, slot| {
-            let shared = shared.clone();
-            let http = http.clone();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(handle(req, &shared).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = http.serve_connection(io, svc).await {
-                    debug!(error = %e, "admin connection ended with an error");
-                }
-            });
-        };
-        let refuse =
-            |_stream| debug!("admin_socket: {MAX_CONNECTIONS} connections open; closed one");
-        accept_loop(
-            &listener,
-            "admin_socket",
-            MAX_CONNECTIONS,
-            std::future::pending(),
-            serve,
-            refuse,
-        )
-        .await;
-    }))
+    let refuse = |_stream| debug!("admin_socket: {MAX_CONNECTIONS} connections open; closed one");
+    let handle = move |req: hyper::Request<Incoming>| {
+        let shared = shared.clone();
+        async move { handle(req, &shared).await }
+    };
+    Ok(serve_http1(
+        listener,
+        "admin_socket",
+        MAX_CONNECTIONS,
+        handle,
+        refuse,
+    ))
 }
 
 fn bind(path: &Path) -> Result<tokio::net::UnixListener, AdminError> {

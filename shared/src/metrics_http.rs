@@ -1,15 +1,18 @@
 //! A Prometheus `/metrics` endpoint on a TCP address (`metrics_listen` in daemon.toml or
-//! agent.toml): plain HTTP/1.1, so put it on a private address.
+//! agent.toml): plain HTTP/1.1, so put it on a private address. [`serve_http1`] is the
+//! serving loop under it, which the daemon's admin socket uses too.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::accept::accept_loop;
+use crate::accept::{accept_loop, Listener};
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{Method, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use std::future::Future;
 use tracing::{debug, info};
 
 /// Scrapers served at once; one more is answered 503 and closed.
@@ -53,41 +56,68 @@ pub async fn serve(
         .map_err(|source| MetricsError::Bind { addr, file, source })?;
     let local = listener.local_addr().map_err(MetricsError::LocalAddr)?;
     info!(metrics_listen = %local, "serving /metrics");
+    let refuse = |stream: tokio::net::TcpStream| {
+        let _ = stream.try_write(BUSY);
+        debug!("metrics_listen: {MAX_CONNECTIONS} connections open; refused one");
+    };
+    let handle = move |req: Request<Incoming>| {
+        let reply = answer(&req, &*render);
+        async move { reply }
+    };
+    Ok(serve_http1(
+        listener,
+        "metrics_listen",
+        MAX_CONNECTIONS,
+        handle,
+        refuse,
+    ))
+}
+
+/// Serves HTTP/1.1 on `listener` until the process ends: each request goes to `handle`,
+/// at most `max_connections` connections at once (one more goes to `refuse`), and a
+/// client has [`HEADER_TIMEOUT`] to send its request headers. `what` names the listener
+/// in logs as an operator knows it (`metrics_listen`, `admin_socket`).
+pub fn serve_http1<L, H, F>(
+    listener: L,
+    what: &'static str,
+    max_connections: usize,
+    handle: H,
+    refuse: impl FnMut(L::Stream) + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    L: Listener + Send + Sync + 'static,
+    L::Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         let serve = |stream, slot| {
-            let render = render.clone();
-            let http = http.clone();
+            let (handle, http) = (handle.clone(), http.clone());
             tokio::spawn(async move {
                 let _slot = slot;
-                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let render = render.clone();
-                    async move { Ok::<_, Infallible>(answer(&req, &*render)) }
+                let svc = hyper::service::service_fn(move |req| {
+                    let reply = handle(req);
+                    async move { Ok::<_, Infallible>(reply.await) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
                 if let Err(e) = http.serve_connection(io, svc).await {
-                    debug!(error = %e, "metrics connection ended with an error");
+                    debug!(error = %e, "{what}: a connection ended with an error");
                 }
             });
         };
-        let refuse = |stream: tokio::net::TcpStream| {
-            let _ = stream.try_write(BUSY);
-            debug!("metrics_listen: {MAX_CONNECTIONS} connections open; refused one");
-        };
-        // Served until the process ends.
-        let forever = std::future::pending();
         accept_loop(
             &listener,
-            "metrics_listen",
-            MAX_CONNECTIONS,
-            forever,
+            what,
+            max_connections,
+            std::future::pending(),
             serve,
             refuse,
         )
         .await;
-    }))
+    })
 }
 
 /// The reply to one request: the metrics for `GET /metrics`, else 404.
