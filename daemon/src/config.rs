@@ -103,7 +103,68 @@ pub struct DaemonFile {
     /// The catalog of tasks this daemon will run.
     #[serde(default)]
     pub tasks: BTreeMap<String, TaskFile>,
+    /// Cluster mode: replicas sharing task claims, work and results in NATS JetStream.
+    pub cluster: Option<ClusterFile>,
 }
+
+/// `[cluster]` as written: this daemon is one of several replicas behind a UDP load
+/// balancer, sharing task claims, the work queue and results in NATS JetStream.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// NATS servers of the JetStream cluster, e.g. `["nats://10.0.0.5:4222"]`. Required.
+    pub nats: Option<Vec<String>>,
+    /// This replica's server id, carried in its QUIC connection ids; unique per replica.
+    /// 0..=255. Required.
+    pub server_id: Option<u64>,
+    /// Replicas of every JetStream stream and bucket: 1, 3 or 5. Default 3.
+    pub replicas: Option<u64>,
+    /// Prefix of the JetStream names, so two clusters can share one NATS. Default `updraft`.
+    pub name: Option<String>,
+    /// How long a worker may go silent before its task goes to another replica. Default 30s.
+    pub ack_wait: Option<HumanDuration>,
+    /// The UDP balancer routes by QUIC connection id, so agents may migrate. Default false.
+    pub route_by_cid: Option<bool>,
+    /// Tasks one agent may have in the shared queue through this replica. Default 256.
+    pub max_tasks_per_agent: Option<u64>,
+    /// Bytes of task output the results stream keeps, oldest dropped first. Default 1GiB.
+    pub max_result_store: Option<ByteSize>,
+    /// NATS credentials file (`.creds`), when the NATS servers ask for one.
+    pub credentials: Option<PathBuf>,
+}
+
+/// Cluster mode, validated (`[cluster]` in `daemon.toml`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// NATS server URLs.
+    pub nats: Vec<String>,
+    /// This replica's QUIC-LB server id.
+    pub server_id: u8,
+    /// JetStream replicas.
+    pub replicas: usize,
+    /// JetStream name prefix.
+    pub name: String,
+    /// Silence after which a task is redelivered.
+    pub ack_wait: Duration,
+    /// Agents may migrate (the balancer routes by connection id).
+    pub route_by_cid: bool,
+    /// Shared-store tasks one agent may have in flight through this replica.
+    pub max_tasks_per_agent: u32,
+    /// Bytes the results stream keeps.
+    pub max_result_store: u64,
+    /// NATS credentials file.
+    pub credentials: Option<PathBuf>,
+}
+
+/// Default of `[cluster] ack_wait`: long enough that a busy replica's heartbeats (a
+/// third of it) never miss, short enough that a dead replica's tasks move on within
+/// half a minute.
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default of `[cluster] max_tasks_per_agent`: the default streams one connection may
+/// open, so one board's burst passes while a thousand boards share the queue.
+pub const DEFAULT_TASKS_PER_AGENT: u64 = 256;
+/// Default of `[cluster] max_result_store`.
+pub const DEFAULT_RESULT_STORE: u64 = 1 << 30;
 
 /// `[enroll]` as written: certificates for agents that join with a token.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -177,6 +238,16 @@ pub mod range {
     pub const HOLD_INPUT: (u64, u64) = (0, 64 << 20);
     /// `probe_budget`.
     pub const PROBE_BUDGET: (u64, u64) = (0, 4 << 30);
+    /// `[cluster] server_id`: one byte of the connection id.
+    pub const SERVER_ID: (u64, u64) = (0, 255);
+    /// `[cluster] ack_wait`.
+    pub const ACK_WAIT: (Duration, Duration) = (secs(1), secs(3600));
+    /// `[cluster] max_tasks_per_agent`.
+    pub const TASKS_PER_AGENT: (u64, u64) = (1, 65_536);
+    /// `[cluster] max_result_store`.
+    pub const RESULT_STORE: (u64, u64) = (1 << 20, 1 << 40);
+    /// `[cluster] nats`: servers listed.
+    pub const NATS_SERVERS: (u64, u64) = (1, 64);
 }
 
 use updraft_shared::config::check_task_ranges;
@@ -227,6 +298,8 @@ pub struct DaemonConfig {
     pub dedup: DedupLimits,
     /// Task catalog.
     pub catalog: Catalog,
+    /// Cluster mode, when `[cluster]` is set.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl DaemonConfig {
@@ -354,6 +427,10 @@ impl DaemonConfig {
             range::IDLE,
         )?;
         let dedup = dedup_limits(&file.dedup, path)?;
+        let cluster = match &file.cluster {
+            Some(c) => Some(cluster_config(c, path, &rel)?),
+            None => None,
+        };
         let cert_lifetime = duration(
             "enroll.cert_lifetime",
             file.enroll.cert_lifetime,
@@ -407,8 +484,98 @@ impl DaemonConfig {
             tls_key: rel(file.tls.key.unwrap_or_else(|| "server.key".into())),
             dedup,
             catalog,
+            cluster,
         })
     }
+}
+
+/// Validates `[cluster]`; `path` names errors, `rel` anchors the credentials path.
+fn cluster_config(
+    c: &ClusterFile,
+    path: &Path,
+    rel: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<ClusterConfig, ConfigError> {
+    let invalid = |key: &str, reason: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        key: key.into(),
+        reason,
+    };
+    let count = |key: &str, v: u64, r: (u64, u64)| {
+        check_count(v, r).map_err(|e| invalid(key, e.to_string()))
+    };
+    let nats = c.nats.clone().unwrap_or_default();
+    count("cluster.nats", nats.len() as u64, range::NATS_SERVERS).map_err(|_| {
+        invalid(
+            "cluster.nats",
+            format!(
+                "lists {} servers; list 1..={} NATS servers of the JetStream cluster, like [\"nats://10.0.0.5:4222\"]",
+                nats.len(),
+                range::NATS_SERVERS.1
+            ),
+        )
+    })?;
+    for url in &nats {
+        if url.parse::<async_nats::ServerAddr>().is_err() {
+            return Err(invalid(
+                "cluster.nats",
+                format!("`{url}` is not a NATS server address like nats://10.0.0.5:4222"),
+            ));
+        }
+    }
+    let Some(server_id) = c.server_id else {
+        return Err(invalid(
+            "cluster.server_id",
+            "is required: give each replica its own number 0..=255".into(),
+        ));
+    };
+    let server_id = count("cluster.server_id", server_id, range::SERVER_ID)? as u8;
+    let replicas = c.replicas.unwrap_or(3);
+    if ![1, 3, 5].contains(&replicas) {
+        return Err(invalid(
+            "cluster.replicas",
+            format!(
+                "{replicas} is not 1, 3 or 5 (JetStream replicas; 3 survives one NATS node lost)"
+            ),
+        ));
+    }
+    let name = c.name.clone().unwrap_or_else(|| "updraft".into());
+    if name.is_empty()
+        || name.len() > 32
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            "cluster.name",
+            format!("`{name}` must be 1..=32 letters, digits, '-' or '_'"),
+        ));
+    }
+    let ack_wait = check_duration(
+        c.ack_wait.map_or(DEFAULT_ACK_WAIT, |d| d.0),
+        range::ACK_WAIT,
+    )
+    .map_err(|e| invalid("cluster.ack_wait", e.to_string()))?;
+    let max_tasks_per_agent = count(
+        "cluster.max_tasks_per_agent",
+        c.max_tasks_per_agent.unwrap_or(DEFAULT_TASKS_PER_AGENT),
+        range::TASKS_PER_AGENT,
+    )? as u32;
+    let max_result_store = count(
+        "cluster.max_result_store",
+        c.max_result_store.map_or(DEFAULT_RESULT_STORE, |b| b.0),
+        range::RESULT_STORE,
+    )?;
+    Ok(ClusterConfig {
+        nats,
+        server_id,
+        replicas: replicas as usize,
+        name,
+        ack_wait,
+        route_by_cid: c.route_by_cid.unwrap_or(false),
+        max_tasks_per_agent,
+        max_result_store,
+        credentials: c.credentials.clone().map(rel),
+    })
 }
 
 /// Validates `[dedup]`; `path` names errors.
@@ -565,6 +732,62 @@ mod tests {
             parse("[tls]\nca = \"/srv/pki/ca.pem\"\n[enroll]\ncert_lifetime = \"30d\"").unwrap();
         assert_eq!(c.tls_ca_key, Path::new("/srv/pki/ca.key"));
         assert_eq!(c.cert_lifetime, Duration::from_secs(30 * 86400));
+    }
+
+    #[test]
+    fn cluster_table_is_checked_key_by_key() {
+        let path = Path::new("/etc/updraft/daemon.toml");
+        let load = |text: &str| {
+            let file = updraft_shared::config::from_str(text, path, "UPDRAFTD_TEST_NONE")?;
+            DaemonConfig::from_file(file, path)
+        };
+        let c = load("[cluster]\nnats = [\"nats://10.0.0.5:4222\"]\nserver_id = 7\n").unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.server_id, 7);
+        assert_eq!(cluster.replicas, 3);
+        assert_eq!(cluster.ack_wait, DEFAULT_ACK_WAIT);
+        assert!(!cluster.route_by_cid);
+        assert!(load("").unwrap().cluster.is_none());
+        for (text, key, why) in [
+            (
+                "[cluster]\nserver_id = 1\n",
+                "cluster.nats",
+                "lists 0 servers",
+            ),
+            (
+                "[cluster]\nnats = [\"nats://a:4222\"]\n",
+                "cluster.server_id",
+                "is required",
+            ),
+            (
+                "[cluster]\nnats = [\"nats://a:4222\"]\nserver_id = 256\n",
+                "cluster.server_id",
+                "out of range",
+            ),
+            (
+                "[cluster]\nnats = [\"nats://a:4222\"]\nserver_id = 1\nreplicas = 2\n",
+                "cluster.replicas",
+                "not 1, 3 or 5",
+            ),
+            (
+                "[cluster]\nnats = [\"nats://a:4222\"]\nserver_id = 1\nname = \"a.b\"\n",
+                "cluster.name",
+                "must be",
+            ),
+            (
+                "[cluster]\nnats = [\"nats://a:4222\"]\nserver_id = 1\nack_wait = \"2h\"\n",
+                "cluster.ack_wait",
+                "out of range",
+            ),
+            (
+                "[cluster]\nnats = [\"nats://a:4222\"]\nserver_id = 1\nmax_tasks_per_agent = 0\n",
+                "cluster.max_tasks_per_agent",
+                "out of range",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(why), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 mod admin;
 pub mod admin_client;
 pub mod cli;
+mod cluster;
 pub mod config;
 mod enroll;
 mod fleet;
@@ -24,6 +25,7 @@ mod issued;
 pub mod pki;
 mod probe;
 mod quic;
+mod quic_lb;
 mod recent;
 mod reload;
 mod server;

@@ -321,7 +321,7 @@ fn serve(config: DaemonConfig, server: quinn::ServerConfig) -> anyhow::Result<()
     rt.block_on(async {
         // Before any task runs: everything a task starts must be found when it ends.
         updraft_shared::contain::init();
-        let endpoint = updraft_daemon::bind_with(server, config.listen)?;
+        let endpoint = updraft_daemon::bind_with(server, &config)?;
         Ok(updraft_daemon::run(config, endpoint, updraft_shared::shutdown::terminated()).await?)
     })
 }

@@ -38,5 +38,11 @@ pub(crate) fn server_config_from(
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(config.idle_timeout)?));
     server.transport_config(Arc::new(transport));
+    // Behind a plain 4-tuple balancer, an agent's new address may reach another
+    // replica, so address changes are refused (the agent reconnects and retries,
+    // deduplicated); a balancer that routes by connection id lets them through.
+    if let Some(cluster) = &config.cluster {
+        server.migration(cluster.route_by_cid);
+    }
     Ok(server)
 }

@@ -59,6 +59,9 @@ pub enum ServerError {
     /// The endpoint has no local address.
     #[error(transparent)]
     LocalAddr(io::Error),
+    /// Cluster mode could not reach or set up its NATS JetStream store.
+    #[error("[cluster]: {0}")]
+    Cluster(String),
     /// SIGHUP could not be caught.
     #[error("cannot install the SIGHUP handler: {0}")]
     Hangup(io::Error),
@@ -74,16 +77,38 @@ pub fn server_config(config: &DaemonConfig) -> Result<quinn::ServerConfig, Serve
 
 /// Binds the UDP endpoint the daemon serves on.
 pub fn bind(config: &DaemonConfig) -> Result<quinn::Endpoint, ServerError> {
-    bind_with(server_config(config)?, config.listen)
+    bind_with(server_config(config)?, config)
 }
 
-/// Binds an endpoint with a ready server config.
+/// Binds an endpoint with a ready server config on `config.listen`. In cluster mode
+/// its connection ids carry `[cluster] server_id` (QUIC-LB) and its stateless resets
+/// use the key in `STATE_DIR/reset.key`, kept across restarts.
 pub fn bind_with(
     server: quinn::ServerConfig,
-    addr: SocketAddr,
+    config: &DaemonConfig,
 ) -> Result<quinn::Endpoint, ServerError> {
-    quinn::Endpoint::server(server, addr).map_err(|source| ServerError::Listen { addr, source })
+    let addr = config.listen;
+    let Some(cluster) = &config.cluster else {
+        return quinn::Endpoint::server(server, addr)
+            .map_err(|source| ServerError::Listen { addr, source });
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(|error| ServerError::WorkDir {
+        dir: config.state_dir.clone(),
+        error,
+    })?;
+    let key = crate::quic_lb::reset_key(&config.state_dir.join(RESET_KEY_NAME))
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    let endpoint_config = crate::quic_lb::endpoint_config(cluster.server_id, key);
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| ServerError::Listen { addr, source })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| ServerError::Cluster("no async runtime to serve QUIC on".into()))?;
+    quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime)
+        .map_err(|source| ServerError::Listen { addr, source })
 }
+
+/// The stateless-reset key's file name in the state directory (cluster mode).
+pub(crate) const RESET_KEY_NAME: &str = "reset.key";
 
 /// Serves on `endpoint` until `shutdown` resolves, then drains: no new tasks, agents
 /// told to go elsewhere, running tasks finished and delivered (up to `drain_timeout`).
@@ -102,7 +127,20 @@ pub async fn run(
         info!(dir = %work.display(), "removed {swept} task working directories left by an earlier run");
     }
     let (drain_tx, draining) = watch::channel(false);
-    let shared = Arc::new(Shared::new(config, work, draining));
+    let cluster = match &config.cluster {
+        Some(_) => Some(Arc::new(
+            crate::cluster::Cluster::connect(&config)
+                .await
+                .map_err(|e| ServerError::Cluster(e.to_string()))?,
+        )),
+        None => None,
+    };
+    let mut shared = Shared::new(config, work, draining);
+    shared.cluster = cluster;
+    let shared = Arc::new(shared);
+    crate::cluster::worker::start(shared.clone())
+        .await
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
     let _metrics = match shared.config.metrics_listen {
         Some(addr) => {
             let s = shared.clone();

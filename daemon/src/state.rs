@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) uploads: Uploads,
     /// Every agent that connected or enrolled.
     pub(crate) fleet: crate::fleet::Registry,
+    /// The shared store, in cluster mode (`[cluster]`).
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Shared {
@@ -64,6 +66,7 @@ impl Shared {
             live: Mutex::new((config.clone(), config.load_identity().ok())),
             uploads: Uploads::default(),
             fleet: crate::fleet::Registry::open(&config.state_dir),
+            cluster: None,
             config,
         }
     }

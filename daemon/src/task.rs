@@ -7,6 +7,7 @@
 //! What to do at each step is decided by small functions ([`decide`], [`place`]) the
 //! async code here only performs.
 
+mod relay;
 mod tee;
 
 use crate::recent::{Claim, Lookup, Record, Settled, TaskKey, Waiter};
@@ -70,6 +71,11 @@ pub(crate) async fn serve(
         args,
         input_len,
     };
+    if relay::is_shared(shared, &task, asked.input_len) {
+        if let Some(cluster) = shared.cluster.as_deref() {
+            return relay::serve(ts, shared, cluster, asked, &mut stopped, &mut tally).await;
+        }
+    }
     let Some((claim, admitted)) = resolve(&mut ts, shared, asked, &mut stopped, &mut tally).await
     else {
         return;
@@ -721,7 +727,8 @@ fn settle(claim: Claim, trailer: &Trailer, teed: Teed, input_whole: bool) -> boo
         (false, _) => false,
     }
 }
-fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
+/// The trailer of a run that ended in an exit.
+pub(crate) fn trailer_of(o: &Outcome, input_time: Duration) -> Trailer {
     Trailer {
         exit_code: Some(o.exit_code),
         error: None,

@@ -85,6 +85,11 @@ pub struct TaskFile {
     pub allow_args: bool,
     /// Daemon side: agent ids allowed to run this task; absent = every enrolled agent.
     pub allowed_agents: Option<Vec<String>>,
+    /// Daemon side, cluster mode: running the task twice is harmless (a pure function
+    /// of its input), so it runs on the replica that received it, without the shared
+    /// store, and a retry elsewhere may run it again. Default false.
+    #[serde(default)]
+    pub idempotent: bool,
 }
 
 /// A validated task.
@@ -110,6 +115,8 @@ pub struct TaskSpec {
     pub allow_args: bool,
     /// Agent ids allowed (daemon side); `None` = all.
     pub allowed_agents: Option<BTreeSet<String>>,
+    /// Skips the shared store in cluster mode (daemon side).
+    pub idempotent: bool,
 }
 
 /// A catalog entry that failed validation.
@@ -178,6 +185,7 @@ impl TaskSpec {
             env: file.env,
             allow_args: file.allow_args,
             allowed_agents: file.allowed_agents.map(|v| v.into_iter().collect()),
+            idempotent: file.idempotent,
         })
     }
 }

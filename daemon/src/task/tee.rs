@@ -49,6 +49,16 @@ impl HeldInput {
         }
         Ok(held)
     }
+
+    /// Whether the whole input is held (it ended within the limit).
+    pub(crate) fn is_whole(&self) -> bool {
+        self.whole
+    }
+
+    /// The held chunks, in order.
+    pub(crate) fn chunks(&self) -> Vec<bytes::Bytes> {
+        self.chunks.iter().cloned().collect()
+    }
 }
 
 /// Task input that notes when it was received whole (the agent finished sending):

@@ -1,0 +1,459 @@
+//! Cluster mode (`[cluster]` in `daemon.toml`): replicas of `updraftd` that keep no
+//! task state of their own. Task claims, the work queue and results live in NATS
+//! JetStream, so any replica can take a retry, run queued work, or replay a result.
+//!
+//! The names in JetStream, with `N` the configured `name` (default `updraft`):
+//! - KV bucket `N-tasks`: key `AGENT.ID` → a [`claim::Claim`]: who asked for what, and
+//!   whether it is queued, running (which attempt) or finished (its trailer). The key's
+//!   revision, not the work queue's ack deadline, decides who owns a task.
+//! - Stream `N-work` (work-queue retention), subject `N.work`: one message per run,
+//!   `Nats-Msg-Id` = the key, carrying the request and its input ([`claim::Work`]).
+//! - Stream `N-out`, subjects `N.out.AGENT.ID.ATTEMPT`: the output of each attempt in
+//!   order, then an `end` message once that attempt's result is recorded.
+//!
+//! [`front`](crate::task) code creates claims and relays results; [`worker`] pulls
+//! work. Without `[cluster]` none of this exists and no NATS is needed.
+
+pub(crate) mod claim;
+pub(crate) mod worker;
+
+use crate::config::{ClusterConfig, DaemonConfig};
+use crate::state::Uploads;
+use async_nats::jetstream::{self, kv, stream};
+use bytes::Bytes;
+use claim::Claim;
+use std::future::Future;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How long one store call is retried (with backoff) before the task fails: long
+/// enough for a NATS node to be replaced by its peers (an election takes seconds).
+const RETRY_FOR: Duration = Duration::from_secs(30);
+/// Room left in a NATS message for the work's header (task, arguments, key).
+const WORK_HEADROOM: u64 = 64 << 10;
+/// Largest output chunk in one results message.
+pub(crate) const MAX_CHUNK: usize = 256 << 10;
+/// How long startup waits for NATS and its streams before giving up.
+const START_WITHIN: Duration = Duration::from_secs(60);
+
+/// A store call that failed for good (after retries): NATS unreachable or refusing.
+#[derive(Debug, thiserror::Error)]
+#[error("cluster store: {what}: {detail}")]
+pub(crate) struct StoreError {
+    what: &'static str,
+    detail: String,
+}
+
+impl StoreError {
+    pub(crate) fn new(what: &'static str, e: impl std::fmt::Display) -> Self {
+        Self {
+            what,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// A replica's handle on the shared store.
+pub(crate) struct Cluster {
+    pub(crate) config: ClusterConfig,
+    js: jetstream::Context,
+    claims: kv::Store,
+    results: stream::Stream,
+    work_stream: stream::Stream,
+    /// Largest input that rides in a work message; a bigger one runs on the front
+    /// replica, as a single daemon runs it.
+    pub(crate) queue_input: u64,
+    /// Shared-store tasks each agent has in flight through this replica.
+    pub(crate) in_flight: Uploads,
+    /// Random, per process: tells this replica's writes from another's after a retried
+    /// call whose first try may have landed.
+    pub(crate) nonce: String,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("name", &self.config.name)
+            .field("server_id", &self.config.server_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of trying to claim a task id.
+#[derive(Debug)]
+pub(crate) enum Claimed {
+    /// The id was free: this replica created the claim.
+    New,
+    /// The id is known: its claim and revision.
+    Known(Claim, u64),
+}
+
+impl Cluster {
+    /// Connects to NATS and makes sure the bucket and streams exist with this
+    /// configuration. Retries for a minute while NATS comes up, then fails naming the
+    /// servers.
+    pub(crate) async fn connect(config: &DaemonConfig) -> Result<Self, StoreError> {
+        let Some(c) = config.cluster.clone() else {
+            return Err(StoreError::new("connect", "no [cluster] table"));
+        };
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("updraftd-{}-{}", c.name, c.server_id))
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(5)));
+        if let Some(creds) = &c.credentials {
+            options = options.credentials_file(creds).await.map_err(|e| {
+                StoreError::new(
+                    "cluster.credentials",
+                    format!("cannot read {}: {e}", creds.display()),
+                )
+            })?;
+        }
+        let addrs = c
+            .nats
+            .iter()
+            .filter_map(|u| u.parse::<async_nats::ServerAddr>().ok())
+            .collect::<Vec<_>>();
+        let client = options
+            .connect(addrs)
+            .await
+            .map_err(|e| StoreError::new("connect", e))?;
+        let js = jetstream::new(client.clone());
+        let longest = config
+            .catalog
+            .names()
+            .filter_map(|n| config.catalog.get(n))
+            .map(|s| s.timeout)
+            .max()
+            .unwrap_or_default();
+        let keep = config.dedup.remember.max(Duration::from_secs(1)) + longest + 2 * c.ack_wait;
+        let servers = c.nats.join(", ");
+        let ensure = async {
+            loop {
+                match ensure(&js, &c, keep).await {
+                    Ok(made) => return made,
+                    Err(e) => {
+                        warn!(error = %e, servers, "cluster store not ready; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        };
+        let (claims, work_stream, results) = tokio::time::timeout(START_WITHIN, ensure)
+            .await
+            .map_err(|_| {
+                StoreError::new(
+                    "connect",
+                    format!("NATS JetStream at {servers} did not answer within {START_WITHIN:?}; check that the servers run with JetStream on and that [cluster] nats lists them"),
+                )
+            })?;
+        let max_payload = client.server_info().max_payload as u64;
+        let queue_input = config
+            .dedup
+            .hold_input
+            .min(max_payload.saturating_sub(WORK_HEADROOM));
+        info!(
+            servers,
+            name = c.name,
+            server_id = c.server_id,
+            replicas = c.replicas,
+            queue_input,
+            "cluster store ready"
+        );
+        Ok(Self {
+            config: c,
+            js,
+            claims,
+            results,
+            work_stream,
+            queue_input,
+            in_flight: Uploads::default(),
+            nonce: format!("{:016x}", rand::random::<u64>()),
+        })
+    }
+
+    /// The key of task `id` of `agent` in the claims bucket.
+    pub(crate) fn key(agent: &str, id: &str) -> String {
+        format!("{agent}.{id}")
+    }
+
+    fn out_subject(&self, key: &str, attempt: u32) -> String {
+        format!("{}.out.{key}.{attempt}", self.config.name)
+    }
+
+    /// Creates the claim of `key`, or reads the one there.
+    pub(crate) async fn claim(&self, key: &str, fresh: &Claim) -> Result<Claimed, StoreError> {
+        let value = fresh.encode();
+        loop {
+            let created = retry("create a task claim", || {
+                self.claims.create(key, value.clone())
+            })
+            .await;
+            match created {
+                Ok(_) => return Ok(Claimed::New),
+                Err(Retried::Answer(_)) => {}
+                Err(Retried::Failed(e)) => return Err(e),
+            }
+            // The key exists: read it. It may be this very claim, when an earlier try
+            // landed and its answer was lost; or it may have expired since.
+            if let Some((found, revision)) = self.read(key).await? {
+                if found.by == fresh.by && found.state == fresh.state {
+                    return Ok(Claimed::New);
+                }
+                return Ok(Claimed::Known(found, revision));
+            }
+        }
+    }
+
+    /// The claim of `key` and its revision, if any.
+    pub(crate) async fn read(&self, key: &str) -> Result<Option<(Claim, u64)>, StoreError> {
+        let entry = retry("read a task claim", || self.claims.entry(key))
+            .await
+            .map_err(Retried::into_error)?;
+        let Some(entry) = entry else { return Ok(None) };
+        if !matches!(entry.operation, kv::Operation::Put) {
+            return Ok(None);
+        }
+        match Claim::decode(&entry.value) {
+            Ok(claim) => Ok(Some((claim, entry.revision))),
+            Err(e) => {
+                warn!(key, error = %e, "a task claim in the store does not decode; treating the id as unknown");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Replaces the claim of `key` if it is still at `revision`: `Ok(Some(new
+    /// revision))`, or `Ok(None)` when another replica changed it first.
+    pub(crate) async fn update(
+        &self,
+        key: &str,
+        claim: &Claim,
+        revision: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let value = claim.encode();
+        match retry("update a task claim", || {
+            self.claims.update(key, value.clone(), revision)
+        })
+        .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(Retried::Answer(_)) => {
+                // A try that landed and lost its answer reads back as this very value.
+                match self.read(key).await? {
+                    Some((now, r)) if now == *claim => Ok(Some(r)),
+                    _ => Ok(None),
+                }
+            }
+            Err(Retried::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Removes the claim of `key` (a run that was never queued).
+    pub(crate) async fn forget(&self, key: &str) {
+        if let Err(e) = retry("delete a task claim", || self.claims.delete(key)).await {
+            warn!(key, error = %e.into_error(), "could not remove a task claim; it expires with [dedup] remember");
+        }
+    }
+
+    /// Queues run `attempt` of `key`. Deduplicated by NATS on key and attempt, so a
+    /// retried publish queues it once.
+    pub(crate) async fn queue(
+        &self,
+        key: &str,
+        attempt: u32,
+        work: Bytes,
+    ) -> Result<(), StoreError> {
+        let subject = format!("{}.work", self.config.name);
+        let msg_id = format!("{key}.{attempt}");
+        retry("queue a task", || {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+            let publish = self
+                .js
+                .publish_with_headers(subject.clone(), headers, work.clone());
+            async move { publish.await?.await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(Retried::into_error)
+    }
+
+    /// An ordered reader of every attempt's output of `key`, from the first message.
+    pub(crate) async fn results(
+        &self,
+        key: &str,
+    ) -> Result<jetstream::consumer::pull::Ordered, StoreError> {
+        let filter = format!("{}.out.{key}.>", self.config.name);
+        let consumer = retry("read task results", || {
+            self.results
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    filter_subject: filter.clone(),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                    ..Default::default()
+                })
+        })
+        .await
+        .map_err(Retried::into_error)?;
+        consumer
+            .messages()
+            .await
+            .map_err(|e| StoreError::new("read task results", e))
+    }
+
+    /// Appends a message (output or end) to attempt `attempt` of `key`; the
+    /// returned future resolves when it is stored.
+    pub(crate) async fn append(
+        &self,
+        key: &str,
+        attempt: u32,
+        headers: async_nats::HeaderMap,
+        body: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, StoreError> {
+        let subject = self.out_subject(key, attempt);
+        self.js
+            .publish_with_headers(subject, headers, body)
+            .await
+            .map_err(|e| StoreError::new("store task output", e))
+    }
+
+    /// The work stream, for the worker's consumer.
+    pub(crate) fn work_stream(&self) -> &stream::Stream {
+        &self.work_stream
+    }
+}
+
+/// Makes the bucket and streams (or updates their limits).
+async fn ensure(
+    js: &jetstream::Context,
+    c: &ClusterConfig,
+    keep: Duration,
+) -> Result<(kv::Store, stream::Stream, stream::Stream), StoreError> {
+    let claims = js
+        .create_or_update_key_value(kv::Config {
+            bucket: format!("{}-tasks", c.name),
+            description: "Updraft task claims: AGENT.ID -> queued/running/finished".into(),
+            history: 1,
+            max_age: keep,
+            num_replicas: c.replicas,
+            storage: stream::StorageType::File,
+            max_value_size: 64 << 10,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StoreError::new("create the claims bucket", e))?;
+    let work = js
+        .create_or_update_stream(stream::Config {
+            name: format!("{}-work", c.name),
+            description: Some("Updraft work queue: one message per run".into()),
+            subjects: vec![format!("{}.work", c.name)],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: keep,
+            duplicate_window: keep.min(Duration::from_secs(600)),
+            num_replicas: c.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| StoreError::new("create the work stream", e))?;
+    let _ = work;
+    let work = js
+        .get_stream(format!("{}-work", c.name))
+        .await
+        .map_err(|e| StoreError::new("open the work stream", e))?;
+    js.create_or_update_stream(stream::Config {
+        name: format!("{}-out", c.name),
+        description: Some("Updraft task output, per task and attempt".into()),
+        subjects: vec![format!("{}.out.>", c.name)],
+        max_age: keep,
+        max_bytes: c.max_result_store as i64,
+        discard: stream::DiscardPolicy::Old,
+        num_replicas: c.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| StoreError::new("create the results stream", e))?;
+    let results = js
+        .get_stream(format!("{}-out", c.name))
+        .await
+        .map_err(|e| StoreError::new("open the results stream", e))?;
+    Ok((claims, work, results))
+}
+
+/// A store call's failure after [`retry`]: an answer (the call reached JetStream and
+/// was refused: the key exists, the revision moved) or a failure that lasted.
+#[derive(Debug)]
+pub(crate) enum Retried {
+    /// JetStream answered no.
+    Answer(String),
+    /// The store could not be reached or kept failing.
+    Failed(StoreError),
+}
+
+impl Retried {
+    fn into_error(self) -> StoreError {
+        match self {
+            Retried::Answer(e) => StoreError {
+                what: "refused",
+                detail: e,
+            },
+            Retried::Failed(e) => e,
+        }
+    }
+}
+
+/// A store call's error, and whether it is an answer (JetStream refused: the key
+/// exists, the revision moved) rather than a failure to reach the store.
+pub(crate) trait CallError: std::fmt::Display {
+    /// True when JetStream answered no; retrying would get the same answer.
+    fn is_answer(&self) -> bool {
+        false
+    }
+}
+
+impl CallError for kv::CreateError {
+    fn is_answer(&self) -> bool {
+        self.kind() == kv::CreateErrorKind::AlreadyExists
+    }
+}
+
+impl CallError for kv::UpdateError {
+    fn is_answer(&self) -> bool {
+        self.kind() == kv::UpdateErrorKind::WrongLastRevision
+    }
+}
+
+impl CallError for kv::EntryError {}
+impl CallError for jetstream::context::PublishError {}
+impl CallError for stream::ConsumerError {}
+
+/// Runs `call` until it succeeds, JetStream answers no, or [`RETRY_FOR`] passes;
+/// transient failures (timeouts, no responders while a node is replaced, a lost
+/// connection) are retried with backoff up to a second.
+pub(crate) async fn retry<T, E, F, Fut>(what: &'static str, mut call: F) -> Result<T, Retried>
+where
+    E: CallError,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                let text = e.to_string();
+                if e.is_answer() {
+                    return Err(Retried::Answer(text));
+                }
+                if start.elapsed() >= RETRY_FOR {
+                    return Err(Retried::Failed(StoreError::new(what, text)));
+                }
+                warn!(error = %text, "cluster store: {what} failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}

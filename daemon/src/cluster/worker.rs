@@ -1,0 +1,381 @@
+//! The worker side of cluster mode: as many pullers as this replica has slots, each
+//! taking one work message at a time from the shared queue. A puller takes the task's
+//! claim with compare-and-set on its revision before it starts the command, keeps the
+//! message alive with in-progress acks, streams the output to the results stream,
+//! records the result with a second compare-and-set, and only then acknowledges. A
+//! worker whose compare-and-set fails was superseded (it went silent past the ack
+//! deadline and another replica took over): its late result is dropped.
+
+use super::claim::{self, Claim, End, State, Take, Work};
+use super::Cluster;
+use crate::state::Shared;
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{debug, info, warn};
+use updraft_proto::msg::bounded_message;
+use updraft_proto::{ErrorCode, Trailer};
+use updraft_shared::catalog::Caller;
+use updraft_shared::exec::Output;
+
+/// How long one pull waits for work before checking for a drain.
+const PULL_FOR: Duration = Duration::from_secs(5);
+/// Output messages in flight (published, not yet stored) per run.
+const MAX_UNACKED: usize = 64;
+
+/// Starts the pullers; they stop when the drain starts, each after its current task.
+pub(crate) async fn start(shared: Arc<Shared>) -> Result<(), super::StoreError> {
+    let Some(cluster) = shared.cluster.clone() else {
+        return Ok(());
+    };
+    let consumer: PullConsumer = cluster
+        .work_stream()
+        .get_or_create_consumer(
+            "workers",
+            pull::Config {
+                durable_name: Some("workers".into()),
+                description: Some("updraftd replicas pulling tasks".into()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: cluster.config.ack_wait,
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| super::StoreError::new("create the workers' consumer", e))?;
+    for _ in 0..shared.config.max_concurrent_tasks {
+        let (shared, cluster, consumer) = (shared.clone(), cluster.clone(), consumer.clone());
+        tokio::spawn(async move { pull_loop(shared, cluster, consumer).await });
+    }
+    Ok(())
+}
+
+/// Pulls and runs one task at a time until the drain starts.
+async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullConsumer) {
+    let mut draining = shared.draining.clone();
+    while !shared.is_draining() {
+        let fetched = tokio::select! {
+            f = fetch_one(&consumer) => f,
+            _ = draining.wait_for(|d| *d) => return,
+        };
+        let msg = match fetched {
+            Ok(Some(msg)) => msg,
+            Ok(None) => continue,
+            Err(e) => {
+                warn!(error = %e, "cluster store: cannot pull work; retrying in a second");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // The drain waits for a task this replica took.
+        let guard = shared.tasks.token();
+        handle(&shared, &cluster, msg).await;
+        drop(guard);
+    }
+}
+
+/// One work message, or none within [`PULL_FOR`].
+async fn fetch_one(
+    consumer: &PullConsumer,
+) -> Result<Option<jetstream::Message>, async_nats::Error> {
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(PULL_FOR)
+        .messages()
+        .await?;
+    match batch.next().await {
+        Some(msg) => Ok(Some(msg?)),
+        None => Ok(None),
+    }
+}
+
+/// Runs one delivered work message to its recorded result (or leaves it for
+/// redelivery when the store cannot be reached).
+async fn handle(shared: &Shared, cluster: &Cluster, msg: jetstream::Message) {
+    let work = match Work::decode(msg.payload.clone()) {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(subject = %msg.subject, error = %e, "cluster store: a work message does not decode; dropping it");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let key = work.header.key.clone();
+    let current = match cluster.read(&key).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(key, error = %e, "cannot read a task's claim; leaving it for redelivery");
+            return;
+        }
+    };
+    let by = format!("{}-w", cluster.nonce);
+    let delivery = msg.info().map_or(1, |i| i.delivered.max(1) as u64);
+    let taken = claim::take(
+        current.as_ref().map(|c| &c.0),
+        cluster.config.server_id,
+        &by,
+        delivery,
+    );
+    let (running, revision) = match taken {
+        Take::Stale => {
+            debug!(
+                key,
+                delivery, "an older delivery of a task another worker holds; left alone"
+            );
+            return;
+        }
+        Take::Drop => {
+            debug!(
+                key,
+                "work for a finished or forgotten task id; acknowledged"
+            );
+            let _ = msg.double_ack().await;
+            return;
+        }
+        Take::Run(claim) => {
+            if let Some((
+                Claim {
+                    state:
+                        State::Running {
+                            attempt, replica, ..
+                        },
+                    ..
+                },
+                _,
+            )) = &current
+            {
+                info!(
+                    key,
+                    attempt,
+                    replica,
+                    "taking over a task whose worker went silent past [cluster] ack_wait"
+                );
+            }
+            (claim, current.map_or(0, |c| c.1))
+        }
+    };
+    let revision = match cluster.update(&key, &running, revision).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            debug!(key, "another replica took this task first");
+            return;
+        }
+        Err(e) => {
+            warn!(key, error = %e, "cannot take a task's claim; leaving it for redelivery");
+            return;
+        }
+    };
+    let State::Running { attempt, .. } = running.state else {
+        return;
+    };
+    let msg = Arc::new(msg);
+    let beat = tokio::spawn(heartbeat(msg.clone(), cluster.config.ack_wait / 3));
+    let (trailer, kept, stored) = run(shared, cluster, &work, attempt).await;
+    beat.abort();
+    if !stored {
+        warn!(
+            key,
+            attempt, "the task's output could not be stored; leaving it for redelivery"
+        );
+        return;
+    }
+    let finished = Claim {
+        state: State::Finished {
+            attempt,
+            kept,
+            trailer: trailer.clone(),
+        },
+        ..running
+    };
+    match cluster.update(&key, &finished, revision).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            info!(key, attempt, "a late result was dropped: this worker went silent past [cluster] ack_wait and another replica took the task over");
+            return;
+        }
+        Err(e) => {
+            warn!(key, error = %e, "cannot record a task's result; leaving it for redelivery");
+            return;
+        }
+    }
+    let end = serde_json::to_vec(&End { kept, trailer }).expect("an end always serializes");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(claim::KIND, "end");
+    match cluster
+        .append(&key, attempt, headers, Bytes::from(end))
+        .await
+    {
+        Ok(ack) => {
+            if let Err(e) = ack.await {
+                warn!(key, error = %e, "the end of a task's output was not stored; readers find the result in its claim");
+            }
+        }
+        Err(e) => {
+            warn!(key, error = %e, "the end of a task's output was not stored; readers find the result in its claim");
+        }
+    }
+    if let Err(e) = msg.double_ack().await {
+        // The result is recorded: a redelivery finds it finished and drops it.
+        debug!(key, error = %e, "work acknowledgement failed");
+    }
+}
+
+/// Tells JetStream every `every` that the task is still being worked on.
+async fn heartbeat(msg: Arc<jetstream::Message>, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+            debug!(error = %e, "in-progress ack failed");
+        }
+    }
+}
+
+/// Runs the work in a slot of this replica: its trailer, whether a retry may be
+/// answered with its output, and whether all of that output was stored.
+async fn run(
+    shared: &Shared,
+    cluster: &Cluster,
+    work: &Work,
+    attempt: u32,
+) -> (Trailer, bool, bool) {
+    let h = &work.header;
+    let admitted = shared
+        .catalog()
+        .admit(
+            &h.task,
+            h.args.clone(),
+            Some(work.input.len() as u64),
+            Caller::Local,
+        )
+        .map(|t| t.with_task_id(&h.id));
+    let task = match admitted {
+        Ok(t) => t,
+        Err(refusal) => {
+            warn!(agent = h.agent, task = h.task, id = h.id, "a queued task was refused by this replica's catalog: {}; give every replica the same [tasks]", refusal.message);
+            let trailer = Trailer {
+                error: Some(refusal.code),
+                message: bounded_message(refusal.message),
+                ..Default::default()
+            };
+            return (trailer, true, true);
+        }
+    };
+    let reservation = loop {
+        match shared.executor.reserve() {
+            Ok(r) => break r,
+            // Only this replica's own (idempotent) tasks fill slots and queue.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let slot = reservation.slot().await;
+    shared.recent.counters().run();
+    debug!(
+        agent = h.agent,
+        task = h.task,
+        id = h.id,
+        attempt,
+        "cluster task started"
+    );
+    let mut out = Stored::new(cluster, &h.key, attempt);
+    let result = shared
+        .executor
+        .run_in_slot(&slot, &task, Some(work.input.clone()), &mut out)
+        .await;
+    let waited = slot.waited;
+    drop(slot);
+    let stored = out.finish().await;
+    let max_result = shared.config.dedup.max_result;
+    match result {
+        Ok(mut outcome) => {
+            outcome.queue_time = waited;
+            let trailer = crate::task::trailer_of(&outcome, Duration::ZERO);
+            let kept = out.produced <= max_result;
+            (trailer, kept, stored)
+        }
+        Err(e) => {
+            info!(agent = h.agent, task = h.task, id = h.id, error = %e, "task failed");
+            let internal = e.code() == ErrorCode::Internal;
+            let trailer = Trailer {
+                error: Some(e.code()),
+                message: bounded_message(format!("task `{}`: {e}", h.task)),
+                output_bytes: out.produced,
+                ..Default::default()
+            };
+            (trailer, !internal && out.produced <= max_result, stored)
+        }
+    }
+}
+
+/// Task output appended to the results stream as it comes, with a bounded number of
+/// messages in flight.
+struct Stored<'a> {
+    cluster: &'a Cluster,
+    key: &'a str,
+    attempt: u32,
+    pending: VecDeque<jetstream::context::PublishAckFuture>,
+    produced: u64,
+    failed: bool,
+}
+
+impl<'a> Stored<'a> {
+    fn new(cluster: &'a Cluster, key: &'a str, attempt: u32) -> Self {
+        Self {
+            cluster,
+            key,
+            attempt,
+            pending: VecDeque::new(),
+            produced: 0,
+            failed: false,
+        }
+    }
+
+    /// Waits until every message is stored; false when one was not.
+    async fn finish(&mut self) -> bool {
+        while let Some(ack) = self.pending.pop_front() {
+            if ack.await.is_err() {
+                self.failed = true;
+            }
+        }
+        !self.failed
+    }
+}
+
+impl Output for Stored<'_> {
+    async fn write(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            let part = chunk.split_to(chunk.len().min(super::MAX_CHUNK));
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(claim::KIND, "out");
+            headers.insert(claim::OFFSET, self.produced.to_string().as_str());
+            self.produced += part.len() as u64;
+            match self
+                .cluster
+                .append(self.key, self.attempt, headers, part)
+                .await
+            {
+                Ok(ack) => self.pending.push_back(ack),
+                Err(e) => {
+                    self.failed = true;
+                    return Err(io::Error::other(e));
+                }
+            }
+            while self.pending.len() > MAX_UNACKED {
+                if let Some(ack) = self.pending.pop_front() {
+                    if let Err(e) = ack.await {
+                        self.failed = true;
+                        return Err(io::Error::other(e));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
