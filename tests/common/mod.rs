@@ -6,7 +6,9 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod deb;
+pub mod nats;
 pub mod readme;
+pub mod udp_balancer;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read, Write};

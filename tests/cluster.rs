@@ -1,0 +1,621 @@
+//! Cluster mode end to end: real `updraftd` replicas sharing a real three-node NATS
+//! JetStream cluster (`sync_interval: always`, R3), agents as in-process QUIC
+//! connections with real certificates. Every test task appends `ID PPID start|end`
+//! to one O_APPEND log (PPID is the replica that ran it), so runs are counted, not
+//! guessed. Crashes are SIGKILL of the replica and of its task processes (what a
+//! machine or pod dying does); pauses are SIGSTOP.
+
+mod common;
+
+use common::nats::Nats;
+use common::wire::*;
+use common::*;
+use nix::sys::signal::Signal;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use updraft_proto::{ReplyHeader, Trailer};
+use updraft_shared::wire::FrameReader;
+
+/// Longest any single wait may take before it counts as a hang.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Replicas sharing one NATS cluster, and the run log their tasks write.
+struct Replicas {
+    dir: tempfile::TempDir,
+    nats: Nats,
+    replicas: Vec<Option<Proc>>,
+    addrs: Vec<String>,
+    log: PathBuf,
+    gate: PathBuf,
+    ack_wait: String,
+}
+
+/// The catalog every replica has. `logged` echoes its input; `gated` reads its input,
+/// then waits for the gate file before echoing it; `stream` writes 40 numbered lines
+/// over about two seconds.
+fn tasks(log: &Path, gate: &Path) -> String {
+    let (l, g) = (log.display(), gate.display());
+    format!(
+        r#"[tasks.logged]
+command = ["sh", "-c", "echo \"$UPDRAFT_TASK_ID $PPID start\" >> {l}; cat; echo \"$UPDRAFT_TASK_ID $PPID end\" >> {l}"]
+[tasks.gated]
+command = ["sh", "-c", "echo \"$UPDRAFT_TASK_ID $PPID start\" >> {l}; in=$(cat); while [ ! -e {g} ]; do sleep 0.02; done; printf %s \"$in\"; echo \"$UPDRAFT_TASK_ID $PPID end\" >> {l}"]
+timeout = "120s"
+[tasks.stream]
+command = ["sh", "-c", "echo \"$UPDRAFT_TASK_ID $PPID start\" >> {l}; cat >/dev/null; i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo line $i; sleep 0.05; done; echo \"$UPDRAFT_TASK_ID $PPID end\" >> {l}"]
+timeout = "120s"
+[tasks.pure]
+builtin = "echo"
+idempotent = true
+"#
+    )
+}
+
+impl Replicas {
+    /// NATS and `n` replicas, each with `slots` task slots and an `ack_wait` of 2 s.
+    fn start(n: usize, slots: usize) -> Self {
+        Self::start_with(n, slots, "2s")
+    }
+
+    fn start_with(n: usize, slots: usize, ack_wait: &str) -> Self {
+        let nats = Nats::start();
+        let dir = tempfile::tempdir().unwrap();
+        make_pki(dir.path());
+        let log = dir.path().join("runs.log");
+        let gate = dir.path().join("gate");
+        let mut r = Self {
+            dir,
+            nats,
+            replicas: Vec::new(),
+            addrs: Vec::new(),
+            log,
+            gate,
+            ack_wait: ack_wait.to_string(),
+        };
+        for i in 0..n {
+            let (p, addr) = r.spawn(i, "127.0.0.1:0", slots);
+            r.replicas.push(Some(p));
+            r.addrs.push(addr);
+        }
+        r
+    }
+
+    fn spawn(&self, i: usize, listen: &str, slots: usize) -> (Proc, String) {
+        let extra = format!(
+            "max_concurrent_tasks = {slots}\n[cluster]\nnats = {}\nserver_id = {i}\nreplicas = 3\nack_wait = \"{}\"\n{}",
+            self.nats.urls_toml(),
+            self.ack_wait,
+            tasks(&self.log, &self.gate)
+        );
+        start_daemon_named(self.dir.path(), &format!("r{i}"), listen, &extra)
+    }
+
+    fn pid(&self, i: usize) -> i32 {
+        self.replicas[i].as_ref().expect("replica running").pid()
+    }
+
+    /// SIGKILLs replica `i` and every task process it started, as a machine dying
+    /// would: stopped first, so nothing it runs can finish in between.
+    fn crash(&mut self, i: usize) {
+        let pid = self.pid(i);
+        let p = self.replicas[i].take().unwrap();
+        p.signal(Signal::SIGSTOP);
+        for child in descendants(pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL);
+        }
+        p.signal(Signal::SIGKILL);
+        let mut p = p;
+        p.wait_exit(WAIT);
+    }
+
+    fn agent(&self, cn: &str) -> quinn::ClientConfig {
+        client_config(self.dir.path(), cn)
+    }
+
+    async fn connect(
+        &self,
+        ep: &quinn::Endpoint,
+        cfg: &quinn::ClientConfig,
+        i: usize,
+    ) -> quinn::Connection {
+        tokio::time::timeout(
+            WAIT,
+            ep.connect_with(cfg.clone(), self.addrs[i].parse().unwrap(), "localhost")
+                .unwrap(),
+        )
+        .await
+        .expect("connecting within the wait limit")
+        .expect("connecting to a replica")
+    }
+
+    /// The run log: for each task id, the PPIDs of its starts and of its ends.
+    fn runs(&self) -> HashMap<String, (Vec<i32>, Vec<i32>)> {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut runs: HashMap<String, (Vec<i32>, Vec<i32>)> = HashMap::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [id, ppid, what] = f[..] else { continue };
+            let e = runs.entry(id.to_string()).or_default();
+            let ppid = ppid.parse().unwrap_or(0);
+            match what {
+                "start" => e.0.push(ppid),
+                "end" => e.1.push(ppid),
+                _ => {}
+            }
+        }
+        runs
+    }
+
+    fn wait_starts(&self, id: &str, n: usize) -> Vec<i32> {
+        wait_for(&format!("{n} start(s) of {id}"), WAIT, || {
+            let r = self.runs();
+            let s = &r.get(id)?.0;
+            (s.len() >= n).then(|| s.clone())
+        })
+    }
+
+    fn replica_of(&self, ppid: i32) -> Option<usize> {
+        (0..self.replicas.len())
+            .find(|&i| self.replicas[i].as_ref().is_some_and(|p| p.pid() == ppid))
+    }
+
+    fn open_gate(&self) {
+        std::fs::write(&self.gate, b"").unwrap();
+    }
+}
+
+/// Every process below `pid`, from /proc.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut parent_of = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        let ppid: i32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        parent_of.push((p, ppid));
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for &(c, pp) in &parent_of {
+            if pp == p {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}
+
+fn endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
+async fn send_task(
+    conn: &quinn::Connection,
+    id: &str,
+    task: &str,
+    input: &[u8],
+) -> FrameReader<quinn::RecvStream> {
+    let (mut send, recv) = conn.open_bi().await.expect("opening a task stream");
+    let _ = send
+        .write_all(&request_bytes(id, task, Some(input.len() as u64), input))
+        .await;
+    let _ = send.finish();
+    FrameReader::new(recv)
+}
+
+async fn run_task(
+    conn: &quinn::Connection,
+    id: &str,
+    task: &str,
+    input: &[u8],
+) -> (Vec<u8>, Trailer) {
+    let mut reader = send_task(conn, id, task, input).await;
+    assert_eq!(
+        read_reply(&mut reader, WAIT).await,
+        ReplyHeader::Accepted,
+        "task {id}"
+    );
+    read_result(&mut reader, WAIT).await
+}
+
+/// Scenario 1: three replicas, 50 agents × 20 tasks, each agent on one replica:
+/// every result right, every task exactly one start and one end, and each replica ran
+/// a share of the work (the work queue spreads it, whoever received it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_agents_twenty_tasks_each_run_once_spread_over_three_replicas() {
+    if !common::nats::available() {
+        return;
+    }
+    let r = Replicas::start(3, 2);
+    let mut jobs = Vec::new();
+    for a in 0..50 {
+        let cfg = r.agent(&format!("board-{a}"));
+        let ep = endpoint();
+        let conn = r.connect(&ep, &cfg, a % 3).await;
+        jobs.push(tokio::spawn(async move {
+            for t in 0..20 {
+                let id = format!("a{a}-t{t}");
+                let input = format!("input of {id}");
+                let (out, trailer) = run_task(&conn, &id, "logged", input.as_bytes()).await;
+                assert_eq!(out, input.as_bytes(), "{id}");
+                assert_eq!(trailer.exit_code, Some(0), "{id}: {trailer:?}");
+            }
+            ep.close(0u32.into(), b"");
+        }));
+    }
+    for j in jobs {
+        j.await.unwrap();
+    }
+    let runs = r.runs();
+    assert_eq!(runs.len(), 1000);
+    let mut per_replica = [0usize; 3];
+    for (id, (starts, ends)) in &runs {
+        assert_eq!(starts.len(), 1, "{id} started {} times", starts.len());
+        assert_eq!(ends.len(), 1, "{id} ended {} times", ends.len());
+        per_replica[r.replica_of(ends[0]).expect("ran on a replica")] += 1;
+    }
+    for (i, n) in per_replica.iter().enumerate() {
+        assert!(
+            *n > 0,
+            "replica {i} ran none of the 1000 tasks: {per_replica:?}"
+        );
+    }
+    eprintln!("tasks run per replica: {per_replica:?}");
+}
+
+/// Scenario 4: an agent that restarts and replays 200 finished task ids to another
+/// replica gets 200 results and starts nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_finished_ids_replayed_elsewhere_run_nothing_again() {
+    if !common::nats::available() {
+        return;
+    }
+    let r = Replicas::start(2, 2);
+    let cfg = r.agent("board-r");
+    let ep = endpoint();
+    let conn = r.connect(&ep, &cfg, 0).await;
+    let mut first = Vec::new();
+    for t in 0..200 {
+        let id = format!("d{t}");
+        first.push(run_task(&conn, &id, "logged", id.as_bytes()).await);
+    }
+    ep.close(0u32.into(), b"restart");
+    let ep = endpoint();
+    let conn = r.connect(&ep, &cfg, 1).await;
+    for (t, want) in first.iter().enumerate() {
+        let id = format!("d{t}");
+        let got = run_task(&conn, &id, "logged", id.as_bytes()).await;
+        assert_eq!(&got, want, "{id}: the replay is the first result");
+    }
+    let runs = r.runs();
+    assert_eq!(runs.len(), 200);
+    assert!(
+        runs.values().all(|(s, e)| s.len() == 1 && e.len() == 1),
+        "a replay ran a task again"
+    );
+    // The idempotent fast path never touches the store: it runs where it lands.
+    let (out, trailer) = run_task(&conn, "p1", "pure", b"pure").await;
+    assert_eq!((out.as_slice(), trailer.exit_code), (&b"pure"[..], Some(0)));
+    ep.close(0u32.into(), b"");
+}
+
+/// Scenario 2: kill -9 the replica running long tasks. Their work messages come back
+/// after `ack_wait` and run elsewhere; agents whose front died retry on another
+/// replica and join. Every task completes, none is lost, none ends twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_worker_s_tasks_complete_elsewhere_once() {
+    if !common::nats::available() {
+        return;
+    }
+    let mut r = Replicas::start(3, 3);
+    let ids: Vec<String> = (0..6).map(|t| format!("long{t}")).collect();
+    let mut streams = Vec::new();
+    let mut eps = Vec::new();
+    for (t, id) in ids.iter().enumerate() {
+        let cfg = r.agent("board-k");
+        let ep = endpoint();
+        let front = t % 3;
+        let conn = r.connect(&ep, &cfg, front).await;
+        let mut reader = send_task(&conn, id, "gated", id.as_bytes()).await;
+        assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
+        streams.push((front, conn, reader));
+        eps.push(ep);
+    }
+    for id in &ids {
+        r.wait_starts(id, 1);
+    }
+    // The replica running the most of them dies.
+    let runs = r.runs();
+    let mut count = [0usize; 3];
+    for id in &ids {
+        count[r.replica_of(runs[id].0[0]).unwrap()] += 1;
+    }
+    let victim = (0..3).max_by_key(|&i| count[i]).unwrap();
+    let moved: Vec<&String> = ids
+        .iter()
+        .filter(|id| r.replica_of(runs[*id].0[0]) == Some(victim))
+        .collect();
+    r.crash(victim);
+    for id in &moved {
+        r.wait_starts(id, 2);
+    }
+    r.open_gate();
+    let cfg = r.agent("board-k");
+    for (t, (front, conn, mut reader)) in streams.into_iter().enumerate() {
+        let id = &ids[t];
+        let result = if front == victim {
+            // The front died with the connection: retry the id on a live replica.
+            drop(reader);
+            drop(conn);
+            let ep = endpoint();
+            let conn = r.connect(&ep, &cfg, (victim + 1) % 3).await;
+            let got = run_task(&conn, id, "gated", id.as_bytes()).await;
+            eps.push(ep);
+            got
+        } else {
+            read_result(&mut reader, WAIT).await
+        };
+        assert_eq!(result.0, id.as_bytes(), "{id}: {:?}", result.1);
+        assert_eq!(result.1.exit_code, Some(0), "{id}");
+    }
+    let runs = r.runs();
+    for id in &ids {
+        let (starts, ends) = &runs[id];
+        assert_eq!(
+            ends.len(),
+            1,
+            "{id} ended {} times (starts {starts:?})",
+            ends.len()
+        );
+        let want = if moved.contains(&id) { 2 } else { 1 };
+        assert_eq!(starts.len(), want, "{id}");
+    }
+    assert!(!moved.is_empty());
+}
+
+/// Scenario 3: kill -9 the replica relaying a task's output mid-stream (not the one
+/// running it): the agent retries on another replica and gets the whole output,
+/// from the results stream, and the task ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_relay_costs_a_retry_not_a_second_run() {
+    if !common::nats::available() {
+        return;
+    }
+    let mut r = Replicas::start(3, 2);
+    let cfg = r.agent("board-s");
+    let ep = endpoint();
+    let conn = r.connect(&ep, &cfg, 0).await;
+    let mut first = send_task(&conn, "s1", "stream", b"").await;
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
+    let worker = r.replica_of(r.wait_starts("s1", 1)[0]).unwrap();
+    // The relay under test is a replica that does not run the task: a retry of the
+    // id through it joins the run and relays its output.
+    let relay = (worker + 1) % 3;
+    let ep2 = endpoint();
+    let conn2 = r.connect(&ep2, &cfg, relay).await;
+    let mut joined = send_task(&conn2, "s1", "stream", b"").await;
+    assert_eq!(read_reply(&mut joined, WAIT).await, ReplyHeader::Accepted);
+    let frame = next_frame(&mut joined, WAIT).await;
+    assert_eq!(
+        frame.kind,
+        updraft_proto::FrameKind::Data,
+        "output arrives through the relay"
+    );
+    r.crash(relay);
+    let other = (0..3).find(|&i| i != relay).unwrap();
+    let ep3 = endpoint();
+    let conn3 = r.connect(&ep3, &cfg, other).await;
+    let (out, trailer) = run_task(&conn3, "s1", "stream", b"").await;
+    let want: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out), want, "the whole output");
+    assert_eq!(trailer.exit_code, Some(0));
+    assert_eq!(r.runs()["s1"].0.len(), 1, "no second run");
+    if relay != 0 {
+        let (out0, _) = read_result(&mut first, WAIT).await;
+        assert_eq!(out0, out, "the first stream got the same output");
+    }
+    drop((ep, ep2, ep3));
+}
+
+/// Scenario 6: a worker paused (SIGSTOP) past its ack deadline loses the task to
+/// another replica; resumed (SIGCONT), it finishes too, and its late result is
+/// dropped. At most two starts, exactly one recorded result: a pause can repeat a
+/// side effect (README, "Running more than one daemon").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_may_start_twice_but_one_result_is_recorded() {
+    if !common::nats::available() {
+        return;
+    }
+    let r = Replicas::start(3, 2);
+    let cfg = r.agent("board-p");
+    let ep = endpoint();
+    let conn = r.connect(&ep, &cfg, 0).await;
+    let mut first = send_task(&conn, "p1", "gated", b"paused").await;
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
+    let worker = r.replica_of(r.wait_starts("p1", 1)[0]).unwrap();
+    // Follow the task through a replica that is not the one paused.
+    let front = if worker == 0 { 1 } else { 0 };
+    let ep2 = endpoint();
+    let conn2 = r.connect(&ep2, &cfg, front).await;
+    let mut reader = send_task(&conn2, "p1", "gated", b"paused").await;
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
+    let paused = r.replicas[worker].as_ref().unwrap();
+    paused.signal(Signal::SIGSTOP);
+    let starts = r.wait_starts("p1", 2);
+    assert_ne!(
+        r.replica_of(starts[1]),
+        Some(worker),
+        "taken over elsewhere"
+    );
+    paused.signal(Signal::SIGCONT);
+    r.open_gate();
+    let (out, trailer) = read_result(&mut reader, WAIT).await;
+    assert_eq!(
+        (out.as_slice(), trailer.exit_code),
+        (&b"paused"[..], Some(0))
+    );
+    wait_for("the paused worker to drop its late result", WAIT, || {
+        paused
+            .log()
+            .contains("a late result was dropped")
+            .then_some(())
+    });
+    let runs = r.runs();
+    assert_eq!(runs["p1"].0.len(), 2, "at most two starts");
+    // Exactly one result is recorded: a later retry gets the same one, and runs nothing.
+    let ep3 = endpoint();
+    let conn3 = r.connect(&ep3, &cfg, 2).await;
+    assert_eq!(
+        run_task(&conn3, "p1", "gated", b"paused").await,
+        (out, trailer)
+    );
+    assert_eq!(r.runs()["p1"].0.len(), 2);
+    drop((first, ep, ep2, ep3));
+}
+
+/// Scenario 5: kill -9 one NATS node under load: nothing is lost (store calls are
+/// retried while JetStream moves its leaders). Then kill all three and start them
+/// again: every task acknowledged before is still there, replayed without a run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_nodes_lost_under_load_lose_no_acknowledged_task() {
+    if !common::nats::available() {
+        return;
+    }
+    // A NATS node's leader elections take seconds: an ack_wait shorter than that
+    // would count the store's pause as the worker's (scenario 6).
+    let mut r = Replicas::start_with(2, 2, "15s");
+    let cfg = r.agent("board-n");
+    let mut eps = Vec::new();
+    let mut conns = Vec::new();
+    for i in 0..4 {
+        let ep = endpoint();
+        conns.push(r.connect(&ep, &cfg, i % 2).await);
+        eps.push(ep);
+    }
+    let load = |conns: Vec<quinn::Connection>, from: usize| {
+        conns
+            .into_iter()
+            .enumerate()
+            .map(|(c, conn)| {
+                tokio::spawn(async move {
+                    let mut done = Vec::new();
+                    for t in 0..25 {
+                        let id = format!("n{}-{c}-{t}", from);
+                        let (out, trailer) = run_task(&conn, &id, "logged", id.as_bytes()).await;
+                        assert_eq!(out, id.as_bytes(), "{id}: {trailer:?}");
+                        assert_eq!(trailer.exit_code, Some(0), "{id}: {trailer:?}");
+                        done.push(id);
+                    }
+                    done
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let jobs = load(conns.clone(), 0);
+    wait_for("some tasks to finish before a NATS node dies", WAIT, || {
+        (r.runs().len() >= 20).then_some(())
+    });
+    r.nats.kill(1);
+    let mut acknowledged = Vec::new();
+    for j in jobs {
+        acknowledged.extend(j.await.unwrap());
+    }
+    assert_eq!(acknowledged.len(), 100);
+    let runs = r.runs();
+    for id in &acknowledged {
+        assert_eq!(runs[id].1.len(), 1, "{id} ended {:?}", runs[id].1);
+    }
+    // All three nodes die and come back on the same stores.
+    r.nats.start_node(1);
+    for i in 0..3 {
+        r.nats.kill(i);
+    }
+    for i in 0..3 {
+        r.nats.start_node(i);
+    }
+    for i in 0..3 {
+        r.nats.wait_ready(i);
+    }
+    for id in &acknowledged {
+        let (out, trailer) = run_task(&conns[0], id, "logged", id.as_bytes()).await;
+        assert_eq!(out, id.as_bytes(), "{id} after the restart: {trailer:?}");
+    }
+    let runs = r.runs();
+    assert!(
+        acknowledged.iter().all(|id| runs[id].0.len() == 1),
+        "a task acknowledged before the restart ran again"
+    );
+    drop(eps);
+}
+
+/// Scenario 7: behind a plain 4-tuple balancer (`tests/common/udp_balancer.rs`), an
+/// agent whose port changes lands on another replica, which does not know its
+/// connection: the agent reconnects and retries the id, and the retry is
+/// deduplicated (the task runs once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_change_behind_a_four_tuple_balancer_costs_a_deduplicated_retry() {
+    if !common::nats::available() {
+        return;
+    }
+    let r = Replicas::start(2, 2);
+    let backends: Vec<std::net::SocketAddr> = r.addrs.iter().map(|a| a.parse().unwrap()).collect();
+    let lb = common::udp_balancer::UdpBalancer::start(&backends)
+        .await
+        .unwrap();
+    let mut cfg = r.agent("board-m");
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(Duration::from_secs(3).try_into().unwrap()))
+        .keep_alive_interval(Some(Duration::from_millis(500)));
+    cfg.transport_config(std::sync::Arc::new(transport));
+    let ep = endpoint();
+    let conn = ep
+        .connect_with(cfg.clone(), lb.addr(), "localhost")
+        .unwrap()
+        .await
+        .expect("connecting through the balancer");
+    let mut first = send_task(&conn, "m1", "gated", b"moved").await;
+    assert_eq!(read_reply(&mut first, WAIT).await, ReplyHeader::Accepted);
+    r.wait_starts("m1", 1);
+    let before = lb
+        .backend_of(ep.local_addr().unwrap())
+        .expect("a flow for the client");
+    // The client's port changes; its packets now reach the other replica.
+    lb.pin(1 - before);
+    ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the moved connection ends");
+    eprintln!("the moved connection ended: {closed}");
+    let conn = ep
+        .connect_with(cfg, lb.addr(), "localhost")
+        .unwrap()
+        .await
+        .expect("reconnecting through the balancer");
+    assert_eq!(lb.backend_of(ep.local_addr().unwrap()), Some(1 - before));
+    let mut retry = send_task(&conn, "m1", "gated", b"moved").await;
+    assert_eq!(read_reply(&mut retry, WAIT).await, ReplyHeader::Accepted);
+    r.open_gate();
+    let (out, trailer) = read_result(&mut retry, WAIT).await;
+    assert_eq!(
+        (out.as_slice(), trailer.exit_code),
+        (&b"moved"[..], Some(0))
+    );
+    let runs = r.runs();
+    assert_eq!((runs["m1"].0.len(), runs["m1"].1.len()), (1, 1), "ran once");
+    drop(first);
+}
