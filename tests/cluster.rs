@@ -20,6 +20,11 @@ use updraft_shared::wire::FrameReader;
 /// Longest any single wait may take before it counts as a hang.
 const WAIT: Duration = Duration::from_secs(60);
 
+/// One scenario at a time: each runs three NATS nodes and up to three replicas, and
+/// on two cores several at once would starve heartbeats into takeovers no test asked
+/// for.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Replicas sharing one NATS cluster, and the run log their tasks write.
 struct Replicas {
     dir: tempfile::TempDir,
@@ -53,9 +58,9 @@ idempotent = true
 }
 
 impl Replicas {
-    /// NATS and `n` replicas, each with `slots` task slots and an `ack_wait` of 2 s.
+    /// NATS and `n` replicas, each with `slots` task slots and an `ack_wait` of 4 s.
     fn start(n: usize, slots: usize) -> Self {
-        Self::start_with(n, slots, "2s")
+        Self::start_with(n, slots, "4s")
     }
 
     fn start_with(n: usize, slots: usize, ack_wait: &str) -> Self {
@@ -239,6 +244,7 @@ async fn fifty_agents_twenty_tasks_each_run_once_spread_over_three_replicas() {
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let r = Replicas::start(3, 2);
     let mut jobs = Vec::new();
     for a in 0..50 {
@@ -283,6 +289,7 @@ async fn two_hundred_finished_ids_replayed_elsewhere_run_nothing_again() {
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let r = Replicas::start(2, 2);
     let cfg = r.agent("board-r");
     let ep = endpoint();
@@ -320,6 +327,7 @@ async fn a_crashed_worker_s_tasks_complete_elsewhere_once() {
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut r = Replicas::start(3, 3);
     let ids: Vec<String> = (0..6).map(|t| format!("long{t}")).collect();
     let mut streams = Vec::new();
@@ -394,6 +402,7 @@ async fn a_crashed_relay_costs_a_retry_not_a_second_run() {
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut r = Replicas::start(3, 2);
     let cfg = r.agent("board-s");
     let ep = endpoint();
@@ -439,6 +448,7 @@ async fn a_paused_worker_may_start_twice_but_one_result_is_recorded() {
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let r = Replicas::start(3, 2);
     let cfg = r.agent("board-p");
     let ep = endpoint();
@@ -494,6 +504,7 @@ async fn nats_nodes_lost_under_load_lose_no_acknowledged_task() {
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     // A NATS node's leader elections take seconds: an ack_wait shorter than that
     // would count the store's pause as the worker's (scenario 6).
     let mut r = Replicas::start_with(2, 2, "15s");
@@ -570,6 +581,7 @@ async fn a_port_change_behind_a_four_tuple_balancer_costs_a_deduplicated_retry()
     if !common::nats::available() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().await;
     let r = Replicas::start(2, 2);
     let backends: Vec<std::net::SocketAddr> = r.addrs.iter().map(|a| a.parse().unwrap()).collect();
     let lb = common::udp_balancer::UdpBalancer::start(&backends)
