@@ -177,7 +177,9 @@ async fn handle(shared: &Shared, cluster: &Cluster, msg: jetstream::Message) {
     let msg = Arc::new(msg);
     let beat = tokio::spawn(heartbeat(msg.clone(), cluster.config.ack_wait / 3));
     let (trailer, kept, stored) = run(shared, cluster, &work, attempt).await;
-    beat.abort();
+    // The heartbeat goes on until the result is recorded and acknowledged: a slow
+    // store must not look like a silent worker.
+    let _beat = AbortOnDrop(beat);
     if !stored {
         warn!(
             key,
@@ -223,6 +225,15 @@ async fn handle(shared: &Shared, cluster: &Cluster, msg: jetstream::Message) {
     if let Err(e) = msg.double_ack().await {
         // The result is recorded: a redelivery finds it finished and drops it.
         debug!(key, error = %e, "work acknowledgement failed");
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
