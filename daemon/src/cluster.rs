@@ -10,11 +10,13 @@
 //!   `Nats-Msg-Id` = the key, carrying the request and its input ([`claim::Work`]).
 //! - Stream `N-out`, subjects `N.out.AGENT.ID.ATTEMPT`: the output of each attempt in
 //!   order, then an `end` message once that attempt's result is recorded.
+//! - KV bucket `N-fleet`: agent records and revoked certificates ([`fleet`]).
 //!
 //! [`front`](crate::task) code creates claims and relays results; [`worker`] pulls
 //! work. Without `[cluster]` none of this exists and no NATS is needed.
 
 pub(crate) mod claim;
+pub(crate) mod fleet;
 pub(crate) mod worker;
 
 use crate::config::{ClusterConfig, DaemonConfig};
@@ -58,6 +60,8 @@ pub(crate) struct Cluster {
     pub(crate) config: ClusterConfig,
     js: jetstream::Context,
     claims: kv::Store,
+    /// Agent records and revoked certificates, shared ([`fleet`]).
+    pub(crate) fleet: kv::Store,
     results: stream::Stream,
     work_stream: stream::Stream,
     /// Largest input that rides in a work message; a bigger one runs on the front
@@ -139,7 +143,7 @@ impl Cluster {
                 }
             }
         };
-        let (claims, work_stream, results) = tokio::time::timeout(START_WITHIN, ensure)
+        let (claims, work_stream, results, fleet) = tokio::time::timeout(START_WITHIN, ensure)
             .await
             .map_err(|_| {
                 StoreError::new(
@@ -164,6 +168,7 @@ impl Cluster {
             config: c,
             js,
             claims,
+            fleet,
             results,
             work_stream,
             queue_input,
@@ -328,7 +333,7 @@ async fn ensure(
     js: &jetstream::Context,
     c: &ClusterConfig,
     keep: Duration,
-) -> Result<(kv::Store, stream::Stream, stream::Stream), StoreError> {
+) -> Result<(kv::Store, stream::Stream, stream::Stream, kv::Store), StoreError> {
     let claims = js
         .create_or_update_key_value(kv::Config {
             bucket: format!("{}-tasks", c.name),
@@ -378,7 +383,8 @@ async fn ensure(
         .get_stream(format!("{}-out", c.name))
         .await
         .map_err(|e| StoreError::new("open the results stream", e))?;
-    Ok((claims, work, results))
+    let fleet = fleet::bucket(js, &c.name, c.replicas).await?;
+    Ok((claims, work, results, fleet))
 }
 
 /// A store call's failure after [`retry`]: an answer (the call reached JetStream and
@@ -425,6 +431,7 @@ impl CallError for kv::UpdateError {
 }
 
 impl CallError for kv::EntryError {}
+impl CallError for kv::PutError {}
 impl CallError for jetstream::context::PublishError {}
 impl CallError for stream::ConsumerError {}
 

@@ -71,6 +71,9 @@ pub(crate) struct AgentRecord {
     /// When an operator revoked it, Unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) revoked_unix_ms: Option<u64>,
+    /// Cluster mode: the server id of the replica it is connected to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) connected_to: Option<u8>,
 }
 
 /// One agent as listed: its record and whether it is connected now.
@@ -79,7 +82,8 @@ pub(crate) struct AgentView {
     /// What is kept.
     #[serde(flatten)]
     pub(crate) record: AgentRecord,
-    /// Connections it holds to this daemon now.
+    /// Connections it holds to this daemon now (in cluster mode: at least 1 while it
+    /// is connected to another replica).
     pub(crate) connections: usize,
 }
 
@@ -136,6 +140,8 @@ pub(crate) struct Registry {
     /// The policy rollout, if one was pushed; kept at `push_path`.
     rollout: Mutex<Option<push::Rollout>>,
     push_path: PathBuf,
+    /// Cluster mode: where changes go so the other replicas see them.
+    mirror: std::sync::OnceLock<crate::cluster::fleet::Mirror>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -206,7 +212,61 @@ impl Registry {
             agents: Mutex::new(agents),
             rollout: Mutex::new(rollout),
             push_path,
+            mirror: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Cluster mode: from now on every change also goes to `mirror`.
+    pub(crate) fn mirror_to(&self, mirror: crate::cluster::fleet::Mirror) {
+        let _ = self.mirror.set(mirror);
+    }
+
+    /// This replica's server id, in cluster mode.
+    fn me(&self) -> Option<u8> {
+        self.mirror.get().map(|m| m.server_id)
+    }
+
+    /// Takes in a record another replica wrote, when it is newer than the one here
+    /// (live connections here are kept; a revocation is never undone).
+    pub(crate) fn merge(&self, remote: AgentRecord) {
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        if !agents.contains_key(&remote.agent_id) && agents.len() >= MAX_AGENTS {
+            return;
+        }
+        let entry = agents.entry(remote.agent_id.clone()).or_default();
+        let local = &entry.record;
+        if !local.agent_id.is_empty() && remote.last_seen_unix_ms <= local.last_seen_unix_ms {
+            return;
+        }
+        let mut record = remote;
+        if !local.agent_id.is_empty() {
+            record.first_seen_unix_ms = record.first_seen_unix_ms.min(local.first_seen_unix_ms);
+            record.revoked_unix_ms = record.revoked_unix_ms.or(local.revoked_unix_ms);
+        }
+        entry.record = record;
+        if let Err(e) = self.save(&entry.record) {
+            warn!(agent = entry.record.agent_id, error = %e, "cannot save an agent record from another replica; it is kept in memory");
+        }
+    }
+
+    /// Another replica revoked `agent_id`: its connections here close with
+    /// [`CLOSE_REVOKED`] and its record says revoked. Returns the connections closed.
+    pub(crate) fn revoked_elsewhere(&self, agent_id: &str) -> usize {
+        let now = SystemTime::now();
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = agents.get_mut(agent_id) else {
+            return 0;
+        };
+        entry.record.revoked_unix_ms.get_or_insert(unix_ms(now));
+        let why = crate::enroll::revoked_message(crate::issued::Revocation::Operator, agent_id);
+        let closed = entry.live.len();
+        for live in entry.live.drain(..) {
+            live.conn.close(CLOSE_REVOKED.into(), why.as_bytes());
+        }
+        if let Err(e) = self.save(&entry.record) {
+            warn!(agent = agent_id, error = %e, "cannot save the agent's record");
+        }
+        closed
     }
 
     fn path(&self, agent_id: &str) -> PathBuf {
@@ -251,8 +311,18 @@ impl Registry {
         let entry = agents.get_mut(agent_id)?;
         entry.record.last_seen_unix_ms = unix_ms(now);
         let out = f(entry);
+        if let Some(me) = self.me() {
+            if !entry.live.is_empty() {
+                entry.record.connected_to = Some(me);
+            } else if entry.record.connected_to == Some(me) {
+                entry.record.connected_to = None;
+            }
+        }
         if let Err(e) = self.save(&entry.record) {
             warn!(agent = agent_id, error = %e, "cannot save the agent's record; it is kept in memory");
+        }
+        if let Some(m) = self.mirror.get() {
+            m.send(crate::cluster::fleet::Change::Agent(Box::new(entry.record.clone())));
         }
         Some(out)
     }
@@ -554,7 +624,19 @@ impl Registry {
             .zip(entry.record.cert_not_after_unix_ms)
             .into_iter()
             .collect();
-        let serials = issued.revoke(agent_id, &seen, now)?;
+        let denied = issued.revoke(agent_id, &seen, now)?;
+        if let Some(m) = self.mirror.get() {
+            for (serial, not_after_ms) in &denied {
+                m.send(crate::cluster::fleet::Change::Revoked(
+                    crate::cluster::fleet::Denied {
+                        serial: serial.clone(),
+                        agent_id: agent_id.to_string(),
+                        not_after_ms: *not_after_ms,
+                    },
+                ));
+            }
+        }
+        let serials = denied.into_iter().map(|(s, _)| s).collect();
         entry.record.revoked_unix_ms = Some(unix_ms(now));
         let closed = entry.live.len();
         let why = crate::enroll::revoked_message(crate::issued::Revocation::Operator, agent_id);
@@ -562,6 +644,9 @@ impl Registry {
             live.conn.close(CLOSE_REVOKED.into(), why.as_bytes());
         }
         self.save(&entry.record)?;
+        if let Some(m) = self.mirror.get() {
+            m.send(crate::cluster::fleet::Change::Agent(Box::new(entry.record.clone())));
+        }
         Ok(Revoked {
             agent_id: agent_id.to_string(),
             serials,
@@ -601,9 +686,11 @@ fn deliver(r: &push::Rollout, e: &mut Entry) {
 }
 
 fn view(e: &Entry) -> AgentView {
+    // Connected to another replica of the cluster: one connection, not here.
+    let elsewhere = e.live.is_empty() && e.record.connected_to.is_some();
     AgentView {
         record: e.record.clone(),
-        connections: e.live.len(),
+        connections: e.live.len() + usize::from(elsewhere),
     }
 }
 

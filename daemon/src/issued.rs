@@ -235,13 +235,14 @@ impl Issued {
     /// `also` (the serials and expiry times of certificates it was seen with, which
     /// another daemon or `cert issue` may have made), go on the deny list. The id stays
     /// held until those certificates expire: only a token bound to it (`updraftd token
-    /// create --agent-id ID`) enrolls it again. Returns the serials now denied.
+    /// create --agent-id ID`) enrolls it again. Returns the serials now denied, each
+    /// with its expiry (Unix milliseconds).
     pub fn revoke(
         &self,
         agent_id: &str,
         also: &[(String, u64)],
         now: SystemTime,
-    ) -> Result<Vec<String>, IssuedError> {
+    ) -> Result<Vec<(String, u64)>, IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let now_ms = unix_ms(now);
         let mut serials: Vec<(String, u64)> = self
@@ -270,7 +271,36 @@ impl Issued {
             };
             write_json(&self.revoked_path(serial), &entry)?;
         }
-        Ok(serials.into_iter().map(|(s, _)| s).collect())
+        Ok(serials)
+    }
+
+    /// Puts one certificate of `agent_id` on the deny list (a revocation another
+    /// cluster replica made); false when it has expired anyway, or the serial is not
+    /// lowercase hex.
+    pub fn deny(
+        &self,
+        agent_id: &str,
+        serial: &str,
+        not_after_ms: u64,
+        why: Revocation,
+    ) -> Result<bool, IssuedError> {
+        let now_ms = unix_ms(SystemTime::now());
+        if not_after_ms <= now_ms
+            || serial.is_empty()
+            || !serial.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Ok(false);
+        }
+        let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+        ensure_dir(&self.revoked)?;
+        let entry = Revoked {
+            agent_id: agent_id.into(),
+            not_after_ms,
+            revoked_ms: now_ms,
+            why,
+        };
+        write_json(&self.revoked_path(serial), &entry)?;
+        Ok(true)
     }
 
     /// Why the certificate with this serial is on the deny list, if it is.

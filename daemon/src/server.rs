@@ -138,6 +138,9 @@ pub async fn run(
     let mut shared = Shared::new(config, work, draining);
     shared.cluster = cluster;
     let shared = Arc::new(shared);
+    if let Some(cluster) = &shared.cluster {
+        crate::cluster::fleet::start(&shared, cluster);
+    }
     crate::cluster::worker::start(shared.clone())
         .await
         .map_err(|e| ServerError::Cluster(e.to_string()))?;
