@@ -236,9 +236,11 @@ async fn run_task(
     read_result(&mut reader, WAIT).await
 }
 
-/// Scenario 1: three replicas, 50 agents × 20 tasks, each agent on one replica:
-/// every result right, every task exactly one start and one end, and each replica ran
-/// a share of the work (the work queue spreads it, whoever received it).
+/// Scenario 1: three replicas, 50 agents × 20 tasks, each agent (an in-process
+/// connection) on one replica, then a real agent process with all three in its
+/// `[[cloud]]` list: every result right, every task exactly one start and one end, and
+/// each replica ran a share of the work (the work queue spreads it, whoever received
+/// it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_agents_twenty_tasks_each_run_once_spread_over_three_replicas() {
     if !common::nats::available() {
@@ -265,8 +267,32 @@ async fn fifty_agents_twenty_tasks_each_run_once_spread_over_three_replicas() {
     for j in jobs {
         j.await.unwrap();
     }
+    // And a real agent process with the three replicas in its `[[cloud]]` list.
+    let addrs: Vec<&str> = r.addrs.iter().map(String::as_str).collect();
+    let (_agent, socket) = start_agent_clouds(
+        r.dir.path(),
+        &addrs,
+        "[tasks.logged]\ncommand = [\"cat\"]\noffload = \"always\"\n",
+    );
+    wait_for("the agent to connect to all three replicas", WAIT, || {
+        let s = agent_status(&socket)?;
+        let clouds = s["clouds"].as_array()?;
+        (clouds.len() == 3 && clouds.iter().all(|c| c["connected"] == true)).then_some(())
+    });
+    for t in 0..20 {
+        let input = format!("agent task {t}");
+        let reply = http(&socket, "POST", "/v1/tasks/logged", input.as_bytes()).unwrap();
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_eq!(reply.header("updraft-placement"), Some("cloud"));
+        assert_eq!(reply.body, input.as_bytes());
+    }
     let runs = r.runs();
-    assert_eq!(runs.len(), 1000);
+    assert_eq!(runs.len(), 1020);
     let mut per_replica = [0usize; 3];
     for (id, (starts, ends)) in &runs {
         assert_eq!(starts.len(), 1, "{id} started {} times", starts.len());
@@ -630,4 +656,78 @@ async fn a_port_change_behind_a_four_tuple_balancer_costs_a_deduplicated_retry()
     let runs = r.runs();
     assert_eq!((runs["m1"].0.len(), runs["m1"].1.len()), (1, 1), "ran once");
     drop(first);
+}
+
+/// The fleet is shared: an agent connected to one replica is listed by another, and
+/// revoked through another it is cut off where it is connected and refused by every
+/// replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_shows_the_fleet_and_refuses_a_revoked_agent() {
+    if !common::nats::available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = Replicas::start(2, 1);
+    let cfg = r.agent("board-f");
+    let ep = endpoint();
+    let conn = r.connect(&ep, &cfg, 0).await;
+    let other = r.dir.path().join("r1.toml");
+    let agents = |id: &str| {
+        let out = updraftd(&[
+            "agents",
+            "--json",
+            "--id",
+            id,
+            "--config",
+            other.to_str().unwrap(),
+        ]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+    };
+    let seen = wait_for(
+        "replica 1 to list the agent connected to replica 0",
+        WAIT,
+        || {
+            let a = agents("board-f")?;
+            (a["connections"] == 1).then_some(a)
+        },
+    );
+    assert_eq!(seen["connected_to"], 0, "{seen}");
+    let out = updraftd(&[
+        "agent",
+        "revoke",
+        "board-f",
+        "--config",
+        other.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Replica 0 closes the connection it holds, with CLOSE_REVOKED (3).
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("closed in time");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(c.error_code, 3u32.into(), "{c:?}");
+        }
+        other => panic!("closed with {other:?}"),
+    }
+    // Neither replica takes the certificate again.
+    for i in 0..2 {
+        let ep = endpoint();
+        let refused = match ep
+            .connect_with(cfg.clone(), r.addrs[i].parse().unwrap(), "localhost")
+            .unwrap()
+            .await
+        {
+            Ok(c) => tokio::time::timeout(WAIT, c.closed())
+                .await
+                .expect("closed after the handshake"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(&refused, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == 3u32.into()),
+            "replica {i}: {refused:?}"
+        );
+    }
 }
