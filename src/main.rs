@@ -107,6 +107,9 @@ enum Bench {
     Faults,
     /// The agent's binary size, RSS idle and under load, and idle CPU, beside `sleep`.
     Footprint,
+    /// Offload through cluster mode (1 and 3 replicas on NATS JetStream R1 and R3)
+    /// against a single daemon, and the store's own round trips.
+    Cluster,
 }
 
 fn main() -> ExitCode {
@@ -189,6 +192,11 @@ fn main() -> ExitCode {
                 })
                 .await
             }
+            Command::Bench {
+                which: Bench::Cluster,
+                json,
+                ..
+            } => updraft::bench::cluster::run(json).await,
             Command::BenchFaultsDaemon { config } => {
                 updraft::bench::faults::serve_daemon(&config).await
             }

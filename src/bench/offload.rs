@@ -111,6 +111,7 @@ async fn measure(
     let updraft = Side::Offload(Arc::new(OffloadPath {
         conn,
         cfg: uplink.config().clone(),
+        task: "echo",
     }));
 
     // The baseline: a bare quinn echo server with the same certificates.
@@ -179,10 +180,11 @@ async fn measure(
     result.map(|()| figures)
 }
 
-/// The agent's offload path over one warm connection.
-struct OffloadPath {
-    conn: quinn::Connection,
-    cfg: LinkConfig,
+/// The agent's offload path over one warm connection, for task `task`.
+pub(crate) struct OffloadPath {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) cfg: LinkConfig,
+    pub(crate) task: &'static str,
 }
 
 /// What is being measured.
@@ -213,10 +215,11 @@ impl Side {
 /// Task ids must be unique: the daemon may remember recent ones to answer retries.
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
-async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
+/// One empty task through the agent's offload path, checked.
+pub(crate) async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
     let header = RequestHeader {
         id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        task: "echo".into(),
+        task: p.task.into(),
         args: vec![],
         input_len: Some(0),
     };
@@ -359,11 +362,14 @@ async fn api_latency(
     Ok(hist)
 }
 
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, HIST_MAX_US, 3)?)
 }
 
-async fn bounded<T>(what: &str, fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(crate) async fn bounded<T>(
+    what: &str,
+    fut: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     tokio::time::timeout(PHASE_LIMIT, fut)
         .await
         .map_err(|_| anyhow::anyhow!("{what} phase did not finish within {PHASE_LIMIT:?}"))?
@@ -412,7 +418,7 @@ fn raw_client_endpoint(pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
     Ok(endpoint)
 }
 
-fn median(xs: &[f64]) -> f64 {
+pub(crate) fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -517,6 +523,6 @@ impl Figures {
     }
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }

