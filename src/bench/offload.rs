@@ -366,13 +366,19 @@ pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Ok(Histogram::new_with_bounds(1, HIST_MAX_US, 3)?)
 }
 
-pub(crate) async fn bounded<T>(
+pub(crate) async fn bounded<T>(what: &str, fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    bounded_for(PHASE_LIMIT, what, fut).await
+}
+
+/// [`bounded`] with a limit of its own.
+pub(crate) async fn bounded_for<T>(
+    limit: Duration,
     what: &str,
     fut: impl Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
-    tokio::time::timeout(PHASE_LIMIT, fut)
+    tokio::time::timeout(limit, fut)
         .await
-        .map_err(|_| anyhow::anyhow!("{what} phase did not finish within {PHASE_LIMIT:?}"))?
+        .map_err(|_| anyhow::anyhow!("{what} phase did not finish within {limit:?}"))?
         .with_context(|| format!("{what} phase"))
 }
 

@@ -92,9 +92,18 @@ async fn put_changes(bucket: kv::Store, mut rx: mpsc::Receiver<Change>) {
     }
 }
 
-/// Applies every value in the bucket, then every change, until the daemon stops;
-/// a broken watch is started again after a second.
+/// Applies every value in the bucket, then every change, until the daemon drains; a
+/// broken watch is started again after a second.
 async fn apply_changes(shared: Arc<Shared>, bucket: kv::Store) {
+    let mut draining = shared.draining.clone();
+    tokio::select! {
+        () = watch_changes(&shared, &bucket) => {}
+        _ = draining.wait_for(|d| *d) => {}
+    }
+}
+
+/// [`apply_changes`] until the daemon drains.
+async fn watch_changes(shared: &Shared, bucket: &kv::Store) {
     let issued = Issued::new(&shared.config.state_dir);
     loop {
         match bucket.watch_with_history(">").await {
@@ -102,7 +111,7 @@ async fn apply_changes(shared: Arc<Shared>, bucket: kv::Store) {
                 while let Some(entry) = watch.next().await {
                     match entry {
                         Ok(e) if matches!(e.operation, kv::Operation::Put) => {
-                            apply(&shared, &issued, &e.key, &e.value);
+                            apply(shared, &issued, &e.key, &e.value);
                         }
                         Ok(_) => {}
                         Err(e) => {
