@@ -58,6 +58,7 @@ impl StoreError {
 /// A replica's handle on the shared store.
 pub(crate) struct Cluster {
     pub(crate) config: ClusterConfig,
+    client: async_nats::Client,
     js: jetstream::Context,
     claims: kv::Store,
     /// Agent records and revoked certificates, shared ([`fleet`]).
@@ -166,6 +167,7 @@ impl Cluster {
         );
         Ok(Self {
             config: c,
+            client,
             js,
             claims,
             fleet,
@@ -304,6 +306,14 @@ impl Cluster {
             .messages()
             .await
             .map_err(|e| StoreError::new("read task results", e))
+    }
+
+    /// A plain subscription to every attempt's output of `key` from now on.
+    pub(crate) async fn live(&self, key: &str) -> Result<async_nats::Subscriber, StoreError> {
+        self.client
+            .subscribe(format!("{}.out.{key}.>", self.config.name))
+            .await
+            .map_err(|e| StoreError::new("follow task output", e))
     }
 
     /// Appends a message (output or end) to attempt `attempt` of `key`; the

@@ -131,6 +131,7 @@ pub(super) async fn serve<S: Future<Output = u64> + Unpin>(
                         cluster,
                         &key,
                         found.first_attempt(),
+                        None,
                         stopped,
                         tally,
                         deduplicated,
@@ -186,7 +187,7 @@ pub(super) async fn serve<S: Future<Output = u64> + Unpin>(
                 Ok(Some(_)) => attempt,
                 // Another retry queued it first: follow that run.
                 Ok(None) => {
-                    return relay(ts, cluster, &key, from, stopped, tally, false).await;
+                    return relay(ts, cluster, &key, from, None, stopped, tally, false).await;
                 }
                 Err(e) => return unavailable_accepted(ts, tally, &e).await,
             }
@@ -200,13 +201,43 @@ pub(super) async fn serve<S: Future<Output = u64> + Unpin>(
         args: asked.args,
     };
     let work = Work::encode(&header, &held.chunks());
+    // Subscribed before the work is queued, so no output can come before it: the
+    // live path costs no consumer on the store. A missed message falls back to the
+    // stored output.
+    let live = cluster.live(&key).await.ok();
     if let Err(e) = cluster.queue(&key, runs, work).await {
         if runs == 0 {
             cluster.forget(&key).await;
         }
         return unavailable_accepted(ts, tally, &e).await;
     }
-    relay(ts, cluster, &key, from, stopped, tally, false).await;
+    relay(ts, cluster, &key, from, live, stopped, tally, false).await;
+}
+
+/// Where a relay reads a task's output from.
+enum Source {
+    /// A plain subscription, opened before the work was queued: every message as it
+    /// is published, with nothing to create on the store.
+    Live(async_nats::Subscriber),
+    /// The results stream from its first message: for joins, replays, and a live
+    /// subscription that missed a message.
+    Stored(Box<async_nats::jetstream::consumer::pull::Ordered>),
+}
+
+impl Source {
+    fn is_live(&self) -> bool {
+        matches!(self, Source::Live(_))
+    }
+
+    async fn next(&mut self) -> Option<Result<async_nats::Message, String>> {
+        match self {
+            Source::Live(sub) => sub.next().await.map(Ok),
+            Source::Stored(o) => o
+                .next()
+                .await
+                .map(|r| r.map(|m| m.message).map_err(|e| e.to_string())),
+        }
+    }
 }
 
 /// Refuses the task before anything was accepted.
@@ -263,19 +294,24 @@ async fn fail(mut ts: TaskStream<'_>, tally: &mut Tally<'_>, code: ErrorCode, me
 /// took over) before any output was sent, the relay follows it; after output was
 /// sent it ends with an error, since the agent has part of an output that may not be
 /// repeated: a retry of the id gets the whole new one.
+#[allow(clippy::too_many_arguments)]
 async fn relay<S: Future<Output = u64> + Unpin>(
     mut ts: TaskStream<'_>,
     cluster: &Cluster,
     key: &str,
     from: u32,
+    live: Option<async_nats::Subscriber>,
     stopped: &mut S,
     tally: &mut Tally<'_>,
     deduplicated: bool,
 ) {
     let (agent, task, id) = (ts.agent, ts.task, ts.id);
-    let mut messages = match cluster.results(key).await {
-        Ok(m) => m,
-        Err(e) => return unavailable_accepted(ts, tally, &e).await,
+    let mut messages = match live {
+        Some(sub) => Source::Live(sub),
+        None => match cluster.results(key).await {
+            Ok(m) => Source::Stored(Box::new(m)),
+            Err(e) => return unavailable_accepted(ts, tally, &e).await,
+        },
     };
     let mut attempt = from;
     let mut sent = 0u64;
@@ -317,7 +353,7 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                     // while a NATS node went away. Read again from the start.
                     rereads += 1;
                     messages = match cluster.results(key).await {
-                        Ok(m) => m,
+                        Ok(m) => Source::Stored(Box::new(m)),
                         Err(e) => return unavailable_accepted(ts, tally, &e).await,
                     };
                     continue;
@@ -343,7 +379,7 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                 }
                 warn!(agent, task, id, error = %e, "reading the task's output again");
                 messages = match cluster.results(key).await {
-                    Ok(m) => m,
+                    Ok(m) => Source::Stored(Box::new(m)),
                     Err(e) => return unavailable_accepted(ts, tally, &e).await,
                 };
                 continue;
@@ -386,6 +422,14 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                 match offset {
                     Some(o) if o == sent => {}
                     Some(o) if o < sent => continue,
+                    // The live subscription missed a message: read the stored ones.
+                    Some(_) if messages.is_live() => {
+                        messages = match cluster.results(key).await {
+                            Ok(m) => Source::Stored(Box::new(m)),
+                            Err(e) => return unavailable_accepted(ts, tally, &e).await,
+                        };
+                        continue;
+                    }
                     _ => {
                         let message = format!("task `{task}`: its output is no longer whole in the cluster's results store ([cluster] max_result_store); submit it again under a new id");
                         return fail(ts, tally, ErrorCode::Internal, message).await;
@@ -405,6 +449,13 @@ async fn relay<S: Future<Output = u64> + Unpin>(
             Some("end") => match serde_json::from_slice::<End>(&msg.payload) {
                 Ok(end) if end.trailer.output_bytes == sent || end.trailer.error.is_some() => {
                     break end.trailer
+                }
+                Ok(_) if messages.is_live() => {
+                    messages = match cluster.results(key).await {
+                        Ok(m) => Source::Stored(Box::new(m)),
+                        Err(e) => return unavailable_accepted(ts, tally, &e).await,
+                    };
+                    continue;
                 }
                 Ok(_) | Err(_) => {
                     let message = format!("task `{task}`: its output is no longer whole in the cluster's results store; submit it again under a new id");
