@@ -430,14 +430,28 @@ pub(crate) trait CallError: std::fmt::Display {
 
 impl CallError for kv::CreateError {
     fn is_answer(&self) -> bool {
-        self.kind() == kv::CreateErrorKind::AlreadyExists
+        self.kind() == kv::CreateErrorKind::AlreadyExists || wrong_sequence(self)
     }
 }
 
 impl CallError for kv::UpdateError {
     fn is_answer(&self) -> bool {
-        self.kind() == kv::UpdateErrorKind::WrongLastRevision
+        self.kind() == kv::UpdateErrorKind::WrongLastRevision || wrong_sequence(self)
     }
+}
+
+/// Whether JetStream refused a write for its expected sequence. The client names only
+/// one of the server's codes for it (10071); NATS 2.12 also answers 10164, which the
+/// client reports as a generic failure with the server's text.
+fn wrong_sequence(e: &dyn std::error::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = source {
+        if err.to_string().contains("wrong last sequence") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 impl CallError for kv::EntryError {}

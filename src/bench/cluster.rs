@@ -131,6 +131,14 @@ async fn setup(
     for d in daemons {
         d.shutdown().await.context("daemon shutdown")?;
     }
+    if let Ok(r) = &result {
+        eprintln!(
+            "bench cluster: {name}: p50 {} us, p99 {} us, {:.0} tasks/s",
+            r.latency.value_at_quantile(0.5),
+            r.latency.value_at_quantile(0.99),
+            median(&r.rates)
+        );
+    }
     result
 }
 

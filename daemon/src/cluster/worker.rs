@@ -83,15 +83,23 @@ async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullCon
 async fn fetch_one(
     consumer: &PullConsumer,
 ) -> Result<Option<jetstream::Message>, async_nats::Error> {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(1)
-        .expires(PULL_FOR)
-        .messages()
-        .await?;
-    match batch.next().await {
-        Some(msg) => Ok(Some(msg?)),
-        None => Ok(None),
+    let pull = async {
+        let mut batch = consumer
+            .fetch()
+            .max_messages(1)
+            .expires(PULL_FOR)
+            .heartbeat(PULL_FOR / 5)
+            .messages()
+            .await?;
+        match batch.next().await {
+            Some(msg) => Ok(Some(msg?)),
+            None => Ok(None),
+        }
+    };
+    // A pull the server lost (a consumer leader moving) must not hold the slot.
+    match tokio::time::timeout(PULL_FOR * 2, pull).await {
+        Ok(r) => r,
+        Err(_) => Err("a pull request got no answer; pulling again".into()),
     }
 }
 
