@@ -332,6 +332,30 @@ impl Cluster {
             .map_err(|e| StoreError::new("store task output", e))
     }
 
+    /// [`append`](Self::append) until stored, retried while the store recovers;
+    /// `msg_id` makes a retry of a message that did land a duplicate the stream drops.
+    pub(crate) async fn append_stored(
+        &self,
+        key: &str,
+        attempt: u32,
+        headers: async_nats::HeaderMap,
+        body: Bytes,
+        msg_id: &str,
+    ) -> Result<(), StoreError> {
+        let subject = self.out_subject(key, attempt);
+        retry("store task output", || {
+            let mut headers = headers.clone();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+            let publish = self
+                .js
+                .publish_with_headers(subject.clone(), headers, body.clone());
+            async move { publish.await?.await }
+        })
+        .await
+        .map(|_| ())
+        .map_err(Retried::into_error)
+    }
+
     /// The work stream, for the worker's consumer.
     pub(crate) fn work_stream(&self) -> &stream::Stream {
         &self.work_stream

@@ -322,7 +322,9 @@ impl Registry {
             warn!(agent = agent_id, error = %e, "cannot save the agent's record; it is kept in memory");
         }
         if let Some(m) = self.mirror.get() {
-            m.send(crate::cluster::fleet::Change::Agent(Box::new(entry.record.clone())));
+            m.send(crate::cluster::fleet::Change::Agent(Box::new(
+                entry.record.clone(),
+            )));
         }
         Some(out)
     }
@@ -645,7 +647,9 @@ impl Registry {
         }
         self.save(&entry.record)?;
         if let Some(m) = self.mirror.get() {
-            m.send(crate::cluster::fleet::Change::Agent(Box::new(entry.record.clone())));
+            m.send(crate::cluster::fleet::Change::Agent(Box::new(
+                entry.record.clone(),
+            )));
         }
         Ok(Revoked {
             agent_id: agent_id.to_string(),

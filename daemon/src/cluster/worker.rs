@@ -1,5 +1,6 @@
-//! The worker side of cluster mode: as many pullers as this replica has slots, each
-//! taking one work message at a time from the shared queue. A puller takes the task's
+//! The worker side of cluster mode: while this replica has a free slot, it pulls the
+//! next work message from the shared queue (one continuous pull, one message at a
+//! time). A puller takes the task's
 //! claim with compare-and-set on its revision before it starts the command, keeps the
 //! message alive with in-progress acks, streams the output to the results stream,
 //! records the result with a second compare-and-set, and only then acknowledges. A
@@ -17,13 +18,14 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 use updraft_proto::msg::bounded_message;
 use updraft_proto::{ErrorCode, Trailer};
 use updraft_shared::catalog::Caller;
 use updraft_shared::exec::Output;
 
-/// How long one pull waits for work before checking for a drain.
+/// How long one pull request waits at the server before it is renewed.
 const PULL_FOR: Duration = Duration::from_secs(5);
 /// Output messages in flight (published, not yet stored) per run.
 const MAX_UNACKED: usize = 64;
@@ -48,58 +50,57 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<(), super::StoreError> 
         )
         .await
         .map_err(|e| super::StoreError::new("create the workers' consumer", e))?;
-    for _ in 0..shared.config.max_concurrent_tasks {
-        let (shared, cluster, consumer) = (shared.clone(), cluster.clone(), consumer.clone());
-        tokio::spawn(async move { pull_loop(shared, cluster, consumer).await });
-    }
+    tokio::spawn(pull_loop(shared, cluster, consumer));
     Ok(())
 }
 
-/// Pulls and runs one task at a time until the drain starts.
+/// Takes work while this replica has a free puller slot (one per task slot), until
+/// the drain starts: one continuous pull from the workers' consumer, which keeps at
+/// most one message waiting here, each message run in a task of its own.
 async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullConsumer) {
+    let slots = Arc::new(Semaphore::new(shared.config.max_concurrent_tasks));
     let mut draining = shared.draining.clone();
     while !shared.is_draining() {
-        let fetched = tokio::select! {
-            f = fetch_one(&consumer) => f,
-            _ = draining.wait_for(|d| *d) => return,
-        };
-        let msg = match fetched {
-            Ok(Some(msg)) => msg,
-            Ok(None) => continue,
+        let pulled = consumer
+            .stream()
+            .max_messages_per_batch(1)
+            .expires(PULL_FOR)
+            .messages()
+            .await;
+        let mut messages = match pulled {
+            Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "cluster store: cannot pull work; retrying in a second");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        // The drain waits for a task this replica took.
-        let guard = shared.tasks.token();
-        handle(&shared, &cluster, msg).await;
-        drop(guard);
-    }
-}
-
-/// One work message, or none within [`PULL_FOR`].
-async fn fetch_one(
-    consumer: &PullConsumer,
-) -> Result<Option<jetstream::Message>, async_nats::Error> {
-    let pull = async {
-        let mut batch = consumer
-            .fetch()
-            .max_messages(1)
-            .expires(PULL_FOR)
-            .heartbeat(PULL_FOR / 5)
-            .messages()
-            .await?;
-        match batch.next().await {
-            Some(msg) => Ok(Some(msg?)),
-            None => Ok(None),
+        loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("the puller semaphore is never closed"),
+                _ = draining.wait_for(|d| *d) => return,
+            };
+            let next = tokio::select! {
+                m = messages.next() => m,
+                _ = draining.wait_for(|d| *d) => return,
+            };
+            let msg = match next {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    warn!(error = %e, "cluster store: pulling work failed; pulling again");
+                    break;
+                }
+                None => break,
+            };
+            // The drain waits for a task this replica took.
+            let guard = shared.tasks.token();
+            let (shared, cluster) = (shared.clone(), cluster.clone());
+            tokio::spawn(async move {
+                handle(&shared, &cluster, msg).await;
+                drop((guard, permit));
+            });
         }
-    };
-    // A pull the server lost (a consumer leader moving) must not hold the slot.
-    match tokio::time::timeout(PULL_FOR * 2, pull).await {
-        Ok(r) => r,
-        Err(_) => Err("a pull request got no answer; pulling again".into()),
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -217,18 +218,12 @@ async fn handle(shared: &Shared, cluster: &Cluster, msg: jetstream::Message) {
     let end = serde_json::to_vec(&End { kept, trailer }).expect("an end always serializes");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(claim::KIND, "end");
-    match cluster
-        .append(&key, attempt, headers, Bytes::from(end))
+    let id = format!("{key}.{attempt}.end");
+    if let Err(e) = cluster
+        .append_stored(&key, attempt, headers, Bytes::from(end), &id)
         .await
     {
-        Ok(ack) => {
-            if let Err(e) = ack.await {
-                warn!(key, error = %e, "the end of a task's output was not stored; readers find the result in its claim");
-            }
-        }
-        Err(e) => {
-            warn!(key, error = %e, "the end of a task's output was not stored; readers find the result in its claim");
-        }
+        warn!(key, error = %e, "the end of a task's output was not stored; readers find the result in its claim");
     }
     if let Err(e) = msg.double_ack().await {
         // The result is recorded: a redelivery finds it finished and drops it.
@@ -334,14 +329,23 @@ async fn run(
 }
 
 /// Task output appended to the results stream as it comes, with a bounded number of
-/// messages in flight.
+/// messages in flight. A message whose store acknowledgement fails (a NATS node went
+/// away) is sent again until stored; its message id makes a copy that did land a
+/// duplicate the stream drops, and readers skip offsets they have.
 struct Stored<'a> {
     cluster: &'a Cluster,
     key: &'a str,
     attempt: u32,
-    pending: VecDeque<jetstream::context::PublishAckFuture>,
+    pending: VecDeque<Pending>,
     produced: u64,
     failed: bool,
+}
+
+/// An output message published and not yet acknowledged.
+struct Pending {
+    ack: jetstream::context::PublishAckFuture,
+    offset: u64,
+    part: Bytes,
 }
 
 impl<'a> Stored<'a> {
@@ -356,11 +360,41 @@ impl<'a> Stored<'a> {
         }
     }
 
+    fn headers(offset: u64) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(claim::KIND, "out");
+        headers.insert(claim::OFFSET, offset.to_string().as_str());
+        headers
+    }
+
+    fn msg_id(&self, offset: u64) -> String {
+        format!("{}.{}.{offset}", self.key, self.attempt)
+    }
+
+    /// Waits for the oldest message's acknowledgement, sending it again if it failed.
+    async fn settle_one(&mut self) -> io::Result<()> {
+        let Some(p) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        if p.ack.await.is_ok() {
+            return Ok(());
+        }
+        let id = self.msg_id(p.offset);
+        let stored = self
+            .cluster
+            .append_stored(self.key, self.attempt, Self::headers(p.offset), p.part, &id)
+            .await;
+        stored.map_err(|e| {
+            self.failed = true;
+            io::Error::other(e)
+        })
+    }
+
     /// Waits until every message is stored; false when one was not.
     async fn finish(&mut self) -> bool {
-        while let Some(ack) = self.pending.pop_front() {
-            if ack.await.is_err() {
-                self.failed = true;
+        while !self.pending.is_empty() {
+            if self.settle_one().await.is_err() {
+                return false;
             }
         }
         !self.failed
@@ -371,28 +405,26 @@ impl Output for Stored<'_> {
     async fn write(&mut self, mut chunk: Bytes) -> io::Result<()> {
         while !chunk.is_empty() {
             let part = chunk.split_to(chunk.len().min(super::MAX_CHUNK));
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(claim::KIND, "out");
-            headers.insert(claim::OFFSET, self.produced.to_string().as_str());
+            let offset = self.produced;
             self.produced += part.len() as u64;
+            let mut headers = Self::headers(offset);
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                self.msg_id(offset).as_str(),
+            );
             match self
                 .cluster
-                .append(self.key, self.attempt, headers, part)
+                .append(self.key, self.attempt, headers, part.clone())
                 .await
             {
-                Ok(ack) => self.pending.push_back(ack),
+                Ok(ack) => self.pending.push_back(Pending { ack, offset, part }),
                 Err(e) => {
                     self.failed = true;
                     return Err(io::Error::other(e));
                 }
             }
             while self.pending.len() > MAX_UNACKED {
-                if let Some(ack) = self.pending.pop_front() {
-                    if let Err(e) = ack.await {
-                        self.failed = true;
-                        return Err(io::Error::other(e));
-                    }
-                }
+                self.settle_one().await?;
             }
         }
         Ok(())
