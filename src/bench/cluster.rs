@@ -161,7 +161,8 @@ async fn measure(
     )?;
     uplink.start(shutdown.clone());
     anyhow::ensure!(
-        uplink.wait_usable(Duration::from_secs(10)).await,
+        // Replicas set up their store before they serve; on a slow R3 that takes a while.
+        uplink.wait_usable(Duration::from_secs(90)).await,
         "the agent's uplink did not connect to the daemon ({name})"
     );
     let path = Arc::new(OffloadPath {
