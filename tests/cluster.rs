@@ -53,6 +53,9 @@ timeout = "120s"
 [tasks.pure]
 builtin = "echo"
 idempotent = true
+[tasks.count]
+command = ["sh", "-c", "echo \"$UPDRAFT_TASK_ID $PPID start\" >> {l}; wc -c; echo \"$UPDRAFT_TASK_ID $PPID end\" >> {l}"]
+max_input = "8MiB"
 "#
     )
 }
@@ -730,4 +733,48 @@ async fn every_replica_shows_the_fleet_and_refuses_a_revoked_agent() {
             "replica {i}: {refused:?}"
         );
     }
+}
+
+/// An input bigger than a work message carries: announced, it runs on the replica that
+/// received it, as on a single daemon; unannounced, it is refused with `too_large`
+/// and a message saying to announce it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_too_big_for_the_queue_runs_on_the_front_or_is_refused() {
+    if !common::nats::available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = Replicas::start(2, 2);
+    let cfg = r.agent("board-b");
+    let ep = endpoint();
+    let conn = r.connect(&ep, &cfg, 1).await;
+    let input = noise(2 << 20, 7);
+    let (out, trailer) = run_task(&conn, "big1", "count", &input).await;
+    assert_eq!(trailer.exit_code, Some(0), "{trailer:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out).trim(),
+        (2u64 << 20).to_string()
+    );
+    let starts = r.wait_starts("big1", 1);
+    assert_eq!(r.replica_of(starts[0]), Some(1), "ran on the front replica");
+    // The same input without its length announced.
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let _ = send
+        .write_all(&request_bytes("big2", "count", None, &input))
+        .await;
+    let _ = send.finish();
+    let mut reader = FrameReader::new(recv);
+    assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
+    let (_, trailer) = read_result(&mut reader, WAIT).await;
+    assert_eq!(
+        trailer.error,
+        Some(updraft_proto::ErrorCode::TooLarge),
+        "{trailer:?}"
+    );
+    assert!(
+        trailer.message.contains("announce its length"),
+        "{}",
+        trailer.message
+    );
+    assert!(!r.runs().contains_key("big2"), "nothing ran");
 }
