@@ -464,14 +464,17 @@ impl CallError for kv::UpdateError {
     }
 }
 
-/// Whether JetStream refused a write for its expected sequence. The client names only
-/// one of the server's codes for it (10071); NATS 2.12 also answers 10164, which the
-/// client reports as a generic failure with the server's text.
-fn wrong_sequence(e: &dyn std::error::Error) -> bool {
-    let mut source: Option<&dyn std::error::Error> = Some(e);
+/// Whether JetStream refused a write for its expected sequence. The client maps only
+/// one of the server's codes for it (10071) to its own kind; NATS 2.12 also answers
+/// 10164, which the client passes on as a generic failure carrying the server's error.
+fn wrong_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::{Error as ServerError, ErrorCode};
+    let mut source = Some(e);
     while let Some(err) = source {
-        if err.to_string().contains("wrong last sequence") {
-            return true;
+        if let Some(server) = err.downcast_ref::<ServerError>() {
+            let code = server.error_code();
+            return code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                || code == ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT;
         }
         source = err.source();
     }
