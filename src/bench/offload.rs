@@ -277,18 +277,37 @@ async fn sequential(
 
 /// [`THROUGHPUT_REQUESTS`] requests by [`CONCURRENCY`] workers; requests per second.
 async fn concurrent(side: &Side) -> anyhow::Result<f64> {
-    let left = Arc::new(AtomicUsize::new(THROUGHPUT_REQUESTS));
+    let side = Arc::new(side.clone_handle());
+    concurrent_runs(THROUGHPUT_REQUESTS, CONCURRENCY, move || {
+        let side = side.clone();
+        async move { side.once().await }
+    })
+    .await
+}
+
+/// `requests` calls of `once` by `concurrency` workers; calls per second. The first
+/// failure stops the other workers and is returned.
+pub(crate) async fn concurrent_runs<F, Fut>(
+    requests: usize,
+    concurrency: usize,
+    once: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send,
+{
+    let left = Arc::new(AtomicUsize::new(requests));
     let start = Instant::now();
     // A JoinSet aborts the workers if this future is dropped (phase timeout).
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..CONCURRENCY {
-        let (side, left) = (side.clone_handle(), left.clone());
+    for _ in 0..concurrency {
+        let (once, left) = (once.clone(), left.clone());
         workers.spawn(async move {
             while left
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                 .is_ok()
             {
-                if let Err(e) = side.once().await {
+                if let Err(e) = once().await {
                     // Stop the others quickly instead of letting them finish the count.
                     left.store(0, Ordering::Relaxed);
                     return Err(e);
@@ -300,7 +319,7 @@ async fn concurrent(side: &Side) -> anyhow::Result<f64> {
     while let Some(done) = workers.join_next().await {
         done??;
     }
-    Ok(THROUGHPUT_REQUESTS as f64 / start.elapsed().as_secs_f64())
+    Ok(requests as f64 / start.elapsed().as_secs_f64())
 }
 
 /// The whole local path: HTTP over the agent's Unix socket, placement forced to the
