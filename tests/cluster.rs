@@ -34,6 +34,7 @@ struct Replicas {
     log: PathBuf,
     gate: PathBuf,
     ack_wait: String,
+    cluster_extra: String,
 }
 
 /// The catalog every replica has. `logged` echoes its input; `gated` reads its input,
@@ -63,10 +64,12 @@ max_input = "8MiB"
 impl Replicas {
     /// NATS and `n` replicas, each with `slots` task slots and an `ack_wait` of 4 s.
     fn start(n: usize, slots: usize) -> Self {
-        Self::start_with(n, slots, "4s")
+        Self::start_with(n, slots, "4s", "")
     }
 
-    fn start_with(n: usize, slots: usize, ack_wait: &str) -> Self {
+    /// Like [`start`](Self::start) with this `ack_wait`, and `cluster_extra` lines in
+    /// `[cluster]`.
+    fn start_with(n: usize, slots: usize, ack_wait: &str, cluster_extra: &str) -> Self {
         let nats = Nats::start();
         let dir = tempfile::tempdir().unwrap();
         make_pki(dir.path());
@@ -80,6 +83,7 @@ impl Replicas {
             log,
             gate,
             ack_wait: ack_wait.to_string(),
+            cluster_extra: cluster_extra.to_string(),
         };
         for i in 0..n {
             let (p, addr) = r.spawn(i, "127.0.0.1:0", slots);
@@ -91,12 +95,25 @@ impl Replicas {
 
     fn spawn(&self, i: usize, listen: &str, slots: usize) -> (Proc, String) {
         let extra = format!(
-            "max_concurrent_tasks = {slots}\n[cluster]\nnats = {}\nserver_id = {i}\nreplicas = 3\nack_wait = \"{}\"\n{}",
+            "max_concurrent_tasks = {slots}\n[cluster]\nnats = {}\nserver_id = {i}\nreplicas = 3\nack_wait = \"{}\"\n{}{}",
             self.nats.urls_toml(),
             self.ack_wait,
+            self.cluster_extra,
             tasks(&self.log, &self.gate)
         );
-        start_daemon_named(self.dir.path(), &format!("r{i}"), listen, &extra)
+        // The CA key signs enrollments on every replica.
+        start_daemon_tls(
+            self.dir.path(),
+            &format!("r{i}"),
+            listen,
+            &extra,
+            "ca_key = \"pki/ca.key\"\n",
+        )
+    }
+
+    /// Replica `i`'s config file, for `updraftd` commands.
+    fn config(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("r{i}.toml"))
     }
 
     fn pid(&self, i: usize) -> i32 {
@@ -536,7 +553,7 @@ async fn nats_nodes_lost_under_load_lose_no_acknowledged_task() {
     let _one = ONE_AT_A_TIME.lock().await;
     // A NATS node's leader elections take seconds: an ack_wait shorter than that
     // would count the store's pause as the worker's (scenario 6).
-    let mut r = Replicas::start_with(2, 2, "15s");
+    let mut r = Replicas::start_with(2, 2, "15s", "");
     let cfg = r.agent("board-n");
     let mut eps = Vec::new();
     let mut conns = Vec::new();
@@ -777,4 +794,248 @@ async fn an_input_too_big_for_the_queue_runs_on_the_front_or_is_refused() {
         trailer.message
     );
     assert!(!r.runs().contains_key("big2"), "nothing ran");
+}
+
+/// `updraftd ARGS --config CONFIG`: its stdout, after asserting it succeeded.
+fn updraftd_ok(args: &[&str], config: &Path) -> String {
+    let mut all = args.to_vec();
+    all.extend(["--config", config.to_str().unwrap()]);
+    let out = updraftd(&all);
+    assert!(out.status.success(), "updraftd {args:?}: {}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A board `id` whose only `[[cloud]]` is `daemon`, without a certificate yet.
+fn board_home(dir: &Path, id: &str, daemon: &str) -> PathBuf {
+    let home = dir.join(id);
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("policy.toml"), "default = \"local\"\n").unwrap();
+    let cfg = home.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "agent_id = \"{id}\"\nsocket = \"agent.sock\"\nstate_dir = \"state\"\npolicy = \"policy.toml\"\n[[cloud]]\naddress = \"{daemon}\"\nserver_name = \"localhost\"\n{AGENT_TASKS}"
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// `updraft-agent enroll` of the board at `cfg` through `daemon`, not yet waited for.
+fn enroll(cfg: &Path, daemon: &str, token: &str, fingerprint: &str) -> std::process::Child {
+    let port = daemon.rsplit_once(':').unwrap().1;
+    std::process::Command::new(bin("updraft-agent"))
+        .args(["--config", cfg.to_str().unwrap(), "enroll", "--force"])
+        .args(["--server", &format!("localhost:{port}")])
+        .args(["--token", token, "--ca-sha256", fingerprint])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Enrollment and policy pushes work through any replica: a token made on one enrolls
+/// through another, once (two boards racing for one token through two replicas: one
+/// wins); an id enrolled through one is held on all; a re-enrollment through one
+/// denies the replaced certificate on all; and a policy pushed through a replica the
+/// board is not connected to reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_pushed_policies_work_through_any_replica() {
+    if !common::nats::available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = Replicas::start(2, 1);
+    let d = r.dir.path();
+    let (c0, c1) = (r.config(0), r.config(1));
+    let ca = updraft_shared::tls::load_certs(&d.join("pki/ca.pem")).unwrap();
+    let fingerprint = updraft_shared::tls::fingerprint(&ca[0]);
+
+    // A token made on replica 0 enrolls e-1 through replica 1...
+    let t1 = updraftd_ok(&["token", "create"], &c0).trim().to_string();
+    let e1 = board_home(d, "e-1", &r.addrs[1]);
+    let out = enroll(&e1, &r.addrs[1], &t1, &fingerprint)
+        .wait_with_output()
+        .unwrap();
+    assert!(out.status.success(), "enroll e-1: {}", stderr(&out));
+    // ...once: through replica 0 it is used.
+    let e2 = board_home(d, "e-2", &r.addrs[0]);
+    let out = enroll(&e2, &r.addrs[0], &t1, &fingerprint)
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already used by agent `e-1`"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Two boards race for one token through the two replicas: one enrolls.
+    let t2 = updraftd_ok(&["token", "create"], &c1).trim().to_string();
+    let e3 = board_home(d, "e-3", &r.addrs[0]);
+    let e4 = board_home(d, "e-4", &r.addrs[1]);
+    let racing = [
+        enroll(&e3, &r.addrs[0], &t2, &fingerprint),
+        enroll(&e4, &r.addrs[1], &t2, &fingerprint),
+    ];
+    let outcomes: Vec<std::process::Output> = racing
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let won = outcomes.iter().filter(|o| o.status.success()).count();
+    assert_eq!(
+        won,
+        1,
+        "{:?}",
+        outcomes.iter().map(stderr).collect::<Vec<_>>()
+    );
+    let listed: serde_json::Value =
+        serde_json::from_str(&updraftd_ok(&["token", "list", "--json"], &c0)).unwrap();
+    let states: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["used", "used"], "{listed}");
+
+    // e-1's id is held on replica 0 too: an unbound token cannot take it there.
+    let out = updraftd(&["token", "create", "--config", c0.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(
+        !stderr(&out).contains("INFO"),
+        "the NATS client's chatter stays out of commands: {}",
+        stderr(&out)
+    );
+    let t3 = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let thief = board_home(&d.join("thief"), "e-1", &r.addrs[0]);
+    let out = enroll(&thief, &r.addrs[0], &t3, &fingerprint)
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already has a certificate"),
+        "{}",
+        stderr(&out)
+    );
+    // Withdrawn through replica 1 (the id `token list` shows, on replica 0).
+    let listed: serde_json::Value =
+        serde_json::from_str(&updraftd_ok(&["token", "list", "--json"], &c0)).unwrap();
+    let live: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["state"] == "live")
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(live.len(), 1, "{listed}");
+    let revoked = updraftd_ok(&["token", "revoke", live[0]], &c1);
+    assert!(revoked.contains("revoked token"), "{revoked}");
+
+    // A token bound to e-1, redeemed through replica 0, replaces its certificate: the
+    // old one is denied on replica 1, where e-1 enrolled.
+    let old = wait_for("replica 0 to know e-1's certificate", WAIT, || {
+        let a: serde_json::Value =
+            serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", "e-1"], &c0)).ok()?;
+        a["cert_serial"].as_str().map(str::to_string)
+    });
+    let t4 = updraftd_ok(&["token", "create", "--agent-id", "e-1"], &c1)
+        .trim()
+        .to_string();
+    let again = board_home(&d.join("again"), "e-1", &r.addrs[0]);
+    let out = enroll(&again, &r.addrs[0], &t4, &fingerprint)
+        .wait_with_output()
+        .unwrap();
+    assert!(out.status.success(), "re-enroll e-1: {}", stderr(&out));
+    let denied = d.join(format!("r1-state/revoked/{old}.json"));
+    wait_for("replica 1 to deny e-1's replaced certificate", WAIT, || {
+        denied.is_file().then_some(())
+    });
+
+    // A policy pushed through replica 1 reaches e-1, connected to replica 0.
+    let _agent = serve_agent(&again);
+    wait_for(
+        "replica 1 to see e-1 report through replica 0",
+        WAIT,
+        || {
+            let a: serde_json::Value =
+                serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", "e-1"], &c1))
+                    .ok()?;
+            (a["version"].is_string() && a["connected_to"] == 0).then_some(())
+        },
+    );
+    let policy = "default = \"local\"\n[[rule]]\nname = \"pushed\"\nplace = \"cloud\"\nwhen = { input_bytes = { above = 1000000 } }\n";
+    let file = d.join("pushed.toml");
+    std::fs::write(&file, policy).unwrap();
+    updraftd_ok(&["policy", "push", file.to_str().unwrap()], &c1);
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(policy.as_bytes()));
+    wait_for(
+        "e-1 to run the policy pushed through replica 1",
+        WAIT,
+        || {
+            let a: serde_json::Value =
+                serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", "e-1"], &c1))
+                    .ok()?;
+            (a["policy"]["hash"] == hash && a["policy"]["source"] == "pushed").then_some(())
+        },
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&updraftd_ok(&["policy", "status", "--json"], &c0)).unwrap();
+    assert_eq!(status["push"]["hash"], hash, "{status}");
+}
+
+/// `max_tasks_per_agent` is checked before the shared store: an agent past it is told
+/// `busy` at once, while another agent, and the same one once its tasks end, are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agent_past_its_limit_is_told_busy_and_others_are_served() {
+    if !common::nats::available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = Replicas::start_with(1, 4, "4s", "max_tasks_per_agent = 2\n");
+    let ep = endpoint();
+    let greedy = r.connect(&ep, &r.agent("board-g"), 0).await;
+    let mut held = Vec::new();
+    for t in 0..2 {
+        let mut reader = send_task(&greedy, &format!("g{t}"), "gated", b"x").await;
+        assert_eq!(read_reply(&mut reader, WAIT).await, ReplyHeader::Accepted);
+        held.push(reader);
+    }
+    r.wait_starts("g1", 1);
+    let mut third = send_task(&greedy, "g2", "gated", b"x").await;
+    match read_reply(&mut third, WAIT).await {
+        ReplyHeader::Rejected { code, message } => {
+            assert_eq!(code, updraft_proto::ErrorCode::Busy, "{message}");
+            assert!(message.contains("max_tasks_per_agent"), "{message}");
+        }
+        other => panic!("a third task was admitted: {other:?}"),
+    }
+    assert!(!r.runs().contains_key("g2"), "the refused task ran");
+    // Another agent is not held back by the first one's limit.
+    let other = r.connect(&ep, &r.agent("board-o"), 0).await;
+    let mut theirs = send_task(&other, "o0", "gated", b"y").await;
+    assert_eq!(read_reply(&mut theirs, WAIT).await, ReplyHeader::Accepted);
+    r.open_gate();
+    for mut reader in held {
+        let (out, trailer) = read_result(&mut reader, WAIT).await;
+        assert_eq!((out.as_slice(), trailer.exit_code), (&b"x"[..], Some(0)));
+    }
+    assert_eq!(read_result(&mut theirs, WAIT).await.0, b"y");
+    // Its tasks done, the first agent is served again (once the replica has closed
+    // their streams: the count drops there, not when the agent read the trailer).
+    let start = std::time::Instant::now();
+    loop {
+        let mut reader = send_task(&greedy, "g3", "gated", b"z").await;
+        match read_reply(&mut reader, WAIT).await {
+            ReplyHeader::Accepted => {
+                assert_eq!(read_result(&mut reader, WAIT).await.0, b"z");
+                break;
+            }
+            ReplyHeader::Rejected { code, message } => {
+                assert_eq!(code, updraft_proto::ErrorCode::Busy, "{message}");
+                assert!(start.elapsed() < WAIT, "still busy: {message}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }

@@ -10,12 +10,16 @@
 //!   `Nats-Msg-Id` = the key, carrying the request and its input ([`claim::Work`]).
 //! - Stream `N-out`, subjects `N.out.AGENT.ID.ATTEMPT`: the output of each attempt in
 //!   order, then an `end` message once that attempt's result is recorded.
-//! - KV bucket `N-fleet`: agent records and revoked certificates ([`fleet`]).
+//! - KV bucket `N-fleet`: agent records, revoked certificates and the policy rollout
+//!   ([`fleet`]).
+//! - KV bucket `N-enroll`: enrollment tokens and the certificates issued per agent id
+//!   ([`enroll`]).
 //!
 //! [`front`](crate::task) code creates claims and relays results; [`worker`] pulls
 //! work. Without `[cluster]` none of this exists and no NATS is needed.
 
 pub(crate) mod claim;
+pub(crate) mod enroll;
 pub(crate) mod fleet;
 pub(crate) mod worker;
 
@@ -26,7 +30,7 @@ use bytes::Bytes;
 use claim::Claim;
 use std::future::Future;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How long one store call is retried (with backoff) before the task fails: long
 /// enough for a NATS node to be replaced by its peers (an election takes seconds).
@@ -63,6 +67,8 @@ pub(crate) struct Cluster {
     claims: kv::Store,
     /// Agent records and revoked certificates, shared ([`fleet`]).
     pub(crate) fleet: kv::Store,
+    /// Tokens and issued certificates, shared ([`enroll`]).
+    pub(crate) enroll: enroll::SharedEnroll,
     results: stream::Stream,
     work_stream: stream::Stream,
     /// Largest input that rides in a work message; a bigger one runs on the front
@@ -101,28 +107,7 @@ impl Cluster {
         let Some(c) = config.cluster.clone() else {
             return Err(StoreError::new("connect", "no [cluster] table"));
         };
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("updraftd-{}-{}", c.name, c.server_id))
-            .retry_on_initial_connect()
-            .connection_timeout(Duration::from_secs(5))
-            .request_timeout(Some(Duration::from_secs(5)));
-        if let Some(creds) = &c.credentials {
-            options = options.credentials_file(creds).await.map_err(|e| {
-                StoreError::new(
-                    "cluster.credentials",
-                    format!("cannot read {}: {e}", creds.display()),
-                )
-            })?;
-        }
-        let addrs = c
-            .nats
-            .iter()
-            .filter_map(|u| u.parse::<async_nats::ServerAddr>().ok())
-            .collect::<Vec<_>>();
-        let client = options
-            .connect(addrs)
-            .await
-            .map_err(|e| StoreError::new("connect", e))?;
+        let client = connect_client(&c, &format!("{}", c.server_id)).await?;
         let js = jetstream::new(client.clone());
         let longest = config
             .catalog
@@ -144,7 +129,7 @@ impl Cluster {
                 }
             }
         };
-        let (claims, work_stream, results, fleet) = tokio::time::timeout(START_WITHIN, ensure)
+        let (claims, work_stream, results, fleet, enroll) = tokio::time::timeout(START_WITHIN, ensure)
             .await
             .map_err(|_| {
                 StoreError::new(
@@ -166,6 +151,7 @@ impl Cluster {
             "cluster store ready"
         );
         Ok(Self {
+            enroll: enroll::SharedEnroll::new(enroll, fleet.clone(), &c.name),
             config: c,
             client,
             js,
@@ -362,12 +348,61 @@ impl Cluster {
     }
 }
 
+/// A NATS client for `c`, named for this replica (`who`): it keeps reconnecting while
+/// the servers come up.
+pub(crate) async fn connect_client(
+    c: &ClusterConfig,
+    who: &str,
+) -> Result<async_nats::Client, StoreError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("updraftd-{}-{who}", c.name))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => debug!("cluster store: connected to NATS"),
+                async_nats::Event::Disconnected => {
+                    warn!("cluster store: the connection to NATS was lost; reconnecting (store calls are retried meanwhile)")
+                }
+                other => warn!("cluster store: NATS says {other}"),
+            }
+        })
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(5)));
+    if let Some(creds) = &c.credentials {
+        options = options.credentials_file(creds).await.map_err(|e| {
+            StoreError::new(
+                "cluster.credentials",
+                format!("cannot read {}: {e}", creds.display()),
+            )
+        })?;
+    }
+    let addrs = c
+        .nats
+        .iter()
+        .filter_map(|u| u.parse::<async_nats::ServerAddr>().ok())
+        .collect::<Vec<_>>();
+    let client = options
+        .connect(addrs)
+        .await
+        .map_err(|e| StoreError::new("connect", e))?;
+    Ok(client)
+}
+
 /// Makes the bucket and streams (or updates their limits).
 async fn ensure(
     js: &jetstream::Context,
     c: &ClusterConfig,
     keep: Duration,
-) -> Result<(kv::Store, stream::Stream, stream::Stream, kv::Store), StoreError> {
+) -> Result<
+    (
+        kv::Store,
+        stream::Stream,
+        stream::Stream,
+        kv::Store,
+        kv::Store,
+    ),
+    StoreError,
+> {
     let claims = js
         .create_or_update_key_value(kv::Config {
             bucket: format!("{}-tasks", c.name),
@@ -418,7 +453,8 @@ async fn ensure(
         .await
         .map_err(|e| StoreError::new("open the results stream", e))?;
     let fleet = fleet::bucket(js, &c.name, c.replicas).await?;
-    Ok((claims, work, results, fleet))
+    let enroll = enroll::bucket(js, &c.name, c.replicas).await?;
+    Ok((claims, work, results, fleet, enroll))
 }
 
 /// A store call's failure after [`retry`]: an answer (the call reached JetStream and
@@ -513,5 +549,37 @@ where
                 pause = (pause * 2).min(Duration::from_secs(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+
+    fn server_error(code: u64) -> async_nats::jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": 400,
+            "err_code": code,
+            "description": "wrong last sequence: 7",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_refused_compare_and_set_is_an_answer_by_the_server_s_code() {
+        use kv::{UpdateError, UpdateErrorKind};
+        assert!(UpdateError::new(UpdateErrorKind::WrongLastRevision).is_answer());
+        // NATS 2.12's code arrives as a generic failure, the server's error inside.
+        for code in [10071, 10164] {
+            let nested = PublishError::with_source(PublishErrorKind::Other, server_error(code));
+            assert!(UpdateError::with_source(UpdateErrorKind::Other, nested).is_answer());
+        }
+        // Another server error, or a timeout, is a failure to retry.
+        let other = PublishError::with_source(PublishErrorKind::Other, server_error(10058));
+        assert!(!UpdateError::with_source(UpdateErrorKind::Other, other).is_answer());
+        assert!(!UpdateError::new(UpdateErrorKind::TimedOut).is_answer());
+        let create = kv::CreateError::with_source(kv::CreateErrorKind::Other, server_error(10164));
+        assert!(create.is_answer());
     }
 }

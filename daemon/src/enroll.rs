@@ -5,9 +5,12 @@
 //! token (the token itself is never stored). Redeeming renames the file into `used/`:
 //! a rename succeeds once, so a token enrolls one agent even when two try at the same
 //! moment, or two daemons share the directory. `updraftd token create` writes the files
-//! while the daemon runs; nothing is cached.
+//! while the daemon runs; nothing is cached. In cluster mode tokens and the record of
+//! issued certificates live in the shared store instead ([`crate::cluster::enroll`]),
+//! with the same rules ([`TokenRecord::spend`], [`crate::issued::IdRecord`]).
 
-use crate::issued::{Issued, IssuedCert};
+use crate::cluster::enroll::{Joining, SharedEnroll};
+use crate::issued::{Issued, IssuedCert, Revocation};
 use crate::pki;
 use rcgen::{Issuer, KeyPair};
 use sha2::{Digest, Sha256};
@@ -30,7 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the token file holds.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct TokenRecord {
+pub(crate) struct TokenRecord {
     created_ms: u64,
     expires_ms: u64,
     /// The only agent id this token may enroll, when the operator bound it to one.
@@ -198,6 +201,197 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.trim().as_bytes()))
 }
 
+/// The store key of `token` (its SHA-256, hex), or `Unknown` when it cannot be a token.
+pub(crate) fn token_key(token: &str) -> Result<String, TokenError> {
+    let token = token.trim();
+    if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TokenError::Unknown);
+    }
+    Ok(token_hash(token))
+}
+
+/// The one live token among `names` (SHA-256 hex strings) that `id` starts, as `updraftd
+/// token revoke` takes it: at least 8 hex digits.
+pub(crate) fn pick_token(
+    id: &str,
+    names: impl IntoIterator<Item = String>,
+) -> Result<String, TokenError> {
+    let id = id.trim().to_ascii_lowercase();
+    if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(TokenError::NoSuchToken(format!(
+            "`{id}` is not a token id: give the 12 hex digits `updraftd token list` shows"
+        )));
+    }
+    let matches: Vec<String> = names
+        .into_iter()
+        .filter(|n| n.len() == 64 && n.starts_with(&id))
+        .collect();
+    match <[String; 1]>::try_from(matches) {
+        Ok([one]) => Ok(one),
+        Err(m) if m.is_empty() => Err(TokenError::NoSuchToken(format!(
+            "no live token has id `{id}` (see `updraftd token list`; used and expired tokens need no revoking)"
+        ))),
+        Err(_) => Err(TokenError::NoSuchToken(format!(
+            "more than one token starts with `{id}`; give more of its id"
+        ))),
+    }
+}
+
+/// Tokens as `token list` shows them: by creation, then id.
+pub(crate) fn sorted(mut list: Vec<(u64, TokenInfo)>) -> Vec<TokenInfo> {
+    list.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+    list.into_iter().map(|(_, t)| t).collect()
+}
+
+impl TokenRecord {
+    /// A new token as `spec` says, made at `now`: the token to hand out, and its record.
+    pub(crate) fn new(spec: &TokenSpec, now: SystemTime) -> Result<(Created, Self), String> {
+        let token = hex::encode(rand::random::<[u8; 20]>());
+        let ttl = spec.ttl;
+        let expires = now
+            .checked_add(ttl)
+            .ok_or_else(|| format!("a token lifetime of {ttl:?} is too long"))?;
+        let record = TokenRecord {
+            created_ms: unix_ms(now),
+            expires_ms: unix_ms(expires),
+            agent_id: spec.agent_id.clone(),
+            agent_id_prefix: spec.agent_id_prefix.clone(),
+            uses: spec.uses.clamp(1, MAX_TOKEN_USES),
+            enrolled: Vec::new(),
+            used_by: None,
+            used_ms: None,
+            revoked_ms: None,
+        };
+        Ok((Created { token, expires }, record))
+    }
+
+    /// Whether it enrolls nothing more: used up or revoked.
+    pub(crate) fn is_spent(&self) -> bool {
+        self.used_by.is_some() || self.revoked_ms.is_some()
+    }
+
+    /// Whether it is gone for good at `now`: expired, or spent a week ago.
+    pub(crate) fn is_stale(&self, now: SystemTime) -> bool {
+        let now = unix_ms(now);
+        if self.is_spent() {
+            let when = self.revoked_ms.or(self.used_ms).unwrap_or(self.expires_ms);
+            when.saturating_add(KEEP_SPENT.as_millis() as u64) < now
+        } else {
+            self.expires_ms <= now
+        }
+    }
+
+    /// Withdraws it (`updraftd token revoke`).
+    pub(crate) fn withdraw(&mut self, now: SystemTime) {
+        self.revoked_ms = Some(unix_ms(now));
+    }
+
+    /// The last board it enrolled, and when (Unix ms).
+    pub(crate) fn last_enrolled(&self) -> Option<(&str, u64)> {
+        self.enrolled.last().map(|(id, at)| (id.as_str(), *at))
+    }
+
+    /// Why a spent token enrolls nothing more.
+    pub(crate) fn spent_error(&self) -> TokenError {
+        match self {
+            TokenRecord {
+                revoked_ms: Some(at),
+                ..
+            } => TokenError::Revoked { at: rfc3339(*at) },
+            TokenRecord {
+                used_by: Some(by),
+                used_ms: Some(at),
+                ..
+            } => TokenError::Used {
+                by: format!(" by agent `{by}` at {}", rfc3339(*at)),
+            },
+            _ => TokenError::Used { by: String::new() },
+        }
+    }
+
+    /// Spends one use for `agent_id` at `now`, checking the token's rules; `held` is
+    /// the id's live certificate, if any. `Ok(true)` when that was its last use.
+    pub(crate) fn spend(
+        &mut self,
+        agent_id: &str,
+        held: Option<&IssuedCert>,
+        now: SystemTime,
+    ) -> Result<bool, TokenError> {
+        if self.is_spent() {
+            return Err(self.spent_error());
+        }
+        if unix_ms(now) >= self.expires_ms {
+            return Err(TokenError::Expired {
+                at: rfc3339(self.expires_ms),
+            });
+        }
+        match (&self.agent_id, held) {
+            (Some(bound), _) if bound != agent_id => {
+                return Err(TokenError::WrongAgent {
+                    bound: bound.clone(),
+                    asked: agent_id.into(),
+                });
+            }
+            (None, Some(live)) => {
+                return Err(TokenError::IdHeld {
+                    agent: agent_id.into(),
+                    until: rfc3339(live.not_after_ms),
+                });
+            }
+            _ => {}
+        }
+        if let Some(prefix) = &self.agent_id_prefix {
+            if !agent_id.starts_with(prefix.as_str()) {
+                return Err(TokenError::WrongPrefix {
+                    prefix: prefix.clone(),
+                    asked: agent_id.into(),
+                });
+            }
+        }
+        if self.enrolled.iter().any(|(id, _)| id == agent_id) {
+            return Err(TokenError::SameId(agent_id.into()));
+        }
+        self.enrolled.push((agent_id.into(), unix_ms(now)));
+        if (self.enrolled.len() as u32) < self.uses {
+            return Ok(false);
+        }
+        self.used_by = Some(agent_id.into());
+        self.used_ms = Some(unix_ms(now));
+        Ok(true)
+    }
+
+    /// As `token list` shows it, with its creation time to sort by; `hash` is its key
+    /// and `live` says whether it is kept among the live ones.
+    pub(crate) fn info(&self, hash: &str, live: bool, now: SystemTime) -> (u64, TokenInfo) {
+        let state = if self.revoked_ms.is_some() {
+            "revoked"
+        } else if !live || self.used_by.is_some() {
+            "used"
+        } else if unix_ms(now) >= self.expires_ms {
+            "expired"
+        } else {
+            "live"
+        };
+        (
+            self.created_ms,
+            TokenInfo {
+                id: hash[..12.min(hash.len())].to_string(),
+                state,
+                created: rfc3339(self.created_ms),
+                expires: rfc3339(self.expires_ms),
+                agent_id: self.agent_id.clone(),
+                agent_id_prefix: self.agent_id_prefix.clone(),
+                uses: self.uses,
+                enrolled: if self.enrolled.is_empty() {
+                    self.used_by.iter().cloned().collect()
+                } else {
+                    self.enrolled.iter().map(|(id, _)| id.clone()).collect()
+                },
+            },
+        )
+    }
+}
+
 impl Tokens {
     /// The tokens of `state_dir`.
     pub fn new(state_dir: &Path) -> Self {
@@ -242,28 +436,13 @@ impl Tokens {
     pub fn create_with(&self, spec: &TokenSpec) -> Result<Created, TokenError> {
         self.ensure_dirs()?;
         self.prune(SystemTime::now());
-        let token = hex::encode(rand::random::<[u8; 20]>());
-        let now = SystemTime::now();
-        let ttl = spec.ttl;
-        let expires = now
-            .checked_add(ttl)
-            .ok_or_else(|| self.store_err(format!("a token lifetime of {ttl:?} is too long")))?;
-        let record = TokenRecord {
-            created_ms: unix_ms(now),
-            expires_ms: unix_ms(expires),
-            agent_id: spec.agent_id.clone(),
-            agent_id_prefix: spec.agent_id_prefix.clone(),
-            uses: spec.uses.clamp(1, MAX_TOKEN_USES),
-            enrolled: Vec::new(),
-            used_by: None,
-            used_ms: None,
-            revoked_ms: None,
-        };
-        let path = self.dir.join(token_hash(&token));
+        let (created, record) =
+            TokenRecord::new(spec, SystemTime::now()).map_err(|e| self.store_err(e))?;
+        let path = self.dir.join(token_hash(&created.token));
         let json = serde_json::to_vec(&record).map_err(|e| self.store_err(e))?;
         updraft_shared::files::write_atomic(&path, &json, 0o600)
             .map_err(|e| self.store_err(format!("cannot write {}: {e}", path.display())))?;
-        Ok(Created { token, expires })
+        Ok(created)
     }
 
     fn read(&self, path: &Path) -> Result<Option<TokenRecord>, TokenError> {
@@ -278,18 +457,7 @@ impl Tokens {
 
     fn used_error(&self, hash: &str) -> Result<TokenError, TokenError> {
         Ok(match self.read(&self.dir.join("used").join(hash))? {
-            Some(TokenRecord {
-                revoked_ms: Some(at),
-                ..
-            }) => TokenError::Revoked { at: rfc3339(at) },
-            Some(TokenRecord {
-                used_by: Some(by),
-                used_ms: Some(at),
-                ..
-            }) => TokenError::Used {
-                by: format!(" by agent `{by}` at {}", rfc3339(at)),
-            },
-            Some(_) => TokenError::Used { by: String::new() },
+            Some(record) => record.spent_error(),
             None => TokenError::Unknown,
         })
     }
@@ -303,50 +471,21 @@ impl Tokens {
         held: Option<&IssuedCert>,
         now: SystemTime,
     ) -> Result<(), TokenError> {
-        let token = token.trim();
-        if token.is_empty() || token.len() > 128 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::Unknown);
-        }
-        let hash = token_hash(token);
+        let hash = token_key(token)?;
         let live = self.dir.join(&hash);
         let Some(mut record) = self.read(&live)? else {
             return Err(self.used_error(&hash)?);
         };
-        if unix_ms(now) >= record.expires_ms {
-            let _ = std::fs::remove_file(&live);
-            return Err(TokenError::Expired {
-                at: rfc3339(record.expires_ms),
-            });
-        }
-        match (&record.agent_id, held) {
-            (Some(bound), _) if bound != agent_id => {
-                return Err(TokenError::WrongAgent {
-                    bound: bound.clone(),
-                    asked: agent_id.into(),
-                });
+        let spent = match record.spend(agent_id, held, now) {
+            Ok(spent) => spent,
+            Err(e @ TokenError::Expired { .. }) => {
+                let _ = std::fs::remove_file(&live);
+                return Err(e);
             }
-            (None, Some(live)) => {
-                return Err(TokenError::IdHeld {
-                    agent: agent_id.into(),
-                    until: rfc3339(live.not_after_ms),
-                });
-            }
-            _ => {}
-        }
-        if let Some(prefix) = &record.agent_id_prefix {
-            if !agent_id.starts_with(prefix.as_str()) {
-                return Err(TokenError::WrongPrefix {
-                    prefix: prefix.clone(),
-                    asked: agent_id.into(),
-                });
-            }
-        }
-        if record.enrolled.iter().any(|(id, _)| id == agent_id) {
-            return Err(TokenError::SameId(agent_id.into()));
-        }
+            Err(e) => return Err(e),
+        };
         self.ensure_dirs()?;
-        record.enrolled.push((agent_id.into(), unix_ms(now)));
-        if (record.enrolled.len() as u32) < record.uses {
+        if !spent {
             // Uses left: the record stays live with this board noted. Enrollments on
             // one daemon are one at a time (ENROLLING), so this read-modify-write is
             // not raced there.
@@ -355,8 +494,8 @@ impl Tokens {
                 .map_err(|e| self.store_err(format!("cannot record the enrollment: {e}")))?;
             return Ok(());
         }
-        let spent = self.dir.join("used").join(&hash);
-        match std::fs::rename(&live, &spent) {
+        let used = self.dir.join("used").join(&hash);
+        match std::fs::rename(&live, &used) {
             Ok(()) => {}
             // Someone redeemed it between our read and our rename.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -364,10 +503,8 @@ impl Tokens {
             }
             Err(e) => return Err(self.store_err(format!("cannot spend the token: {e}"))),
         }
-        record.used_by = Some(agent_id.into());
-        record.used_ms = Some(unix_ms(now));
         if let Ok(json) = serde_json::to_vec(&record) {
-            let _ = updraft_shared::files::write_atomic(&spent, &json, 0o600);
+            let _ = updraft_shared::files::write_atomic(&used, &json, 0o600);
         }
         Ok(())
     }
@@ -389,71 +526,27 @@ impl Tokens {
                     continue;
                 }
                 let Some(r) = self.read(&p)? else { continue };
-                let state = if r.revoked_ms.is_some() {
-                    "revoked"
-                } else if !live {
-                    "used"
-                } else if unix_ms(now) >= r.expires_ms {
-                    "expired"
-                } else {
-                    "live"
-                };
-                out.push((
-                    r.created_ms,
-                    TokenInfo {
-                        id: name[..12].to_string(),
-                        state,
-                        created: rfc3339(r.created_ms),
-                        expires: rfc3339(r.expires_ms),
-                        agent_id: r.agent_id,
-                        agent_id_prefix: r.agent_id_prefix,
-                        uses: r.uses,
-                        enrolled: if r.enrolled.is_empty() {
-                            r.used_by.into_iter().collect()
-                        } else {
-                            r.enrolled.into_iter().map(|(id, _)| id).collect()
-                        },
-                    },
-                ));
+                out.push(r.info(&name, live, now));
             }
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
-        Ok(out.into_iter().map(|(_, t)| t).collect())
+        Ok(sorted(out))
     }
 
     /// Withdraws the live token whose id (as `list` shows it, or a longer start of its
     /// SHA-256, at least 8 hex digits) is `id`: it enrolls nothing from now on, and an
     /// agent that tries it is told it was revoked.
     pub fn revoke(&self, id: &str, now: SystemTime) -> Result<String, TokenError> {
-        let id = id.trim().to_ascii_lowercase();
-        if id.len() < 8 || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(TokenError::NoSuchToken(format!(
-                "`{id}` is not a token id: give the 12 hex digits `updraftd token list` shows"
-            )));
-        }
-        let matches: Vec<String> = std::fs::read_dir(&self.dir)
+        let names: Vec<String> = std::fs::read_dir(&self.dir)
             .map_err(|e| self.store_err(format!("cannot read {}: {e}", self.dir.display())))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.len() == 64 && n.starts_with(&id))
             .collect();
-        let hash = match matches.as_slice() {
-            [one] => one.clone(),
-            [] => {
-                return Err(TokenError::NoSuchToken(format!(
-                    "no live token has id `{id}` (see `updraftd token list`; used and expired tokens need no revoking)"
-                )))
-            }
-            _ => {
-                return Err(TokenError::NoSuchToken(format!(
-                    "more than one token starts with `{id}`; give more of its id"
-                )))
-            }
-        };
+        let hash = pick_token(id, names)?;
         let live = self.dir.join(&hash);
         let Some(mut record) = self.read(&live)? else {
             return Err(TokenError::NoSuchToken(format!(
-                "token `{id}` was used or revoked meanwhile"
+                "token `{}` was used or revoked meanwhile",
+                &hash[..12]
             )));
         };
         self.ensure_dirs()?;
@@ -489,6 +582,65 @@ impl Tokens {
                     let _ = std::fs::remove_file(&p);
                 }
             }
+        }
+    }
+}
+
+/// The tokens `updraftd token` works on: the state directory's, or in cluster mode the
+/// shared store's (so a token made on one replica enrolls through any).
+pub struct TokenStore {
+    inner: Store,
+}
+
+enum Store {
+    Local(Tokens),
+    Shared(Box<SharedEnroll>, tokio::runtime::Runtime),
+}
+
+impl TokenStore {
+    /// The store `config` names: with `[cluster]`, this connects to its NATS.
+    pub fn open(config: &crate::config::DaemonConfig) -> Result<Self, TokenError> {
+        let store_err = |reason: String| TokenError::Store {
+            dir: PathBuf::from("the cluster store"),
+            reason,
+        };
+        let inner = match &config.cluster {
+            None => Store::Local(Tokens::new(&config.state_dir)),
+            Some(_) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| store_err(e.to_string()))?;
+                let shared = runtime
+                    .block_on(SharedEnroll::open(config))
+                    .map_err(|e| store_err(e.to_string()))?;
+                Store::Shared(Box::new(shared), runtime)
+            }
+        };
+        Ok(Self { inner })
+    }
+
+    /// Makes a token as `spec` says.
+    pub fn create_with(&self, spec: &TokenSpec) -> Result<Created, TokenError> {
+        match &self.inner {
+            Store::Local(t) => t.create_with(spec),
+            Store::Shared(s, rt) => rt.block_on(s.create(spec)),
+        }
+    }
+
+    /// Every token, as [`Tokens::list`].
+    pub fn list(&self, now: SystemTime) -> Result<Vec<TokenInfo>, TokenError> {
+        match &self.inner {
+            Store::Local(t) => t.list(now),
+            Store::Shared(s, rt) => rt.block_on(s.list(now)),
+        }
+    }
+
+    /// Withdraws a live token, as [`Tokens::revoke`].
+    pub fn revoke(&self, id: &str, now: SystemTime) -> Result<String, TokenError> {
+        match &self.inner {
+            Store::Local(t) => t.revoke(id, now),
+            Store::Shared(s, rt) => rt.block_on(s.revoke(id, now)),
         }
     }
 }
@@ -565,6 +717,48 @@ impl Enroller {
         self.answer(request, Asker::Renewing(peer.agent_id()), now)
     }
 
+    /// The checks every certificate request passes first: its form, this daemon's CA
+    /// key, the CSR, and the agent id it asks for (a renewal keeps its own).
+    fn prepare(
+        &self,
+        request: &CertRequest,
+        asker: Asker<'_>,
+    ) -> Result<
+        (
+            &Issuer<'static, KeyPair>,
+            rcgen::CertificateSigningRequestParams,
+            String,
+        ),
+        CertReply,
+    > {
+        let reject = |code, message: String| CertReply::Rejected {
+            code,
+            message: bounded_message(message),
+        };
+        if let Err(e) = request.validate() {
+            return Err(reject(ErrorCode::BadRequest, e.to_string()));
+        }
+        let issuer = match &self.issuer {
+            Ok(i) => i,
+            Err(e) => return Err(reject(ErrorCode::CannotIssue, cannot_issue(e))),
+        };
+        let csr = match pki::parse_request(&request.csr) {
+            Ok(c) => c,
+            Err(e) => return Err(reject(ErrorCode::BadRequest, e.to_string())),
+        };
+        let agent_id = match asker {
+            Asker::Renewing(id) => id.to_string(),
+            Asker::Enrolling(_) => match pki::requested_agent_id(&csr) {
+                Ok(id) => match updraft_shared::tls::check_agent_id(&id) {
+                    Ok(()) => id,
+                    Err(e) => return Err(reject(ErrorCode::BadRequest, e.to_string())),
+                },
+                Err(e) => return Err(reject(ErrorCode::BadRequest, e.to_string())),
+            },
+        };
+        Ok((issuer, csr, agent_id))
+    }
+
     fn answer(&self, request: &CertRequest, asker: Asker<'_>, now: SystemTime) -> CertReply {
         let renewing = match asker {
             Asker::Renewing(id) => Some(id),
@@ -574,26 +768,9 @@ impl Enroller {
             code,
             message: bounded_message(message),
         };
-        if let Err(e) = request.validate() {
-            return reject(ErrorCode::BadRequest, e.to_string());
-        }
-        let issuer = match &self.issuer {
-            Ok(i) => i,
-            Err(e) => return reject(ErrorCode::CannotIssue, cannot_issue(e)),
-        };
-        let csr = match pki::parse_request(&request.csr) {
-            Ok(c) => c,
-            Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
-        };
-        let agent_id = match renewing {
-            Some(id) => id.to_string(),
-            None => match pki::requested_agent_id(&csr) {
-                Ok(id) => match updraft_shared::tls::check_agent_id(&id) {
-                    Ok(()) => id,
-                    Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
-                },
-                Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
-            },
+        let (issuer, csr, agent_id) = match self.prepare(request, asker) {
+            Ok(p) => p,
+            Err(reply) => return reply,
         };
         let mut held = None;
         // Enrollments one at a time from the id check to the record, so two unbound
@@ -629,6 +806,133 @@ impl Enroller {
             Ok(cert) => cert,
             Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
         };
+        self.note_issued(&agent_id, &cert, asker, held.as_ref(), now);
+        CertReply::Issued {
+            cert,
+            ca: self.ca_pem.clone(),
+        }
+    }
+
+    /// [`enroll`](Self::enroll), or in cluster mode the same against the shared store
+    /// (`shared`): a token made on any replica enrolls through any, once.
+    pub(crate) async fn enroll_in(
+        &self,
+        request: &CertRequest,
+        remote: SocketAddr,
+        now: SystemTime,
+        shared: Option<&SharedEnroll>,
+    ) -> CertReply {
+        match shared {
+            None => self.enroll(request, remote, now),
+            Some(s) => {
+                self.answer_shared(request, Asker::Enrolling(remote), now, s)
+                    .await
+            }
+        }
+    }
+
+    /// [`renew`](Self::renew), recording the certificate in the shared store in
+    /// cluster mode.
+    pub(crate) async fn renew_in(
+        &self,
+        request: &CertRequest,
+        peer: &AuthenticatedPeer,
+        now: SystemTime,
+        shared: Option<&SharedEnroll>,
+    ) -> CertReply {
+        match shared {
+            Some(s) if self.revocation(peer.serial()).is_none() => {
+                self.answer_shared(request, Asker::Renewing(peer.agent_id()), now, s)
+                    .await
+            }
+            _ => self.renew(request, peer, now),
+        }
+    }
+
+    /// [`answer`](Self::answer) in cluster mode: whether the id is held, the token and
+    /// the record of issued certificates are read and written in the shared store,
+    /// each write a compare-and-set. The local records are kept too (the handshake
+    /// reads the deny list there).
+    async fn answer_shared(
+        &self,
+        request: &CertRequest,
+        asker: Asker<'_>,
+        now: SystemTime,
+        shared: &SharedEnroll,
+    ) -> CertReply {
+        let reject = |code, message: String| CertReply::Rejected {
+            code,
+            message: bounded_message(message),
+        };
+        let refuse = |agent_id: &str, e: TokenError| {
+            let code = match e {
+                TokenError::Store { .. } => ErrorCode::Internal,
+                _ => ErrorCode::BadToken,
+            };
+            warn!(agent = agent_id, error = %e, "enrollment refused");
+            reject(code, e.to_string())
+        };
+        let (issuer, csr, agent_id) = match self.prepare(request, asker) {
+            Ok(p) => p,
+            Err(reply) => return reply,
+        };
+        let mut held = None;
+        let mut joining = Joining::Renewal;
+        if let Asker::Enrolling(_) = asker {
+            let Some(token) = &request.token else {
+                return reject(
+                    ErrorCode::BadToken,
+                    "enrollment needs a token: create one with `updraftd token create`".into(),
+                );
+            };
+            let here = match self.issued.live(&agent_id, now) {
+                Ok(h) => h,
+                Err(e) => return reject(ErrorCode::Internal, e.to_string()),
+            };
+            held = match shared.held(&agent_id, now).await {
+                Ok(h) => h.into_iter().chain(here).max_by_key(|c| c.not_after_ms),
+                Err(e) => return refuse(&agent_id, e),
+            };
+            if let Err(e) = shared.redeem(token, &agent_id, held.as_ref(), now).await {
+                return refuse(&agent_id, e);
+            }
+            joining = match held {
+                Some(_) => Joining::Replacing,
+                None => Joining::FreeId,
+            };
+        }
+        let cert = match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
+            Ok(cert) => cert,
+            Err(e) => return reject(ErrorCode::BadRequest, e.to_string()),
+        };
+        let new = match IssuedCert::of_pem(&cert, now) {
+            Ok(c) => c,
+            Err(e) => return reject(ErrorCode::Internal, e.to_string()),
+        };
+        match shared.issued(&agent_id, &new, joining, now).await {
+            Ok(Ok(replaced)) => {
+                for old in &replaced {
+                    if let Err(e) = self.issued.deny(
+                        &agent_id,
+                        &old.serial,
+                        old.not_after_ms,
+                        Revocation::Replaced,
+                    ) {
+                        warn!(agent = agent_id, serial = old.serial, error = %e, "cannot write a deny-list entry");
+                    }
+                }
+            }
+            Ok(Err(live)) => {
+                return refuse(
+                    &agent_id,
+                    TokenError::IdHeld {
+                        agent: agent_id.clone(),
+                        until: rfc3339(live.not_after_ms),
+                    },
+                )
+            }
+            Err(e) => return refuse(&agent_id, e),
+        }
         self.note_issued(&agent_id, &cert, asker, held.as_ref(), now);
         CertReply::Issued {
             cert,
@@ -734,13 +1038,13 @@ enum Asker<'a> {
 pub(crate) async fn serve_request(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    answer: impl FnOnce(&CertRequest) -> CertReply,
+    answer: impl AsyncFnOnce(&CertRequest) -> CertReply,
 ) {
     let mut reader = FrameReader::new(recv);
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, reader.next()).await {
         Ok(Ok(Some(frame))) if frame.kind == FrameKind::CertRequest => {
             match CertRequest::from_frame(&frame) {
-                Ok(request) => answer(&request),
+                Ok(request) => answer(&request).await,
                 Err(e) => CertReply::Rejected {
                     code: ErrorCode::BadRequest,
                     message: bounded_message(e.to_string()),
@@ -776,11 +1080,13 @@ pub(crate) async fn serve_renewal(
     frame: &Frame,
     peer: &AuthenticatedPeer,
     enroller: &Enroller,
-    fleet: &crate::fleet::Registry,
+    shared: &crate::state::Shared,
 ) {
     let (recv, _) = reader.into_parts();
+    let fleet = &shared.fleet;
+    let store = shared.cluster.as_ref().map(|c| &c.enroll);
     let reply = match CertRequest::from_frame(frame) {
-        Ok(r) => enroller.renew(&r, peer, SystemTime::now()),
+        Ok(r) => enroller.renew_in(&r, peer, SystemTime::now(), store).await,
         Err(e) => CertReply::Rejected {
             code: ErrorCode::BadRequest,
             message: bounded_message(e.to_string()),
@@ -805,14 +1111,18 @@ pub(crate) async fn send_reply(
 pub(crate) async fn serve_connection(
     conn: quinn::Connection,
     enroller: std::sync::Arc<Enroller>,
-    fleet: &crate::fleet::Registry,
+    shared: &crate::state::Shared,
 ) {
+    let fleet = &shared.fleet;
+    let store = shared.cluster.as_ref().map(|c| &c.enroll);
     let remote = conn.remote_address();
     info!(%remote, "enrollment connection");
     match tokio::time::timeout(REQUEST_TIMEOUT, conn.accept_bi()).await {
         Ok(Ok((send, recv))) => {
-            serve_request(send, recv, |r| {
-                let reply = enroller.enroll(r, remote, SystemTime::now());
+            serve_request(send, recv, async |r| {
+                let reply = enroller
+                    .enroll_in(r, remote, SystemTime::now(), store)
+                    .await;
                 note_in_fleet(fleet, &reply, Some(remote));
                 reply
             })

@@ -457,7 +457,7 @@ impl Registry {
             let agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
             let list: Vec<(AgentRecord, bool)> = agents
                 .values()
-                .map(|e| (e.record.clone(), !e.live.is_empty()))
+                .map(|e| (e.record.clone(), view(e).connections > 0))
                 .collect();
             let now = unix_ms(SystemTime::now());
             let r = push::Rollout::start(spec, &list, now)?;
@@ -491,7 +491,7 @@ impl Registry {
                 let outcome = rec.push.as_ref().filter(|p| p.hash == r.hash);
                 serde_json::json!({
                     "agent_id": rec.agent_id,
-                    "connected": !e.live.is_empty(),
+                    "connected": view(e).connections > 0,
                     "in_force": has,
                     "canary": r.canary.contains(&rec.agent_id),
                     "result": outcome.map(|p| p.result.as_str()),
@@ -514,11 +514,43 @@ impl Registry {
         })
     }
 
+    /// Saves the rollout, and in cluster mode shares it with the other replicas.
     fn save_rollout(&self, r: &push::Rollout) {
+        self.keep_rollout(r);
+        if let Some(m) = self.mirror.get() {
+            m.send(crate::cluster::fleet::Change::Push(Box::new(r.clone())));
+        }
+    }
+
+    fn keep_rollout(&self, r: &push::Rollout) {
         let json = serde_json::to_vec(r).expect("rollouts always serialize");
         if let Err(e) = write_atomic(&self.push_path, &json, 0o600) {
             warn!(path = %self.push_path.display(), error = %e, "cannot save the policy rollout; it goes on in memory");
         }
+    }
+
+    /// Cluster mode: takes up the rollout another replica shared when it is a newer
+    /// push, or the same push at a later stage; the policy then goes to the boards
+    /// connected here that are due it.
+    pub(crate) fn adopt_rollout(&self, remote: push::Rollout) {
+        {
+            let mut rollout = self.rollout.lock().unwrap_or_else(|e| e.into_inner());
+            if !rollout
+                .as_ref()
+                .is_none_or(|local| remote.supersedes(local))
+            {
+                return;
+            }
+            info!(
+                hash = remote.hash,
+                phase = ?remote.phase,
+                "policy push of {} taken up from another replica",
+                remote.name
+            );
+            self.keep_rollout(&remote);
+            *rollout = Some(remote);
+        }
+        self.advance_and(None, true);
     }
 
     /// The per-agent series for `/metrics`: the first [`MAX_AGENT_SERIES`] agents by
@@ -634,6 +666,7 @@ impl Registry {
                         serial: serial.clone(),
                         agent_id: agent_id.to_string(),
                         not_after_ms: *not_after_ms,
+                        why: crate::issued::Revocation::Operator,
                     },
                 ));
             }

@@ -99,9 +99,42 @@ impl IssuedCert {
     }
 }
 
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct IdRecord {
+/// The certificates issued to one agent id, newest last.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct IdRecord {
     certs: Vec<IssuedCert>,
+}
+
+impl IdRecord {
+    /// The newest certificate still valid at `now_ms`, if any: the id is held.
+    pub(crate) fn live(&self, now_ms: u64) -> Option<IssuedCert> {
+        self.certs
+            .iter()
+            .filter(|c| c.not_after_ms > now_ms)
+            .max_by_key(|c| c.not_after_ms)
+            .cloned()
+    }
+
+    /// Whether the certificate with `serial` is in the record.
+    pub(crate) fn has(&self, serial: &str) -> bool {
+        self.certs.iter().any(|c| c.serial == serial)
+    }
+
+    /// Adds `cert`; expired ones and the oldest past [`KEEP_PER_ID`] are dropped.
+    pub(crate) fn add(&mut self, cert: IssuedCert, now_ms: u64) {
+        self.certs.retain(|c| c.not_after_ms > now_ms);
+        self.certs.push(cert);
+        let excess = self.certs.len().saturating_sub(KEEP_PER_ID);
+        self.certs.drain(..excess);
+    }
+
+    /// Makes `cert` the only certificate; returns the unexpired ones it replaces.
+    pub(crate) fn replace(&mut self, cert: IssuedCert, now_ms: u64) -> Vec<IssuedCert> {
+        let old = std::mem::replace(&mut self.certs, vec![cert]);
+        old.into_iter()
+            .filter(|c| c.not_after_ms > now_ms)
+            .collect()
+    }
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -171,13 +204,7 @@ impl Issued {
 
     /// The newest certificate of `agent_id` still valid at `now`, if any: the id is held.
     pub fn live(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, IssuedError> {
-        let now = unix_ms(now);
-        Ok(self
-            .read(agent_id)?
-            .certs
-            .into_iter()
-            .filter(|c| c.not_after_ms > now)
-            .max_by_key(|c| c.not_after_ms))
+        Ok(self.read(agent_id)?.live(unix_ms(now)))
     }
 
     /// Adds a certificate issued for `agent_id` (enrollment of a free id, renewal,
@@ -190,11 +217,7 @@ impl Issued {
     ) -> Result<(), IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let mut record = self.read(agent_id)?;
-        let now = unix_ms(now);
-        record.certs.retain(|c| c.not_after_ms > now);
-        record.certs.push(cert);
-        let excess = record.certs.len().saturating_sub(KEEP_PER_ID);
-        record.certs.drain(..excess);
+        record.add(cert, unix_ms(now));
         self.write(agent_id, &record)
     }
 
@@ -209,13 +232,8 @@ impl Issued {
     ) -> Result<Vec<IssuedCert>, IssuedError> {
         let _one = WRITING.lock().unwrap_or_else(|e| e.into_inner());
         let now_ms = unix_ms(now);
-        let old: Vec<IssuedCert> = self
-            .read(agent_id)
-            .unwrap_or_default()
-            .certs
-            .into_iter()
-            .filter(|c| c.not_after_ms > now_ms)
-            .collect();
+        let mut record = self.read(agent_id).unwrap_or_default();
+        let old = record.replace(cert, now_ms);
         self.prune_revoked(now_ms);
         ensure_dir(&self.revoked)?;
         for c in &old {
@@ -227,7 +245,7 @@ impl Issued {
             };
             write_json(&self.revoked_path(&c.serial), &entry)?;
         }
-        self.write(agent_id, &IdRecord { certs: vec![cert] })?;
+        self.write(agent_id, &record)?;
         Ok(old)
     }
 

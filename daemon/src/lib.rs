@@ -5,7 +5,8 @@
 //! - [`pki`]: `ca init`, `cert issue`, and the CA files enrollment signs with.
 //! - [`bind`], [`bind_with`], [`server_config`] and [`run`]: a daemon on an endpoint,
 //!   until a shutdown future resolves (then it drains).
-//! - [`Tokens`] (`token create`) and [`Issued`] (`cert issue` records what it signed).
+//! - [`Tokens`] and [`TokenStore`] (`token create`; in cluster mode the shared store)
+//!   and [`Issued`] (`cert issue` records what it signed).
 //!
 //! Inside: `server` (accept, connections, load reports, drain), `stream` (a stream's
 //! first frame decides its handler), `task` (one task stream: header, recent ids,
@@ -34,7 +35,7 @@ mod stream;
 mod task;
 
 pub use admin::AdminError;
-pub use enroll::{Created, TokenError, TokenInfo, TokenSpec, Tokens, MAX_TOKEN_USES};
+pub use enroll::{Created, TokenError, TokenInfo, TokenSpec, TokenStore, Tokens, MAX_TOKEN_USES};
 pub use issued::{Issued, IssuedCert, IssuedError};
 pub use quic::QuicConfigError;
 pub use server::{bind, bind_with, run, server_config, ServerError};

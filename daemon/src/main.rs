@@ -102,10 +102,9 @@ fn main() -> ExitCode {
         Command::Token {
             command: TokenCommand::Revoke { id, config },
         } => with_config(&config, |config| {
-            let tokens = updraft_daemon::Tokens::new(&config.state_dir);
             report(
-                tokens
-                    .revoke(&id, std::time::SystemTime::now())
+                updraft_daemon::TokenStore::open(config)
+                    .and_then(|tokens| tokens.revoke(&id, std::time::SystemTime::now()))
                     .map(|id| println!("revoked token {id}: it enrolls nothing from now on")),
             )
         }),
@@ -344,7 +343,7 @@ fn token_create(
         updraft_shared::tls::check_agent_id(prefix)
             .map_err(|e| anyhow::anyhow!("--agent-id-prefix: {e}"))?;
     }
-    let tokens = updraft_daemon::Tokens::new(&config.state_dir);
+    let tokens = updraft_daemon::TokenStore::open(config)?;
     let mut made = Vec::with_capacity(count as usize);
     for _ in 0..count {
         made.push(tokens.create_with(spec)?);
@@ -393,7 +392,7 @@ fn token_create(
 
 /// `token list`.
 fn token_list(config: &DaemonConfig, json: bool) -> anyhow::Result<()> {
-    let list = updraft_daemon::Tokens::new(&config.state_dir).list(std::time::SystemTime::now())?;
+    let list = updraft_daemon::TokenStore::open(config)?.list(std::time::SystemTime::now())?;
     if json {
         println!("{}", serde_json::to_string(&list)?);
         return Ok(());

@@ -246,7 +246,7 @@ async fn handle_connection(incoming: quinn::Incoming, shared: Arc<Shared>) {
         return;
     }
     if updraft_shared::tls::alpn_of(&conn).as_deref() == Some(ENROLL_ALPN) {
-        crate::enroll::serve_connection(conn, shared.enroller(), &shared.fleet).await;
+        crate::enroll::serve_connection(conn, shared.enroller(), &shared).await;
         return;
     }
     let peer = match AuthenticatedPeer::from_connection(&conn) {

@@ -35,8 +35,7 @@ pub(crate) async fn serve(
             }
             FrameKind::CertRequest => {
                 let enroller = shared.enroller();
-                crate::enroll::serve_renewal(send, reader, &frame, peer, &enroller, &shared.fleet)
-                    .await;
+                crate::enroll::serve_renewal(send, reader, &frame, peer, &enroller, shared).await;
             }
             FrameKind::AgentReport => {
                 let catalog = shared.catalog();

@@ -9,8 +9,9 @@
 
 use std::sync::OnceLock;
 
-/// The default filter: our own lines at `info`, the QUIC and TLS libraries quieter.
-const DEFAULT: &str = "info,quinn=warn,rustls=warn";
+/// The default filter: our own lines at `info`, the QUIC, TLS and NATS libraries
+/// quieter (the cluster store logs what NATS connection events mean itself).
+const DEFAULT: &str = "info,quinn=warn,rustls=warn,async_nats=warn";
 
 type Reload = Box<
     dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), tracing_subscriber::reload::Error>

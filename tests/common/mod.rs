@@ -587,11 +587,22 @@ impl Cluster {
 /// restart one on the address it had: the config is `{name}.toml` with state in
 /// `{name}-state`, listening on `listen` (`127.0.0.1:0` for any port).
 pub fn start_daemon_named(dir: &Path, name: &str, listen: &str, extra: &str) -> (Proc, String) {
+    start_daemon_tls(dir, name, listen, extra, "")
+}
+
+/// Like [`start_daemon_named`], with `tls_extra` lines in its `[tls]` table.
+pub fn start_daemon_tls(
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    extra: &str,
+    tls_extra: &str,
+) -> (Proc, String) {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"{listen}\"\nstate_dir = \"{name}-state\"\nload_report_interval = \"100ms\"\ndrain_timeout = \"20s\"\n{extra}\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\n{DAEMON_TASKS}"
+            "listen = \"{listen}\"\nstate_dir = \"{name}-state\"\nload_report_interval = \"100ms\"\ndrain_timeout = \"20s\"\n{extra}\n[tls]\nca = \"pki/ca.pem\"\ncert = \"pki/server.pem\"\nkey = \"pki/server.key\"\n{tls_extra}{DAEMON_TASKS}"
         ),
     )
     .unwrap();

@@ -4,12 +4,16 @@
 //! - `agent.ID` → the agent's record as the registry keeps it ([`AgentRecord`]), put
 //!   by the replica that last changed it (a connection, a report, an enrollment);
 //! - `revoked.SERIAL` → a certificate on the deny list, put by the replica where the
-//!   operator ran `updraftd agent revoke`.
+//!   operator ran `updraftd agent revoke`, or where a re-enrollment replaced it;
+//! - `push` → the policy rollout ([`crate::fleet::push::Rollout`]), put by the replica
+//!   where the operator ran `updraftd policy push` and by any replica that moved it to
+//!   its next stage.
 //!
 //! Each replica watches the bucket from its start (the last value of every key first)
 //! and applies what other replicas wrote: records merge into its registry, denied
-//! serials go on its own deny list, and the revoked agent's connections to it close
-//! with `CLOSE_REVOKED`. The registry and deny list on disk stay what every check
+//! serials go on its own deny list, the revoked agent's connections to it close
+//! with `CLOSE_REVOKED`, and a newer rollout (or a later stage of the same one) is
+//! taken up: the policy goes to the boards connected here that are due it. The registry and deny list on disk stay what every check
 //! reads; the bucket is how they travel.
 
 use super::{Cluster, StoreError};
@@ -35,6 +39,8 @@ pub(crate) enum Change {
     Agent(Box<AgentRecord>),
     /// An operator revoked this certificate here.
     Revoked(Denied),
+    /// The policy rollout started or moved on here.
+    Push(Box<crate::fleet::push::Rollout>),
 }
 
 /// A denied certificate as the bucket holds it.
@@ -46,6 +52,14 @@ pub(crate) struct Denied {
     pub(crate) agent_id: String,
     /// When it expires (then it needs no deny entry), Unix milliseconds.
     pub(crate) not_after_ms: u64,
+    /// Why: an operator's revocation (closes the agent's connections everywhere), or a
+    /// re-enrollment that replaced it (refused at its next handshake).
+    #[serde(default = "by_operator")]
+    pub(crate) why: Revocation,
+}
+
+fn by_operator() -> Revocation {
+    Revocation::Operator
 }
 
 /// The registry's way into the bucket: set once in cluster mode.
@@ -83,6 +97,7 @@ async fn put_changes(bucket: kv::Store, mut rx: mpsc::Receiver<Change>) {
         let (key, value) = match &change {
             Change::Agent(r) => (format!("agent.{}", r.agent_id), serde_json::to_vec(r)),
             Change::Revoked(d) => (format!("revoked.{}", d.serial), serde_json::to_vec(d)),
+            Change::Push(r) => ("push".to_string(), serde_json::to_vec(r)),
         };
         let value = Bytes::from(value.expect("fleet changes always serialize"));
         if let Err(e) = super::retry("share fleet state", || bucket.put(&key, value.clone())).await
@@ -139,6 +154,13 @@ fn apply(shared: &Shared, issued: &Issued, key: &str, value: &[u8]) {
                 "cluster store: an agent record does not decode; skipped"
             ),
         }
+    } else if key == "push" {
+        match serde_json::from_slice::<crate::fleet::push::Rollout>(value) {
+            Ok(r) => shared.fleet.adopt_rollout(r),
+            Err(e) => {
+                warn!(error = %e, "cluster store: the shared policy rollout does not decode; skipped")
+            }
+        }
     } else if key.starts_with("revoked.") {
         let Ok(d) = serde_json::from_slice::<Denied>(value) else {
             warn!(
@@ -150,7 +172,12 @@ fn apply(shared: &Shared, issued: &Issued, key: &str, value: &[u8]) {
         if issued.revocation(&d.serial).is_some() {
             return;
         }
-        match issued.deny(&d.agent_id, &d.serial, d.not_after_ms, Revocation::Operator) {
+        match issued.deny(&d.agent_id, &d.serial, d.not_after_ms, d.why) {
+            Ok(true) if d.why == Revocation::Replaced => info!(
+                agent = d.agent_id,
+                serial = d.serial,
+                "a certificate replaced through another replica is denied here too"
+            ),
             Ok(true) => {
                 let closed = shared.fleet.revoked_elsewhere(&d.agent_id);
                 info!(
@@ -183,7 +210,8 @@ pub(super) async fn bucket(
         history: 1,
         num_replicas: replicas,
         storage: async_nats::jetstream::stream::StorageType::File,
-        max_value_size: 64 << 10,
+        // A rollout carries its policy (up to 64 KiB) and the boards it is for.
+        max_value_size: 1 << 20,
         ..Default::default()
     })
     .await

@@ -140,6 +140,22 @@ impl Rollout {
         Ok(r)
     }
 
+    /// Whether this rollout, shared by another replica, replaces `local`: a push
+    /// started later, or the same push at a later stage ([`Phase::Stopped`] last).
+    pub(crate) fn supersedes(&self, local: &Rollout) -> bool {
+        let rank = |p: Phase| match p {
+            Phase::Canary => 0,
+            Phase::All => 1,
+            Phase::Stopped => 2,
+        };
+        let same = self.hash == local.hash && self.started_unix_ms == local.started_unix_ms;
+        if same {
+            rank(self.phase) > rank(local.phase)
+        } else {
+            self.started_unix_ms > local.started_unix_ms
+        }
+    }
+
     /// Whether `agent` is one the push is for at all.
     pub(crate) fn in_scope(&self, agent: &str) -> bool {
         self.targets
@@ -245,6 +261,24 @@ mod tests {
             window_ms: 60_000,
         };
         Rollout::start(spec, agents, 1_000)
+    }
+
+    #[test]
+    fn a_shared_rollout_replaces_an_older_push_or_an_earlier_stage_only() {
+        let boards = [(board("b-1", true), true)];
+        let canary = start(1, &boards).unwrap();
+        let mut all = canary.clone();
+        all.phase = Phase::All;
+        let mut stopped = canary.clone();
+        stopped.phase = Phase::Stopped;
+        assert!(all.supersedes(&canary) && stopped.supersedes(&all));
+        assert!(!canary.supersedes(&all) && !all.supersedes(&all));
+        // A later push wins whatever its stage; an earlier one never does.
+        let mut later = canary.clone();
+        later.started_unix_ms += 1;
+        later.hash = "cd".repeat(32);
+        assert!(later.supersedes(&stopped));
+        assert!(!stopped.supersedes(&later));
     }
 
     fn answered(mut r: AgentRecord, result: PushResult) -> AgentRecord {
