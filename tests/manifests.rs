@@ -17,6 +17,8 @@
 //! too). Without it they are skipped with the reason printed, unless
 //! `UPDRAFT_MANIFEST_TEST=require` (set by .ci/run), which makes that a failure.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -627,4 +629,61 @@ fn vm_examples_agree_and_nats_conf_passes_nats_server_t() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// `updraftd check-config` of `text` in a directory that also holds the TLS files it
+/// names, with `env` set: its stdout and stderr, and whether it passed.
+fn check_config(text: &str, env: &[(&str, &str)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bin = common::bin("updraftd");
+    let out = Command::new(&bin)
+        .args(["ca", "init", "--dir"])
+        .arg(d.join("pki"))
+        .args(["--name", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in ["ca.pem", "server.pem", "server.key"] {
+        std::fs::copy(d.join("pki").join(f), d.join(f)).unwrap();
+    }
+    std::fs::write(d.join("daemon.toml"), text).unwrap();
+    let out = Command::new(bin)
+        .args(["check-config", "--config"])
+        .arg(d.join("daemon.toml"))
+        .env_remove("UPDRAFTD__CLUSTER__SERVER_ID")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// The shipped cluster configs pass `updraftd check-config` as deployed: the VM
+/// example as it is, the ConfigMap's with the server id its pod gets from the
+/// environment, and without it refused, naming the key.
+#[test]
+fn the_shipped_cluster_configs_pass_check_config() {
+    let vm = std::fs::read_to_string(deploy("vms/daemon.cluster.toml.example")).unwrap();
+    let (ok, said) = check_config(&vm, &[]);
+    assert!(ok, "daemon.cluster.toml.example: {said}");
+    if !have_validator() {
+        return;
+    }
+    let objects = objects();
+    let cm = object(&objects, "ConfigMap", "updraftd-config");
+    let text = cm["data"]["daemon.toml"].as_str().expect("daemon.toml");
+    let (ok, said) = check_config(text, &[("UPDRAFTD__CLUSTER__SERVER_ID", "2")]);
+    assert!(ok, "the ConfigMap's daemon.toml: {said}");
+    let (ok, said) = check_config(text, &[]);
+    assert!(!ok, "passed without a server id: {said}");
+    assert!(said.contains("cluster.server_id: is required"), "{said}");
 }
