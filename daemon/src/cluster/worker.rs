@@ -1,6 +1,5 @@
-//! The worker side of cluster mode: while this replica has a free slot, it pulls the
-//! next work message from the shared queue (one continuous pull, one message at a
-//! time). A puller takes the task's
+//! The worker side of cluster mode: while this replica has free slots, it pulls as
+//! many work messages from the shared queue as it can start. A puller takes the task's
 //! claim with compare-and-set on its revision before it starts the command, keeps the
 //! message alive with in-progress acks, streams the output to the results stream,
 //! records the result with a second compare-and-set, and only then acknowledges. A
@@ -54,16 +53,24 @@ pub(crate) async fn start(shared: Arc<Shared>) -> Result<(), super::StoreError> 
     Ok(())
 }
 
-/// Takes work while this replica has a free puller slot (one per task slot), until
-/// the drain starts: one continuous pull from the workers' consumer, which keeps at
-/// most one message waiting here, each message run in a task of its own.
+/// Takes work while this replica has free task slots, until the drain starts: each
+/// pull asks the workers' consumer for as many messages as slots are free (at least
+/// one, waiting for a slot first), so a replica never holds work it cannot start and a
+/// busy queue is drained several messages per round trip. Each message runs in a task
+/// of its own.
 async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullConsumer) {
     let slots = Arc::new(Semaphore::new(shared.config.max_concurrent_tasks));
     let mut draining = shared.draining.clone();
+    let acquire = |slots: &Arc<Semaphore>| slots.clone().acquire_owned();
     while !shared.is_draining() {
+        let first = tokio::select! {
+            p = acquire(&slots) => p.expect("the puller semaphore is never closed"),
+            _ = draining.wait_for(|d| *d) => return,
+        };
+        let free = slots.available_permits() + 1;
         let pulled = consumer
-            .stream()
-            .max_messages_per_batch(1)
+            .batch()
+            .max_messages(free)
             .expires(PULL_FOR)
             .messages()
             .await;
@@ -75,10 +82,14 @@ async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullCon
                 continue;
             }
         };
+        let mut permit = Some(first);
         loop {
-            let permit = tokio::select! {
-                p = slots.clone().acquire_owned() => p.expect("the puller semaphore is never closed"),
-                _ = draining.wait_for(|d| *d) => return,
+            let slot = match permit.take() {
+                Some(p) => p,
+                None => tokio::select! {
+                    p = acquire(&slots) => p.expect("the puller semaphore is never closed"),
+                    _ = draining.wait_for(|d| *d) => return,
+                },
             };
             let next = tokio::select! {
                 m = messages.next() => m,
@@ -88,8 +99,10 @@ async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullCon
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
                     warn!(error = %e, "cluster store: pulling work failed; pulling again");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     break;
                 }
+                // The pull got what it asked for, or expired: ask again.
                 None => break,
             };
             // The drain waits for a task this replica took.
@@ -97,10 +110,9 @@ async fn pull_loop(shared: Arc<Shared>, cluster: Arc<Cluster>, consumer: PullCon
             let (shared, cluster) = (shared.clone(), cluster.clone());
             tokio::spawn(async move {
                 handle(&shared, &cluster, msg).await;
-                drop((guard, permit));
+                drop((guard, slot));
             });
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
