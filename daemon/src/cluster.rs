@@ -388,6 +388,29 @@ pub(crate) async fn connect_client(
     Ok(client)
 }
 
+/// Makes (or updates) a KV bucket kept on file with `replicas` copies, one value per
+/// key, values up to `max_value` bytes.
+pub(crate) async fn kv_bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    description: &str,
+    replicas: usize,
+    max_value: i32,
+) -> Result<kv::Store, StoreError> {
+    let name = bucket.clone();
+    js.create_or_update_key_value(kv::Config {
+        bucket,
+        description: description.into(),
+        history: 1,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        max_value_size: max_value,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| StoreError::new("create a bucket", format!("{name}: {e}")))
+}
+
 /// Makes the bucket and streams (or updates their limits).
 async fn ensure(
     js: &jetstream::Context,

@@ -329,15 +329,12 @@ pub(super) async fn bucket(
     name: &str,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: format!("{name}-enroll"),
-        description: "Updraft enrollment: tokens and the certificates issued per agent id".into(),
-        history: 1,
-        num_replicas: replicas,
-        storage: async_nats::jetstream::stream::StorageType::File,
-        max_value_size: MAX_VALUE,
-        ..Default::default()
-    })
+    super::kv_bucket(
+        js,
+        format!("{name}-enroll"),
+        "Updraft enrollment: tokens and the certificates issued per agent id",
+        replicas,
+        MAX_VALUE,
+    )
     .await
-    .map_err(|e| StoreError::new("create the enrollment bucket", e))
 }

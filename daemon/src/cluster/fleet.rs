@@ -204,16 +204,13 @@ pub(super) async fn bucket(
     name: &str,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
-    js.create_or_update_key_value(kv::Config {
-        bucket: format!("{name}-fleet"),
-        description: "Updraft fleet: agent records and revoked certificates".into(),
-        history: 1,
-        num_replicas: replicas,
-        storage: async_nats::jetstream::stream::StorageType::File,
+    super::kv_bucket(
+        js,
+        format!("{name}-fleet"),
+        "Updraft fleet: agent records, revoked certificates, the policy rollout",
+        replicas,
         // A rollout carries its policy (up to 64 KiB) and the boards it is for.
-        max_value_size: 1 << 20,
-        ..Default::default()
-    })
+        1 << 20,
+    )
     .await
-    .map_err(|e| StoreError::new("create the fleet bucket", e))
 }
