@@ -350,16 +350,12 @@ impl DaemonConfig {
 
     /// Validates a parsed file; `path` anchors relative paths and names errors.
     pub fn from_file(file: DaemonFile, path: &Path) -> Result<Self, ConfigError> {
-        let invalid = |key: &str, reason: String| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            key: key.into(),
-            reason,
-        };
+        let keys = Keys(path);
         let base = path.parent().unwrap_or(Path::new("."));
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let listen = file.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
         let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
+            keys.invalid(
                 "listen",
                 format!("`{listen}` is not an address like 0.0.0.0:4433"),
             )
@@ -367,60 +363,55 @@ impl DaemonConfig {
         let metrics_listen = match file.metrics_listen {
             None => None,
             Some(m) => Some(m.parse().map_err(|_| {
-                invalid(
+                keys.invalid(
                     "metrics_listen",
                     format!("`{m}` is not an address like 127.0.0.1:9464"),
                 )
             })?),
         };
-        let count = |key: &str, v: u64, r: (u64, u64)| {
-            check_count(v, r).map_err(|e| invalid(key, e.to_string()))
-        };
-        let duration = |key: &str, v: Option<HumanDuration>, default: Duration, r| {
-            check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e.to_string()))
-        };
+
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let slots = file
             .max_concurrent_tasks
             .unwrap_or(cpus.min(range::SLOTS.1 as usize));
-        count("max_concurrent_tasks", slots as u64, range::SLOTS)?;
+        keys.count("max_concurrent_tasks", slots as u64, range::SLOTS)?;
         let queued = file
             .max_queued_tasks
             .unwrap_or(slots * DEFAULT_QUEUED_PER_SLOT);
-        count("max_queued_tasks", queued as u64, range::QUEUED)?;
+        keys.count("max_queued_tasks", queued as u64, range::QUEUED)?;
         let streams = file
             .max_streams_per_connection
             .unwrap_or(DEFAULT_STREAMS_PER_CONNECTION);
-        count("max_streams_per_connection", streams.into(), range::STREAMS)?;
+        keys.count("max_streams_per_connection", streams.into(), range::STREAMS)?;
         let uploads = file
             .max_uploads_per_agent
             .unwrap_or(DEFAULT_MAX_UPLOADS_PER_AGENT);
-        count(
+        keys.count(
             "max_uploads_per_agent",
             uploads.into(),
             (1, MAX_UPLOADS_PER_AGENT.into()),
         )?;
-        let probe_budget = count(
+        let probe_budget = keys.count(
             "probe_budget",
             file.probe_budget.map_or(DEFAULT_PROBE_BUDGET, |b| b.0),
             range::PROBE_BUDGET,
         )?;
         let catalog = Catalog::from_files(file.tasks)
-            .map_err(|e| invalid(&format!("tasks.{}", e.task), e.reason))?;
-        check_task_ranges(&catalog).map_err(|(key, e)| invalid(&key, e))?;
-        let drain_timeout = duration(
+            .map_err(|e| keys.invalid(&format!("tasks.{}", e.task), e.reason))?;
+        check_task_ranges(&catalog).map_err(|(key, e)| keys.invalid(&key, e))?;
+        let drain_timeout = keys.duration(
             "drain_timeout",
             file.drain_timeout,
             DEFAULT_DRAIN_TIMEOUT,
             range::DRAIN,
         )?;
-        let load_report_interval = duration(
+        let load_report_interval = keys.duration(
             "load_report_interval",
             file.load_report_interval,
             DEFAULT_LOAD_REPORT_INTERVAL,
             range::LOAD_REPORT,
         )?;
-        let idle_timeout = duration(
+        let idle_timeout = keys.duration(
             "idle_timeout",
             file.idle_timeout,
             DEFAULT_IDLE_TIMEOUT,
@@ -431,14 +422,14 @@ impl DaemonConfig {
             Some(c) => Some(cluster_config(c, path, &rel)?),
             None => None,
         };
-        let cert_lifetime = duration(
+        let cert_lifetime = keys.duration(
             "enroll.cert_lifetime",
             file.enroll.cert_lifetime,
             crate::pki::ENROLLED_VALIDITY,
             range::CERT_LIFETIME,
         )?;
         if let Some((key, why)) = file.tls.refuse(false) {
-            return Err(invalid(key, why.to_string()));
+            return Err(keys.invalid(key, why.to_string()));
         }
         let tls_ca = rel(file.tls.ca.unwrap_or_else(|| "ca.pem".into()));
         let tls_ca_key = match file.tls.ca_key {
@@ -447,14 +438,14 @@ impl DaemonConfig {
         };
         if let Some(level) = &file.log_level {
             updraft_shared::logging::parse_level(level)
-                .map_err(|e| invalid("log_level", e.to_string()))?;
+                .map_err(|e| keys.invalid("log_level", e.to_string()))?;
         }
         let state_dir = rel(file.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
         let admin_socket = rel(file
             .admin_socket
             .unwrap_or_else(|| state_dir.join(ADMIN_SOCKET_NAME)));
         if admin_socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(invalid(
+            return Err(keys.invalid(
                 "admin_socket",
                 format!(
                     "`{}` is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path may have; set a shorter admin_socket",
@@ -495,17 +486,11 @@ fn cluster_config(
     path: &Path,
     rel: &dyn Fn(PathBuf) -> PathBuf,
 ) -> Result<ClusterConfig, ConfigError> {
-    let invalid = |key: &str, reason: String| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        key: key.into(),
-        reason,
-    };
-    let count = |key: &str, v: u64, r: (u64, u64)| {
-        check_count(v, r).map_err(|e| invalid(key, e.to_string()))
-    };
+    let keys = Keys(path);
+
     let nats = c.nats.clone().unwrap_or_default();
-    count("cluster.nats", nats.len() as u64, range::NATS_SERVERS).map_err(|_| {
-        invalid(
+    keys.count("cluster.nats", nats.len() as u64, range::NATS_SERVERS).map_err(|_| {
+        keys.invalid(
             "cluster.nats",
             format!(
                 "lists {} servers; list 1..={} NATS servers of the JetStream cluster, like [\"nats://10.0.0.5:4222\"]",
@@ -516,22 +501,22 @@ fn cluster_config(
     })?;
     for url in &nats {
         if url.parse::<async_nats::ServerAddr>().is_err() {
-            return Err(invalid(
+            return Err(keys.invalid(
                 "cluster.nats",
                 format!("`{url}` is not a NATS server address like nats://10.0.0.5:4222"),
             ));
         }
     }
     let Some(server_id) = c.server_id else {
-        return Err(invalid(
+        return Err(keys.invalid(
             "cluster.server_id",
             "is required: give each replica its own number 0..=255".into(),
         ));
     };
-    let server_id = count("cluster.server_id", server_id, range::SERVER_ID)? as u8;
+    let server_id = keys.count("cluster.server_id", server_id, range::SERVER_ID)? as u8;
     let replicas = c.replicas.unwrap_or(3);
     if ![1, 3, 5].contains(&replicas) {
-        return Err(invalid(
+        return Err(keys.invalid(
             "cluster.replicas",
             format!(
                 "{replicas} is not 1, 3 or 5 (JetStream replicas; 3 survives one NATS node lost)"
@@ -545,7 +530,7 @@ fn cluster_config(
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
-        return Err(invalid(
+        return Err(keys.invalid(
             "cluster.name",
             format!("`{name}` must be 1..=32 letters, digits, '-' or '_'"),
         ));
@@ -554,13 +539,13 @@ fn cluster_config(
         c.ack_wait.map_or(DEFAULT_ACK_WAIT, |d| d.0),
         range::ACK_WAIT,
     )
-    .map_err(|e| invalid("cluster.ack_wait", e.to_string()))?;
-    let max_tasks_per_agent = count(
+    .map_err(|e| keys.invalid("cluster.ack_wait", e.to_string()))?;
+    let max_tasks_per_agent = keys.count(
         "cluster.max_tasks_per_agent",
         c.max_tasks_per_agent.unwrap_or(DEFAULT_TASKS_PER_AGENT),
         range::TASKS_PER_AGENT,
     )? as u32;
-    let max_result_store = count(
+    let max_result_store = keys.count(
         "cluster.max_result_store",
         c.max_result_store.map_or(DEFAULT_RESULT_STORE, |b| b.0),
         range::RESULT_STORE,
@@ -578,49 +563,69 @@ fn cluster_config(
     })
 }
 
+/// The errors of one config file: each names the file and the key.
+struct Keys<'a>(&'a Path);
+
+impl Keys<'_> {
+    fn invalid(&self, key: &str, reason: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.0.to_path_buf(),
+            key: key.into(),
+            reason,
+        }
+    }
+
+    /// `v` if it is within `r`.
+    fn count(&self, key: &str, v: u64, r: (u64, u64)) -> Result<u64, ConfigError> {
+        check_count(v, r).map_err(|e| self.invalid(key, e.to_string()))
+    }
+
+    /// `v`, or `default` when absent, if it is within `r`.
+    fn duration(
+        &self,
+        key: &str,
+        v: Option<HumanDuration>,
+        default: Duration,
+        r: (Duration, Duration),
+    ) -> Result<Duration, ConfigError> {
+        check_duration(v.map_or(default, |d| d.0), r).map_err(|e| self.invalid(key, e.to_string()))
+    }
+}
+
 /// Validates `[dedup]`; `path` names errors.
 fn dedup_limits(d: &DedupFile, path: &Path) -> Result<DedupLimits, ConfigError> {
-    let invalid = |key: &str, reason: String| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        key: key.into(),
-        reason,
-    };
-    let count = |key: &str, v: u64, r: (u64, u64)| {
-        check_count(v, r).map_err(|e| invalid(key, e.to_string()))
-    };
-    let duration = |key: &str, v: Option<HumanDuration>, default: Duration, r| {
-        check_duration(v.map_or(default, |d| d.0), r).map_err(|e| invalid(key, e.to_string()))
-    };
+    let keys = Keys(path);
+
     let dedup = DedupLimits {
-        remember: duration(
+        remember: keys.duration(
             "dedup.remember",
             d.remember,
             DEFAULT_REMEMBER,
             range::REMEMBER,
         )?,
-        max_entries: count(
+        max_entries: keys.count(
             "dedup.max_entries",
             d.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES) as u64,
             range::MAX_ENTRIES,
         )? as usize,
-        max_result: count(
+        max_result: keys.count(
             "dedup.max_result",
             d.max_result.map_or(DEFAULT_MAX_RESULT, |b| b.0),
             range::DEDUP_BYTES,
         )?,
-        max_memory: count(
+        max_memory: keys.count(
             "dedup.max_memory",
             d.max_memory.map_or(DEFAULT_MAX_MEMORY, |b| b.0),
             range::DEDUP_BYTES,
         )?,
-        hold_input: count(
+        hold_input: keys.count(
             "dedup.hold_input",
             d.hold_input.map_or(DEFAULT_HOLD_INPUT, |b| b.0),
             range::HOLD_INPUT,
         )?,
     };
     if dedup.max_result > dedup.max_memory {
-        return Err(invalid(
+        return Err(keys.invalid(
             "dedup.max_result",
             format!(
                 "{} bytes is more than dedup.max_memory ({} bytes); one result must fit in the whole memory",
