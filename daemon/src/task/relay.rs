@@ -306,21 +306,25 @@ async fn relay<S: Future<Output = u64> + Unpin>(
     deduplicated: bool,
 ) {
     let (agent, task, id) = (ts.agent, ts.task, ts.id);
-    let mut messages = match live {
-        Some(sub) => Source::Live(sub),
-        None => match cluster.results(key).await {
-            Ok(m) => Source::Stored(Box::new(m)),
-            Err(e) => return unavailable_accepted(ts, tally, &e).await,
-        },
-    };
+    // The output's source: the live subscription, else (`None`) the stored messages,
+    // read from the start when the loop comes round.
+    let mut messages = live.map(Source::Live);
     let mut attempt = from;
     let mut sent = 0u64;
     let mut confirmed = false;
     let mut rereads = 0;
     let quiet = cluster.config.ack_wait;
     let trailer = loop {
+        let source = match &mut messages {
+            Some(m) => m,
+            None => match cluster.results(key).await {
+                Ok(m) => messages.insert(Source::Stored(Box::new(m))),
+                Err(e) => return unavailable_accepted(ts, tally, &e).await,
+            },
+        };
+        let live = source.is_live();
         let next = tokio::select! {
-            n = tokio::time::timeout(quiet, messages.next()) => n,
+            n = tokio::time::timeout(quiet, source.next()) => n,
             code = &mut *stopped => {
                 ts.stopped(tally, code, "while its output was relayed from the cluster; it runs on, and a retry of the id gets its result");
                 return;
@@ -352,10 +356,7 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                     // Recorded, but output is missing here: the reader lost messages
                     // while a NATS node went away. Read again from the start.
                     rereads += 1;
-                    messages = match cluster.results(key).await {
-                        Ok(m) => Source::Stored(Box::new(m)),
-                        Err(e) => return unavailable_accepted(ts, tally, &e).await,
-                    };
+                    messages = None;
                     continue;
                 }
                 Ok(Some(_)) => continue,
@@ -378,10 +379,7 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                     return unavailable_accepted(ts, tally, &e).await;
                 }
                 warn!(agent, task, id, error = %e, "reading the task's output again");
-                messages = match cluster.results(key).await {
-                    Ok(m) => Source::Stored(Box::new(m)),
-                    Err(e) => return unavailable_accepted(ts, tally, &e).await,
-                };
+                messages = None;
                 continue;
             }
             Ok(Some(Ok(msg))) => msg,
@@ -423,11 +421,8 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                     Some(o) if o == sent => {}
                     Some(o) if o < sent => continue,
                     // The live subscription missed a message: read the stored ones.
-                    Some(_) if messages.is_live() => {
-                        messages = match cluster.results(key).await {
-                            Ok(m) => Source::Stored(Box::new(m)),
-                            Err(e) => return unavailable_accepted(ts, tally, &e).await,
-                        };
+                    Some(_) if live => {
+                        messages = None;
                         continue;
                     }
                     _ => {
@@ -450,11 +445,8 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                 Ok(end) if end.trailer.output_bytes == sent || end.trailer.error.is_some() => {
                     break end.trailer
                 }
-                Ok(_) if messages.is_live() => {
-                    messages = match cluster.results(key).await {
-                        Ok(m) => Source::Stored(Box::new(m)),
-                        Err(e) => return unavailable_accepted(ts, tally, &e).await,
-                    };
+                Ok(_) if live => {
+                    messages = None;
                     continue;
                 }
                 Ok(_) | Err(_) => {
