@@ -180,3 +180,77 @@ pub async fn start_agent(
         task,
     })
 }
+
+/// A NATS JetStream node's config for the benchmarks and tests: `sync_interval:
+/// always`, file storage in `store`, and with `cluster` (its cluster name, route port
+/// and every node's route URL) a member of a cluster.
+pub fn nats_conf(
+    server_name: &str,
+    ports: NatsPorts,
+    store: &Path,
+    cluster: Option<(&str, &[String])>,
+) -> String {
+    let NatsPorts {
+        client,
+        route,
+        monitor,
+    } = ports;
+    let mut conf = format!(
+        "server_name: {server_name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n\
+         jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+        store.display()
+    );
+    if let Some((name, routes)) = cluster {
+        conf.push_str(&format!(
+            "cluster {{\n  name: {name}\n  listen: 127.0.0.1:{route}\n  routes: [{}]\n}}\n",
+            routes.join(", ")
+        ));
+    }
+    conf
+}
+
+/// The loopback ports of one NATS node.
+#[derive(Debug, Clone, Copy)]
+pub struct NatsPorts {
+    /// Where clients connect.
+    pub client: u16,
+    /// Where the other nodes of its cluster connect.
+    pub route: u16,
+    /// The monitoring port (`/healthz`).
+    pub monitor: u16,
+}
+
+impl NatsPorts {
+    /// Three free ports (bound, then let go).
+    pub fn free() -> std::io::Result<Self> {
+        let free = || -> std::io::Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        Ok(Self {
+            client: free()?,
+            route: free()?,
+            monitor: free()?,
+        })
+    }
+
+    /// This node's route URL, as the others list it.
+    pub fn route_url(&self) -> String {
+        format!("nats-route://127.0.0.1:{}", self.route)
+    }
+}
+
+/// The status code of `GET /healthz` on a NATS monitoring port (200 once JetStream is
+/// ready), or `None` while it does not answer.
+pub fn nats_health(monitor: u16) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", monitor)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok()?;
+    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.split_whitespace().nth(1)?.parse().ok()
+}

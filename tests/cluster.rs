@@ -805,6 +805,11 @@ fn updraftd_ok(args: &[&str], config: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `updraftd agents --json --id ID` on the replica with `config`.
+fn agent_json(config: &Path, id: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", id], config)).ok()
+}
+
 /// A board `id` whose only `[[cloud]]` is `daemon`, without a certificate yet.
 fn board_home(dir: &Path, id: &str, daemon: &str) -> PathBuf {
     let home = dir.join(id);
@@ -935,8 +940,7 @@ async fn tokens_and_pushed_policies_work_through_any_replica() {
     // A token bound to e-1, redeemed through replica 0, replaces its certificate: the
     // old one is denied on replica 1, where e-1 enrolled.
     let old = wait_for("replica 0 to know e-1's certificate", WAIT, || {
-        let a: serde_json::Value =
-            serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", "e-1"], &c0)).ok()?;
+        let a = agent_json(&c0, "e-1")?;
         a["cert_serial"].as_str().map(str::to_string)
     });
     let t4 = updraftd_ok(&["token", "create", "--agent-id", "e-1"], &c1)
@@ -958,9 +962,7 @@ async fn tokens_and_pushed_policies_work_through_any_replica() {
         "replica 1 to see e-1 report through replica 0",
         WAIT,
         || {
-            let a: serde_json::Value =
-                serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", "e-1"], &c1))
-                    .ok()?;
+            let a = agent_json(&c1, "e-1")?;
             (a["version"].is_string() && a["connected_to"] == 0).then_some(())
         },
     );
@@ -973,9 +975,7 @@ async fn tokens_and_pushed_policies_work_through_any_replica() {
         "e-1 to run the policy pushed through replica 1",
         WAIT,
         || {
-            let a: serde_json::Value =
-                serde_json::from_str(&updraftd_ok(&["agents", "--json", "--id", "e-1"], &c1))
-                    .ok()?;
+            let a = agent_json(&c1, "e-1")?;
             (a["policy"]["hash"] == hash && a["policy"]["source"] == "pushed").then_some(())
         },
     );

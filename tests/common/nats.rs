@@ -4,11 +4,10 @@
 //! Nodes can be killed with SIGKILL and started again on the same ports and store.
 
 use super::{wait_for, Proc};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+use updraft::harness::{nats_conf, nats_health, NatsPorts};
 
 /// The `nats-server` to run: `UPDRAFT_NATS_SERVER`, else the one on PATH.
 fn server_bin() -> Option<PathBuf> {
@@ -33,15 +32,6 @@ pub fn available() -> bool {
     false
 }
 
-/// A free TCP port on loopback (bound, then let go).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One node: its ports, config and process.
 pub struct Node {
     pub port: u16,
@@ -60,31 +50,22 @@ impl Nats {
     /// Starts three nodes and waits until JetStream is ready on each.
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16, u16)> = (0..3)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
-        let routes: Vec<String> = ports
-            .iter()
-            .map(|(_, c, _)| format!("nats-route://127.0.0.1:{c}"))
-            .collect();
+        let ports: Vec<NatsPorts> = (0..3).map(|_| NatsPorts::free().unwrap()).collect();
+        let routes: Vec<String> = ports.iter().map(NatsPorts::route_url).collect();
         let mut nodes = Vec::new();
-        for (i, (port, cluster, monitor)) in ports.iter().enumerate() {
+        for (i, p) in ports.iter().enumerate() {
             let store = dir.path().join(format!("n{i}"));
             let conf = dir.path().join(format!("n{i}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\n\
-                     jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
-                     cluster {{\n  name: updraft-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
-                    store.display(),
-                    routes.join(", ")
-                ),
-            )
-            .unwrap();
+            let text = nats_conf(
+                &format!("n{i}"),
+                *p,
+                &store,
+                Some(("updraft-test", &routes)),
+            );
+            std::fs::write(&conf, text).unwrap();
             nodes.push(Node {
-                port: *port,
-                monitor: *monitor,
+                port: p.client,
+                monitor: p.monitor,
                 conf,
                 proc: None,
             });
@@ -130,18 +111,7 @@ impl Nats {
         wait_for(
             &format!("NATS node n{i} to be healthy"),
             Duration::from_secs(60),
-            || (health(port) == Some(200)).then_some(()),
+            || (nats_health(port) == Some(200)).then_some(()),
         );
     }
-}
-
-/// The status code of `GET /healthz` on the monitoring port.
-fn health(port: u16) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    text.split_whitespace().nth(1)?.parse().ok()
 }
