@@ -1039,3 +1039,33 @@ async fn one_agent_past_its_limit_is_told_busy_and_others_are_served() {
         }
     }
 }
+
+/// Many tasks at once through one replica, pulled by its own worker as fast as the
+/// queue gives them: every one finishes. A worker that read a task's claim from a NATS
+/// node that had not yet applied its creation took the task for a forgotten one and
+/// dropped it, and the agent waited for ever; claims are read from the stream leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_through_one_replica_loses_no_task() {
+    if !common::nats::available() {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().await;
+    let r = Replicas::start(1, 64);
+    let ep = endpoint();
+    let conn = r.connect(&ep, &r.agent("board-b"), 0).await;
+    let jobs: Vec<_> = (0..64)
+        .map(|w| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                for t in 0..25 {
+                    let id = format!("b{w}-{t}");
+                    let (out, trailer) = run_task(&conn, &id, "echo", id.as_bytes()).await;
+                    assert_eq!(out, id.as_bytes(), "{id}: {trailer:?}");
+                }
+            })
+        })
+        .collect();
+    for j in jobs {
+        j.await.unwrap();
+    }
+}

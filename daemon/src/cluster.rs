@@ -198,17 +198,13 @@ impl Cluster {
         }
     }
 
-    /// The claim of `key` and its revision, if any.
+    /// The claim of `key` and its revision, if any (read as [`latest`] reads).
     pub(crate) async fn read(&self, key: &str) -> Result<Option<(Claim, u64)>, StoreError> {
-        let entry = retry("read a task claim", || self.claims.entry(key))
-            .await
-            .map_err(Retried::into_error)?;
-        let Some(entry) = entry else { return Ok(None) };
-        if !matches!(entry.operation, kv::Operation::Put) {
+        let Some((value, revision)) = latest(&self.claims, key, "read a task claim").await? else {
             return Ok(None);
-        }
-        match Claim::decode(&entry.value) {
-            Ok(claim) => Ok(Some((claim, entry.revision))),
+        };
+        match Claim::decode(&value) {
+            Ok(claim) => Ok(Some((claim, revision))),
             Err(e) => {
                 warn!(key, error = %e, "a task claim in the store does not decode; treating the id as unknown");
                 Ok(None)
@@ -346,6 +342,33 @@ impl Cluster {
     pub(crate) fn work_stream(&self) -> &stream::Stream {
         &self.work_stream
     }
+}
+
+/// The value of `key` in `bucket` and its revision, if the key is there, read from the
+/// bucket's stream leader. The key-value client's own reads are direct gets any node
+/// may answer, and a node that has not yet applied a write answers with the value
+/// before it, or "no such key" for one just created (a worker then took a task just
+/// queued for a forgotten one and dropped it). `what` names the call in errors.
+pub(crate) async fn latest(
+    bucket: &kv::Store,
+    key: &str,
+    what: &'static str,
+) -> Result<Option<(Bytes, u64)>, StoreError> {
+    let subject = format!("{}{key}", bucket.prefix);
+    let got = retry(what, || {
+        bucket.stream.get_last_raw_message_by_subject(&subject)
+    })
+    .await;
+    let message = match got {
+        Ok(m) => m,
+        Err(Retried::Answer(_)) => return Ok(None),
+        Err(e) => return Err(e.into_error()),
+    };
+    let operation = message.headers.get("KV-Operation").map(|v| v.as_str());
+    if matches!(operation, Some("DEL" | "PURGE")) {
+        return Ok(None);
+    }
+    Ok(Some((message.payload, message.sequence)))
 }
 
 /// A NATS client for `c`, named for this replica (`who`): it keeps reconnecting while
@@ -541,6 +564,12 @@ fn wrong_sequence(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl CallError for kv::EntryError {}
+
+impl CallError for stream::LastRawMessageError {
+    fn is_answer(&self) -> bool {
+        self.kind() == stream::LastRawMessageErrorKind::NoMessageFound
+    }
+}
 impl CallError for kv::PutError {}
 impl CallError for jetstream::context::PublishError {}
 impl CallError for stream::ConsumerError {}

@@ -93,19 +93,20 @@ impl SharedEnroll {
         }
     }
 
-    /// The value of `key` and its revision.
+    /// The value of `key` and its revision (read from the stream leader, as
+    /// [`super::latest`] reads).
     async fn read<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
     ) -> Result<Option<(T, u64)>, TokenError> {
-        let entry = retry("read enrollment state", || self.bucket.entry(key))
+        let Some((value, revision)) = super::latest(&self.bucket, key, "read enrollment state")
             .await
-            .map_err(|e| self.store_err(e.into_error()))?;
-        let Some(entry) = entry.filter(|e| matches!(e.operation, kv::Operation::Put)) else {
+            .map_err(|e| self.store_err(e))?
+        else {
             return Ok(None);
         };
-        serde_json::from_slice(&entry.value)
-            .map(|v| Some((v, entry.revision)))
+        serde_json::from_slice(&value)
+            .map(|v| Some((v, revision)))
             .map_err(|e| self.store_err(format!("{key} does not decode: {e}")))
     }
 
