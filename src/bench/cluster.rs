@@ -1,11 +1,13 @@
 //! `updraft bench cluster`: what cluster mode costs. The same empty `echo` offload as
 //! `bench offload` (the agent's real offload path over one warm connection), against:
 //!
-//! - a single daemon without `[cluster]`: the baseline every ratio is taken against;
-//! - one replica on a one-node NATS (JetStream R1);
-//! - one replica on a three-node NATS cluster (R3, `sync_interval: always`);
-//! - three replicas on that R3 cluster (the agent talks to one; the work queue spreads);
-//! - the `idempotent` fast path on the three replicas (no store at all).
+//! - a single daemon without `[cluster]`: the baseline every ratio is taken against,
+//!   measured in turns with the `idempotent` fast path on three replicas (no store at
+//!   all), while the three NATS nodes run;
+//! - three replicas on a three-node NATS cluster (R3, `sync_interval: always`; the
+//!   agent talks to one, the work queue spreads);
+//! - one replica on that R3 cluster;
+//! - one replica on a one-node NATS (JetStream R1).
 //!
 //! Beside them, the store's own round trips as the task path makes them (KV create,
 //! KV compare-and-set, JetStream publish with its ack, an ordered consumer's creation),
@@ -53,39 +55,35 @@ const TASKS: &str = "max_concurrent_tasks = 64\nmax_queued_tasks = 4096\n\
 /// Runs the benchmark and prints a table, or one JSON line with `json`.
 pub async fn run(json: bool) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("temporary directory for the benchmark")?;
-    let pki = Pki::create(dir.path()).context("throwaway certificates")?;
-    let mut rows = Vec::new();
-    rows.push(setup(&pki, dir.path(), "single daemon", None, 1, "echo").await?);
-    let r1 = Nats::start(dir.path(), "r1", 1)?;
-    rows.push(setup(&pki, dir.path(), "1 replica, NATS R1", Some(&r1), 1, "echo").await?);
-    let store_r1 = store_round_trips(&r1, 1).await?;
-    drop(r1);
-    let r3 = Nats::start(dir.path(), "r3", 3)?;
-    rows.push(setup(&pki, dir.path(), "1 replica, NATS R3", Some(&r3), 1, "echo").await?);
-    rows.push(
-        setup(
-            &pki,
-            dir.path(),
-            "3 replicas, NATS R3",
-            Some(&r3),
-            3,
-            "echo",
-        )
-        .await?,
-    );
-    rows.push(
-        setup(
-            &pki,
-            dir.path(),
-            "3 replicas, idempotent",
-            Some(&r3),
-            3,
-            "pure",
-        )
-        .await?,
-    );
+    let d = dir.path();
+    let pki = Pki::create(d).context("throwaway certificates")?;
+    let r3 = Nats::start(d, "r3", 3)?;
+    // The single daemon and the idempotent path side by side, their samples taken in
+    // turns, so that the same machine noise (three NATS nodes included) falls on both.
+    let single = start(&pki, d, None).await?;
+    let replicas = start(&pki, d, Some((&r3, 3))).await?;
+    let mut rows = measure(
+        &pki,
+        &[
+            ("single daemon", single[0].addr, "echo"),
+            ("3 replicas, idempotent", replicas[0].addr, "pure"),
+        ],
+    )
+    .await?;
+    stop(single).await?;
+    rows.extend(measure(&pki, &[("3 replicas, NATS R3", replicas[0].addr, "echo")]).await?);
+    stop(replicas).await?;
+    let one = start(&pki, d, Some((&r3, 1))).await?;
+    rows.extend(measure(&pki, &[("1 replica, NATS R3", one[0].addr, "echo")]).await?);
+    stop(one).await?;
     let store_r3 = store_round_trips(&r3, 3).await?;
     drop(r3);
+    let r1 = Nats::start(d, "r1", 1)?;
+    let one = start(&pki, d, Some((&r1, 1))).await?;
+    rows.extend(measure(&pki, &[("1 replica, NATS R1", one[0].addr, "echo")]).await?);
+    stop(one).await?;
+    let store_r1 = store_round_trips(&r1, 1).await?;
+    drop(r1);
     print(&rows, &[("R1", store_r1), ("R3", store_r3)], json);
     Ok(())
 }
@@ -97,24 +95,20 @@ struct Row {
     rates: Vec<f64>,
 }
 
-/// Starts `replicas` daemons (cluster mode on `nats`, or one plain daemon), connects
-/// the agent's uplink to the first, and measures task `task`.
-async fn setup(
+/// Starts one plain daemon, or `replicas` daemons in cluster mode on `nats`.
+async fn start(
     pki: &Pki,
     dir: &Path,
-    name: &'static str,
-    nats: Option<&Nats>,
-    replicas: usize,
-    task: &'static str,
-) -> anyhow::Result<Row> {
+    cluster: Option<(&Nats, usize)>,
+) -> anyhow::Result<Vec<harness::DaemonHandle>> {
     static SETUP: AtomicUsize = AtomicUsize::new(0);
     let n = SETUP.fetch_add(1, Ordering::Relaxed);
     let mut daemons = Vec::new();
-    for i in 0..replicas {
+    for i in 0..cluster.map_or(1, |c| c.1) {
         let state = dir.join(format!("setup{n}-d{i}"));
         std::fs::create_dir_all(&state)?;
-        let cluster = match nats {
-            Some(nats) => format!(
+        let table = match cluster {
+            Some((nats, _)) => format!(
                 "[cluster]\nnats = {}\nserver_id = {i}\nreplicas = {}\nname = \"bench{n}\"\n",
                 nats.urls_toml(),
                 nats.nodes.len()
@@ -122,79 +116,110 @@ async fn setup(
             None => String::new(),
         };
         // Tables after the top-level keys: the tasks, then `[cluster]`.
-        let extra = format!("{TASKS}{cluster}");
+        let extra = format!("{TASKS}{table}");
         daemons.push(harness::start_daemon(pki, &state, &extra).await?);
     }
-    eprintln!("bench cluster: measuring {name}");
-    let shutdown = CancellationToken::new();
-    let result = measure(pki, daemons[0].addr, name, task, &shutdown).await;
-    shutdown.cancel();
+    Ok(daemons)
+}
+
+async fn stop(daemons: Vec<harness::DaemonHandle>) -> anyhow::Result<()> {
     for d in daemons {
         d.shutdown().await.context("daemon shutdown")?;
     }
-    if let Ok(r) = &result {
-        eprintln!(
-            "bench cluster: {name}: p50 {} us, p99 {} us, {:.0} tasks/s",
-            r.latency.value_at_quantile(0.5),
-            r.latency.value_at_quantile(0.99),
-            median(&r.rates)
-        );
+    Ok(())
+}
+
+/// Blocks of sequential tasks per setup, taken in turns.
+const LATENCY_BLOCK: usize = 100;
+
+/// Measures each setup `(name, daemon address, task)` through an agent uplink of its
+/// own: latency blocks and throughput rounds taken in turns across the setups.
+async fn measure(
+    pki: &Pki,
+    setups: &[(&'static str, SocketAddr, &'static str)],
+) -> anyhow::Result<Vec<Row>> {
+    let shutdown = CancellationToken::new();
+    let result = measure_with(pki, setups, &shutdown).await;
+    shutdown.cancel();
+    if let Ok(rows) = &result {
+        for r in rows {
+            eprintln!(
+                "bench cluster: {}: p50 {} us, p99 {} us, {:.0} tasks/s",
+                r.name,
+                r.latency.value_at_quantile(0.5),
+                r.latency.value_at_quantile(0.99),
+                median(&r.rates)
+            );
+        }
     }
     result
 }
 
-async fn measure(
+async fn measure_with(
     pki: &Pki,
-    addr: SocketAddr,
-    name: &'static str,
-    task: &'static str,
+    setups: &[(&'static str, SocketAddr, &'static str)],
     shutdown: &CancellationToken,
-) -> anyhow::Result<Row> {
-    let uplink = Uplink::new(
-        &pki.agent_identity()?,
-        vec![CloudTarget {
-            address: addr.to_string(),
-            server_name: "localhost".into(),
-        }],
-        LinkConfig::default(),
-    )?;
-    uplink.start(shutdown.clone());
-    anyhow::ensure!(
-        // Replicas set up their store before they serve; on a slow R3 that takes a while.
-        uplink.wait_usable(Duration::from_secs(90)).await,
-        "the agent's uplink did not connect to the daemon ({name})"
-    );
-    let path = Arc::new(OffloadPath {
-        conn: uplink.pick().context("no usable daemon connection")?.conn,
-        cfg: uplink.config().clone(),
-        task,
-    });
-    let mut latency = new_histogram()?;
-    bounded_for(PHASE_LIMIT, "warm-up", async {
-        for _ in 0..WARMUP {
-            offload_once(&path).await?;
-        }
-        Ok(())
-    })
-    .await?;
-    bounded_for(PHASE_LIMIT, "latency", async {
-        for _ in 0..LATENCY_SAMPLES {
-            let start = Instant::now();
-            offload_once(&path).await?;
-            latency.saturating_record(start.elapsed().as_micros() as u64);
-        }
-        Ok(())
-    })
-    .await?;
-    let mut rates = Vec::new();
-    for _ in 0..ROUNDS {
-        rates.push(bounded_for(PHASE_LIMIT, "throughput", concurrent(&path)).await?);
+) -> anyhow::Result<Vec<Row>> {
+    let mut paths = Vec::new();
+    let mut rows = Vec::new();
+    for &(name, addr, task) in setups {
+        eprintln!("bench cluster: measuring {name}");
+        let uplink = Uplink::new(
+            &pki.agent_identity()?,
+            vec![CloudTarget {
+                address: addr.to_string(),
+                server_name: "localhost".into(),
+            }],
+            LinkConfig::default(),
+        )?;
+        uplink.start(shutdown.clone());
+        anyhow::ensure!(
+            // Replicas set up their store before they serve; on a slow R3 that takes a while.
+            uplink.wait_usable(Duration::from_secs(90)).await,
+            "the agent's uplink did not connect to the daemon ({name})"
+        );
+        let path = Arc::new(OffloadPath {
+            conn: uplink.pick().context("no usable daemon connection")?.conn,
+            cfg: uplink.config().clone(),
+            task,
+        });
+        bounded_for(PHASE_LIMIT, "warm-up", async {
+            for _ in 0..WARMUP {
+                offload_once(&path).await?;
+            }
+            Ok(())
+        })
+        .await?;
+        paths.push((uplink, path));
+        rows.push(Row {
+            name,
+            latency: new_histogram()?,
+            rates: Vec::new(),
+        });
     }
-    Ok(Row {
-        name,
-        latency,
-        rates,
-    })
+    for block in 0..LATENCY_SAMPLES / LATENCY_BLOCK {
+        for k in 0..paths.len() {
+            // Who goes first alternates, so neither always follows the other.
+            let i = (k + block) % paths.len();
+            let latency = &mut rows[i].latency;
+            bounded_for(PHASE_LIMIT, "latency", async {
+                for _ in 0..LATENCY_BLOCK {
+                    let start = Instant::now();
+                    offload_once(&paths[i].1).await?;
+                    latency.saturating_record(start.elapsed().as_micros() as u64);
+                }
+                Ok(())
+            })
+            .await?;
+        }
+    }
+    for _ in 0..ROUNDS {
+        for (i, (_, path)) in paths.iter().enumerate() {
+            let rate = bounded_for(PHASE_LIMIT, "throughput", concurrent(path)).await?;
+            rows[i].rates.push(rate);
+        }
+    }
+    Ok(rows)
 }
 
 /// [`THROUGHPUT_REQUESTS`] tasks by [`CONCURRENCY`] workers; tasks per second.
