@@ -26,6 +26,8 @@ use updraft_shared::exec::Output;
 
 /// How long one pull request waits at the server before it is renewed.
 const PULL_FOR: Duration = Duration::from_secs(5);
+/// Handlings of work messages by this process, numbering each one's claim writes.
+static HANDLINGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Output messages in flight (published, not yet stored) per run.
 const MAX_UNACKED: usize = 64;
 
@@ -135,7 +137,14 @@ async fn handle(shared: &Shared, cluster: &Cluster, msg: jetstream::Message) {
             return;
         }
     };
-    let by = format!("{}-w", cluster.nonce);
+    // Unique to this handling: a compare-and-set whose answer was lost is recognised by
+    // reading back this very value, which no other handling (of a second delivery on
+    // this replica) may write too.
+    let by = format!(
+        "{}-w{}",
+        cluster.nonce,
+        HANDLINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let delivery = msg.info().map_or(1, |i| i.delivered.max(1) as u64);
     let taken = claim::take(
         current.as_ref().map(|c| &c.0),
