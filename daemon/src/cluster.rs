@@ -32,6 +32,9 @@ use std::future::Future;
 use std::time::Duration;
 use tracing::{debug, info, warn};
 
+/// How often a compare-and-set refused while the claim is still at the expected
+/// revision is tried again (see [`Cluster::update`]).
+const SPURIOUS_REFUSALS: usize = 20;
 /// How long one store call is retried (with backoff) before the task fails: long
 /// enough for a NATS node to be replaced by its peers (an election takes seconds).
 const RETRY_FOR: Duration = Duration::from_secs(30);
@@ -214,6 +217,12 @@ impl Cluster {
 
     /// Replaces the claim of `key` if it is still at `revision`: `Ok(Some(new
     /// revision))`, or `Ok(None)` when another replica changed it first.
+    ///
+    /// A refusal is checked against the claim as the stream leader has it: our own
+    /// write that landed and lost its answer reads back as this very value; a claim
+    /// still at `revision` means the refusal was not a lost race (NATS 2.12 refuses a
+    /// write to a subject with another write to it still in flight, error 10164, even
+    /// when the expected revision is right), and the write is tried again.
     pub(crate) async fn update(
         &self,
         key: &str,
@@ -221,21 +230,31 @@ impl Cluster {
         revision: u64,
     ) -> Result<Option<u64>, StoreError> {
         let value = claim.encode();
-        match retry("update a task claim", || {
-            self.claims.update(key, value.clone(), revision)
-        })
-        .await
-        {
-            Ok(r) => Ok(Some(r)),
-            Err(Retried::Answer(_)) => {
-                // A try that landed and lost its answer reads back as this very value.
-                match self.read(key).await? {
-                    Some((now, r)) if now == *claim => Ok(Some(r)),
-                    _ => Ok(None),
+        let mut pause = Duration::from_millis(1);
+        for _ in 0..SPURIOUS_REFUSALS {
+            let answer = match retry("update a task claim", || {
+                self.claims.update(key, value.clone(), revision)
+            })
+            .await
+            {
+                Ok(r) => return Ok(Some(r)),
+                Err(Retried::Answer(answer)) => answer,
+                Err(Retried::Failed(e)) => return Err(e),
+            };
+            match self.read(key).await? {
+                Some((now, r)) if now == *claim => return Ok(Some(r)),
+                Some((_, r)) if r == revision => {
+                    debug!(key, revision, answer, "a task claim's compare-and-set was refused at the right revision; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
                 }
+                _ => return Ok(None),
             }
-            Err(Retried::Failed(e)) => Err(e),
         }
+        Err(StoreError::new(
+            "update a task claim",
+            format!("refused {SPURIOUS_REFUSALS} times at the revision it holds"),
+        ))
     }
 
     /// Removes the claim of `key` (a run that was never queued).
