@@ -731,10 +731,6 @@ impl Enroller {
         ),
         CertReply,
     > {
-        let reject = |code, message: String| CertReply::Rejected {
-            code,
-            message: bounded_message(message),
-        };
         if let Err(e) = request.validate() {
             return Err(reject(ErrorCode::BadRequest, e.to_string()));
         }
@@ -759,14 +755,19 @@ impl Enroller {
         Ok((issuer, csr, agent_id))
     }
 
+    /// The live certificate of `agent_id` in this daemon's records, if any; a record
+    /// that cannot be read refuses the enrollment (logged).
+    fn held_here(&self, agent_id: &str, now: SystemTime) -> Result<Option<IssuedCert>, CertReply> {
+        self.issued.live(agent_id, now).map_err(|e| {
+            warn!(agent = agent_id, error = %e, "enrollment refused");
+            reject(ErrorCode::Internal, e.to_string())
+        })
+    }
+
     fn answer(&self, request: &CertRequest, asker: Asker<'_>, now: SystemTime) -> CertReply {
         let renewing = match asker {
             Asker::Renewing(id) => Some(id),
             Asker::Enrolling(_) => None,
-        };
-        let reject = |code, message: String| CertReply::Rejected {
-            code,
-            message: bounded_message(message),
         };
         let (issuer, csr, agent_id) = match self.prepare(request, asker) {
             Ok(p) => p,
@@ -781,25 +782,14 @@ impl Enroller {
             .then(|| ENROLLING.lock().unwrap_or_else(|e| e.into_inner()));
         if renewing.is_none() {
             let Some(token) = &request.token else {
-                return reject(
-                    ErrorCode::BadToken,
-                    "enrollment needs a token: create one with `updraftd token create`".into(),
-                );
+                return no_token();
             };
-            held = match self.issued.live(&agent_id, now) {
+            held = match self.held_here(&agent_id, now) {
                 Ok(h) => h,
-                Err(e) => {
-                    warn!(agent = agent_id, error = %e, "enrollment refused");
-                    return reject(ErrorCode::Internal, e.to_string());
-                }
+                Err(reply) => return reply,
             };
             if let Err(e) = self.tokens.redeem(token, &agent_id, held.as_ref(), now) {
-                let code = match e {
-                    TokenError::Store { .. } => ErrorCode::Internal,
-                    _ => ErrorCode::BadToken,
-                };
-                warn!(agent = agent_id, error = %e, "enrollment refused");
-                return reject(code, e.to_string());
+                return token_refused(&agent_id, e);
             }
         }
         let cert = match pki::sign_request(issuer, csr, &agent_id, self.lifetime) {
@@ -860,18 +850,6 @@ impl Enroller {
         now: SystemTime,
         shared: &SharedEnroll,
     ) -> CertReply {
-        let reject = |code, message: String| CertReply::Rejected {
-            code,
-            message: bounded_message(message),
-        };
-        let refuse = |agent_id: &str, e: TokenError| {
-            let code = match e {
-                TokenError::Store { .. } => ErrorCode::Internal,
-                _ => ErrorCode::BadToken,
-            };
-            warn!(agent = agent_id, error = %e, "enrollment refused");
-            reject(code, e.to_string())
-        };
         let (issuer, csr, agent_id) = match self.prepare(request, asker) {
             Ok(p) => p,
             Err(reply) => return reply,
@@ -880,21 +858,18 @@ impl Enroller {
         let mut joining = Joining::Renewal;
         if let Asker::Enrolling(_) = asker {
             let Some(token) = &request.token else {
-                return reject(
-                    ErrorCode::BadToken,
-                    "enrollment needs a token: create one with `updraftd token create`".into(),
-                );
+                return no_token();
             };
-            let here = match self.issued.live(&agent_id, now) {
+            let here = match self.held_here(&agent_id, now) {
                 Ok(h) => h,
-                Err(e) => return reject(ErrorCode::Internal, e.to_string()),
+                Err(reply) => return reply,
             };
             held = match shared.held(&agent_id, now).await {
                 Ok(h) => h.into_iter().chain(here).max_by_key(|c| c.not_after_ms),
-                Err(e) => return refuse(&agent_id, e),
+                Err(e) => return token_refused(&agent_id, e),
             };
             if let Err(e) = shared.redeem(token, &agent_id, held.as_ref(), now).await {
-                return refuse(&agent_id, e);
+                return token_refused(&agent_id, e);
             }
             joining = match held {
                 Some(_) => Joining::Replacing,
@@ -923,7 +898,7 @@ impl Enroller {
                 }
             }
             Ok(Err(live)) => {
-                return refuse(
+                return token_refused(
                     &agent_id,
                     TokenError::IdHeld {
                         agent: agent_id.clone(),
@@ -931,7 +906,7 @@ impl Enroller {
                     },
                 )
             }
-            Err(e) => return refuse(&agent_id, e),
+            Err(e) => return token_refused(&agent_id, e),
         }
         self.note_issued(&agent_id, &cert, asker, held.as_ref(), now);
         CertReply::Issued {
@@ -984,6 +959,33 @@ impl Enroller {
             warn!(agent = agent_id, error = %e, "issued a certificate but could not record it: an unbound token could take this agent id over while the certificate is valid");
         }
     }
+}
+
+/// A refusal, its message bounded for the wire.
+fn reject(code: ErrorCode, message: String) -> CertReply {
+    CertReply::Rejected {
+        code,
+        message: bounded_message(message),
+    }
+}
+
+/// An enrollment request that came without a token.
+fn no_token() -> CertReply {
+    reject(
+        ErrorCode::BadToken,
+        "enrollment needs a token: create one with `updraftd token create`".into(),
+    )
+}
+
+/// An enrollment its token refused (`bad_token`), or that the token store failed
+/// (`internal`); logged.
+fn token_refused(agent_id: &str, e: TokenError) -> CertReply {
+    let code = match e {
+        TokenError::Store { .. } => ErrorCode::Internal,
+        _ => ErrorCode::BadToken,
+    };
+    warn!(agent = agent_id, error = %e, "enrollment refused");
+    reject(code, e.to_string())
 }
 
 /// What an agent whose certificate is on the deny list is told, at the handshake and
@@ -1045,10 +1047,7 @@ pub(crate) async fn serve_request(
         Ok(Ok(Some(frame))) if frame.kind == FrameKind::CertRequest => {
             match CertRequest::from_frame(&frame) {
                 Ok(request) => answer(&request).await,
-                Err(e) => CertReply::Rejected {
-                    code: ErrorCode::BadRequest,
-                    message: bounded_message(e.to_string()),
-                },
+                Err(e) => reject(ErrorCode::BadRequest, e.to_string()),
             }
         }
         Ok(Ok(Some(frame))) => CertReply::Rejected {
@@ -1059,10 +1058,7 @@ pub(crate) async fn serve_request(
             ),
         },
         Ok(Ok(None)) => return,
-        Ok(Err(e)) => CertReply::Rejected {
-            code: ErrorCode::BadRequest,
-            message: bounded_message(e.to_string()),
-        },
+        Ok(Err(e)) => reject(ErrorCode::BadRequest, e.to_string()),
         Err(_) => CertReply::Rejected {
             code: ErrorCode::BadRequest,
             message: format!("no certificate request within {REQUEST_TIMEOUT:?}"),
@@ -1087,10 +1083,7 @@ pub(crate) async fn serve_renewal(
     let store = shared.cluster.as_ref().map(|c| &c.enroll);
     let reply = match CertRequest::from_frame(frame) {
         Ok(r) => enroller.renew_in(&r, peer, SystemTime::now(), store).await,
-        Err(e) => CertReply::Rejected {
-            code: ErrorCode::BadRequest,
-            message: bounded_message(e.to_string()),
-        },
+        Err(e) => reject(ErrorCode::BadRequest, e.to_string()),
     };
     note_in_fleet(fleet, &reply, None);
     send_reply(&mut send, recv, &reply).await;
