@@ -274,17 +274,14 @@ impl Cluster {
     ) -> Result<(), StoreError> {
         let subject = format!("{}.work", self.config.name);
         let msg_id = format!("{key}.{attempt}");
-        retry("queue a task", || {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
-            let publish = self
-                .js
-                .publish_with_headers(subject.clone(), headers, work.clone());
-            async move { publish.await?.await }
-        })
+        self.publish_stored(
+            "queue a task",
+            subject,
+            async_nats::HeaderMap::new(),
+            work,
+            &msg_id,
+        )
         .await
-        .map(|_| ())
-        .map_err(Retried::into_error)
     }
 
     /// An ordered reader of every attempt's output of `key`, from the first message.
@@ -344,7 +341,22 @@ impl Cluster {
         msg_id: &str,
     ) -> Result<(), StoreError> {
         let subject = self.out_subject(key, attempt);
-        retry("store task output", || {
+        self.publish_stored("store task output", subject, headers, body, msg_id)
+            .await
+    }
+
+    /// Publishes to `subject` until the stream has stored it, retried while the store
+    /// recovers; `msg_id` makes a retry of a message that did land a duplicate the
+    /// stream drops. `what` names the call in errors.
+    async fn publish_stored(
+        &self,
+        what: &'static str,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        body: Bytes,
+        msg_id: &str,
+    ) -> Result<(), StoreError> {
+        retry(what, || {
             let mut headers = headers.clone();
             headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
             let publish = self
