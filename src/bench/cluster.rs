@@ -29,8 +29,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use updraft_agent::config::{CloudTarget, LinkConfig};
-use updraft_agent::Uplink;
 
 /// Requests before anything is measured.
 const WARMUP: usize = 100;
@@ -164,25 +162,9 @@ async fn measure_with(
     let mut rows = Vec::new();
     for &(name, addr, task) in setups {
         eprintln!("bench cluster: measuring {name}");
-        let uplink = Uplink::new(
-            &pki.agent_identity()?,
-            vec![CloudTarget {
-                address: addr.to_string(),
-                server_name: "localhost".into(),
-            }],
-            LinkConfig::default(),
-        )?;
-        uplink.start(shutdown.clone());
-        anyhow::ensure!(
-            // Replicas set up their store before they serve; on a slow R3 that takes a while.
-            uplink.wait_usable(Duration::from_secs(90)).await,
-            "the agent's uplink did not connect to the daemon ({name})"
-        );
-        let path = Arc::new(OffloadPath {
-            conn: uplink.pick().context("no usable daemon connection")?.conn,
-            cfg: uplink.config().clone(),
-            task,
-        });
+        // Replicas set up their store before they serve; on a slow R3 that takes a while.
+        let (uplink, path) =
+            OffloadPath::connect(pki, addr, task, Duration::from_secs(90), shutdown).await?;
         bounded_for(PHASE_LIMIT, "warm-up", async {
             for _ in 0..WARMUP {
                 offload_once(&path).await?;

@@ -94,25 +94,9 @@ async fn measure(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Figures> {
     // The agent's own uplink to the daemon.
-    let uplink = Uplink::new(
-        &pki.agent_identity()?,
-        vec![CloudTarget {
-            address: daemon_addr.to_string(),
-            server_name: "localhost".into(),
-        }],
-        LinkConfig::default(),
-    )?;
-    uplink.start(shutdown.clone());
-    anyhow::ensure!(
-        uplink.wait_usable(Duration::from_secs(10)).await,
-        "the agent's uplink did not connect to the in-process daemon"
-    );
-    let conn = uplink.pick().context("no usable daemon connection")?.conn;
-    let updraft = Side::Offload(Arc::new(OffloadPath {
-        conn,
-        cfg: uplink.config().clone(),
-        task: "echo",
-    }));
+    let (_uplink, path) =
+        OffloadPath::connect(pki, daemon_addr, "echo", Duration::from_secs(10), shutdown).await?;
+    let updraft = Side::Offload(path);
 
     // The baseline: a bare quinn echo server with the same certificates.
     let raw_server = raw_echo_server(pki)?;
@@ -185,6 +169,39 @@ pub(crate) struct OffloadPath {
     pub(crate) conn: quinn::Connection,
     pub(crate) cfg: LinkConfig,
     pub(crate) task: &'static str,
+}
+
+impl OffloadPath {
+    /// Starts the agent's uplink to the daemon at `addr`, waits up to `within` for it
+    /// to connect, and gives the path for `task` over its connection, with the uplink
+    /// (keep it while the path is used; `shutdown` stops it).
+    pub(crate) async fn connect(
+        pki: &Pki,
+        addr: SocketAddr,
+        task: &'static str,
+        within: Duration,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<(Uplink, Arc<Self>)> {
+        let uplink = Uplink::new(
+            &pki.agent_identity()?,
+            vec![CloudTarget {
+                address: addr.to_string(),
+                server_name: "localhost".into(),
+            }],
+            LinkConfig::default(),
+        )?;
+        uplink.start(shutdown.clone());
+        anyhow::ensure!(
+            uplink.wait_usable(within).await,
+            "the agent's uplink did not connect to the daemon at {addr} within {within:?}"
+        );
+        let path = Arc::new(OffloadPath {
+            conn: uplink.pick().context("no usable daemon connection")?.conn,
+            cfg: uplink.config().clone(),
+            task,
+        });
+        Ok((uplink, path))
+    }
 }
 
 /// What is being measured.
