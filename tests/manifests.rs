@@ -636,23 +636,12 @@ fn vm_examples_agree_and_nats_conf_passes_nats_server_t() {
 fn check_config(text: &str, env: &[(&str, &str)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let bin = common::bin("updraftd");
-    let out = Command::new(&bin)
-        .args(["ca", "init", "--dir"])
-        .arg(d.join("pki"))
-        .args(["--name", "localhost"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::ca_init(d, "pki");
     for f in ["ca.pem", "server.pem", "server.key"] {
         std::fs::copy(d.join("pki").join(f), d.join(f)).unwrap();
     }
     std::fs::write(d.join("daemon.toml"), text).unwrap();
-    let out = Command::new(bin)
+    let out = Command::new(common::bin("updraftd"))
         .args(["check-config", "--config"])
         .arg(d.join("daemon.toml"))
         .env_remove("UPDRAFTD__CLUSTER__SERVER_ID")
