@@ -828,11 +828,8 @@ fn board_home(dir: &Path, id: &str, daemon: &str) -> PathBuf {
 
 /// `updraft-agent enroll` of the board at `cfg` through `daemon`, not yet waited for.
 fn enroll(cfg: &Path, daemon: &str, token: &str, fingerprint: &str) -> std::process::Child {
-    let port = daemon.rsplit_once(':').unwrap().1;
-    std::process::Command::new(bin("updraft-agent"))
-        .args(["--config", cfg.to_str().unwrap(), "enroll", "--force"])
-        .args(["--server", &format!("localhost:{port}")])
-        .args(["--token", token, "--ca-sha256", fingerprint])
+    enroll_command(cfg, daemon, token, fingerprint)
+        .arg("--force")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

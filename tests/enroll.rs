@@ -65,11 +65,7 @@ fn write_agent_config(dir: &Path, daemon: &str, extra: &str) -> PathBuf {
 }
 
 fn enroll(cfg: &Path, daemon: &str, token: &str, fingerprint: &str, force: bool) -> Output {
-    let port = daemon.rsplit_once(':').unwrap().1;
-    let mut cmd = Command::new(bin("updraft-agent"));
-    cmd.args(["--config", cfg.to_str().unwrap(), "enroll"])
-        .args(["--server", &format!("localhost:{port}")])
-        .args(["--token", token, "--ca-sha256", fingerprint]);
+    let mut cmd = common::enroll_command(cfg, daemon, token, fingerprint);
     if force {
         cmd.arg("--force");
     }

@@ -323,11 +323,7 @@ fn enrolled_board(dir: &Path, id: &str, daemon: &str, token: &str, fingerprint: 
         ),
     )
     .unwrap();
-    let port = daemon.rsplit_once(':').unwrap().1;
-    let out = Command::new(bin("updraft-agent"))
-        .args(["--config", cfg.to_str().unwrap(), "enroll"])
-        .args(["--server", &format!("localhost:{port}")])
-        .args(["--token", token, "--ca-sha256", fingerprint])
+    let out = common::enroll_command(&cfg, daemon, token, fingerprint)
         .output()
         .unwrap();
     assert!(out.status.success(), "enroll {id}: {}", stderr(&out));
@@ -420,11 +416,7 @@ fn boards_enrolled_in_bulk_are_listed_and_tokens_can_be_withdrawn() {
         format!("agent_id = \"late-1\"\nsocket = \"agent.sock\"\nstate_dir = \"state\"\n[[cloud]]\naddress = \"{addr}\"\nserver_name = \"localhost\"\n"),
     )
     .unwrap();
-    let port = addr.rsplit_once(':').unwrap().1;
-    let out = Command::new(bin("updraft-agent"))
-        .args(["--config", cfg.to_str().unwrap(), "enroll"])
-        .args(["--server", &format!("localhost:{port}")])
-        .args(["--token", &singles[0], "--ca-sha256", &fingerprint])
+    let out = common::enroll_command(&cfg, &addr, &singles[0], &fingerprint)
         .output()
         .unwrap();
     assert!(!out.status.success());

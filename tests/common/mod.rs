@@ -356,6 +356,17 @@ pub fn start_agent(dir: &Path, daemon_addr: &str, extra: &str) -> (Proc, PathBuf
     (serve_agent(&cfg), socket)
 }
 
+/// `updraft-agent --config CFG enroll` through the daemon at `daemon` (its port, as
+/// `localhost`) with `token`, pinning the CA `fingerprint`; not yet run.
+pub fn enroll_command(cfg: &Path, daemon: &str, token: &str, fingerprint: &str) -> Command {
+    let port = daemon.rsplit_once(':').unwrap().1;
+    let mut cmd = Command::new(bin("updraft-agent"));
+    cmd.args(["--config", cfg.to_str().unwrap(), "enroll"])
+        .args(["--server", &format!("localhost:{port}")])
+        .args(["--token", token, "--ca-sha256", fingerprint]);
+    cmd
+}
+
 /// `updraft-agent serve --config cfg`.
 pub fn serve_agent(cfg: &Path) -> Proc {
     let mut cmd = Command::new(bin("updraft-agent"));
