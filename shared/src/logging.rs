@@ -8,48 +8,52 @@
 //! ([`set_level`]), else `info`.
 
 use std::sync::OnceLock;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, Registry};
 
 /// The default filter: our own lines at `info`, the QUIC, TLS and NATS libraries
 /// quieter (the cluster store logs what NATS connection events mean itself).
 const DEFAULT: &str = "info,quinn=warn,rustls=warn,async_nats=warn";
 
-type Reload = Box<
-    dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), tracing_subscriber::reload::Error>
-        + Send
-        + Sync,
->;
-
 /// Replaces the filter; set by [`init`] unless the environment chose the level.
-static RELOAD: OnceLock<Reload> = OnceLock::new();
+static RELOAD: OnceLock<reload::Handle<Targets, Registry>> = OnceLock::new();
 
-/// Installs the global subscriber. `env_var` holds an `EnvFilter` directive.
+/// Installs the global subscriber. `env_var` holds a level or filter, as `log_level`
+/// does ([`parse_level`]); one that does not parse is reported on stderr and the
+/// default used.
 pub fn init(env_var: &str) {
-    let from_env = tracing_subscriber::EnvFilter::try_from_env(env_var).ok();
+    let from_env = std::env::var(env_var)
+        .ok()
+        .and_then(|value| match parse_level(&value) {
+            Ok(filter) => Some(filter),
+            Err(e) => {
+                eprintln!("{env_var} ignored: {e}; logging at the default ({DEFAULT})");
+                None
+            }
+        });
     let env_chose = from_env.is_some();
-    let filter = from_env.unwrap_or_else(|| tracing_subscriber::EnvFilter::new(DEFAULT));
+    let filter = from_env.unwrap_or_else(|| DEFAULT.parse().expect("the default filter parses"));
+    let (filter, handle) = reload::Layer::new(filter);
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    macro_rules! install {
-        ($b:expr) => {{
-            let b = $b;
-            let handle = b.reload_handle();
-            if b.try_init().is_ok() && !env_chose {
-                let _ = RELOAD.set(Box::new(move |f| handle.reload(f)));
-            }
-        }};
-    }
-    if under_journal {
-        install!(builder
-            .event_format(journal_format())
-            .with_filter_reloading());
+    let installed = if under_journal {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.event_format(journal_format()))
+            .try_init()
     } else {
         use std::io::IsTerminal;
-        install!(builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_filter_reloading());
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(layer.with_ansi(std::io::stderr().is_terminal()))
+            .try_init()
+    };
+    if installed.is_ok() && !env_chose {
+        let _ = RELOAD.set(handle);
     }
 }
 
@@ -119,13 +123,13 @@ pub enum LevelError {
         /// The part without a target.
         part: String,
     },
-    /// tracing refused the filter directive built from the value.
-    #[error("`{text}` is not a log level ({levels}) or filter: {error}", levels = LEVELS)]
-    Filter {
+    /// A target that is not a module path.
+    #[error("`{text}` is not a log level ({levels}) or filter: `{target}` is not a target (a module path such as updraft_agent::uplink)", levels = LEVELS)]
+    BadTarget {
         /// The whole value.
         text: String,
-        /// tracing's complaint.
-        error: tracing_subscriber::filter::ParseError,
+        /// The target refused.
+        target: String,
     },
 }
 
@@ -133,7 +137,7 @@ pub enum LevelError {
 /// directive (`info,updraft_agent=debug`). Every level word in it must be a level:
 /// tracing would take an unknown bare word (`warning`, `verbose`) as a target name and
 /// silence every line, so that is refused here instead.
-pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, LevelError> {
+pub fn parse_level(level: &str) -> Result<Targets, LevelError> {
     let mut parts = Vec::new();
     for part in level.split(',').map(str::trim) {
         let (target, word) = match part.rsplit_once('=') {
@@ -151,7 +155,18 @@ pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, LevelEr
             }
         };
         parts.push(match target {
-            Some(t) if !t.is_empty() => format!("{t}={word}"),
+            Some(t) if !t.is_empty() => {
+                if !t
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                {
+                    return Err(LevelError::BadTarget {
+                        text: level.to_string(),
+                        target: t.to_string(),
+                    });
+                }
+                format!("{t}={word}")
+            }
             Some(_) => {
                 return Err(LevelError::NoTarget {
                     text: level.to_string(),
@@ -165,10 +180,9 @@ pub fn parse_level(level: &str) -> Result<tracing_subscriber::EnvFilter, LevelEr
         [one] if !one.contains('=') => format!("{one},quinn=warn,rustls=warn"),
         _ => parts.join(","),
     };
-    tracing_subscriber::EnvFilter::try_new(&directive).map_err(|error| LevelError::Filter {
-        text: level.to_string(),
-        error,
-    })
+    Ok(directive
+        .parse()
+        .expect("a filter of checked targets and levels parses"))
 }
 
 /// Exit status of a service that panicked (EX_SOFTWARE).
@@ -203,9 +217,9 @@ pub fn exit_on_panic(service: &'static str) {
 }
 
 /// Applies the config file's `log_level`, unless the environment variable set one.
-pub fn set_level(filter: tracing_subscriber::EnvFilter) {
-    if let Some(reload) = RELOAD.get() {
-        let _ = reload(filter);
+pub fn set_level(filter: Targets) {
+    if let Some(handle) = RELOAD.get() {
+        let _ = handle.reload(filter);
     }
 }
 
@@ -287,6 +301,25 @@ mod tests {
     }
 
     #[test]
+    fn filters_choose_by_target_and_level() {
+        use tracing::Level;
+        let f = super::parse_level("warning").unwrap();
+        assert!(f.would_enable("updraft_agent::uplink", &Level::WARN));
+        assert!(!f.would_enable("updraft_agent::uplink", &Level::INFO));
+        // A bare level keeps the QUIC and TLS libraries at warn.
+        let f = super::parse_level("debug").unwrap();
+        assert!(f.would_enable("updraft_agent", &Level::DEBUG));
+        assert!(!f.would_enable("quinn_proto::connection", &Level::INFO));
+        let f = super::parse_level("info,updraft_agent=debug").unwrap();
+        assert!(f.would_enable("updraft_agent::uplink", &Level::DEBUG));
+        assert!(!f.would_enable("updraft_daemon::task", &Level::DEBUG));
+        assert!(f.would_enable("updraft_daemon::task", &Level::INFO));
+        assert!(!super::parse_level("off")
+            .unwrap()
+            .would_enable("x", &Level::ERROR));
+    }
+
+    #[test]
     fn warning_is_warn_and_unknown_words_are_refused() {
         assert!(super::parse_level("warn").is_ok());
         assert!(super::parse_level("warning").is_ok());
@@ -308,11 +341,9 @@ mod tests {
             text("info,=debug"),
             "`info,=debug` is not a log level (off, error, warn (or warning), info, debug, trace) or filter: `=debug` names no target"
         );
-        let e = super::parse_level("a[=info").unwrap_err();
-        assert!(matches!(e, super::LevelError::Filter { .. }), "{e:?}");
-        assert!(
-            e.to_string().starts_with("`a[=info` is not a log level (off, error, warn (or warning), info, debug, trace) or filter: "),
-            "{e}"
+        assert_eq!(
+            text("a[=info"),
+            "`a[=info` is not a log level (off, error, warn (or warning), info, debug, trace) or filter: `a[` is not a target (a module path such as updraft_agent::uplink)"
         );
     }
 }
