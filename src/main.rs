@@ -58,6 +58,10 @@ enum Command {
         /// faults: keep the run's directory (configs, logs, journals, runs file).
         #[arg(long)]
         keep: bool,
+        /// offload: threads spinning on the CPU throughout the run (the busy-machine
+        /// figures; 0 = a quiet run).
+        #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=256))]
+        busy: u16,
         /// footprint: the agent binary to measure (default: the board build beside
         /// this one, else this build's).
         #[arg(long, value_name = "PATH")]
@@ -98,8 +102,11 @@ enum Command {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Bench {
-    /// Offload latency and throughput against a raw quinn stream baseline.
+    /// Offload latency and throughput against a raw quinn stream and an HTTP/2 echo;
+    /// the local API; bulk transfer.
     Offload,
+    /// A command task through the executor against a bare process spawn.
+    Exec,
     /// Auto placement against always-local, always-cloud and a hindsight oracle, under
     /// changing board CPU and link conditions; plus the cost of one decision.
     Placement,
@@ -113,6 +120,9 @@ enum Bench {
 }
 
 fn main() -> ExitCode {
+    // bench exec contains its tasks as the services do, this binary entering a task's
+    // cgroup first where tasks get one.
+    updraft_shared::contain::task_entry();
     let cli = Cli::parse();
     // A task the benchmark runs many times: no runtime, no logging, just the work.
     if let Command::BenchPlacementBurn = cli.command {
@@ -140,8 +150,14 @@ fn main() -> ExitCode {
             Command::Bench {
                 which: Bench::Offload,
                 json,
+                busy,
                 ..
-            } => updraft::bench::offload::run(json).await,
+            } => updraft::bench::offload::run(json, busy.into()).await,
+            Command::Bench {
+                which: Bench::Exec,
+                json,
+                ..
+            } => updraft::bench::exec::run(json).await,
             Command::Bench {
                 which: Bench::Placement,
                 json,

@@ -2,12 +2,18 @@
 //!
 //! An empty `echo` task goes through the agent's real offload path
 //! ([`updraft_agent::offload`]: request header, reply, trailer, replay buffer)
-//! to a real daemon in this process, beside a bare quinn stream echo (a new
-//! bidirectional stream per request, the same certificates, the same runtime) measured
-//! in the same run. Latency is taken one request at a time, throughput with
-//! [`CONCURRENCY`] requests in flight on the one connection. The two sides alternate
-//! over [`ROUNDS`] rounds so that machine noise falls on both alike; only the ratios
-//! travel between machines.
+//! to a real daemon in this process, beside two baselines measured in the same run with
+//! the same certificates and runtime: a bare quinn stream echo (a new bidirectional
+//! stream per request), the floor, and an HTTP/2 POST echo over rustls on TCP
+//! ([`super::h2`]), what a user would pick instead. Latency is taken one request at a
+//! time, throughput with [`CONCURRENCY`] requests in flight on the one connection. The
+//! sides alternate over [`ROUNDS`] rounds so that machine noise falls on all alike; only
+//! the ratios travel between machines.
+//!
+//! Then: the local API (HTTP over the agent's Unix socket, placement forced to the
+//! cloud) with one kept-alive connection and with a new connection per request, and a
+//! [`BULK_BYTES`] `echo` offload against a raw quinn stream moving the same bytes both
+//! ways at once. `--busy N` runs it all with N threads spinning on the CPU.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -46,22 +52,36 @@ const API_SAMPLES: usize = 1_000;
 const PHASE_LIMIT: Duration = Duration::from_secs(30);
 /// Largest echo reply the raw baseline reads; requests are empty.
 const RAW_READ_LIMIT: usize = 64 * 1024;
+/// Bytes each way of the bulk figure: sent while the echo streams back.
+const BULK_BYTES: usize = 256 << 20;
+/// Chunk size of the bulk input.
+const BULK_CHUNK: usize = 64 << 10;
+/// Alternating bulk rounds per side; the figure is the median.
+const BULK_ROUNDS: usize = 3;
 /// Largest value a histogram records: one minute, in microseconds.
 const HIST_MAX_US: u64 = 60_000_000;
 
-/// The project's goal for the offload latency p50 over the raw quinn p50 (printed only).
-const GOAL_P50_RATIO: f64 = 1.3;
-/// The project's goal for offloaded tasks per second at [`CONCURRENCY`] (printed only).
-const GOAL_TASKS_PER_SEC: u32 = 20_000;
+/// The project's goals, as ratios against raw quinn in the same run (printed only):
+/// offload latency p50 and p99, ...
+const GOAL_P50_RATIO: f64 = 1.2;
+const GOAL_P99_RATIO: f64 = 1.5;
+/// ... requests a second at [`CONCURRENCY`], ...
+const GOAL_C64_RATIO: f64 = 0.7;
+/// ... the local API's p50 over a kept-alive connection, and bulk bytes a second.
+const GOAL_API_RATIO: f64 = 1.5;
+const GOAL_BULK_RATIO: f64 = 0.9;
 
 /// The daemon for the run: enough slots and queue for [`CONCURRENCY`] to never be busy.
 const DAEMON_CONFIG: &str = "max_concurrent_tasks = 64\nmax_queued_tasks = 4096\n\
-[tasks.echo]\nbuiltin = \"echo\"\n";
+[tasks.echo]\nbuiltin = \"echo\"\n\
+[tasks.bulk]\nbuiltin = \"echo\"\nmax_input = \"1GiB\"\nmax_output = \"1GiB\"\ntimeout = \"10m\"\n";
 /// The agent for the local-API figure.
 const AGENT_CONFIG: &str = "[tasks.echo]\nbuiltin = \"echo\"\n";
 
-/// Runs the offload benchmark and prints a table, or one JSON line with `json`.
-pub async fn run(json: bool) -> anyhow::Result<()> {
+/// Runs the offload benchmark and prints a table, or one JSON line with `json`; with
+/// `busy` threads spinning on the CPU throughout when `busy` > 0.
+pub async fn run(json: bool, busy: usize) -> anyhow::Result<()> {
+    let _spinners = Spinners::start(busy);
     let dir = tempfile::tempdir().context("temporary directory for the benchmark")?;
     let pki = Pki::create(dir.path()).context("throwaway certificates")?;
     let daemon_dir = dir.path().join("daemon");
@@ -74,17 +94,60 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
     let stopped = daemon.shutdown().await;
     let figures = result?;
     stopped.context("daemon shutdown")?;
-    figures.print(json);
+    figures.print(json, busy);
     Ok(())
+}
+
+/// Threads that keep the CPU busy until dropped: the "busy machine" runs.
+struct Spinners {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spinners {
+    fn start(n: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Everything the benchmark reports.
 struct Figures {
     offload: Histogram<u64>,
     raw: Histogram<u64>,
+    h2: Histogram<u64>,
     offload_c64: Vec<f64>,
     raw_c64: Vec<f64>,
-    api: Option<Histogram<u64>>,
+    h2_c64: Vec<f64>,
+    /// Local API, one kept-alive connection.
+    api_kept: Option<Histogram<u64>>,
+    /// Local API, a new connection per request.
+    api_new: Option<Histogram<u64>>,
+    /// Bulk bytes/s each way, per round.
+    bulk_offload: Vec<f64>,
+    bulk_raw: Vec<f64>,
 }
 
 async fn measure(
@@ -107,24 +170,32 @@ async fn measure(
         .context("raw quinn handshake")?;
     let raw = Side::Raw(raw_conn.clone());
 
+    // The HTTP/2 peer.
+    let h2_stop = shutdown.child_token();
+    let h2_addr = super::h2::server(pki, h2_stop.clone()).await?;
+    let h2 = Side::H2(super::h2::connect(pki, h2_addr).await?);
+
     let mut figures = Figures {
         offload: new_histogram()?,
         raw: new_histogram()?,
+        h2: new_histogram()?,
         offload_c64: Vec::new(),
         raw_c64: Vec::new(),
-        api: None,
+        h2_c64: Vec::new(),
+        api_kept: None,
+        api_new: None,
+        bulk_offload: Vec::new(),
+        bulk_raw: Vec::new(),
     };
     let result = async {
-        for side in [&raw, &updraft] {
+        for side in [&raw, &updraft, &h2] {
             bounded("warm-up", sequential(side, WARMUP, None)).await?;
         }
-        // Alternate which side goes first so neither always follows the other.
-        let order = |i: usize| {
-            if i.is_multiple_of(2) {
-                [&raw, &updraft]
-            } else {
-                [&updraft, &raw]
-            }
+        // Rotate which side goes first so none always follows another.
+        let order = |i: usize| match i % 3 {
+            0 => [&raw, &updraft, &h2],
+            1 => [&updraft, &h2, &raw],
+            _ => [&h2, &raw, &updraft],
         };
         bounded("latency", async {
             for block in 0..LATENCY_SAMPLES / LATENCY_BLOCK {
@@ -132,6 +203,7 @@ async fn measure(
                     let hist = match side {
                         Side::Raw(_) => &mut figures.raw,
                         Side::Offload(_) => &mut figures.offload,
+                        Side::H2(_) => &mut figures.h2,
                     };
                     sequential(side, LATENCY_BLOCK, Some(hist)).await?;
                 }
@@ -145,13 +217,31 @@ async fn measure(
                 match side {
                     Side::Raw(_) => figures.raw_c64.push(rate),
                     Side::Offload(_) => figures.offload_c64.push(rate),
+                    Side::H2(_) => figures.h2_c64.push(rate),
                 }
             }
         }
-        figures.api = Some(bounded("local API", api_latency(pki, dir, daemon_addr)).await?);
+        let (kept, new) = bounded("local API", api_latency(pki, dir, daemon_addr)).await?;
+        figures.api_kept = Some(kept);
+        figures.api_new = Some(new);
+        let Side::Offload(path) = &updraft else {
+            unreachable!("the Updraft side")
+        };
+        for round in 0..BULK_ROUNDS {
+            for first in [round % 2 == 0, round % 2 != 0] {
+                if first {
+                    let rate = bounded("bulk (raw quinn)", bulk_raw(&raw_conn)).await?;
+                    figures.bulk_raw.push(rate);
+                } else {
+                    let rate = bounded("bulk (offload)", bulk_offload(path)).await?;
+                    figures.bulk_offload.push(rate);
+                }
+            }
+        }
         anyhow::Ok(())
     }
     .await;
+    h2_stop.cancel();
 
     raw_conn.close(0u32.into(), b"done");
     raw_client.close(0u32.into(), b"done");
@@ -210,6 +300,8 @@ enum Side {
     Offload(Arc<OffloadPath>),
     /// A bare stream echo.
     Raw(quinn::Connection),
+    /// An HTTP/2 POST echo.
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>),
 }
 
 impl Side {
@@ -217,6 +309,7 @@ impl Side {
         match self {
             Self::Offload(p) => Self::Offload(p.clone()),
             Self::Raw(c) => Self::Raw(c.clone()),
+            Self::H2(s) => Self::H2(s.clone()),
         }
     }
 
@@ -225,6 +318,7 @@ impl Side {
         match self {
             Self::Offload(p) => offload_once(p).await,
             Self::Raw(c) => raw_once(c).await,
+            Self::H2(s) => super::h2::once(s, Bytes::new()).await,
         }
     }
 }
@@ -340,12 +434,14 @@ where
 }
 
 /// The whole local path: HTTP over the agent's Unix socket, placement forced to the
-/// cloud, the agent's uplink, the daemon, and back.
+/// cloud, the agent's uplink, the daemon, and back; one kept-alive connection (as curl
+/// and HTTP client libraries do it) and a new connection per request, in alternating
+/// blocks. Gives (kept-alive, new connection).
 async fn api_latency(
     pki: &Pki,
     dir: &std::path::Path,
     daemon_addr: SocketAddr,
-) -> anyhow::Result<Histogram<u64>> {
+) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
     use updraft_agent::client::{body_bytes, RunRequest};
     use updraft_agent::ChannelBody;
     use updraft_agent::Where;
@@ -368,10 +464,17 @@ async fn api_latency(
             where_: Some(Where::Cloud),
             ..Default::default()
         };
-        let mut hist = new_histogram()?;
-        for i in 0..WARMUP / 2 + API_SAMPLES {
-            let start = Instant::now();
-            let resp = client.run(&run, ChannelBody::full(Vec::new())).await?;
+        let request = || {
+            hyper::Request::post(run.path())
+                .header("host", "updraft-agent")
+                .header("content-length", 0)
+                .body(ChannelBody::full(Vec::new()))
+        };
+        let stream = tokio::net::UnixStream::connect(client.socket()).await?;
+        let (mut kept, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let check = |resp: hyper::Response<hyper::body::Incoming>| async move {
             let status = resp.status();
             let placement = resp
                 .headers()
@@ -385,17 +488,138 @@ async fn api_latency(
                 "local API answered {status} placement `{placement}`: {}",
                 String::from_utf8_lossy(&body)
             );
-            if i >= WARMUP / 2 {
-                hist.saturating_record(start.elapsed().as_micros() as u64);
+            anyhow::Ok(())
+        };
+        let (mut on_kept, mut on_new) = (new_histogram()?, new_histogram()?);
+        let warm = WARMUP / 2 / LATENCY_BLOCK;
+        for block in 0..warm + API_SAMPLES / LATENCY_BLOCK {
+            let record = block >= warm;
+            for keep in [block % 2 == 0, block % 2 != 0] {
+                for _ in 0..LATENCY_BLOCK {
+                    let start = Instant::now();
+                    let resp = if keep {
+                        kept.ready()
+                            .await
+                            .context("kept-alive connection to the agent")?;
+                        kept.send_request(request()?).await?
+                    } else {
+                        client.send(request()?).await?
+                    };
+                    check(resp).await?;
+                    if record {
+                        let hist = if keep { &mut on_kept } else { &mut on_new };
+                        hist.saturating_record(start.elapsed().as_micros() as u64);
+                    }
+                }
             }
         }
-        Ok(hist)
+        Ok((on_kept, on_new))
     }
     .await;
     let stopped = agent.shutdown().await;
-    let hist = result?;
+    let hists = result?;
     stopped.context("agent shutdown")?;
-    Ok(hist)
+    Ok(hists)
+}
+
+/// [`BULK_BYTES`] of input, in [`BULK_CHUNK`] pieces of one shared buffer.
+struct BulkInput {
+    chunk: Bytes,
+    left: usize,
+}
+
+impl BulkInput {
+    fn new() -> Self {
+        Self {
+            chunk: Bytes::from(vec![0x5a; BULK_CHUNK]),
+            left: BULK_BYTES,
+        }
+    }
+}
+
+impl updraft_shared::exec::Input for BulkInput {
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let n = self.left.min(self.chunk.len());
+        self.left -= n;
+        Ok(Some(self.chunk.slice(..n)))
+    }
+}
+
+/// Output that only counts its bytes.
+struct Counted(u64);
+
+impl updraft_shared::exec::Output for Counted {
+    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.0 += chunk.len() as u64;
+        Ok(())
+    }
+}
+
+/// One [`BULK_BYTES`] `echo` offload (task `bulk`); bytes per second each way.
+async fn bulk_offload(p: &OffloadPath) -> anyhow::Result<f64> {
+    let header = RequestHeader {
+        id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        task: "bulk".into(),
+        args: vec![],
+        input_len: Some(BULK_BYTES as u64),
+    };
+    let mut output = Counted(0);
+    let start = Instant::now();
+    let trailer = offload(
+        &p.conn,
+        &header,
+        Replay::fresh(BulkInput::new()),
+        &mut output,
+        &p.cfg,
+        OnDrop::Cancel,
+    )
+    .await
+    .map_err(|e| match e {
+        updraft_agent::OffloadError::NotStarted { code, reason, .. } => {
+            anyhow::anyhow!("bulk offload not started ({code:?}): {reason}")
+        }
+        updraft_agent::OffloadError::Failed { reason, .. } => {
+            anyhow::anyhow!("bulk offload failed: {reason}")
+        }
+    })?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        trailer.exit_code == Some(0) && output.0 == BULK_BYTES as u64,
+        "bulk echo answered exit {:?}, {} of {BULK_BYTES} bytes: {}",
+        trailer.exit_code,
+        output.0,
+        trailer.message
+    );
+    Ok(BULK_BYTES as f64 / secs)
+}
+
+/// [`BULK_BYTES`] through one raw quinn stream, sent while the echo is read; bytes per
+/// second each way.
+async fn bulk_raw(conn: &quinn::Connection) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let writer = tokio::spawn(async move {
+        let mut input = BulkInput::new();
+        while let Some(chunk) = updraft_shared::exec::Input::next_chunk(&mut input).await? {
+            send.write_chunk(chunk).await?;
+        }
+        send.finish()?;
+        anyhow::Ok(())
+    });
+    let mut got = 0usize;
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        got += chunk.bytes.len();
+    }
+    writer.await??;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        got == BULK_BYTES,
+        "raw echo returned {got} of {BULK_BYTES} bytes"
+    );
+    Ok(BULK_BYTES as f64 / secs)
 }
 
 pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
@@ -421,7 +645,8 @@ pub(crate) async fn bounded_for<T>(
         .with_context(|| format!("{what} phase"))
 }
 
-/// A quinn echo server on loopback with the daemon's certificates and stream limit.
+/// A quinn echo server on loopback with the daemon's certificates and stream limit
+/// (quinn's default windows, as the daemon and agent have).
 fn raw_echo_server(pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
     let mut server = quinn::ServerConfig::with_crypto(pki.daemon_identity()?.quic_server()?);
     let mut transport = quinn::TransportConfig::default();
@@ -436,10 +661,20 @@ fn raw_echo_server(pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
             tokio::spawn(async move {
                 let Ok(conn) = incoming.await else { return };
                 while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    // Streamed back as it comes, as the daemon's `echo` does.
                     tokio::spawn(async move {
-                        if let Ok(data) = recv.read_to_end(RAW_READ_LIMIT).await {
-                            if send.write_all(&data).await.is_ok() {
-                                let _ = send.finish();
+                        loop {
+                            match recv.read_chunk(usize::MAX, true).await {
+                                Ok(Some(chunk)) => {
+                                    if send.write_chunk(chunk.bytes).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => {
+                                    let _ = send.finish();
+                                    return;
+                                }
+                                Err(_) => return,
                             }
                         }
                     });
@@ -470,100 +705,148 @@ pub(crate) fn median(xs: &[f64]) -> f64 {
 }
 
 impl Figures {
-    fn print(&self, json: bool) {
-        let (op50, op99) = (
-            self.offload.value_at_quantile(0.5),
-            self.offload.value_at_quantile(0.99),
+    fn print(&self, json: bool, busy: usize) {
+        let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p);
+        let (op50, op99) = (q(&self.offload, 0.5), q(&self.offload, 0.99));
+        let (rp50, rp99) = (q(&self.raw, 0.5), q(&self.raw, 0.99));
+        let (hp50, hp99) = (q(&self.h2, 0.5), q(&self.h2, 0.99));
+        let (otp, rtp, htp) = (
+            median(&self.offload_c64),
+            median(&self.raw_c64),
+            median(&self.h2_c64),
         );
-        let (rp50, rp99) = (
-            self.raw.value_at_quantile(0.5),
-            self.raw.value_at_quantile(0.99),
-        );
-        let (otp, rtp) = (median(&self.offload_c64), median(&self.raw_c64));
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        // Each round's two sides ran back to back, so their ratio shares that moment's
+        // Each round's sides ran back to back, so their ratio shares that moment's
         // noise; the median of those ratios is steadier than a ratio of medians.
-        let paired: Vec<f64> = self
-            .offload_c64
-            .iter()
-            .zip(&self.raw_c64)
-            .map(|(&o, &r)| ratio(o, r))
-            .collect();
-        let tp_ratio = median(&paired);
-        let api_p50 = self.api.as_ref().map(|h| h.value_at_quantile(0.5));
-        let api_p99 = self.api.as_ref().map(|h| h.value_at_quantile(0.99));
+        let paired = |a: &[f64], b: &[f64]| {
+            let r: Vec<f64> = a.iter().zip(b).map(|(&x, &y)| ratio(x, y)).collect();
+            median(&r)
+        };
+        let tp_ratio = paired(&self.offload_c64, &self.raw_c64);
+        let tp_vs_h2 = paired(&self.offload_c64, &self.h2_c64);
+        let h2_tp_ratio = paired(&self.h2_c64, &self.raw_c64);
+        let api = |h: &Option<Histogram<u64>>, p: f64| h.as_ref().map(|h| q(h, p));
+        let (kept50, kept99) = (api(&self.api_kept, 0.5), api(&self.api_kept, 0.99));
+        let (new50, new99) = (api(&self.api_new, 0.5), api(&self.api_new, 0.99));
+        let (bo, br) = (median(&self.bulk_offload), median(&self.bulk_raw));
+        let bulk_ratio = paired(&self.bulk_offload, &self.bulk_raw);
+        let mib = |x: f64| (x / f64::from(1u32 << 20)).round();
         if json {
             let line = serde_json::json!({
+                "busy_threads": busy,
                 "offload_p50_us": op50,
                 "offload_p99_us": op99,
                 "raw_quinn_p50_us": rp50,
                 "raw_quinn_p99_us": rp99,
+                "h2_p50_us": hp50,
+                "h2_p99_us": hp99,
                 "tasks_per_sec_c64": otp.round(),
                 "raw_quinn_streams_per_sec_c64": rtp.round(),
+                "h2_requests_per_sec_c64": htp.round(),
                 "offload_p50_ratio": round3(ratio(op50 as f64, rp50 as f64)),
                 "offload_p99_ratio": round3(ratio(op99 as f64, rp99 as f64)),
                 "c64_throughput_ratio": round3(tp_ratio),
-                "api_p50_us": api_p50,
-                "api_p99_us": api_p99,
+                "offload_p50_vs_h2": round3(ratio(op50 as f64, hp50 as f64)),
+                "c64_throughput_vs_h2": round3(tp_vs_h2),
+                "h2_p50_ratio": round3(ratio(hp50 as f64, rp50 as f64)),
+                "h2_c64_throughput_ratio": round3(h2_tp_ratio),
+                "api_keepalive_p50_us": kept50,
+                "api_keepalive_p99_us": kept99,
+                "api_keepalive_p50_ratio": kept50.map(|v| round3(ratio(v as f64, rp50 as f64))),
+                "api_p50_us": new50,
+                "api_p99_us": new99,
+                "api_p50_ratio": new50.map(|v| round3(ratio(v as f64, rp50 as f64))),
+                "bulk_offload_mib_per_sec": mib(bo),
+                "bulk_raw_quinn_mib_per_sec": mib(br),
+                "bulk_ratio": round3(bulk_ratio),
                 "latency_samples": self.offload.len(),
                 "c64_requests_per_round": THROUGHPUT_REQUESTS,
                 "rounds": ROUNDS,
+                "bulk_bytes": BULK_BYTES,
             });
             println!("{line}");
             return;
         }
         println!(
-            "updraft bench offload: empty `echo` task over a warm QUIC connection \
-             (loopback, mutual TLS)"
+            "updraft bench offload: empty `echo` task over a warm connection (loopback, \
+             mutual TLS){}",
+            if busy > 0 {
+                format!(", {busy} threads spinning on the CPU")
+            } else {
+                String::new()
+            }
         );
         println!();
         println!(
-            "{:<34} {:>12} {:>12} {:>8}",
-            "figure", "updraft", "raw quinn", "ratio"
+            "{:<34} {:>11} {:>11} {:>11} {:>9} {:>9}",
+            "figure", "updraft", "raw quinn", "http/2", "vs quinn", "vs h2"
         );
-        let row = |name: &str, a: String, b: String, r: f64| {
-            println!("{name:<34} {a:>12} {b:>12} {:>7.2}x", r);
+        let row = |name: &str, a: String, b: String, c: String, r: f64, rh: f64| {
+            println!("{name:<34} {a:>11} {b:>11} {c:>11} {r:>8.2}x {rh:>8.2}x");
         };
         row(
             "latency p50, concurrency 1",
             format!("{op50} us"),
             format!("{rp50} us"),
+            format!("{hp50} us"),
             ratio(op50 as f64, rp50 as f64),
+            ratio(op50 as f64, hp50 as f64),
         );
         row(
             "latency p99, concurrency 1",
             format!("{op99} us"),
             format!("{rp99} us"),
+            format!("{hp99} us"),
             ratio(op99 as f64, rp99 as f64),
+            ratio(op99 as f64, hp99 as f64),
         );
         row(
             &format!("requests/s, concurrency {CONCURRENCY}"),
             format!("{otp:.0}"),
             format!("{rtp:.0}"),
+            format!("{htp:.0}"),
             tp_ratio,
+            tp_vs_h2,
         );
-        if let (Some(p50), Some(p99)) = (api_p50, api_p99) {
-            println!(
-                "{:<34} {:>12} {:>12}",
-                "local API (HTTP/UDS) p50 / p99",
-                format!("{p50} us"),
-                format!("{p99} us")
-            );
-        }
+        let api_row = |name: &str, p50: Option<u64>, p99: Option<u64>| {
+            if let (Some(p50), Some(p99)) = (p50, p99) {
+                println!(
+                    "{name:<34} {:>11} {:>11} {:>11} {:>8.2}x",
+                    format!("{p50} us"),
+                    format!("{rp50} us"),
+                    format!("p99 {p99}"),
+                    ratio(p50 as f64, rp50 as f64)
+                );
+            }
+        };
+        api_row("local API p50, kept-alive", kept50, kept99);
+        api_row("local API p50, new connection", new50, new99);
+        println!(
+            "{:<34} {:>11} {:>11} {:>11} {:>8.2}x",
+            format!("bulk {} MiB echo, MiB/s each way", BULK_BYTES >> 20),
+            mib(bo),
+            mib(br),
+            "",
+            bulk_ratio
+        );
         println!();
         println!(
             "updraft = the agent's offload path (header, reply, trailer) to a real daemon; \
-             raw quinn = a new stream per request echoed by a bare server, same certificates."
+             raw quinn = a new stream per request echoed by a bare server; http/2 = a POST \
+             echo over hyper and rustls on TCP; all with the same certificates, in this process."
         );
         println!(
-            "latency: {} samples per side in alternating blocks of {LATENCY_BLOCK}; \
-             requests/s: median of {ROUNDS} alternating rounds of {THROUGHPUT_REQUESTS} \
-             (ratio: median of the rounds' ratios).",
+            "latency: {} samples per side in rotating blocks of {LATENCY_BLOCK}; \
+             requests/s: median of {ROUNDS} rotating rounds of {THROUGHPUT_REQUESTS} \
+             (ratios: median of the rounds' ratios). local API: HTTP over the agent's Unix \
+             socket, placement forced to the cloud, {API_SAMPLES} requests each way. bulk: \
+             median of {BULK_ROUNDS} alternating rounds.",
             self.offload.len()
         );
         println!(
-            "goals: latency p50 ratio <= {GOAL_P50_RATIO:.2}, >= {GOAL_TASKS_PER_SEC} tasks/s at \
-             concurrency {CONCURRENCY}."
+            "goals: latency p50 <= {GOAL_P50_RATIO:.2}x and p99 <= {GOAL_P99_RATIO:.2}x raw quinn, \
+             requests/s >= {GOAL_C64_RATIO:.2}x raw quinn and ahead of http/2, local API \
+             kept-alive p50 <= {GOAL_API_RATIO:.2}x, bulk >= {GOAL_BULK_RATIO:.2}x."
         );
     }
 }
