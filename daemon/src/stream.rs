@@ -31,11 +31,17 @@ pub(crate) async fn serve(
         Ok(Ok(Some(frame))) => match frame.kind {
             FrameKind::Probe => {
                 let draining = shared.is_draining();
-                crate::probe::serve(send, reader, &frame, probes, draining, agent).await;
+                Box::pin(crate::probe::serve(
+                    send, reader, &frame, probes, draining, agent,
+                ))
+                .await;
             }
             FrameKind::CertRequest => {
                 let enroller = shared.enroller();
-                crate::enroll::serve_renewal(send, reader, &frame, peer, &enroller, shared).await;
+                Box::pin(crate::enroll::serve_renewal(
+                    send, reader, &frame, peer, &enroller, shared,
+                ))
+                .await;
             }
             FrameKind::AgentReport => {
                 let catalog = shared.catalog();
@@ -45,7 +51,7 @@ pub(crate) async fn serve(
                     catalog: &catalog,
                     draining: shared.draining.clone(),
                 };
-                crate::fleet::stream::serve(send, reader, frame, peer, on).await;
+                Box::pin(crate::fleet::stream::serve(send, reader, frame, peer, on)).await;
             }
             _ => task::serve(send, reader, &frame, peer, shared).await,
         },

@@ -73,7 +73,15 @@ pub(crate) async fn serve(
     };
     if relay::is_shared(shared, &task, asked.input_len) {
         if let Some(cluster) = shared.cluster.as_deref() {
-            return relay::serve(ts, shared, cluster, asked, &mut stopped, &mut tally).await;
+            return Box::pin(relay::serve(
+                ts,
+                shared,
+                cluster,
+                asked,
+                &mut stopped,
+                &mut tally,
+            ))
+            .await;
         }
     }
     let Some((claim, admitted)) = resolve(&mut ts, shared, asked, &mut stopped, &mut tally).await
@@ -370,8 +378,11 @@ async fn execute<S: Future<Output = u64> + Unpin>(
         inner: &mut ts.input,
         whole: &input_whole,
     };
-    let run = shared.executor.run_in_slot(&slot, task, input, &mut output);
-    let watched = watch_run(run, stopped, claim, &input_whole).await;
+    let watched = {
+        // Pinned here, not moved into watch_run: the run's state is stored once.
+        let run = std::pin::pin!(shared.executor.run_in_slot(&slot, task, input, &mut output));
+        watch_run(run, stopped, claim, &input_whole).await
+    };
     drop(slot);
     let teed = output.finish();
     match watched {
@@ -628,12 +639,11 @@ fn runs_on(claim: Option<&Claim>, input_whole: bool, stop: Option<u64>) -> bool 
 /// go on without it ([`runs_on`]): then the run is dropped, which kills the task, and
 /// the stop code is returned.
 async fn watch_run<T, S: Future<Output = u64> + Unpin>(
-    run: impl Future<Output = T>,
+    mut run: std::pin::Pin<&mut impl Future<Output = T>>,
     stopped: &mut S,
     claim: Option<&Claim>,
     input_whole: &AtomicBool,
 ) -> Result<T, u64> {
-    tokio::pin!(run);
     tokio::select! {
         r = &mut run => return Ok(r),
         code = stopped => {
