@@ -19,7 +19,7 @@ use updraft_proto::{
 };
 use updraft_shared::exec::{Input, Output};
 use updraft_shared::tls::{Identity, TlsError};
-use updraft_shared::wire::{write_frame, FrameReader, WireError};
+use updraft_shared::wire::{FrameReader, WireError};
 
 /// Streams a daemon may open to this agent at once: its load reports and link-probe
 /// answers travel on them, one or two at a time; a few spare keep a slow reader from
@@ -938,12 +938,30 @@ async fn exchange<I: Input, O: Output>(
         input_finished,
         ..
     } = stream;
-    if let Err(e) = write_frame(send, &header.to_frame()).await {
-        return not_started(None, format!("cannot send the request: {e}"), input);
-    }
     let Replay { buffered, mut rest } = input;
     let mut up = Upload::new(buffered);
-    let reply = match await_reply(send, reader, &mut rest, &mut up, input_finished, cfg).await {
+    // The request goes out together with the input that is ready now and, when that is
+    // all of it, the input's end: a small task is one packet, not three.
+    let (first, read_error) = ready_input(&mut rest, &mut up, cfg);
+    let mut chunks = Vec::with_capacity(1 + first.len());
+    chunks.push(header.to_frame().encoded());
+    chunks.extend(first);
+    if let Err(e) = send.write_all_chunks(&mut chunks).await {
+        return not_started(
+            None,
+            format!("cannot send the request: {e}"),
+            up.give_back(rest),
+        );
+    }
+    if up.input_done {
+        *input_finished = true;
+        let _ = send.finish();
+    }
+    let reply = match read_error {
+        Some(e) => Err(NoReply::Input(e)),
+        None => await_reply(send, reader, &mut rest, &mut up, input_finished, cfg).await,
+    };
+    let reply = match reply {
         Ok(reply) => reply,
         Err(NoReply::Input(e)) => {
             let _ = send.reset(RESET_ABANDONED.into());
@@ -998,6 +1016,60 @@ async fn exchange<I: Input, O: Output>(
             input: (link && up.replayable).then(|| up.give_back(rest)),
         }
     })
+}
+
+/// Most input sent with the request, ahead of the daemon's answer.
+const READY_INPUT_MAX: usize = 16 * 1024;
+
+/// The input that can go out with the request at once, up to [`READY_INPUT_MAX`]
+/// bytes: chunks an earlier try read, then chunks the input has ready now (read as
+/// [`await_reply`] reads them, kept for a retry). `up.input_done` is set when that was
+/// the whole input. A read error found on the way is given back, to be handled after
+/// the request is sent.
+fn ready_input<I: Input>(
+    rest: &mut I,
+    up: &mut Upload,
+    cfg: &LinkConfig,
+) -> (Vec<Bytes>, Option<std::io::Error>) {
+    let mut first = Vec::new();
+    let mut budget = READY_INPUT_MAX;
+    loop {
+        if let Some(chunk) = up.pending.take() {
+            if chunk.len() > budget {
+                up.pending = Some(chunk);
+                return (first, None);
+            }
+            budget -= chunk.len();
+            first.push(chunk);
+            up.pending = up.to_send.pop_front();
+            continue;
+        }
+        if up.input_done || up.replay_len >= cfg.replay_buffer {
+            return (first, None);
+        }
+        match poll_once(rest.next_chunk()) {
+            Some(Ok(Some(chunk))) => {
+                up.replay_len += chunk.len();
+                up.replay.push_back(chunk.clone());
+                up.pending = Some(chunk);
+            }
+            Some(Ok(None)) => up.input_done = true,
+            Some(Err(e)) => return (first, Some(e)),
+            None => return (first, None),
+        }
+    }
+}
+
+/// Polls `fut` once: its output if it is ready now. Dropped otherwise, so only for
+/// futures that may be dropped unfinished (an [`Input`]'s `next_chunk`, which
+/// [`await_reply`] also drops whenever another branch wins).
+fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Sends input (replayed chunks first) until the daemon answers or `accept_timeout`
@@ -1187,6 +1259,57 @@ mod tests {
     use super::*;
     use std::cell::Cell;
     use tokio::time::Instant;
+
+    /// Input whose chunks are ready, or not yet, in a fixed order.
+    struct Scripted(VecDeque<Option<Option<Bytes>>>);
+
+    impl Input for Scripted {
+        async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+            match self.0.pop_front() {
+                Some(Some(chunk)) => Ok(chunk),
+                // Not ready: waits for ever (the test polls once).
+                Some(None) | None => std::future::pending().await,
+            }
+        }
+    }
+
+    /// A small input that is ready goes out with the request, its end too; one that
+    /// is not ready, or too big, is left to the exchange; what was read stays
+    /// replayable, replayed chunks first.
+    #[test]
+    fn ready_input_goes_with_the_request_and_stays_replayable() {
+        let cfg = LinkConfig::default();
+        let b = |s: &'static str| Bytes::from_static(s.as_bytes());
+        let ready = |c: Option<Bytes>| Some(c);
+
+        let mut up = Upload::new(VecDeque::from([b("old")]));
+        let mut input = Scripted(VecDeque::from([ready(Some(b("ab"))), ready(None)]));
+        let (first, err) = ready_input(&mut input, &mut up, &cfg);
+        assert!(err.is_none());
+        assert_eq!(first, [b("old"), b("ab")]);
+        assert!(up.input_done && up.pending.is_none());
+        assert_eq!(up.replay, [b("old"), b("ab")]);
+        assert_eq!(up.replay_len, 5);
+
+        let mut up = Upload::new(VecDeque::new());
+        let mut input = Scripted(VecDeque::from([ready(Some(b("ab"))), None]));
+        let (first, _) = ready_input(&mut input, &mut up, &cfg);
+        assert_eq!(first, [b("ab")]);
+        assert!(!up.input_done, "the end has not come yet");
+
+        let big = Bytes::from(vec![7u8; READY_INPUT_MAX + 1]);
+        let mut up = Upload::new(VecDeque::new());
+        let mut input = Scripted(VecDeque::from([ready(Some(big.clone())), ready(None)]));
+        let (first, _) = ready_input(&mut input, &mut up, &cfg);
+        assert!(first.is_empty());
+        assert_eq!(
+            up.pending.as_ref(),
+            Some(&big),
+            "sent by the exchange instead"
+        );
+        assert!(!up.input_done);
+        assert_eq!(up.replay, [big]);
+    }
 
     #[test]
     fn an_input_error_says_it_was_the_input() {

@@ -165,6 +165,13 @@ impl Frame {
         Ok(Some(Frame { kind, payload }))
     }
 
+    /// The frame as it goes on the wire, in one buffer.
+    pub fn encoded(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(PRELUDE_LEN + self.payload.len());
+        self.encode(&mut out);
+        out.freeze()
+    }
+
     /// Appends this frame's encoding to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         debug_assert!(self.payload.len() <= self.kind.max_len() as usize);

@@ -147,7 +147,5 @@ pub async fn write_frame(
     send: &mut quinn::SendStream,
     frame: &Frame,
 ) -> Result<(), quinn::WriteError> {
-    let mut buf = BytesMut::with_capacity(updraft_proto::frame::PRELUDE_LEN + frame.payload.len());
-    frame.encode(&mut buf);
-    send.write_all_chunks(&mut [buf.freeze()]).await
+    send.write_all_chunks(&mut [frame.encoded()]).await
 }
