@@ -33,12 +33,24 @@ impl Histogram {
     }
 }
 
+/// One (placement, task) series: its latency and its count by outcome.
 #[derive(Debug, Default)]
-struct Inner {
-    /// (placement, task, outcome) → finished tasks
-    tasks: BTreeMap<(String, String, String), u64>,
-    /// (placement, task) → latency of finished tasks
-    latency: BTreeMap<(String, String), Histogram>,
+struct Series {
+    latency: Histogram,
+    outcomes: BTreeMap<String, u64>,
+}
+
+/// placement → task → series. Nested, so that counting a task whose series exists
+/// allocates nothing (a tuple key would need owned strings for every lookup).
+#[derive(Debug, Default)]
+struct Inner(BTreeMap<String, BTreeMap<String, Series>>);
+
+/// The entry of `key` in `map`, made (with an owned key) only when missing.
+fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), V::default());
+    }
+    map.get_mut(key).expect("inserted above")
 }
 
 /// Finished tasks by placement, task and outcome, and their latency by placement and
@@ -50,15 +62,9 @@ impl TaskStats {
     /// Counts one finished task; `elapsed` (submission to result) feeds the histogram.
     pub fn record(&self, placement: &str, task: &str, outcome: &str, elapsed: Duration) {
         let mut inner = self.0.lock().expect("task stats lock");
-        *inner
-            .tasks
-            .entry((placement.into(), task.into(), outcome.into()))
-            .or_default() += 1;
-        inner
-            .latency
-            .entry((placement.into(), task.into()))
-            .or_default()
-            .observe(elapsed.as_secs_f64());
+        let series = entry(entry(&mut inner.0, placement), task);
+        *entry(&mut series.outcomes, outcome) += 1;
+        series.latency.observe(elapsed.as_secs_f64());
     }
 
     /// Writes `{prefix}_tasks_total` and `{prefix}_task_duration_seconds`.
@@ -71,13 +77,17 @@ impl TaskStats {
             "counter",
             "Tasks finished, by placement, task and outcome.",
         );
-        for ((placement, task, outcome), n) in &inner.tasks {
-            let labels = labels(&[
-                ("placement", placement),
-                ("task", task),
-                ("outcome", outcome),
-            ]);
-            let _ = writeln!(out, "{name}{{{labels}}} {n}");
+        for (placement, tasks) in &inner.0 {
+            for (task, series) in tasks {
+                for (outcome, n) in &series.outcomes {
+                    let labels = labels(&[
+                        ("placement", placement),
+                        ("task", task),
+                        ("outcome", outcome),
+                    ]);
+                    let _ = writeln!(out, "{name}{{{labels}}} {n}");
+                }
+            }
         }
         let name = format!("{prefix}_task_duration_seconds");
         header(
@@ -86,7 +96,11 @@ impl TaskStats {
             "histogram",
             "Time from a task's submission to its result, seconds.",
         );
-        for ((placement, task), h) in &inner.latency {
+        let series = inner
+            .0
+            .iter()
+            .flat_map(|(p, tasks)| tasks.iter().map(move |(t, s)| (p, t, &s.latency)));
+        for (placement, task, h) in series {
             let base = labels(&[("placement", placement), ("task", task)]);
             let mut cumulative = 0;
             for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
