@@ -148,6 +148,10 @@ struct Figures {
     /// Bulk bytes/s each way, per round.
     bulk_offload: Vec<f64>,
     bulk_raw: Vec<f64>,
+    /// UDP datagrams the client side sent and received over the measured requests, at
+    /// concurrency 1 and [`CONCURRENCY`]: (offload, raw quinn).
+    datagrams_c1: (u64, u64),
+    datagrams_c64: (u64, u64),
 }
 
 async fn measure(
@@ -186,6 +190,17 @@ async fn measure(
         api_new: None,
         bulk_offload: Vec::new(),
         bulk_raw: Vec::new(),
+        datagrams_c1: (0, 0),
+        datagrams_c64: (0, 0),
+    };
+    // Datagrams both ways on a side's connection (not kept for HTTP/2 over TCP).
+    let count = |side: &Side, into: &mut (u64, u64), from: u64| {
+        let now = side.datagrams();
+        match side {
+            Side::Offload(_) => into.0 += now - from,
+            Side::Raw(_) => into.1 += now - from,
+            Side::H2(_) => {}
+        }
     };
     let result = async {
         for side in [&raw, &updraft, &h2] {
@@ -205,7 +220,9 @@ async fn measure(
                         Side::Offload(_) => &mut figures.offload,
                         Side::H2(_) => &mut figures.h2,
                     };
+                    let from = side.datagrams();
                     sequential(side, LATENCY_BLOCK, Some(hist)).await?;
+                    count(side, &mut figures.datagrams_c1, from);
                 }
             }
             Ok(())
@@ -213,7 +230,9 @@ async fn measure(
         .await?;
         for round in 0..ROUNDS {
             for side in order(round) {
+                let from = side.datagrams();
                 let rate = bounded("throughput", concurrent(side)).await?;
+                count(side, &mut figures.datagrams_c64, from);
                 match side {
                     Side::Raw(_) => figures.raw_c64.push(rate),
                     Side::Offload(_) => figures.offload_c64.push(rate),
@@ -311,6 +330,16 @@ impl Side {
             Self::Raw(c) => Self::Raw(c.clone()),
             Self::H2(s) => Self::H2(s.clone()),
         }
+    }
+
+    /// UDP datagrams sent and received on the side's QUIC connection so far.
+    fn datagrams(&self) -> u64 {
+        let stats = match self {
+            Self::Offload(p) => p.conn.stats(),
+            Self::Raw(c) => c.stats(),
+            Self::H2(_) => return 0,
+        };
+        stats.udp_tx.datagrams + stats.udp_rx.datagrams
     }
 
     /// One empty request, answered in full.
@@ -731,6 +760,9 @@ impl Figures {
         let (bo, br) = (median(&self.bulk_offload), median(&self.bulk_raw));
         let bulk_ratio = paired(&self.bulk_offload, &self.bulk_raw);
         let mib = |x: f64| (x / f64::from(1u32 << 20)).round();
+        let per = |n: u64, of: u64| if of > 0 { n as f64 / of as f64 } else { 0.0 };
+        let c1_requests = self.offload.len();
+        let c64_requests = (ROUNDS * THROUGHPUT_REQUESTS) as u64;
         if json {
             let line = serde_json::json!({
                 "busy_threads": busy,
@@ -759,6 +791,10 @@ impl Figures {
                 "bulk_offload_mib_per_sec": mib(bo),
                 "bulk_raw_quinn_mib_per_sec": mib(br),
                 "bulk_ratio": round3(bulk_ratio),
+                "offload_datagrams_per_task_c1": round3(per(self.datagrams_c1.0, c1_requests)),
+                "raw_quinn_datagrams_per_request_c1": round3(per(self.datagrams_c1.1, c1_requests)),
+                "offload_datagrams_per_task_c64": round3(per(self.datagrams_c64.0, c64_requests)),
+                "raw_quinn_datagrams_per_request_c64": round3(per(self.datagrams_c64.1, c64_requests)),
                 "latency_samples": self.offload.len(),
                 "c64_requests_per_round": THROUGHPUT_REQUESTS,
                 "rounds": ROUNDS,
@@ -819,6 +855,20 @@ impl Figures {
                 );
             }
         };
+        println!(
+            "{:<34} {:>11.2} {:>11.2} {:>11}",
+            "datagrams per request, c1",
+            per(self.datagrams_c1.0, c1_requests),
+            per(self.datagrams_c1.1, c1_requests),
+            ""
+        );
+        println!(
+            "{:<34} {:>11.2} {:>11.2} {:>11}",
+            format!("datagrams per request, c{CONCURRENCY}"),
+            per(self.datagrams_c64.0, c64_requests),
+            per(self.datagrams_c64.1, c64_requests),
+            ""
+        );
         api_row("local API p50, kept-alive", kept50, kept99);
         api_row("local API p50, new connection", new50, new99);
         println!(
