@@ -357,30 +357,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// One empty task through the agent's offload path, checked.
 pub(crate) async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
-    let header = RequestHeader {
-        id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        task: p.task.into(),
-        args: vec![],
-        input_len: Some(0),
-    };
     let mut output = Vec::new();
-    let trailer = offload(
-        &p.conn,
-        &header,
-        Replay::fresh(None::<Bytes>),
-        &mut output,
-        &p.cfg,
-        OnDrop::Cancel,
-    )
-    .await
-    .map_err(|e| match e {
-        updraft_agent::OffloadError::NotStarted { code, reason, .. } => {
-            anyhow::anyhow!("offload not started ({code:?}): {reason}")
-        }
-        updraft_agent::OffloadError::Failed { reason, .. } => {
-            anyhow::anyhow!("offload failed: {reason}")
-        }
-    })?;
+    let trailer = offload_with(p, p.task, 0, None::<Bytes>, &mut output).await?;
     anyhow::ensure!(
         trailer.exit_code == Some(0) && output.is_empty(),
         "echo answered exit {:?}, {} bytes: {}",
@@ -389,6 +367,41 @@ pub(crate) async fn offload_once(p: &OffloadPath) -> anyhow::Result<()> {
         trailer.message
     );
     Ok(())
+}
+
+/// Task `task` with `input` of `input_len` bytes through the agent's offload path, a
+/// new id each time; its trailer, or why there is none.
+async fn offload_with<I: updraft_shared::exec::Input, O: updraft_shared::exec::Output>(
+    p: &OffloadPath,
+    task: &str,
+    input_len: u64,
+    input: I,
+    output: &mut O,
+) -> anyhow::Result<updraft_proto::Trailer> {
+    let header = RequestHeader {
+        id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+        task: task.into(),
+        args: vec![],
+        input_len: Some(input_len),
+    };
+    let cfg = &p.cfg;
+    offload(
+        &p.conn,
+        &header,
+        Replay::fresh(input),
+        output,
+        cfg,
+        OnDrop::Cancel,
+    )
+    .await
+    .map_err(|e| match e {
+        updraft_agent::OffloadError::NotStarted { code, reason, .. } => {
+            anyhow::anyhow!("task `{task}`: offload not started ({code:?}): {reason}")
+        }
+        updraft_agent::OffloadError::Failed { reason, .. } => {
+            anyhow::anyhow!("task `{task}`: offload failed: {reason}")
+        }
+    })
 }
 
 async fn raw_once(conn: &quinn::Connection) -> anyhow::Result<()> {
@@ -589,31 +602,9 @@ impl updraft_shared::exec::Output for Counted {
 
 /// One [`BULK_BYTES`] `echo` offload (task `bulk`); bytes per second each way.
 async fn bulk_offload(p: &OffloadPath) -> anyhow::Result<f64> {
-    let header = RequestHeader {
-        id: format!("bench-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
-        task: "bulk".into(),
-        args: vec![],
-        input_len: Some(BULK_BYTES as u64),
-    };
     let mut output = Counted(0);
     let start = Instant::now();
-    let trailer = offload(
-        &p.conn,
-        &header,
-        Replay::fresh(BulkInput::new()),
-        &mut output,
-        &p.cfg,
-        OnDrop::Cancel,
-    )
-    .await
-    .map_err(|e| match e {
-        updraft_agent::OffloadError::NotStarted { code, reason, .. } => {
-            anyhow::anyhow!("bulk offload not started ({code:?}): {reason}")
-        }
-        updraft_agent::OffloadError::Failed { reason, .. } => {
-            anyhow::anyhow!("bulk offload failed: {reason}")
-        }
-    })?;
+    let trailer = offload_with(p, "bulk", BULK_BYTES as u64, BulkInput::new(), &mut output).await?;
     let secs = start.elapsed().as_secs_f64();
     anyhow::ensure!(
         trailer.exit_code == Some(0) && output.0 == BULK_BYTES as u64,
