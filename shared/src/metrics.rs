@@ -45,6 +45,17 @@ struct Series {
 #[derive(Debug, Default)]
 struct Inner(BTreeMap<String, BTreeMap<String, Series>>);
 
+impl Inner {
+    /// Every (placement, task) series, in label order.
+    fn series(&self) -> impl Iterator<Item = (&str, &str, &Series)> {
+        self.0.iter().flat_map(|(placement, tasks)| {
+            tasks
+                .iter()
+                .map(move |(task, series)| (placement.as_str(), task.as_str(), series))
+        })
+    }
+}
+
 /// The entry of `key` in `map`, made (with an owned key) only when missing.
 fn entry<'m, V: Default>(map: &'m mut BTreeMap<String, V>, key: &str) -> &'m mut V {
     if !map.contains_key(key) {
@@ -77,16 +88,14 @@ impl TaskStats {
             "counter",
             "Tasks finished, by placement, task and outcome.",
         );
-        for (placement, tasks) in &inner.0 {
-            for (task, series) in tasks {
-                for (outcome, n) in &series.outcomes {
-                    let labels = labels(&[
-                        ("placement", placement),
-                        ("task", task),
-                        ("outcome", outcome),
-                    ]);
-                    let _ = writeln!(out, "{name}{{{labels}}} {n}");
-                }
+        for (placement, task, series) in inner.series() {
+            for (outcome, n) in &series.outcomes {
+                let labels = labels(&[
+                    ("placement", placement),
+                    ("task", task),
+                    ("outcome", outcome),
+                ]);
+                let _ = writeln!(out, "{name}{{{labels}}} {n}");
             }
         }
         let name = format!("{prefix}_task_duration_seconds");
@@ -96,11 +105,8 @@ impl TaskStats {
             "histogram",
             "Time from a task's submission to its result, seconds.",
         );
-        let series = inner
-            .0
-            .iter()
-            .flat_map(|(p, tasks)| tasks.iter().map(move |(t, s)| (p, t, &s.latency)));
-        for (placement, task, h) in series {
+        for (placement, task, series) in inner.series() {
+            let h = &series.latency;
             let base = labels(&[("placement", placement), ("task", task)]);
             let mut cumulative = 0;
             for (bound, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
