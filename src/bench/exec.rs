@@ -67,39 +67,42 @@ pub async fn run(json: bool) -> anyhow::Result<()> {
     ];
     for case in &mut cases {
         let what = format!("bare spawn of {}", case.name);
-        bounded(&what, async {
-            for i in 0..WARMUP + SAMPLES {
-                let start = Instant::now();
-                bare(case.argv, &case.input).await?;
-                if i >= WARMUP {
-                    case.bare
-                        .saturating_record(start.elapsed().as_micros() as u64);
-                }
-            }
-            anyhow::Ok(())
-        })
-        .await?;
+        let (argv, input) = (case.argv, &case.input);
+        timed(&what, &mut case.bare, || bare(argv, input)).await?;
     }
     // As the services do at start.
     let containment = updraft_shared::contain::init();
     for case in &mut cases {
         let task = admitted(case.argv)?;
         let what = format!("{} through the executor", case.name);
-        bounded(&what, async {
-            for i in 0..WARMUP + SAMPLES {
-                let start = Instant::now();
-                through_executor(&executor, &task, case.input.clone()).await?;
-                if i >= WARMUP {
-                    case.exec
-                        .saturating_record(start.elapsed().as_micros() as u64);
-                }
-            }
-            anyhow::Ok(())
+        let input = &case.input;
+        timed(&what, &mut case.exec, || {
+            through_executor(&executor, &task, input.clone())
         })
         .await?;
     }
     print(&cases, &containment.to_string(), json);
     Ok(())
+}
+
+/// [`WARMUP`] runs of `once`, then [`SAMPLES`] timed into `hist`; the phase `what` fails
+/// with the first failed run.
+async fn timed<F, Fut>(what: &str, hist: &mut Histogram<u64>, mut once: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    bounded(what, async {
+        for i in 0..WARMUP + SAMPLES {
+            let start = Instant::now();
+            once().await?;
+            if i >= WARMUP {
+                hist.saturating_record(start.elapsed().as_micros() as u64);
+            }
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// The catalog's admission of a command task running `argv`.
