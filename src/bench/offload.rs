@@ -163,7 +163,7 @@ async fn measure(
     // The agent's own uplink to the daemon.
     let (_uplink, path) =
         OffloadPath::connect(pki, daemon_addr, "echo", Duration::from_secs(10), shutdown).await?;
-    let updraft = Side::Offload(path);
+    let updraft = Side::Offload(path.clone());
 
     // The baseline: a bare quinn echo server with the same certificates.
     let raw_server = raw_echo_server(pki)?;
@@ -243,16 +243,13 @@ async fn measure(
         let (kept, new) = bounded("local API", api_latency(pki, dir, daemon_addr)).await?;
         figures.api_kept = Some(kept);
         figures.api_new = Some(new);
-        let Side::Offload(path) = &updraft else {
-            unreachable!("the Updraft side")
-        };
         for round in 0..BULK_ROUNDS {
-            for first in [round % 2 == 0, round % 2 != 0] {
-                if first {
+            for raw_turn in [round % 2 == 0, round % 2 != 0] {
+                if raw_turn {
                     let rate = bounded("bulk (raw quinn)", bulk_raw(&raw_conn)).await?;
                     figures.bulk_raw.push(rate);
                 } else {
-                    let rate = bounded("bulk (offload)", bulk_offload(path)).await?;
+                    let rate = bounded("bulk (offload)", bulk_offload(&path)).await?;
                     figures.bulk_offload.push(rate);
                 }
             }
