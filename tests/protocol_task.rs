@@ -120,6 +120,38 @@ async fn uploads_per_agent_are_bounded() {
     assert_eq!(read_result(&mut r, WAIT).await.0, b"y");
 }
 
+/// `accepted` may travel with a task's first output or its trailer (a task that ends at
+/// once is answered in one packet), but never waits for them: a task that writes
+/// nothing, and a task queued behind it, are both accepted while the first still runs.
+#[tokio::test]
+async fn silent_and_queued_tasks_are_accepted_before_they_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    let d = Daemon::start(&format!(
+        "max_concurrent_tasks = 1\nmax_queued_tasks = 1\n[tasks.silent]\ncommand = [\"sh\", \"-c\", \"while [ ! -e {} ]; do sleep 0.01; done\"]\n",
+        gate.display()
+    ));
+    let conn = d.connect("board-1").await;
+    let mut readers = Vec::new();
+    for id in ["silent-1", "silent-2"] {
+        let (mut send, mut reader) = open_task(&conn, id, "silent", Some(0), b"").await;
+        send.finish().unwrap();
+        assert_eq!(
+            read_reply(&mut reader, WAIT).await,
+            ReplyHeader::Accepted,
+            "{id}"
+        );
+        readers.push(reader);
+    }
+    // Only now can either task end.
+    std::fs::write(&gate, b"").unwrap();
+    for mut reader in readers {
+        let (out, trailer) = read_result(&mut reader, WAIT).await;
+        assert!(out.is_empty());
+        assert_eq!(trailer.exit_code, Some(0), "{trailer:?}");
+    }
+}
+
 /// `max_input` holds for the held part too: a 1 KiB task sent 100 KiB without
 /// `input_len` (and no end of input) is refused `too_large` as soon as 1 KiB is over,
 /// not after `hold_input` or the end of the upload.

@@ -8,11 +8,13 @@
 //! async code here only performs.
 
 mod relay;
+mod reply;
 mod tee;
 
 use crate::recent::{Claim, Lookup, Record, Settled, TaskKey, Waiter};
 use crate::state::{Shared, Tally, Uploading, Uploads};
 use bytes::Bytes;
+use reply::{ready_now, Reply};
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,9 +28,9 @@ use updraft_proto::{
     STOP_INPUT,
 };
 use updraft_shared::catalog::{AdmittedTask, Caller, Refusal};
-use updraft_shared::exec::{ExecError, Executor, Outcome, Output, Reservation, Upload};
+use updraft_shared::exec::{ExecError, Executor, Outcome, Reservation, Upload};
 use updraft_shared::tls::AuthenticatedPeer;
-use updraft_shared::wire::{write_frame, DataFrameOutput, FrameReader, StreamInput, WireError};
+use updraft_shared::wire::{write_frame, FrameReader, StreamInput, WireError};
 
 /// Serves a task stream whose first frame, `frame`, should be its request header.
 pub(crate) async fn serve(
@@ -53,9 +55,8 @@ pub(crate) async fn serve(
     // Resolves when the agent stops reading (it cancelled the task, or gave up on it).
     let mut stopped = std::pin::pin!(stop_code(send.stopped()));
     let mut ts = TaskStream {
-        send,
+        reply: Reply::new(send),
         input: StreamInput::new(leftover, recv),
-        accepted: false,
         agent,
         task: &task,
         id: &id,
@@ -277,7 +278,7 @@ async fn join<S: Future<Output = u64> + Unpin>(
     stopped: &mut S,
     tally: &mut Tally<'_>,
 ) -> Option<Settled> {
-    if !ts.accept().await {
+    if !ts.reply.accept().await {
         return None;
     }
     // This stream's input is left unread: if the first run leaves no result, the next
@@ -355,11 +356,20 @@ async fn execute<S: Future<Output = u64> + Unpin>(
     stopped: &mut S,
     tally: &mut Tally<'_>,
 ) -> Option<(Result<Outcome, ExecError>, Teed, bool)> {
-    let slot = tokio::select! {
-        slot = reservation.slot() => slot,
-        code = &mut *stopped => {
-            ts.stopped(tally, code, "while it waited for a slot; it did not run");
-            return None;
+    let mut slot = std::pin::pin!(reservation.slot());
+    let slot = match ready_now(&mut slot).await {
+        Some(slot) => slot,
+        None => {
+            if !ts.reply.accept().await {
+                return None;
+            }
+            tokio::select! {
+                slot = slot => slot,
+                code = &mut *stopped => {
+                    ts.stopped(tally, code, "while it waited for a slot; it did not run");
+                    return None;
+                }
+            }
         }
     };
     shared.recent.counters().run();
@@ -372,7 +382,8 @@ async fn execute<S: Future<Output = u64> + Unpin>(
         "task started"
     );
     let input_whole = AtomicBool::new(false);
-    let mut output = TeeOutput::new(&mut ts.send, claim, &input_whole);
+    let running = ts.reply.running();
+    let mut output = TeeOutput::new(&running, claim, &input_whole);
     let input = WatchedInput {
         held,
         inner: &mut ts.input,
@@ -381,6 +392,7 @@ async fn execute<S: Future<Output = u64> + Unpin>(
     let watched = {
         // Pinned here, not moved into watch_run: the run's state is stored once.
         let run = std::pin::pin!(shared.executor.run_in_slot(&slot, task, input, &mut output));
+        let run = std::pin::pin!(running.accepting(run));
         watch_run(run, stopped, claim, &input_whole).await
     };
     drop(slot);
@@ -396,31 +408,14 @@ async fn execute<S: Future<Output = u64> + Unpin>(
 
 /// A task stream after its header was read, and what its log lines name.
 struct TaskStream<'a> {
-    send: quinn::SendStream,
+    reply: Reply,
     input: StreamInput,
-    /// `accepted` was sent already (a retry waiting for a run in progress, or a task
-    /// that took its place): from then on a refusal can only travel in a trailer.
-    accepted: bool,
     agent: &'a str,
     task: &'a str,
     id: &'a str,
 }
 
 impl TaskStream<'_> {
-    /// Sends `accepted` unless it went already; false when the agent is gone.
-    async fn accept(&mut self) -> bool {
-        if !self.accepted {
-            if write_frame(&mut self.send, &ReplyHeader::Accepted.to_frame())
-                .await
-                .is_err()
-            {
-                return false;
-            }
-            self.accepted = true;
-        }
-        true
-    }
-
     /// Notes that the agent stopped reading this stream with `code` (STOP_SENDING)
     /// and what became of the task.
     fn stopped(&self, tally: &mut Tally<'_>, code: u64, then: &str) {
@@ -442,15 +437,15 @@ impl TaskStream<'_> {
     /// no result).
     async fn refuse(&mut self, refusal: Refusal) {
         self.input.stop(STOP_INPUT);
-        if self.accepted {
+        if self.reply.is_accepted() {
             let trailer = Trailer {
                 error: Some(refusal.code),
                 message: bounded_message(refusal.message),
                 ..Default::default()
             };
-            deliver_trailer(&mut self.send, &trailer).await;
+            self.reply.end(&trailer).await;
         } else {
-            reject(&mut self.send, refusal.code, refusal.message).await;
+            reject(self.reply.stream(), refusal.code, refusal.message).await;
         }
     }
 
@@ -458,17 +453,11 @@ impl TaskStream<'_> {
     /// are the first run's.
     async fn deliver_record(&mut self, record: &Record) {
         self.input.stop(STOP_INPUT);
-        if !self.accept().await {
+        self.reply.owe();
+        if self.reply.write_data(record.output.clone()).await.is_err() {
             return;
         }
-        if DataFrameOutput::new(&mut self.send)
-            .write(record.output.clone())
-            .await
-            .is_err()
-        {
-            return;
-        }
-        deliver_trailer(&mut self.send, &record.trailer).await;
+        self.reply.end(&record.trailer).await;
     }
 }
 
@@ -477,16 +466,6 @@ pub(crate) async fn reject(send: &mut quinn::SendStream, code: ErrorCode, messag
     let message = bounded_message(message);
     let _ = write_frame(send, &ReplyHeader::Rejected { code, message }.to_frame()).await;
     let _ = send.finish();
-}
-
-/// Sends the trailer and finishes the stream.
-async fn deliver_trailer(send: &mut quinn::SendStream, trailer: &Trailer) {
-    if write_frame(send, &trailer.to_frame()).await.is_ok() {
-        let _ = send.finish();
-        // Keep the stream until the agent has everything: dropping it early could
-        // cut the trailer off when the connection closes during drain.
-        let _ = send.stopped().await;
-    }
 }
 
 /// Where a task stands once it has its place.
@@ -541,7 +520,8 @@ pub(crate) fn place<'a>(
     })
 }
 
-/// Takes the task's place (see [`place`]) and answers `accepted`. A remembered run
+/// Takes the task's place (see [`place`]), so `accepted` is owed (it goes with the
+/// first thing sent, or as soon as the task waits). A remembered run
 /// with a held input (`hold` > 0) then receives that input holding no slot: it counts
 /// as uploading (in load reports, and against the agent's `max_uploads_per_agent`), so
 /// a slow upload delays no other task; then it takes a slot or waits in the queue.
@@ -562,9 +542,7 @@ async fn take_place<S: Future<Output = u64> + Unpin>(
             return Place::Answered;
         }
     };
-    if !ts.accept().await {
-        return Place::Answered;
-    }
+    ts.reply.owe();
     let (counted, upload) = match placement {
         Placement::Reserved(reservation) => {
             return Place::Ready(reservation, HeldInput::default(), Duration::ZERO)
@@ -572,9 +550,24 @@ async fn take_place<S: Future<Output = u64> + Unpin>(
         Placement::Uploading(counted, upload) => (counted, upload),
     };
     let started = Instant::now();
-    let received = tokio::select! {
-        r = HeldInput::receive(&mut ts.input, hold, task.spec().max_input) => r,
-        code = &mut *stopped => {
+    let received = {
+        let mut receive = std::pin::pin!(HeldInput::receive(
+            &mut ts.input,
+            hold,
+            task.spec().max_input
+        ));
+        match ready_now(&mut receive).await {
+            Some(r) => Ok(r),
+            None if !ts.reply.accept().await => return Place::Answered,
+            None => tokio::select! {
+                r = receive => Ok(r),
+                code = &mut *stopped => Err(code),
+            },
+        }
+    };
+    let received = match received {
+        Ok(r) => r,
+        Err(code) => {
             ts.stopped(tally, code, "while it was sending its input; nothing ran");
             return Place::Answered;
         }
@@ -700,7 +693,7 @@ async fn finish(mut ts: TaskStream<'_>, tally: &mut Tally<'_>, claim: Option<Cla
     }
     debug!(agent, task, id, exit_code = ?trailer.exit_code, "task finished");
     tally.record();
-    deliver_trailer(&mut ts.send, &trailer).await;
+    ts.reply.end(&trailer).await;
 }
 
 /// The outcome a finished task is counted under.

@@ -125,20 +125,43 @@ impl<'a> DataFrameOutput<'a> {
     }
 }
 
-impl crate::exec::Output for DataFrameOutput<'_> {
-    async fn write(&mut self, mut chunk: Bytes) -> std::io::Result<()> {
+impl DataFrameOutput<'_> {
+    /// Writes `head` (frames already encoded), then `chunk` as Data frames; `head` goes
+    /// in the same write as the first of them, so both can leave in one packet.
+    pub async fn write_after(
+        &mut self,
+        head: Option<Bytes>,
+        mut chunk: Bytes,
+    ) -> std::io::Result<()> {
         use updraft_proto::frame::DATA_CHUNK;
         use updraft_proto::FrameKind;
+        let mut head = head;
+        if chunk.is_empty() {
+            if let Some(head) = head {
+                self.send
+                    .write_all_chunks(&mut [head])
+                    .await
+                    .map_err(std::io::Error::from)?;
+            }
+            return Ok(());
+        }
         while !chunk.is_empty() {
             let part = chunk.split_to(chunk.len().min(DATA_CHUNK));
             let prelude =
                 Bytes::copy_from_slice(&updraft_proto::Frame::prelude(FrameKind::Data, part.len()));
-            self.send
-                .write_all_chunks(&mut [prelude, part])
-                .await
-                .map_err(std::io::Error::from)?;
+            let written = match head.take() {
+                Some(head) => self.send.write_all_chunks(&mut [head, prelude, part]).await,
+                None => self.send.write_all_chunks(&mut [prelude, part]).await,
+            };
+            written.map_err(std::io::Error::from)?;
         }
         Ok(())
+    }
+}
+
+impl crate::exec::Output for DataFrameOutput<'_> {
+    async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
+        self.write_after(None, chunk).await
     }
 }
 

@@ -5,7 +5,7 @@
 //! arrives, so the replica that runs the task and the one that relays it need not
 //! be the same, and a front that dies costs only a retry, which is relayed again.
 
-use super::{deliver_trailer, outcome_label, Asked, HeldInput, TaskStream};
+use super::{outcome_label, Asked, HeldInput, TaskStream};
 use crate::cluster::claim::{self, args_digest, Claim, End, State, Work, WorkHeader};
 use crate::cluster::{Claimed, Cluster};
 use crate::state::{Shared, Tally};
@@ -16,8 +16,6 @@ use tracing::{debug, info, warn};
 use updraft_proto::msg::bounded_message;
 use updraft_proto::{ErrorCode, Trailer, STOP_INPUT};
 use updraft_shared::catalog::{Caller, Refusal};
-use updraft_shared::exec::Output;
-use updraft_shared::wire::DataFrameOutput;
 
 /// How often one relay reads the results again after its reader broke.
 const MAX_REREADS: u32 = 20;
@@ -121,7 +119,7 @@ pub(super) async fn serve<S: Future<Output = u64> + Unpin>(
                         "task id {id} retried; answering from the cluster's record of its run"
                     );
                     ts.input.stop(STOP_INPUT);
-                    if !ts.accept().await {
+                    if !ts.reply.accept().await {
                         return;
                     }
                     shared.recent.counters().hit();
@@ -141,7 +139,7 @@ pub(super) async fn serve<S: Future<Output = u64> + Unpin>(
             }
         }
     };
-    if !ts.accept().await {
+    if !ts.reply.accept().await {
         if rerun.is_none() {
             cluster.forget(&key).await;
         }
@@ -286,7 +284,7 @@ async fn fail(mut ts: TaskStream<'_>, tally: &mut Tally<'_>, code: ErrorCode, me
         ..Default::default()
     };
     tally.outcome = code.as_str();
-    deliver_trailer(&mut ts.send, &trailer).await;
+    ts.reply.end(&trailer).await;
 }
 
 /// Relays task `key`'s output and trailer from the results stream, starting at
@@ -431,11 +429,7 @@ async fn relay<S: Future<Output = u64> + Unpin>(
                     }
                 }
                 sent += msg.payload.len() as u64;
-                if DataFrameOutput::new(&mut ts.send)
-                    .write(msg.payload.clone())
-                    .await
-                    .is_err()
-                {
+                if ts.reply.write_data(msg.payload.clone()).await.is_err() {
                     info!(agent, task, id, "agent went away while the task's output was relayed; a retry of the id gets its result");
                     tally.outcome = "agent_gone";
                     return;
@@ -463,5 +457,5 @@ async fn relay<S: Future<Output = u64> + Unpin>(
         outcome_label(&trailer)
     };
     tally.record();
-    deliver_trailer(&mut ts.send, &trailer).await;
+    ts.reply.end(&trailer).await;
 }

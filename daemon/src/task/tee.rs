@@ -2,6 +2,7 @@
 //! input that notes when it arrived whole, and the output teed to the agent and, for a
 //! remembered run, into the record a retry gets.
 
+use super::reply::Running;
 use super::runs_on;
 use crate::recent::Claim;
 use bytes::Bytes;
@@ -9,7 +10,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use updraft_shared::exec::{ExecError, Input, Output};
-use updraft_shared::wire::{DataFrameOutput, StreamInput};
+use updraft_shared::wire::StreamInput;
 
 /// The start of a task's input, received before the task runs.
 #[derive(Default)]
@@ -104,8 +105,8 @@ enum Keep {
 /// lost after its whole input arrived, the run goes on into the record alone, so a
 /// retry can collect it; it stops (as a failed delivery) once that record cannot
 /// be kept.
-pub(crate) struct TeeOutput<'a> {
-    stream: DataFrameOutput<'a>,
+pub(crate) struct TeeOutput<'a, 's> {
+    stream: &'a Running<'s>,
     /// The run's claim on its id, when it is remembered.
     claim: Option<&'a Claim>,
     /// The connection is gone; output goes to the record only.
@@ -127,16 +128,16 @@ pub(crate) struct Teed {
     pub(crate) lost: bool,
 }
 
-impl<'a> TeeOutput<'a> {
-    /// Output to `send`, recording up to `max_result` bytes when the run is remembered.
+impl<'a, 's> TeeOutput<'a, 's> {
+    /// Output to `stream`, recording up to `max_result` bytes when the run is remembered.
     pub(crate) fn new(
-        send: &'a mut quinn::SendStream,
+        stream: &'a Running<'s>,
         claim: Option<&'a Claim>,
         input_whole: &'a AtomicBool,
     ) -> Self {
         let max_result = claim.map(Claim::max_result);
         Self {
-            stream: DataFrameOutput::new(send),
+            stream,
             claim,
             lost: false,
             keep: if max_result.is_some() {
@@ -176,7 +177,7 @@ fn agent_gone(e: &io::Error) -> Option<Option<u64>> {
     }
 }
 
-impl Output for TeeOutput<'_> {
+impl Output for TeeOutput<'_, '_> {
     async fn write(&mut self, chunk: Bytes) -> io::Result<()> {
         self.produced += chunk.len() as u64;
         if let Keep::On(buf) = &mut self.keep {
@@ -187,7 +188,7 @@ impl Output for TeeOutput<'_> {
             }
         }
         if !self.lost {
-            let Err(e) = self.stream.write(chunk).await else {
+            let Err(e) = self.stream.write_data(chunk).await else {
                 return Ok(());
             };
             let recording = matches!(self.keep, Keep::On(_));
