@@ -944,7 +944,7 @@ async fn exchange<I: Input, O: Output>(
     // all of it, the input's end: a small task is one packet, not three.
     let (first, read_error) = ready_input(&mut rest, &mut up, cfg);
     let mut chunks = Vec::with_capacity(1 + first.len());
-    chunks.push(header.to_frame().encoded());
+    chunks.push(header.encoded());
     chunks.extend(first);
     if let Err(e) = send.write_all_chunks(&mut chunks).await {
         return not_started(

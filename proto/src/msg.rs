@@ -7,7 +7,7 @@
 //! JSON keeps the protocol easy to implement from any language; headers are small and
 //! sent once per task, so their encoding cost is noise next to the QUIC round trip.
 
-use super::frame::{DecodeError, Frame, FrameKind};
+use super::frame::{DecodeError, Frame, FrameKind, PRELUDE_LEN};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -400,6 +400,23 @@ pub(crate) fn encode_json<T: Serialize>(kind: FrameKind, msg: &T) -> Frame {
     Frame::new(kind, payload)
 }
 
+/// `msg` as a whole frame, its prelude and payload written into one buffer (what
+/// [`Frame::encoded`] of its frame gives, without the second buffer and copy).
+pub(crate) fn encode_json_frame<T: Serialize>(kind: FrameKind, msg: &T) -> Bytes {
+    use bytes::BufMut;
+    let mut out = bytes::BytesMut::with_capacity(128).writer();
+    out.get_mut().put_bytes(0, PRELUDE_LEN);
+    serde_json::to_writer(&mut out, msg).expect("protocol messages always serialize");
+    let mut out = out.into_inner();
+    let len = out.len() - PRELUDE_LEN;
+    assert!(
+        len <= kind.max_len() as usize,
+        "{kind:?} message over its cap"
+    );
+    out[..PRELUDE_LEN].copy_from_slice(&Frame::prelude(kind, len));
+    out.freeze()
+}
+
 pub(crate) fn decode_json<T: DeserializeOwned>(
     frame: &Frame,
     kind: FrameKind,
@@ -504,6 +521,10 @@ macro_rules! json_message {
             pub fn from_frame(frame: &Frame) -> Result<Self, DecodeError> {
                 decode_json(frame, $kind, $what)
             }
+            /// This message as a whole frame, prelude included, ready to write.
+            pub fn encoded(&self) -> Bytes {
+                encode_json_frame($kind, self)
+            }
         }
     };
 }
@@ -514,12 +535,38 @@ json_message!(RequestHeader, FrameKind::Request, "request header");
 /// encoding it and told without parsing it.
 const ACCEPTED_JSON: &[u8] = br#"{"status":"accepted"}"#;
 
+/// The whole `accepted` frame: its prelude, then [`ACCEPTED_JSON`].
+const ACCEPTED_FRAME: [u8; PRELUDE_LEN + ACCEPTED_JSON.len()] = {
+    let mut frame = [0; PRELUDE_LEN + ACCEPTED_JSON.len()];
+    frame[0] = FrameKind::Reply as u8;
+    let len = (ACCEPTED_JSON.len() as u32).to_be_bytes();
+    let mut i = 0;
+    while i < len.len() {
+        frame[1 + i] = len[i];
+        i += 1;
+    }
+    let mut i = 0;
+    while i < ACCEPTED_JSON.len() {
+        frame[PRELUDE_LEN + i] = ACCEPTED_JSON[i];
+        i += 1;
+    }
+    frame
+};
+
 impl ReplyHeader {
     /// Encodes this message as its frame.
     pub fn to_frame(&self) -> Frame {
         match self {
             Self::Accepted => Frame::new(FrameKind::Reply, Bytes::from_static(ACCEPTED_JSON)),
             Self::Rejected { .. } => encode_json(FrameKind::Reply, self),
+        }
+    }
+
+    /// This message as a whole frame, prelude included, ready to write.
+    pub fn encoded(&self) -> Bytes {
+        match self {
+            Self::Accepted => Bytes::from_static(&ACCEPTED_FRAME),
+            Self::Rejected { .. } => encode_json_frame(FrameKind::Reply, self),
         }
     }
 
@@ -556,6 +603,26 @@ mod tests {
         assert_eq!(ReplyHeader::from_frame(&spaced), Ok(ReplyHeader::Accepted));
         let wrong_kind = Frame::new(FrameKind::Trailer, ACCEPTED_JSON);
         assert!(ReplyHeader::from_frame(&wrong_kind).is_err());
+    }
+
+    #[test]
+    fn encoded_is_the_frame_encoding_in_one_buffer() {
+        let rejected = ReplyHeader::Rejected {
+            code: ErrorCode::Busy,
+            message: "busy \"now\"".into(),
+        };
+        for reply in [ReplyHeader::Accepted, rejected] {
+            assert_eq!(reply.encoded(), reply.to_frame().encoded(), "{reply:?}");
+        }
+        let trailer = Trailer {
+            exit_code: Some(3),
+            stderr_tail: "ü".repeat(100),
+            ..Default::default()
+        };
+        assert_eq!(trailer.encoded(), trailer.to_frame().encoded());
+        let mut buf = bytes::BytesMut::from(&trailer.encoded()[..]);
+        let frame = Frame::decode(&mut buf).unwrap().unwrap();
+        assert_eq!(Trailer::from_frame(&frame).unwrap(), trailer);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::Poll;
 use updraft_proto::{ReplyHeader, Trailer};
-use updraft_shared::wire::{write_frame, DataFrameOutput};
+use updraft_shared::wire::DataFrameOutput;
 
 /// How far the `accepted` answer has got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,9 +63,8 @@ impl Reply {
             return true;
         }
         self.accepted = Accepted::Sent;
-        write_frame(&mut self.send, &ReplyHeader::Accepted.to_frame())
-            .await
-            .is_ok()
+        let mut accepted = [ReplyHeader::Accepted.encoded()];
+        self.send.write_all_chunks(&mut accepted).await.is_ok()
     }
 
     /// The `accepted` frame when it is owed, marked sent: the caller writes it first.
@@ -74,7 +73,7 @@ impl Reply {
             return None;
         }
         self.accepted = Accepted::Sent;
-        Some(ReplyHeader::Accepted.to_frame().encoded())
+        Some(ReplyHeader::Accepted.encoded())
     }
 
     /// Writes `chunk` as Data frames, after an owed `accepted` in the same write.
@@ -88,7 +87,7 @@ impl Reply {
     /// Sends the trailer (after an owed `accepted`, in the same write) and finishes the
     /// stream.
     pub(crate) async fn end(&mut self, trailer: &Trailer) {
-        let trailer = trailer.to_frame().encoded();
+        let trailer = trailer.encoded();
         let written = match self.take_owed() {
             Some(head) => self.send.write_all_chunks(&mut [head, trailer]).await,
             None => self.send.write_all_chunks(&mut [trailer]).await,
