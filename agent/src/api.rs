@@ -521,14 +521,21 @@ async fn finished_reply(f: Finished) -> Reply {
     let mut reply = match &result {
         Ok(exit) => {
             let len = output.len();
-            let body = match output.reader().await {
-                Ok(reader) => ChannelBody::from_input(
-                    KeepAlive {
-                        reader,
-                        _spool: output,
-                    },
-                    Some(len),
-                ),
+            let body = match output.in_memory() {
+                // Small outputs: straight from memory, no task between them and the socket.
+                Some(chunks) => Ok(ChannelBody::from_chunks(chunks.iter().cloned())),
+                None => output.reader().await.map(|reader| {
+                    ChannelBody::from_input(
+                        KeepAlive {
+                            reader,
+                            _spool: output,
+                        },
+                        Some(len),
+                    )
+                }),
+            };
+            let body = match body {
+                Ok(body) => body,
                 Err(e) => {
                     return error_reply(&TaskError::new(
                         TaskCode::Wire(ErrorCode::Internal),

@@ -33,18 +33,43 @@ pub(crate) const MAX_HEADERS: usize = 64;
 /// socket busy, few enough to bound memory (4 × 64 KiB).
 const BODY_CHANNEL: usize = 4;
 
-/// A body whose chunks come from a channel; the producer runs as its own task.
+/// A body whose chunks come from a channel, the producer running as its own task, or
+/// from memory when they are all there already.
 #[derive(Debug)]
 pub struct ChannelBody {
-    rx: mpsc::Receiver<std::io::Result<Bytes>>,
+    chunks: Chunks,
     len: Option<u64>,
+}
+
+/// Where a [`ChannelBody`]'s chunks come from.
+#[derive(Debug)]
+enum Chunks {
+    /// A producer task, through a bounded channel.
+    Channel(mpsc::Receiver<std::io::Result<Bytes>>),
+    /// Memory: the whole body, with no task or channel between it and the socket.
+    Ready(std::collections::VecDeque<Bytes>),
 }
 
 impl ChannelBody {
     /// A body of `len` bytes (if known) and the sender that feeds it.
     pub fn new(len: Option<u64>) -> (mpsc::Sender<std::io::Result<Bytes>>, Self) {
         let (tx, rx) = mpsc::channel(BODY_CHANNEL);
-        (tx, Self { rx, len })
+        let body = Self {
+            chunks: Chunks::Channel(rx),
+            len,
+        };
+        (tx, body)
+    }
+
+    /// A body made of `chunks`, all in memory.
+    pub fn from_chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
+        let chunks: std::collections::VecDeque<Bytes> =
+            chunks.into_iter().filter(|c| !c.is_empty()).collect();
+        let len = chunks.iter().map(|c| c.len() as u64).sum();
+        Self {
+            chunks: Chunks::Ready(chunks),
+            len: Some(len),
+        }
     }
 
     /// A body that streams everything `input` yields.
@@ -71,10 +96,7 @@ impl ChannelBody {
 
     /// A body holding `bytes`.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        let bytes = bytes.into();
-        let (tx, body) = Self::new(Some(bytes.len() as u64));
-        let _ = tx.try_send(Ok(bytes));
-        body
+        Self::from_chunks([bytes.into()])
     }
 }
 
@@ -86,7 +108,14 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+        match &mut self.chunks {
+            Chunks::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data))),
+            Chunks::Ready(chunks) => Poll::Ready(chunks.pop_front().map(|c| Ok(Frame::data(c)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(&self.chunks, Chunks::Ready(chunks) if chunks.is_empty())
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -462,6 +491,23 @@ mod tests {
         // What `run --input FILE` sends as Content-Length: u64 on every target.
         let (_tx, body) = ChannelBody::new(Some(5 << 30));
         assert_eq!(body.size_hint().exact(), Some(5_368_709_120));
+    }
+
+    #[tokio::test]
+    async fn a_body_from_memory_gives_its_chunks_then_ends() {
+        let chunks = [
+            Bytes::from_static(b"ab"),
+            Bytes::new(),
+            Bytes::from_static(b"c"),
+        ];
+        let body = ChannelBody::from_chunks(chunks);
+        assert_eq!(body.size_hint().exact(), Some(3));
+        assert!(!body.is_end_stream());
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"abc");
+        let empty = ChannelBody::full(Vec::new());
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
     }
 
     #[test]

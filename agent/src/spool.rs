@@ -60,6 +60,11 @@ impl Spool {
         self.len
     }
 
+    /// Everything spooled, when it is all in memory (it never spilled to the file).
+    pub fn in_memory(&self) -> Option<&[Bytes]> {
+        self.file.is_none().then_some(self.mem.as_slice())
+    }
+
     /// True when nothing was spooled.
     pub fn is_empty(&self) -> bool {
         self.len == 0
