@@ -357,19 +357,13 @@ async fn execute<S: Future<Output = u64> + Unpin>(
     tally: &mut Tally<'_>,
 ) -> Option<(Result<Outcome, ExecError>, Teed, bool)> {
     let mut slot = std::pin::pin!(reservation.slot());
-    let slot = match ready_now(&mut slot).await {
-        Some(slot) => slot,
-        None => {
-            if !ts.reply.accept().await {
-                return None;
+    let slot = match wait_accepted(&mut ts.reply, &mut slot, stopped).await {
+        Ok(slot) => slot,
+        Err(stop) => {
+            if let Some(code) = stop {
+                ts.stopped(tally, code, "while it waited for a slot; it did not run");
             }
-            tokio::select! {
-                slot = slot => slot,
-                code = &mut *stopped => {
-                    ts.stopped(tally, code, "while it waited for a slot; it did not run");
-                    return None;
-                }
-            }
+            return None;
         }
     };
     shared.recent.counters().run();
@@ -556,19 +550,14 @@ async fn take_place<S: Future<Output = u64> + Unpin>(
             hold,
             task.spec().max_input
         ));
-        match ready_now(&mut receive).await {
-            Some(r) => Ok(r),
-            None if !ts.reply.accept().await => return Place::Answered,
-            None => tokio::select! {
-                r = receive => Ok(r),
-                code = &mut *stopped => Err(code),
-            },
-        }
+        wait_accepted(&mut ts.reply, &mut receive, stopped).await
     };
     let received = match received {
         Ok(r) => r,
-        Err(code) => {
-            ts.stopped(tally, code, "while it was sending its input; nothing ran");
+        Err(stop) => {
+            if let Some(code) = stop {
+                ts.stopped(tally, code, "while it was sending its input; nothing ran");
+            }
             return Place::Answered;
         }
     };
@@ -595,6 +584,27 @@ async fn take_place<S: Future<Output = u64> + Unpin>(
         Err(e) => Place::Refused(e, input_time),
     }
 }
+/// Waits for `fut` of an accepted task. When `fut` is not ready at once, an owed
+/// `accepted` goes out first: a task that waits has been told it was accepted.
+/// `Err(Some(code))` when the agent stopped reading first (STOP_SENDING), `Err(None)`
+/// when it is gone.
+async fn wait_accepted<F: Future + Unpin, S: Future<Output = u64> + Unpin>(
+    reply: &mut Reply,
+    fut: &mut F,
+    stopped: &mut S,
+) -> Result<F::Output, Option<u64>> {
+    if let Some(out) = ready_now(fut).await {
+        return Ok(out);
+    }
+    if !reply.accept().await {
+        return Err(None);
+    }
+    tokio::select! {
+        out = fut => Ok(out),
+        code = stopped => Err(Some(code)),
+    }
+}
+
 /// The RESET_STREAM code when a read failed because the agent reset its input.
 fn reset_code(e: &io::Error) -> Option<u64> {
     match e
