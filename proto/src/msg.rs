@@ -531,27 +531,13 @@ macro_rules! json_message {
 
 json_message!(RequestHeader, FrameKind::Request, "request header");
 
-/// `accepted` as serde writes it: the reply nearly every task gets, sent without
-/// encoding it and told without parsing it.
-const ACCEPTED_JSON: &[u8] = br#"{"status":"accepted"}"#;
+/// The whole `accepted` frame: kind 2 (Reply), length 21, then the JSON as serde
+/// writes it. The reply nearly every task gets, sent without encoding it and told
+/// without parsing it (tests check it against the encoder).
+const ACCEPTED_FRAME: &[u8] = b"\x02\x00\x00\x00\x15{\"status\":\"accepted\"}";
 
-/// The whole `accepted` frame: its prelude, then [`ACCEPTED_JSON`].
-const ACCEPTED_FRAME: [u8; PRELUDE_LEN + ACCEPTED_JSON.len()] = {
-    let mut frame = [0; PRELUDE_LEN + ACCEPTED_JSON.len()];
-    frame[0] = FrameKind::Reply as u8;
-    let len = (ACCEPTED_JSON.len() as u32).to_be_bytes();
-    let mut i = 0;
-    while i < len.len() {
-        frame[1 + i] = len[i];
-        i += 1;
-    }
-    let mut i = 0;
-    while i < ACCEPTED_JSON.len() {
-        frame[PRELUDE_LEN + i] = ACCEPTED_JSON[i];
-        i += 1;
-    }
-    frame
-};
+/// The payload of [`ACCEPTED_FRAME`].
+const ACCEPTED_JSON: &[u8] = ACCEPTED_FRAME.split_at(PRELUDE_LEN).1;
 
 impl ReplyHeader {
     /// Encodes this message as its frame.
@@ -565,7 +551,7 @@ impl ReplyHeader {
     /// This message as a whole frame, prelude included, ready to write.
     pub fn encoded(&self) -> Bytes {
         match self {
-            Self::Accepted => Bytes::from_static(&ACCEPTED_FRAME),
+            Self::Accepted => Bytes::from_static(ACCEPTED_FRAME),
             Self::Rejected { .. } => encode_json_frame(FrameKind::Reply, self),
         }
     }
