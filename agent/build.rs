@@ -1,7 +1,8 @@
 //! Stamps the git commit into `--version`, and writes the man page and the bash, zsh
 //! and fish completions from the clap definition (src/cli/args.rs) into the target
 //! profile's directory, where the `.deb`'s assets find them (see
-//! updraft-build-support).
+//! updraft-build-support); and writes the grammar the binary parses its command line
+//! with, from the same definition.
 
 #[allow(dead_code, unreachable_pub)]
 mod cli {
@@ -24,5 +25,8 @@ fn main() {
         .mut_subcommand("run", |run| {
             run.mut_arg("where_", |a| a.value_parser(["auto", "local", "cloud"]))
         });
-    updraft_build_support::stamp_and_document(cmd);
+    updraft_build_support::stamp_and_document(cmd.clone());
+    // The binary's own parser reads the command line from this (src/cli/parse.rs).
+    updraft_build_support::write_grammar(cmd.version(env!("CARGO_PKG_VERSION")))
+        .expect("writing the command-line grammar to OUT_DIR");
 }

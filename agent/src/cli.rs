@@ -11,7 +11,9 @@ use tokio::io::AsyncWriteExt;
 use updraft_shared::exec::Input;
 
 mod args;
+mod parse;
 pub use args::{Cli, ClientArgs, Command, ConfigArg, PolicyCommand};
+pub use parse::{parse, Parsed};
 
 /// What `--version` prints after the name: the package version and the git commit the
 /// binary was built from (`unknown` when built outside a checkout; see build.rs).

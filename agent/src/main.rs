@@ -1,24 +1,35 @@
 //! `updraft-agent`: parse the command line, load config, call into the library.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
 use std::future::Future;
 use std::pin::Pin;
 use std::process::ExitCode;
 use updraft_agent::cli::{
-    self, Cli, Command, ConfigArg, PolicyCommand, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE,
+    self, Command, ConfigArg, Parsed, PolicyCommand, EXIT_BAD_CONFIG, EXIT_UNAVAILABLE,
 };
 use updraft_agent::client::RunRequest;
 use updraft_agent::config::{AgentConfig, DEFAULT_CONFIG};
 
 /// Exit code for a command line that asks for something that would do nothing (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
+/// Exit code for a command line that does not parse (what clap-based tools exit with).
+const EXIT_PARSE: u8 = 2;
 
 fn main() -> ExitCode {
     // First: a task's entry into its cgroup never reaches the rest.
     updraft_shared::contain::task_entry();
     updraft_shared::logging::exit_on_panic("updraft-agent");
-    let mut cli = Cli::parse();
+    let mut cli = match cli::parse(std::env::args_os()) {
+        Parsed::Run(cli) => cli,
+        Parsed::Print(text) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Parsed::Usage(text) => {
+            eprint!("{text}");
+            return ExitCode::from(EXIT_PARSE);
+        }
+    };
     if let Err(e) = cli.normalize() {
         eprintln!("updraft-agent: {e}");
         return ExitCode::from(EXIT_USAGE);

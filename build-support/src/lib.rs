@@ -94,6 +94,95 @@ pub fn stamp_and_document(cmd: clap::Command) {
     }
 }
 
+/// Writes `$OUT_DIR/cli_grammar.rs` from `cmd`: one `Grammar { .. }` per command (the
+/// top first, then every subcommand, depth first, `help` left out), each with its
+/// options, positionals, subcommands, and the usage and help texts clap would print.
+/// The file is a Rust array expression for the binary's own small parser to
+/// `include!`, so the binary links no clap and still reads exactly the command line
+/// the clap definition (and so the man page) describes. The binary defines `Grammar`,
+/// `Opt` and `Positional` with the fields written here.
+pub fn write_grammar(cmd: clap::Command) -> std::io::Result<()> {
+    let mut cmd = cmd;
+    cmd.build();
+    let mut out = String::from("&[\n");
+    grammar_of(&mut cmd, "", &mut out);
+    out.push_str("]\n");
+    let dir = PathBuf::from(std::env::var_os("OUT_DIR").unwrap_or_default());
+    write_file(&dir.join("cli_grammar.rs"), out.as_bytes())
+}
+
+/// Appends the grammar of `cmd` (named `path` from the top) and of its subcommands.
+fn grammar_of(cmd: &mut clap::Command, path: &str, out: &mut String) {
+    use clap::ArgAction;
+    use std::fmt::Write as _;
+    let mut options = String::new();
+    let mut positionals = String::new();
+    let mut last = String::from("None");
+    for arg in cmd.get_arguments() {
+        if matches!(
+            arg.get_action(),
+            ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong | ArgAction::Version
+        ) {
+            continue;
+        }
+        let id = arg.get_id().as_str();
+        let required = arg.is_required_set();
+        if let Some(long) = arg.get_long() {
+            let value = arg.get_action().takes_values();
+            let shown = match arg.get_value_names() {
+                Some(names) if value => format!("--{long} <{}>", names[0]),
+                _ if value => format!("--{long} <{}>", id.to_uppercase()),
+                _ => format!("--{long}"),
+            };
+            let _ = write!(
+                options,
+                "Opt {{ id: {id:?}, long: {long:?}, shown: {shown:?}, value: {value}, required: {required} }}, "
+            );
+        } else if arg.is_last_set() {
+            last = format!("Some({id:?})");
+        } else {
+            let _ = write!(
+                positionals,
+                "Positional {{ id: {id:?}, required: {required} }}, "
+            );
+        }
+    }
+    let subs: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .filter(|n| n != "help")
+        .collect();
+    let usage = cmd.render_usage().to_string();
+    let help = cmd.render_help().to_string();
+    // What clap's `--help` prints: the long form only where some text has one.
+    let has_long = cmd.get_long_about().is_some()
+        || cmd.get_before_long_help().is_some()
+        || cmd.get_after_long_help().is_some()
+        || cmd
+            .get_arguments()
+            .any(|a| !a.is_hide_set() && a.get_long_help().is_some());
+    let long_help = if has_long {
+        cmd.render_long_help().to_string()
+    } else {
+        help.clone()
+    };
+    let _ = writeln!(
+        out,
+        "Grammar {{ path: {path:?}, options: &[{options}], positionals: &[{positionals}], last: {last}, subcommands: &{subs:?}, usage: {usage:?}, help: {help:?}, long_help: {long_help:?} }},"
+    );
+    for sub in cmd.get_subcommands_mut() {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        let name = if path.is_empty() {
+            sub.get_name().to_string()
+        } else {
+            format!("{path} {}", sub.get_name())
+        };
+        grammar_of(sub, &name, out);
+    }
+}
+
 /// Writes `bin`'s man page and its bash, zsh and fish completions, made from `cmd`, to
 /// `PROFILE/man/BIN` (gzipped) and `PROFILE/completions/{bash,zsh,fish}/BIN` (see
 /// [`profile_dir`]). Each file is named after the binary because cargo-deb counts an
