@@ -207,7 +207,7 @@ pub(crate) enum EnrollError {
     CertificatePem(rustls::pki_types::pem::Error),
     /// The certificate the daemon sent is not X.509.
     #[error("the daemon sent an unreadable certificate: {0}")]
-    CertificateDer(x509_parser::nom::Err<x509_parser::error::X509Error>),
+    CertificateDer(updraft_shared::x509::X509Error),
     /// The daemon's certificate names another agent: the peer misbehaved.
     #[error("the daemon's certificate names `{named}`, not `{agent_id}`")]
     WrongAgent {
@@ -361,9 +361,8 @@ fn check_issued(cert_pem: &str, key_pem: &str, agent_id: &str) -> Result<SystemT
         });
     }
     let key = KeyPair::from_pem(key_pem).map_err(EnrollError::Pem)?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&der).map_err(EnrollError::CertificateDer)?;
-    if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+    let cert = updraft_shared::x509::parse(&der).map_err(EnrollError::CertificateDer)?;
+    if cert.public_key() != key.public_key_raw() {
         return Err(EnrollError::WrongKey);
     }
     Ok(tls::validity_of(&der)?.1)

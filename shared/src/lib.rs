@@ -8,7 +8,8 @@
 //! - [`exec`]: the executor both sides use to run an admitted task; [`contain`]: how
 //!   everything a task starts is found and killed when it ends.
 //! - [`config`]: layered loading (TOML file + environment) and [`config::ConfigError`].
-//! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`].
+//! - [`tls`]: rustls/quinn configs for mutual TLS and [`tls::AuthenticatedPeer`];
+//!   [`x509`]: the certificate fields they read.
 //! - [`notify`]: systemd READY / STOPPING / WATCHDOG.
 //! - [`metrics`]: Prometheus text: per-task counters and latency histograms;
 //!   [`metrics_http`]: serving it on a TCP `metrics_listen`.
@@ -30,3 +31,4 @@ pub mod notify;
 pub mod shutdown;
 pub mod tls;
 pub mod wire;
+pub mod x509;

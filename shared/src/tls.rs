@@ -201,20 +201,16 @@ pub fn alpn_of(conn: &quinn::Connection) -> Option<Vec<u8>> {
 
 /// When a certificate starts and stops being valid.
 pub fn validity_of(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
-    let at = |t: x509_parser::time::ASN1Time| {
-        let secs = t.timestamp();
-        if secs >= 0 {
-            UNIX_EPOCH + Duration::from_secs(secs as u64)
-        } else {
-            UNIX_EPOCH
-        }
-    };
-    Ok((
-        at(cert.validity().not_before),
-        at(cert.validity().not_after),
-    ))
+    let (from, until) = parse_certificate(der)?.validity();
+    let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+    Ok((at(from), at(until)))
+}
+
+fn parse_certificate<'a>(
+    der: &'a CertificateDer<'_>,
+) -> Result<crate::x509::Certificate<'a>, TlsError> {
+    crate::x509::parse(der)
+        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))
 }
 
 /// A CA fingerprint given to pin is not 64 hex digits; holds the text given.
@@ -472,47 +468,22 @@ pub fn check_agent_id(id: &str) -> Result<(), AgentIdError> {
 
 /// The host names and IP addresses a certificate names (subject alternative names).
 pub fn names_of(der: &CertificateDer<'_>) -> Vec<String> {
-    use x509_parser::extensions::GeneralName;
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::DNSName(d) => Some(d.to_string()),
-            GeneralName::IPAddress(b) => match b.len() {
-                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).ok()?).to_string()),
-                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).ok()?).to_string()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
+    crate::x509::parse(der)
+        .and_then(|c| c.subject_alt_names())
+        .map(|names| names.iter().map(ToString::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// A certificate's serial number: lowercase hex of its bytes.
 pub fn serial_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
-    Ok(hex::encode(cert.raw_serial()))
+    Ok(hex::encode(parse_certificate(der)?.serial()))
 }
 
 /// The agent id named by a certificate: its subject common name.
 pub fn agent_id_of(der: &CertificateDer<'_>) -> Result<String, TlsError> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| TlsError::PeerIdentity(format!("unparseable certificate: {e}")))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or_else(|| {
-            TlsError::PeerIdentity("certificate has no common name to use as agent id".into())
-        })?;
+    let cn = parse_certificate(der)?.common_name().ok_or_else(|| {
+        TlsError::PeerIdentity("certificate has no common name to use as agent id".into())
+    })?;
     if cn.is_empty() || cn.len() > 128 {
         return Err(TlsError::PeerIdentity(
             "agent id in certificate is empty or too long".into(),
