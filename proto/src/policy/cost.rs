@@ -83,7 +83,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::link::{self, LinkEstimate, PRIOR_SD};
-use super::Place;
+use super::{exp, ln, Place};
 use crate::name::valid_task_name;
 use crate::Trailer;
 
@@ -590,7 +590,7 @@ impl Fit {
             };
             return false;
         }
-        let surprise = (ly - self.at(lx)).abs() > SURPRISE_FACTOR.ln();
+        let surprise = (ly - self.at(lx)).abs() > ln(SURPRISE_FACTOR);
         // West's weighted incremental update: deviations from the old means.
         let dx = lx - self.mx;
         let dy = ly - self.my;
@@ -624,15 +624,15 @@ impl Fit {
 }
 
 fn ln_bytes(bytes: f64) -> f64 {
-    (bytes.max(0.0) + 1.0).ln()
+    ln(bytes.max(0.0) + 1.0)
 }
 
 fn exp_bytes(l: f64) -> f64 {
-    (l.exp() - 1.0).max(0.0)
+    (exp(l) - 1.0).max(0.0)
 }
 
 fn ln_secs(secs: f64) -> f64 {
-    secs.max(MIN_RUN_SECS).ln()
+    ln(secs.max(MIN_RUN_SECS))
 }
 
 fn to_duration(secs: f64) -> Duration {
@@ -665,7 +665,7 @@ fn run_optimism(side: &SideStats, now: Instant) -> f64 {
         .map_or(RESTORED_AGE, |at| now.saturating_duration_since(at));
     let var =
         RUN_SD * RUN_SD / f64::from(n.min(FRESH_SAMPLES)) + link::DRIFT_PER_SEC * age.as_secs_f64();
-    (-EXPLORE_SD * var.sqrt()).exp()
+    exp(-EXPLORE_SD * var.sqrt())
 }
 
 /// Age assumed for a run-time estimate restored from disk.
@@ -779,8 +779,8 @@ impl TaskStats {
     /// Run-time estimates (local at a full core, cloud), seconds, at `lx`; a side with
     /// no samples borrows the other's through the speed ratio, and 0 if neither has any.
     fn runs(&self, lx: f64, speed_ratio: f64) -> (f64, f64) {
-        let local = (self.local.fit.n > 0).then(|| self.local.fit.at(lx).exp());
-        let cloud = (self.cloud.fit.n > 0).then(|| self.cloud.fit.at(lx).exp());
+        let local = (self.local.fit.n > 0).then(|| exp(self.local.fit.at(lx)));
+        let cloud = (self.cloud.fit.n > 0).then(|| exp(self.cloud.fit.at(lx)));
         match (local, cloud) {
             (Some(l), Some(c)) => (l, c),
             (Some(l), None) => (l, l / speed_ratio),
@@ -923,7 +923,7 @@ impl CostModel {
     /// protocol overhead; use it when the agent has no better figure.
     pub fn observed_bandwidth_mbps(&self) -> Option<f64> {
         let up = self.link.up;
-        (up.n > 0).then(|| up.mean.exp() * 8e-6)
+        (up.n > 0).then(|| exp(up.mean) * 8e-6)
     }
 
     /// The link the model learnt from cloud runs, both ways, with uncertainty and age.
@@ -954,7 +954,7 @@ impl CostModel {
     /// Geometric average daemon run time over all tasks: the service time to pass to
     /// [`queue_wait`] for a daemon's queue of other agents' tasks.
     pub fn typical_cloud_run(&self) -> Option<Duration> {
-        self.cloud_run.get().map(|l| to_duration(l.exp()))
+        self.cloud_run.get().map(|l| to_duration(exp(l)))
     }
 
     /// What a task never measured is assumed to take at a full core (see
@@ -962,8 +962,8 @@ impl CostModel {
     fn typical_local_full(&self) -> f64 {
         self.local_run
             .get()
-            .map(f64::exp)
-            .or_else(|| self.cloud_run.get().map(|l| l.exp() * self.speed_ratio()))
+            .map(exp)
+            .or_else(|| self.cloud_run.get().map(|l| exp(l) * self.speed_ratio()))
             .unwrap_or(FIRST_RUN_PRIOR.as_secs_f64())
     }
 
@@ -971,7 +971,7 @@ impl CostModel {
     /// sides ([`DEFAULT_SPEED_RATIO`] until then). Used as the prior for a side never
     /// measured.
     pub fn speed_ratio(&self) -> f64 {
-        self.speed.get().map_or(DEFAULT_SPEED_RATIO, f64::exp)
+        self.speed.get().map_or(DEFAULT_SPEED_RATIO, exp)
     }
 
     fn input_log(&self, s: &TaskStats, input_bytes: Option<u64>) -> f64 {
@@ -1064,7 +1064,7 @@ impl CostModel {
             };
             let overhead = s.overhead.get().unwrap_or(0.0);
             let raw_transfer = input / link.up + output / link.down;
-            let hopeful_transfer = raw_transfer * (-EXPLORE_SD * link.sd).exp();
+            let hopeful_transfer = raw_transfer * exp(-EXPLORE_SD * link.sd);
             let mut e = Est {
                 rtt: c.rtt.map_or(0.0, |r| r.as_secs_f64()),
                 transfer: (raw_transfer + overhead).max(0.0),
@@ -1229,13 +1229,13 @@ impl CostModel {
                                 let _ = write!(
                                     out,
                                     "uncertain, ±{:.0}% at {} s old",
-                                    (sd.exp() - 1.0) * 100.0,
+                                    (exp(sd) - 1.0) * 100.0,
                                     age.as_secs()
                                 );
                             }
                         }
                         out.push_str(", transfer could be ");
-                        let hopeful = chosen.transfer * (-EXPLORE_SD * sd).exp();
+                        let hopeful = chosen.transfer * exp(-EXPLORE_SD * sd);
                         push_amount(&mut out, hopeful);
                         out.push_str("): ");
                     }
@@ -1320,7 +1320,7 @@ impl CostModel {
             return;
         }
         let (l, c) = (s.local.fit.at(lx), s.cloud.fit.at(lx));
-        let floor = MIN_SPEED_SAMPLE_SECS.ln();
+        let floor = ln(MIN_SPEED_SAMPLE_SECS);
         if l < floor || c < floor {
             return;
         }

@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::{exp, ln};
+
 /// Standard deviation (natural log) of one sample around the link's true rate: a
 /// transfer's rate varies by about ±35 % with slow start, competing traffic and timers.
 pub const SAMPLE_SD: f64 = 0.35;
@@ -83,7 +85,7 @@ pub struct Rate {
 impl Rate {
     /// The rate at `k` standard deviations above its estimate (optimism), Mbit/s.
     pub fn optimistic(&self, k: f64) -> f64 {
-        self.mbps * (k * self.sd).min(MAX_VAR).exp()
+        self.mbps * exp((k * self.sd).min(MAX_VAR))
     }
 
     /// True when the estimate is sure enough not to need measuring.
@@ -115,7 +117,7 @@ impl RateEstimate {
         if bytes < MIN_SAMPLE_BYTES || !secs.is_finite() || secs < MIN_SAMPLE_SECS {
             return false;
         }
-        self.record_log((bytes as f64 / secs).ln(), now);
+        self.record_log(ln(bytes as f64 / secs), now);
         true
     }
 
@@ -125,7 +127,7 @@ impl RateEstimate {
         if !(bytes_per_sec.is_finite() && bytes_per_sec > 0.0) {
             return false;
         }
-        self.record_log(bytes_per_sec.ln(), now);
+        self.record_log(ln(bytes_per_sec), now);
         true
     }
 
@@ -153,7 +155,7 @@ impl RateEstimate {
     /// The estimate now; `None` while cold.
     pub fn get(&self, now: Instant) -> Option<Rate> {
         (self.n > 0).then(|| Rate {
-            mbps: self.mean.exp() * 8e-6,
+            mbps: exp(self.mean) * 8e-6,
             sd: self.var_at(now).sqrt(),
             age: self
                 .at

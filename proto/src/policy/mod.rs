@@ -9,6 +9,19 @@ pub mod eval;
 pub mod link;
 pub mod rules;
 
+/// `exp` and `ln` of the cost model, in pure Rust (the `libm` crate, a port of musl's):
+/// the same bits on every board and architecture whatever its C library, so a decision
+/// replays identically anywhere, and the agent links no libm.so (whose pages were
+/// 0.58 MiB of an idle agent's memory, for these two functions).
+fn exp(x: f64) -> f64 {
+    libm::exp(x)
+}
+
+/// See [`exp`].
+fn ln(x: f64) -> f64 {
+    libm::log(x)
+}
+
 /// A snapshot of what the agent knows about the board, the link and the task at the
 /// moment of a decision. `None` means "not available here" (no battery, no thermal
 /// zone, no daemon connected): a rule testing an absent signal never matches.
