@@ -449,7 +449,7 @@ impl Knowledge {
             None => serde_json::json!("unmeasured"),
             Some(r) => serde_json::json!({
                 "mbps": (r.mbps * 100.0).round() / 100.0,
-                "uncertainty_pct": ((r.sd.exp() - 1.0) * 100.0).round(),
+                "uncertainty_pct": ((updraft_proto::policy::exp(r.sd) - 1.0) * 100.0).round(),
                 "age_s": r.age.as_secs(),
                 "samples": r.samples,
             }),

@@ -12,13 +12,14 @@ pub mod rules;
 /// `exp` and `ln` of the cost model, in pure Rust (the `libm` crate, a port of musl's):
 /// the same bits on every board and architecture whatever its C library, so a decision
 /// replays identically anywhere, and the agent links no libm.so (whose pages were
-/// 0.58 MiB of an idle agent's memory, for these two functions).
-fn exp(x: f64) -> f64 {
+/// 0.58 MiB of an idle agent's memory, for these two functions). The agent uses it for
+/// what it shows of the model, too.
+pub fn exp(x: f64) -> f64 {
     libm::exp(x)
 }
 
 /// See [`exp`].
-fn ln(x: f64) -> f64 {
+pub fn ln(x: f64) -> f64 {
     libm::log(x)
 }
 
