@@ -506,8 +506,14 @@ pub fn stderr(o: &Output) -> String {
 pub fn http(socket: &Path, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpReply> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len())?;
-    s.write_all(body)?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    request.extend_from_slice(body);
+    // The agent may answer (a refusal) from the head alone and close without reading
+    // the body: the reply is still there to read.
+    match s.write_all(&request) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other?,
+    }
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let split = raw
