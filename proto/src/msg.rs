@@ -391,13 +391,10 @@ pub enum ProbeReply {
     },
 }
 
+/// `msg` as its frame: the payload of [`encode_json_frame`]'s bytes, so both spell a
+/// message the same way.
 pub(crate) fn encode_json<T: Serialize>(kind: FrameKind, msg: &T) -> Frame {
-    let payload = serde_json::to_vec(msg).expect("protocol messages always serialize");
-    assert!(
-        payload.len() <= kind.max_len() as usize,
-        "{kind:?} message over its cap"
-    );
-    Frame::new(kind, payload)
+    Frame::new(kind, encode_json_frame(kind, msg).slice(PRELUDE_LEN..))
 }
 
 /// `msg` as a whole frame, its prelude and payload written into one buffer (what
