@@ -148,14 +148,15 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Parsed {
 
 /// `help [COMMAND...]`: the long help of the command named.
 fn help_for(from: &'static Grammar, names: impl Iterator<Item = OsString>) -> Parsed {
-    let mut path = from.path.to_string();
+    let mut named = from;
     for name in names {
-        path = join(&path, &name.to_string_lossy());
-        if find(&path).is_none() {
-            return usage(from, &format!("unrecognized subcommand '{path}'"));
+        let path = join(named.path, &name.to_string_lossy());
+        match find(&path) {
+            Some(g) => named = g,
+            None => return usage(from, &format!("unrecognized subcommand '{path}'")),
         }
     }
-    Parsed::Print(find(&path).unwrap_or(from).long_help.to_string())
+    Parsed::Print(named.long_help.to_string())
 }
 
 fn usage(grammar: &Grammar, what: &str) -> Parsed {
