@@ -257,8 +257,11 @@ fn time(der: &mut Der<'_>) -> Result<i64, X509Error> {
             ))
         }
     };
-    let [month, day, hour, minute, second] =
-        [0, 2, 4, 6, 8].map(|i| digits(&rest[i..i + 2]).unwrap_or(i64::MAX));
+    let mut fields = [0i64; 5];
+    for (field, pair) in fields.iter_mut().zip(rest.chunks_exact(2)) {
+        *field = digits(pair)?;
+    }
+    let [month, day, hour, minute, second] = fields;
     if !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
         || hour > 23
